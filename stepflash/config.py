@@ -1,0 +1,281 @@
+"""Model configuration parsed from a hub `config.json` (Step-3.5-Flash legacy field names).
+
+The published config mixes legacy names (`num_attention_groups`, `attention_other_setting`,
+`moe_layers_enum`, ...) and per-layer lists that carry trailing entries for the MTP layers. This
+module turns it into one validated `ModelConfig` with a `LayerSpec` per layer (decoder layers first,
+then MTP layers), so the model never has to know about the file format.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("step3p5", "step3p7")
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+class ConfigError(ValueError):
+    """A config.json that stepflash cannot serve; the message names the offending field."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """llama3-style frequency remap (applied to full-attention layers only)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Everything one layer (decoder or MTP) needs to be built."""
+
+    index: int
+    attention_type: str  # FULL or SLIDING
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rotary_dim: int
+    rope_scaling: RopeScaling | None
+    is_moe: bool
+    swiglu_limit: float  # routed experts; 0 = no clamp
+    swiglu_limit_shared: float  # shared expert / dense MLP; 0 = no clamp
+    is_mtp: bool = False
+
+    @property
+    def sliding_window(self) -> bool:
+        return self.attention_type == SLIDING
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_mtp_layers: int
+    layers: list[LayerSpec]  # num_hidden_layers decoder layers, then num_mtp_layers MTP layers
+    sliding_window: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    moe_num_experts: int
+    moe_top_k: int
+    moe_intermediate_size: int
+    share_expert_dim: int
+    moe_router_scaling_factor: float
+    use_moe_router_bias: bool
+    norm_expert_weight: bool
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    torch_dtype: str | None
+    quantization_config: dict[str, Any] | None
+    model_type: str = "step3p5"
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def decoder_layers(self) -> list[LayerSpec]:
+        return self.layers[: self.num_hidden_layers]
+
+    @property
+    def mtp_layers(self) -> list[LayerSpec]:
+        return self.layers[self.num_hidden_layers :]
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json in {model_dir}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("config must be a JSON object")
+        model_type = data.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {model_type!r} is not supported (expected one of {SUPPORTED_MODEL_TYPES})"
+            )
+        if model_type == "step3p7":  # multimodal wrapper: serve its text decoder
+            text = data.get("text_config")
+            if not isinstance(text, dict):
+                raise ConfigError("model_type 'step3p7' needs a 'text_config' object")
+            return replace(cls.from_dict({**text, "model_type": "step3p5"}), model_type="step3p7")
+        return _parse(data)
+
+
+def _require(data: dict[str, Any], name: str, kind: type | tuple[type, ...] = int) -> Any:
+    if name not in data or data[name] is None:
+        raise ConfigError(f"missing required field '{name}'")
+    value = data[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"field '{name}' must be {kind}, got {value!r}")
+    if isinstance(value, (int, float)) and value <= 0:
+        raise ConfigError(f"field '{name}' must be positive, got {value!r}")
+    return value
+
+
+def _first(data: dict[str, Any], *names: str, default: Any = None) -> Any:
+    for name in names:
+        if data.get(name) is not None:
+            return data[name]
+    return default
+
+
+def _per_layer(data: dict[str, Any], name: str, n: int, total: int, default: list[Any]) -> list[Any]:
+    """A per-layer list: length `n` (decoder only; MTP entries take `default`) or `total`."""
+    value = data.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, list):
+        return [value] * total
+    if len(value) == total:
+        return list(value)
+    if len(value) == n:
+        return list(value) + default[n:]
+    raise ConfigError(f"field '{name}' has {len(value)} entries; expected {n} or {total}")
+
+
+def _limits(data: dict[str, Any], name: str, total: int) -> list[float]:
+    """swiglu clamp list: 0/null = no clamp, missing trailing entries = 0."""
+    value = data.get(name) or []
+    if not isinstance(value, list) or len(value) > total:
+        raise ConfigError(f"field '{name}' must be a list of at most {total} numbers")
+    limits = [float(v or 0) for v in value] + [0.0] * (total - len(value))
+    if any(v < 0 for v in limits):
+        raise ConfigError(f"field '{name}' has a negative clamp")
+    return limits
+
+
+def _moe_layers(data: dict[str, Any], n: int) -> set[int]:
+    value = data.get("moe_layers_enum")
+    if value is None:
+        # transformers' default: the first three layers dense, the rest MoE
+        return set(range(3, n)) if _first(data, "moe_num_experts", "n_routed_experts") else set()
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        layers = {int(str(i).strip()) for i in items if str(i).strip()}
+    except ValueError as e:
+        raise ConfigError(f"field 'moe_layers_enum' must list layer indices: {e}") from e
+    bad = sorted(i for i in layers if not 0 <= i < n)
+    if bad:
+        raise ConfigError(f"field 'moe_layers_enum' names layers {bad} outside 0..{n - 1}")
+    return layers
+
+
+def _rope_scaling(data: dict[str, Any]) -> RopeScaling | None:
+    rs = data.get("rope_scaling")
+    if not rs:
+        return None
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind != "llama3":
+        raise ConfigError(f"field 'rope_scaling': rope_type {kind!r} is not supported (only 'llama3')")
+    try:
+        scaling = RopeScaling(
+            factor=float(rs["factor"]),
+            low_freq_factor=float(rs["low_freq_factor"]),
+            high_freq_factor=float(rs["high_freq_factor"]),
+            original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ConfigError(f"field 'rope_scaling' is missing {e.args[0]!r}") from e
+    if scaling.high_freq_factor <= scaling.low_freq_factor:
+        raise ConfigError("field 'rope_scaling': high_freq_factor must exceed low_freq_factor")
+    return scaling
+
+
+def _parse(data: dict[str, Any]) -> ModelConfig:
+    hidden = _require(data, "hidden_size")
+    n = _require(data, "num_hidden_layers")
+    n_mtp = int(_first(data, "num_nextn_predict_layers", "num_mtp_layers", default=0))
+    if n_mtp < 0:
+        raise ConfigError("field 'num_nextn_predict_layers' must be >= 0")
+    total = n + n_mtp
+
+    heads = _require(data, "num_attention_heads")
+    kv_heads = _first(data, "num_attention_groups", "num_key_value_heads", default=heads)
+    head_dim = _first(data, "head_dim", default=hidden // heads)
+    other = data.get("attention_other_setting") or {}
+    sliding_heads = other.get("num_attention_heads", _first(data, "num_sliding_attention_heads", default=heads))
+    sliding_kv = other.get("num_attention_groups", other.get("num_key_value_heads", kv_heads))
+    sliding_head_dim = other.get("head_dim", head_dim)
+    for name, q, kv in (("num_attention_heads/num_attention_groups", heads, kv_heads),
+                        ("attention_other_setting", sliding_heads, sliding_kv)):
+        if not (isinstance(q, int) and isinstance(kv, int) and q > 0 and kv > 0 and q % kv == 0):
+            raise ConfigError(f"field '{name}': {q} query heads cannot be grouped over {kv} KV heads")
+
+    layer_types = _per_layer(data, "layer_types", n, total, [FULL] * n + [SLIDING] * n_mtp)
+    unknown = sorted({t for t in layer_types if t not in (FULL, SLIDING)})
+    if unknown:
+        raise ConfigError(f"field 'layer_types' has unsupported entries {unknown}")
+    if SLIDING in layer_types and not data.get("sliding_window"):
+        raise ConfigError("field 'sliding_window' is required when layer_types has sliding layers")
+    theta_default = float(data.get("rope_theta") if isinstance(data.get("rope_theta"), (int, float)) else 1e4)
+    thetas = _per_layer(data, "rope_theta", n, total, [theta_default] * total)
+    factors = _per_layer(data, "partial_rotary_factors", n, total,
+                         [float(data.get("partial_rotary_factor", 1.0))] * total)
+    limits = _limits(data, "swiglu_limits", total)
+    limits_shared = _limits(data, "swiglu_limits_shared", total)
+    moe_layers = _moe_layers(data, n)
+    scaling = _rope_scaling(data)
+    scaled_types = data.get("yarn_only_types") or [FULL]
+
+    layers = []
+    for i in range(total):
+        is_full = layer_types[i] == FULL
+        q, kv, d = (heads, kv_heads, head_dim) if is_full else (sliding_heads, sliding_kv, sliding_head_dim)
+        rotary_dim = int(d * float(factors[i]))
+        if rotary_dim % 2 or not 0 < rotary_dim <= d:
+            raise ConfigError(f"field 'partial_rotary_factors'[{i}] gives rotary dim {rotary_dim} for head_dim {d}")
+        layers.append(LayerSpec(
+            index=i, attention_type=layer_types[i], num_heads=q, num_kv_heads=kv, head_dim=d,
+            rope_theta=float(thetas[i]), rotary_dim=rotary_dim,
+            rope_scaling=scaling if layer_types[i] in scaled_types else None,
+            is_moe=i in moe_layers, swiglu_limit=limits[i], swiglu_limit_shared=limits_shared[i],
+            is_mtp=i >= n,
+        ))
+
+    num_experts = int(_first(data, "moe_num_experts", "n_routed_experts", default=0))
+    top_k = int(_first(data, "moe_top_k", "num_experts_per_tok", default=0))
+    if moe_layers:
+        if not 0 < top_k <= num_experts:
+            raise ConfigError(f"field 'moe_top_k' ({top_k}) must be in 1..moe_num_experts ({num_experts})")
+        activation = data.get("moe_router_activation", "sigmoid")
+        if activation != "sigmoid":
+            raise ConfigError(f"field 'moe_router_activation' {activation!r} is not supported (only 'sigmoid')")
+    eos = data.get("eos_token_id")
+    return ModelConfig(
+        vocab_size=_require(data, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=_require(data, "intermediate_size"),
+        num_hidden_layers=n,
+        num_mtp_layers=n_mtp,
+        layers=layers,
+        sliding_window=int(data.get("sliding_window") or 0),
+        rms_norm_eps=float(data.get("rms_norm_eps", 1e-5)),
+        max_position_embeddings=int(_first(data, "max_position_embeddings", "max_seq_len", default=4096)),
+        moe_num_experts=num_experts,
+        moe_top_k=top_k,
+        moe_intermediate_size=int(data.get("moe_intermediate_size", 0)),
+        share_expert_dim=int(_first(data, "share_expert_dim", "share_expert_dims", default=0)),
+        moe_router_scaling_factor=float(data.get("moe_router_scaling_factor", 1.0)),
+        use_moe_router_bias=bool(data.get("use_moe_router_bias", True)),
+        norm_expert_weight=bool(data.get("norm_expert_weight", True)),
+        tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+        bos_token_id=data.get("bos_token_id"),
+        eos_token_ids=[] if eos is None else (list(eos) if isinstance(eos, list) else [eos]),
+        torch_dtype=_first(data, "torch_dtype", "dtype"),
+        quantization_config=data.get("quantization_config"),
+        raw=data,
+    )

@@ -1,0 +1,185 @@
+"""Hub checkpoint (safetensors only, single file or sharded) -> Step3p5ForCausalLM parameters.
+
+Tensors are read through safetensors' memory map and moved straight to their device and dtype; the
+model is built on the meta device first, so no memory is spent on initial weights. FP8 release
+weights (`float8_e4m3fn` + `weight_scale_inv` per 128x128 block) are dequantized on load.
+"""
+
+import json
+import math
+import re
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from stepflash.config import ModelConfig
+from stepflash.model.step3p5 import Step3p5ForCausalLM
+
+SCALE_SUFFIX = "_scale_inv"
+FP32_PARAMS = (".moe.gate.weight", ".moe.router_bias")  # the router runs in fp32
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+# Parts of multimodal checkpoints (Step 3.7) that the text decoder does not use.
+IGNORED_PREFIXES = ("vision_model.", "vit_large_projector.", "model.vision_model.", "model.multi_modal_projector.")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit its config; the message names the tensor."""
+
+
+def checkpoint_index(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index_file = model_dir / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+        hint = f" (found {pickles}: pickled checkpoints are never loaded, convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"no *.safetensors files in {model_dir}{hint}")
+    index = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            index.update({name: file for name in f.keys()})
+    return index
+
+
+def internal_name(hub_name: str, num_hidden_layers: int) -> str:
+    """Hub tensor name -> parameter name of Step3p5ForCausalLM (MTP layer n+k becomes `mtp.k`)."""
+    m = _LAYER.match(hub_name)
+    if m is None or int(m.group(1)) < num_hidden_layers:
+        return hub_name
+    rest = m.group(2).replace("transformer.shared_head.", "shared_head.")
+    return f"mtp.{int(m.group(1)) - num_hidden_layers}.{rest}"
+
+
+def hub_name(name: str, num_hidden_layers: int) -> str:
+    """Inverse of `internal_name`."""
+    if not name.startswith("mtp."):
+        return name
+    _, depth, rest = name.split(".", 2)
+    rest = rest.replace("shared_head.", "transformer.shared_head.")
+    return f"model.layers.{num_hidden_layers + int(depth)}.{rest}"
+
+
+def mtp_depth(hub_name: str, num_hidden_layers: int) -> int | None:
+    m = _LAYER.match(hub_name)
+    return int(m.group(1)) - num_hidden_layers if m and int(m.group(1)) >= num_hidden_layers else None
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str) -> torch.Tensor:
+    """W = fp8 * scale_inv[r // block_r, c // block_c] over the last two dims (fp32 result)."""
+    rows, cols = weight.shape[-2:]
+    expected = (*weight.shape[:-2], math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    if tuple(scale_inv.shape) != expected:
+        raise CheckpointError(f"{name}{SCALE_SUFFIX}: shape {tuple(scale_inv.shape)} does not match "
+                              f"{expected} for weight {tuple(weight.shape)} with blocks {block}")
+    scale = scale_inv.float().repeat_interleave(block[0], -2)[..., :rows, :]
+    scale = scale.repeat_interleave(block[1], -1)[..., :cols]
+    return weight.float() * scale
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+    """'auto': fp32 on CPU (exact and fast enough for small models), the checkpoint's dtype on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cpu":
+            return torch.float32
+        name = cfg.torch_dtype if cfg.torch_dtype in ("float16", "bfloat16", "float32") else "bfloat16"
+        return getattr(torch, name)
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r} is not supported (use auto, float32, float16 or bfloat16)")
+    return getattr(torch, dtype)
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = "auto", num_mtp: int | None = None) -> Step3p5ForCausalLM:
+    """Build the model from `model_dir`. MTP modules load when present in the checkpoint (all of them
+    unless `num_mtp` asks for fewer); asking for more than the checkpoint holds is an error."""
+    model_dir, device = Path(model_dir), torch.device(device)
+    cfg = ModelConfig.from_pretrained(model_dir)
+    index = checkpoint_index(model_dir)
+    n = cfg.num_hidden_layers
+    available = _mtp_modules_present(index, cfg)
+    if num_mtp is not None and num_mtp > available:
+        raise CheckpointError(f"{num_mtp} MTP modules requested but the checkpoint holds {available}")
+    num_mtp = available if num_mtp is None else num_mtp
+    target_dtype = resolve_dtype(dtype, device, cfg)
+    with torch.device("meta"):
+        model = Step3p5ForCausalLM(cfg, num_mtp=num_mtp)
+    expected = dict(model.named_parameters())
+    block = tuple((cfg.quantization_config or {}).get("weight_block_size", (128, 128)))
+
+    loaded, unexpected = set(), []
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+
+        def read(name: str) -> torch.Tensor:
+            file = index[name]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+            return handles[file].get_tensor(name)
+
+        for hub_name in sorted(index):
+            depth = mtp_depth(hub_name, n)
+            if hub_name.endswith(SCALE_SUFFIX) or hub_name.startswith(IGNORED_PREFIXES):
+                continue
+            skipped_mtp = depth is not None and num_mtp <= depth < cfg.num_mtp_layers
+            if skipped_mtp or (cfg.tie_word_embeddings and hub_name == "lm_head.weight"):
+                continue
+            name = internal_name(hub_name, n)
+            if name not in expected:
+                unexpected.append(hub_name)
+                continue
+            tensor = _read_weight(hub_name, read, index, block)
+            param = expected[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise CheckpointError(f"tensor {hub_name}: checkpoint shape {tuple(tensor.shape)}, "
+                                      f"model expects {tuple(param.shape)}")
+            wanted = torch.float32 if name.endswith(FP32_PARAMS) else target_dtype
+            _assign(model, name, tensor.to(device=device, dtype=wanted))
+            loaded.add(name)
+    if unexpected:
+        raise CheckpointError(f"unexpected tensors in checkpoint: {_preview(unexpected)}")
+    missing = [name for name in expected if name not in loaded]
+    if missing:
+        raise CheckpointError(f"missing tensors in checkpoint: {_preview(missing)}")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _read_weight(hub_name: str, read, index: dict[str, Path], block: tuple[int, int]) -> torch.Tensor:
+    tensor = read(hub_name)
+    if tensor.dtype not in STORAGE_DTYPES:
+        raise CheckpointError(f"tensor {hub_name}: storage dtype {tensor.dtype} is not supported")
+    if tensor.dtype != torch.float8_e4m3fn:
+        return tensor
+    scale_name = hub_name + SCALE_SUFFIX
+    if scale_name not in index:
+        raise CheckpointError(f"tensor {hub_name} is float8 but {scale_name} is missing")
+    return dequantize_fp8(tensor, read(scale_name), block, hub_name)
+
+
+def _mtp_modules_present(index: dict[str, Path], cfg: ModelConfig) -> int:
+    """Number of leading MTP modules (n, n+1, ...) with tensors in the checkpoint."""
+    depths = {d for name in index if (d := mtp_depth(name, cfg.num_hidden_layers)) is not None}
+    count = 0
+    while count in depths and count < cfg.num_mtp_layers:
+        count += 1
+    return count
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

@@ -1,0 +1,78 @@
+"""Feed-forward blocks: dense SwiGLU (with optional clamp) and the sigmoid-routed MoE with a shared expert."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stepflash.model.linear import StackedLinear
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(gate) * up; with limit L > 0: min(silu(gate), L) * clamp(up, -L, L)."""
+    act = F.silu(gate)
+    if limit > 0:
+        act = act.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+    return act * up
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, limit: float) -> None:
+        super().__init__()
+        self.limit = limit
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(h), self.up_proj(h), self.limit))
+
+
+class MoE(nn.Module):
+    """Routed experts in the hub layout: `moe.gate` (router), `moe.router_bias`, stacked
+    `moe.{gate,up,down}_proj`. The always-on shared expert is a sibling MLP of the decoder layer."""
+
+    def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int, top_k: int,
+                 scaling: float, use_bias: bool, renormalize: bool, limit: float) -> None:
+        super().__init__()
+        self.top_k, self.scaling, self.renormalize, self.limit = top_k, scaling, renormalize, limit
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.router_bias = nn.Parameter(torch.zeros(num_experts)) if use_bias else None
+        self.gate_proj = StackedLinear(num_experts, hidden_size, intermediate_size)
+        self.up_proj = StackedLinear(num_experts, hidden_size, intermediate_size)
+        self.down_proj = StackedLinear(num_experts, intermediate_size, hidden_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.route(h)
+        return self.experts(h, ids, weights)
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sigmoid scores in fp32; the bias steers selection only; chosen weights renormalised and
+        scaled. Returns (expert ids [T, k], weights [T, k] fp32)."""
+        scores = torch.sigmoid(F.linear(h.float(), self.gate.weight.float()))
+        choice = scores if self.router_bias is None else scores + self.router_bias.float()
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+    def experts(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Reference grouped computation: tokens sorted by expert, one matmul pair per selected expert."""
+        top_k = ids.shape[1]
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        token_of = order // top_k
+        counts = torch.bincount(flat_ids, minlength=self.gate_proj.weight.shape[0]).tolist()
+        out = torch.zeros(h.shape[0], h.shape[1], dtype=torch.float32, device=h.device)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = order[start : start + count]
+            x = h[token_of[start : start + count]]
+            a = swiglu(x @ self.gate_proj.weight[expert].T, x @ self.up_proj.weight[expert].T, self.limit)
+            y = (a @ self.down_proj.weight[expert].T).float() * weights.flatten()[rows, None]
+            out.index_add_(0, token_of[start : start + count], y)
+            start += count
+        return out.to(h.dtype)

@@ -1,0 +1,125 @@
+"""The Step-3.5-Flash network: decoder, MTP modules and the LM head, over a flat batch of tokens.
+
+Module names mirror the hub checkpoint (`model.layers.N.self_attn.q_proj`, `...moe.gate_proj`,
+`...share_expert.up_proj`), so the loader maps tensors one to one. MTP layer k of the checkpoint
+(`model.layers.{num_hidden_layers + k}`) is `mtp.k` here.
+"""
+
+import torch
+from torch import nn
+
+from stepflash.config import LayerSpec, ModelConfig
+from stepflash.model.attention import Attention, BatchLayout
+from stepflash.model.moe import MLP, MoE
+from stepflash.model.norm import RMSNorm
+from stepflash.model.rope import rotary_cos_sin
+
+RopeTables = dict[tuple, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _rope_key(spec: LayerSpec) -> tuple:
+    return (spec.rope_theta, spec.rotary_dim, spec.rope_scaling)
+
+
+def rope_tables(specs: list[LayerSpec], positions: torch.Tensor) -> RopeTables:
+    """cos/sin once per distinct rotary setting (full and sliding layers differ)."""
+    return {key: rotary_cos_sin(positions, *key) for key in {_rope_key(s) for s in specs}}
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x += attn(norm(x)); x += ffn(norm(x)), with ffn dense or MoE + shared expert."""
+
+    def __init__(self, spec: LayerSpec, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.spec = spec
+        h = cfg.hidden_size
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.self_attn = Attention(spec, h, cfg.sliding_window, cfg.rms_norm_eps)
+        if spec.is_moe:
+            self.moe = MoE(h, cfg.moe_num_experts, cfg.moe_intermediate_size, cfg.moe_top_k,
+                           cfg.moe_router_scaling_factor, cfg.use_moe_router_bias, cfg.norm_expert_weight,
+                           spec.swiglu_limit)
+            self.share_expert = MLP(h, cfg.share_expert_dim, spec.swiglu_limit_shared) if cfg.share_expert_dim else None
+        else:
+            self.mlp = MLP(h, cfg.intermediate_size, spec.swiglu_limit_shared)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RopeTables,
+                layout: BatchLayout) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope[_rope_key(self.spec)], layout)
+        h = self.post_attention_layernorm(x)
+        if not self.spec.is_moe:
+            return x + self.mlp(h)
+        ffn = self.moe(h)
+        if self.share_expert is not None:
+            ffn = ffn + self.share_expert(h)
+        return x + ffn
+
+
+class SharedHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+class MTPLayer(DecoderLayer):
+    """One MTP module: z = block(eh_proj([enorm(embed(token)), hnorm(h_prev)])); logits from its own head."""
+
+    def __init__(self, spec: LayerSpec, cfg: ModelConfig) -> None:
+        super().__init__(spec, cfg)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def predict(self, token_embeds: torch.Tensor, prev_hidden: torch.Tensor, positions: torch.Tensor,
+                rope: RopeTables, layout: BatchLayout) -> torch.Tensor:
+        z = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(prev_hidden)], dim=-1))
+        return self.forward(z, positions, rope, layout)
+
+
+class Step3p5Model(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, cfg) for spec in cfg.decoder_layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Step3p5ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_mtp: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Step3p5Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        n = cfg.num_mtp_layers if num_mtp is None else num_mtp
+        self.mtp = nn.ModuleList(MTPLayer(spec, cfg) for spec in cfg.mtp_layers[:n])
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                layout: BatchLayout | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] after the last layer, *before* the final norm (what MTP chains on)."""
+        layout = layout or BatchLayout.single(input_ids.shape[0])
+        rope = rope_tables(self.config.decoder_layers, positions)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, rope, layout)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden)).float()
+
+    def mtp_forward(self, depth: int, input_ids: torch.Tensor, prev_hidden: torch.Tensor,
+                    positions: torch.Tensor, layout: BatchLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth` (0-based) on (embedding of input_ids, prev_hidden) -> (its pre-norm output, logits).
+
+        prev_hidden is the target's pre-norm last hidden state for depth 0, and the previous module's
+        pre-norm output for deeper modules (chain style, spec section 4).
+        """
+        layer: MTPLayer = self.mtp[depth]
+        layout = layout or BatchLayout.single(input_ids.shape[0])
+        rope = rope_tables([layer.spec], positions)
+        z = layer.predict(self.model.embed_tokens(input_ids), prev_hidden, positions, rope, layout)
+        return z, layer.shared_head.output(layer.shared_head.norm(z)).float()

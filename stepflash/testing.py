@@ -1,0 +1,152 @@
+"""Random hub-format checkpoints for tests and benchmarks: config.json, tokenizer, safetensors.
+
+`write_checkpoint(dir, tiny_config(...))` writes what a published Step-3.5-Flash repository holds, at
+a small size, so that nothing needs a download. Options cover bf16 storage, shards with an index,
+FP8 block-scaled weights and MTP modules.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from stepflash.config import ModelConfig
+from stepflash.model.loader import hub_name, mtp_depth
+from stepflash.model.step3p5 import Step3p5ForCausalLM
+from stepflash.tokenizer import write_byte_level_tokenizer
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# Small modules that stay in high precision in FP8 checkpoints.
+FP8_KEEP = ("embed_tokens", "lm_head", "shared_head.output", ".moe.gate.", "g_proj", "norm")
+
+
+def tiny_config(**overrides: Any) -> dict[str, Any]:
+    """A small config.json in the Step-3.5-Flash layout and legacy field names.
+
+    5 decoder layers (full, 3 sliding, full), dense layers 0-1 then MoE (8 experts, top 2, shared
+    expert), 4 query heads on full layers and 6 on sliding ones, partial RoPE on full layers with a
+    llama3 remap that matters at short positions, clamps on the last layer, 3 MTP modules.
+    """
+    n, n_mtp = 5, 3
+    types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
+    cfg: dict[str, Any] = {
+        "architectures": ["Step3p5ForCausalLM"],
+        "model_type": "step3p5",
+        "vocab_size": 320,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": n,
+        "num_attention_heads": 4,
+        "num_attention_groups": 2,
+        "head_dim": 16,
+        "attention_other_setting": {"attention_type": "sliding_attention", "num_attention_heads": 6,
+                                    "num_attention_groups": 2, "head_dim": 16},
+        "layer_types": types + ["sliding_attention"] * n_mtp,
+        "sliding_window": 16,
+        "rope_theta": [5e6 if t == "full_attention" else 1e4 for t in types] + [1e4] * n_mtp,
+        "partial_rotary_factors": [0.5 if t == "full_attention" else 1.0 for t in types] + [1.0] * n_mtp,
+        "rope_scaling": {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 64,
+                         "low_freq_factor": 1.0, "high_freq_factor": 8.0},
+        "yarn_only_types": ["full_attention"],
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "moe_num_experts": 8,
+        "moe_top_k": 2,
+        "moe_intermediate_size": 32,
+        "share_expert_dim": 32,
+        "moe_layers_enum": ",".join(str(i) for i in range(2, n)),
+        "moe_router_activation": "sigmoid",
+        "use_moe_router_bias": True,
+        "norm_expert_weight": True,
+        "moe_router_scaling_factor": 3.0,
+        "need_fp32_gate": True,
+        "swiglu_limits": [0.0] * (n - 1) + [0.5],
+        "swiglu_limits_shared": [0.0] * (n - 1) + [0.8],
+        "num_nextn_predict_layers": n_mtp,
+        "use_qk_norm": True,
+        "use_head_wise_attn_gate": True,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": [1, 3],
+        "torch_dtype": "float32",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Hub-named fp32 tensors with scales that keep activations O(1) through the network."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in Step3p5ForCausalLM(cfg).named_parameters()}
+    weights = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            std = 0.2  # zero-centred norms: the scale is 1 + w
+        elif name.endswith("router_bias"):
+            std = 0.3  # large enough to change which experts win
+        elif name.endswith("embed_tokens.weight"):
+            std = 1.0
+        else:
+            std = 1.0 / math.sqrt(shape[-1])
+        weights[hub_name(name, cfg.num_hidden_layers)] = torch.randn(shape, generator=gen) * std
+    return weights
+
+
+def quantize_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-scaled float8_e4m3fn over the last two dims: returns (fp8 weight, fp32 scale_inv)."""
+    rows, cols = weight.shape[-2:]
+    br, bc = math.ceil(rows / block[0]), math.ceil(cols / block[1])
+    padded = torch.zeros(*weight.shape[:-2], br * block[0], bc * block[1])
+    padded[..., :rows, :cols] = weight
+    blocks = padded.unflatten(-2, (br, block[0])).unflatten(-1, (bc, block[1]))
+    scale_inv = blocks.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / FP8_MAX
+    expanded = scale_inv.repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)[..., :rows, :cols]
+    return (weight / expanded).to(torch.float8_e4m3fn), scale_inv
+
+
+def write_checkpoint(out_dir: str | Path, config: dict[str, Any] | None = None, *, dtype: torch.dtype = torch.float32,
+                     num_shards: int = 1, fp8_block: tuple[int, int] | None = None, with_mtp: bool = True,
+                     seed: int = 0) -> Path:
+    """Write a random checkpoint in the hub format and return its directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(config or tiny_config())
+    cfg = ModelConfig.from_dict(config)
+    weights = random_weights(cfg, seed)
+    if not with_mtp:
+        weights = {k: v for k, v in weights.items() if mtp_depth(k, cfg.num_hidden_layers) is None}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        if fp8_block and w.dim() >= 2 and not any(part in name for part in FP8_KEEP):
+            tensors[name], tensors[name + "_scale_inv"] = quantize_fp8(w, fp8_block)
+        elif name.endswith(("moe.gate.weight", "router_bias")):
+            tensors[name] = w  # the router stays fp32, as in the release
+        else:
+            tensors[name] = w.to(dtype)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if fp8_block:
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": list(fp8_block)}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _save_shards(out, tensors, num_shards)
+    write_byte_level_tokenizer(out, cfg.vocab_size)
+    return out
+
+
+def _save_shards(out: Path, tensors: dict[str, torch.Tensor], num_shards: int) -> None:
+    if num_shards == 1:
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        return
+    names = sorted(tensors)
+    files = [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+    weight_map = {name: files[i % num_shards] for i, name in enumerate(names)}
+    for file in files:
+        save_file({n: tensors[n].contiguous() for n in names if weight_map[n] == file}, out / file,
+                  metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
