@@ -1,0 +1,45 @@
+"""`stepflash generate`: greedy output equal to the transformers oracle; clear errors."""
+
+from reference import reference_logits
+from stepflash.cli import main
+from stepflash.testing import tiny_config, write_checkpoint
+from stepflash.tokenizer import Tokenizer
+
+PROMPT = "def fib(n):"
+
+
+def test_generate_is_greedy_decoding_of_the_reference(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "m", seed=2)
+    tok = Tokenizer.from_pretrained(ckpt)
+    ids = tok.encode(PROMPT)
+    expected = []
+    for _ in range(6):
+        token = int(reference_logits(ckpt, ids + expected)[-1].argmax())
+        expected.append(token)
+        if token in tok.eos_token_ids:
+            break
+    assert main(["generate", PROMPT, "--model", str(ckpt), "--max-tokens", "6"]) == 0
+    out = capsys.readouterr()
+    assert out.out == PROMPT + tok.decode(expected) + "\n"
+    assert "tokens/s" in out.err and "GB/s" in out.err
+
+
+def test_generate_default_model_writes_random_checkpoint_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STEPFLASH_CACHE", str(tmp_path))
+    assert main(["generate", "x", "--max-tokens", "2"]) == 0
+    assert (tmp_path / "random-tiny" / "model.safetensors").is_file()
+    mtime = (tmp_path / "random-tiny" / "model.safetensors").stat().st_mtime
+    assert main(["generate", "y", "--max-tokens", "2"]) == 0
+    assert (tmp_path / "random-tiny" / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_generate_errors_name_the_problem(tmp_path, capsys):
+    assert main(["generate", PROMPT, "--model", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+    ckpt = write_checkpoint(tmp_path / "short", tiny_config(max_position_embeddings=16))
+    assert main(["generate", "a much longer prompt than sixteen tokens", "--model", str(ckpt)]) == 2
+    assert "exceeds the model's context of 16 tokens" in capsys.readouterr().err
+
+    assert main(["generate", PROMPT, "--model", str(ckpt), "--max-tokens", "0"]) == 2
+    assert "--max-tokens" in capsys.readouterr().err
