@@ -125,28 +125,28 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                 handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
             return handles[file].get_tensor(name)
 
-        for hub_name in sorted(index):
-            depth = mtp_depth(hub_name, n)
-            if hub_name.endswith(SCALE_SUFFIX) or hub_name.startswith(IGNORED_PREFIXES):
+        for key in sorted(index):
+            depth = mtp_depth(key, n)
+            if key.endswith(SCALE_SUFFIX) or key.startswith(IGNORED_PREFIXES):
                 continue
             skipped_mtp = depth is not None and num_mtp <= depth < cfg.num_mtp_layers
-            if skipped_mtp or (cfg.tie_word_embeddings and hub_name == "lm_head.weight"):
+            if skipped_mtp or (cfg.tie_word_embeddings and key == "lm_head.weight"):
                 continue
-            name = internal_name(hub_name, n)
+            name = internal_name(key, n)
             if name not in expected:
-                unexpected.append(hub_name)
+                unexpected.append(key)
                 continue
-            tensor = _read_weight(hub_name, read, index, block)
+            tensor = _read_weight(key, read, index, block)
             param = expected[name]
             if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointError(f"tensor {hub_name}: checkpoint shape {tuple(tensor.shape)}, "
+                raise CheckpointError(f"tensor {key}: checkpoint shape {tuple(tensor.shape)}, "
                                       f"model expects {tuple(param.shape)}")
             wanted = torch.float32 if name.endswith(FP32_PARAMS) else target_dtype
             _assign(model, name, tensor.to(device=device, dtype=wanted))
             loaded.add(name)
     if unexpected:
         raise CheckpointError(f"unexpected tensors in checkpoint: {_preview(unexpected)}")
-    missing = [name for name in expected if name not in loaded]
+    missing = [hub_name(name, n) for name in expected if name not in loaded]  # as named in the checkpoint
     if missing:
         raise CheckpointError(f"missing tensors in checkpoint: {_preview(missing)}")
     if cfg.tie_word_embeddings:
