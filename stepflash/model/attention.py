@@ -1,6 +1,7 @@
 """Gated GQA attention (full or sliding window) over a flat batch of tokens from several sequences."""
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +12,18 @@ from stepflash.model.norm import RMSNorm
 from stepflash.model.rope import apply_rotary
 
 
+class AttentionContext(Protocol):
+    """Where attention finds keys and values: the batch alone (`BatchLayout`) or a paged KV cache."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        """q [T, heads, d], k/v [T, kv_heads, d] of this step's tokens -> attention output [T, heads, d]."""
+        ...
+
+
 @dataclass
 class BatchLayout:
-    """How a flat batch of T tokens splits into sequences: consecutive runs of `seq_lens` tokens."""
+    """No cache: a flat batch of T tokens that splits into whole sequences, runs of `seq_lens` tokens."""
 
     seq_lens: list[int]
 
@@ -21,10 +31,37 @@ class BatchLayout:
     def single(cls, num_tokens: int) -> "BatchLayout":
         return cls([num_tokens])
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        out = torch.empty_like(q)
+        start = 0
+        for n in self.seq_lens:
+            sl = slice(start, start + n)
+            pos = positions[sl][None]
+            out[sl] = masked_attention(q[sl][None], k[sl][None], v[sl][None], pos, pos, window)[0]
+            start += n
+        return out
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                     window: int | None, k_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention for B padded sequences: q [B, Q, h, d], k/v [B, K, kvh, d], positions
+    [B, Q] / [B, K]. A query sees keys at positions <= its own, and with a window only those with
+    q_pos - k_pos < window (512 keys for window 512, the current token included)."""
+    allowed = k_pos[:, None, :] <= q_pos[:, :, None]
+    if window is not None:
+        allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    if k_valid is not None:
+        allowed &= k_valid[:, None, :]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=allowed[:, None], enable_gqa=True)
+    return o.transpose(1, 2)
+
 
 class Attention(nn.Module):
     def __init__(self, spec: LayerSpec, hidden_size: int, sliding_window: int, eps: float) -> None:
         super().__init__()
+        self.layer = spec.index
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.window = sliding_window if spec.sliding_window else None
         self.q_proj = nn.Linear(hidden_size, self.num_heads * self.head_dim, bias=False)
@@ -36,36 +73,13 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                layout: BatchLayout) -> torch.Tensor:
+                ctx: AttentionContext) -> torch.Tensor:
         t = h.shape[0]
         q = self.q_norm(self.q_proj(h).view(t, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(h).view(t, self.num_kv_heads, self.head_dim))
         v = self.v_proj(h).view(t, self.num_kv_heads, self.head_dim)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = attend(q, k, v, positions, layout, self.window)
+        o = ctx.attend(self.layer, q, k, v, positions, self.window)
         o = o * torch.sigmoid(self.g_proj(h)).unsqueeze(-1)
         return self.o_proj(o.reshape(t, -1))
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-           layout: BatchLayout, window: int | None) -> torch.Tensor:
-    """Causal softmax attention within each sequence; a sliding layer sees keys with q_pos - k_pos < window.
-
-    Plain PyTorch reference: each sequence attends only to its own tokens of this batch.
-    """
-    out = torch.empty_like(q)
-    start = 0
-    for n in layout.seq_lens:
-        sl = slice(start, start + n)
-        pos = positions[sl]
-        allowed = pos[None, :] <= pos[:, None]
-        if window is not None:
-            allowed &= (pos[:, None] - pos[None, :]) < window
-        o = F.scaled_dot_product_attention(
-            q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
-            attn_mask=allowed, enable_gqa=True,
-        )
-        out[sl] = o.transpose(0, 1)
-        start += n
-    return out

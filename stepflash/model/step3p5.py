@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from stepflash.config import LayerSpec, ModelConfig
-from stepflash.model.attention import Attention, BatchLayout
+from stepflash.model.attention import Attention, AttentionContext, BatchLayout
 from stepflash.model.moe import MLP, MoE
 from stepflash.model.norm import RMSNorm
 from stepflash.model.rope import rotary_cos_sin
@@ -45,8 +45,8 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(h, cfg.intermediate_size, spec.swiglu_limit_shared)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RopeTables,
-                layout: BatchLayout) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope[_rope_key(self.spec)], layout)
+                ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope[_rope_key(self.spec)], ctx)
         h = self.post_attention_layernorm(x)
         if not self.spec.is_moe:
             return x + self.mlp(h)
@@ -74,9 +74,9 @@ class MTPLayer(DecoderLayer):
         self.shared_head = SharedHead(cfg)
 
     def predict(self, token_embeds: torch.Tensor, prev_hidden: torch.Tensor, positions: torch.Tensor,
-                rope: RopeTables, layout: BatchLayout) -> torch.Tensor:
+                rope: RopeTables, ctx: AttentionContext) -> torch.Tensor:
         z = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(prev_hidden)], dim=-1))
-        return self.forward(z, positions, rope, layout)
+        return self.forward(z, positions, rope, ctx)
 
 
 class Step3p5Model(nn.Module):
@@ -99,27 +99,28 @@ class Step3p5ForCausalLM(nn.Module):
         self.mtp = nn.ModuleList(MTPLayer(spec, cfg) for spec in cfg.mtp_layers[:n])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                layout: BatchLayout | None = None) -> torch.Tensor:
-        """Hidden states [T, hidden] after the last layer, *before* the final norm (what MTP chains on)."""
-        layout = layout or BatchLayout.single(input_ids.shape[0])
+                ctx: AttentionContext | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] after the last layer, *before* the final norm (what MTP chains on).
+        Without a context the tokens form one whole sequence."""
+        ctx = ctx or BatchLayout.single(input_ids.shape[0])
         rope = rope_tables(self.config.decoder_layers, positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, positions, rope, layout)
+            x = layer(x, positions, rope, ctx)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(hidden)).float()
 
     def mtp_forward(self, depth: int, input_ids: torch.Tensor, prev_hidden: torch.Tensor,
-                    positions: torch.Tensor, layout: BatchLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    positions: torch.Tensor, ctx: AttentionContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module `depth` (0-based) on (embedding of input_ids, prev_hidden) -> (its pre-norm output, logits).
 
         prev_hidden is the target's pre-norm last hidden state for depth 0, and the previous module's
         pre-norm output for deeper modules (chain style, spec section 4).
         """
         layer: MTPLayer = self.mtp[depth]
-        layout = layout or BatchLayout.single(input_ids.shape[0])
+        ctx = ctx or BatchLayout.single(input_ids.shape[0])
         rope = rope_tables([layer.spec], positions)
-        z = layer.predict(self.model.embed_tokens(input_ids), prev_hidden, positions, rope, layout)
+        z = layer.predict(self.model.embed_tokens(input_ids), prev_hidden, positions, rope, ctx)
         return z, layer.shared_head.output(layer.shared_head.norm(z)).float()

@@ -1,0 +1,78 @@
+"""SamplingParams: what a request asks of the sampler, validated when it is made."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """vLLM-style sampling parameters. `temperature=0` is greedy.
+
+    Penalties follow the usual conventions: `repetition_penalty` divides positive (multiplies
+    negative) logits of tokens seen in the prompt or output; `presence_penalty` and
+    `frequency_penalty` subtract per output token (OpenAI). `logprobs=k` returns the top-k
+    log-probabilities of the model's distribution per generated token, the chosen token always
+    included; `prompt_logprobs=k` does the same for prompt positions (the first is None).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    stop_strings: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def _validate(self) -> None:
+        checks = [
+            (isinstance(self.n, int) and self.n >= 1, "n must be an integer >= 1"),
+            (_number(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
+            (_number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
+             "top_k must be -1 (off) or an integer >= 1"),
+            (_number(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "presence_penalty must be in [-2, 2]"),
+            (_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "frequency_penalty must be in [-2, 2]"),
+            (self.seed is None or isinstance(self.seed, int), "seed must be an integer"),
+            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+             "max_tokens must be an integer >= 1"),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
+             "min_tokens must be in [0, max_tokens]"),
+            (all(isinstance(s, str) and s for s in self.stop_strings), "stop must be non-empty strings"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids must be non-negative integers"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+             "logprobs must be in [0, 20]"),
+            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+             "prompt_logprobs must be in [0, 20]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid sampling parameters: {message}")
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
