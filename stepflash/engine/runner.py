@@ -1,0 +1,129 @@
+"""Model runner: owns the KV cache tensors, flattens a scheduled step into one batch, runs the model.
+
+`PagedContext` is attention over the paged cache in plain PyTorch, the reference twin for the GPU
+kernels: each layer writes this step's keys/values at their slots, then gathers every key a query
+may see through the sequence's block table. Decoding sequences (one query each) are gathered as
+one padded batch; each sequence with several queries (a prefill chunk) is its own group.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from stepflash.config import ModelConfig
+from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy
+from stepflash.engine.scheduler import ScheduledSeq, SchedulerOutput
+from stepflash.model.attention import masked_attention
+from stepflash.model.step3p5 import Step3p5ForCausalLM
+
+
+def kv_bytes_per_block(cfg: ModelConfig, layer_ids: list[int], block_size: int, dtype: torch.dtype) -> int:
+    item = torch.empty((), dtype=dtype).element_size()
+    return sum(2 * block_size * cfg.layers[i].num_kv_heads * cfg.layers[i].head_dim * item for i in layer_ids)
+
+
+@dataclass
+class Group:
+    """Sequences attended together: query rows [B, Q] of the flat batch (padded with row 0)."""
+
+    rows: torch.Tensor
+    q_pos: torch.Tensor  # [B, Q]
+    q_valid: torch.Tensor  # [B, Q]
+    keys: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # kind -> (slots, positions, valid) [B, K]
+
+
+class PagedContext:
+    def __init__(self, caches: dict[int, tuple[torch.Tensor, torch.Tensor]], kind_of: dict[int, str],
+                 slots: dict[str, torch.Tensor], groups: list[Group]) -> None:
+        self.caches, self.kind_of, self.slots, self.groups = caches, kind_of, slots, groups
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        kind = self.kind_of[layer]
+        k_cache, v_cache = (c.flatten(0, 1) for c in self.caches[layer])  # [blocks * block_size, kvh, d]
+        k_cache[self.slots[kind]] = k
+        v_cache[self.slots[kind]] = v
+        out = torch.empty_like(q)
+        for g in self.groups:
+            slots, k_pos, k_valid = g.keys[kind]
+            o = masked_attention(q[g.rows], k_cache[slots], v_cache[slots], g.q_pos, k_pos, window, k_valid)
+            out[g.rows[g.q_valid]] = o[g.q_valid]
+        return out
+
+
+class ModelRunner:
+    def __init__(self, model: Step3p5ForCausalLM, num_blocks: dict[str, int], block_size: int) -> None:
+        self.model, self.block_size = model, block_size
+        cfg = model.config
+        self.window = cfg.sliding_window
+        param = model.lm_head.weight
+        self.device, self.dtype = param.device, param.dtype
+        layers = cfg.decoder_layers + cfg.mtp_layers[: len(model.mtp)]
+        self.kind_of = {s.index: SLIDING if s.sliding_window else FULL for s in layers}
+        self.kinds = sorted(set(self.kind_of.values()))
+        self.caches = {
+            s.index: tuple(torch.zeros(num_blocks[self.kind_of[s.index]], block_size, s.num_kv_heads, s.head_dim,
+                                       dtype=self.dtype, device=self.device) for _ in range(2))
+            for s in layers
+        }
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, logit_rows: list[int]) -> torch.Tensor:
+        """Run one step; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
+        self._copy_blocks(sched.copies)
+        ids, positions, ctx = self._prepare(sched)
+        hidden = self.model(ids, positions, ctx)
+        return self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
+
+    def _copy_blocks(self, copies: list[BlockCopy]) -> None:
+        for c in copies:
+            for layer, (k, v) in self.caches.items():
+                if self.kind_of[layer] == c.kind:
+                    k[c.dst] = k[c.src]
+                    v[c.dst] = v[c.src]
+
+    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
+        ids, positions = [], []
+        slots: dict[str, list[int]] = {kind: [] for kind in self.kinds}
+        decode, groups = [], []
+        bs = self.block_size
+        for s in sched.scheduled:
+            seq, start = s.seq, s.seq.num_computed
+            member = (len(ids), s)
+            ids += seq.token_ids[start:start + s.num_new]
+            positions += range(start, start + s.num_new)
+            for kind in self.kinds:
+                table = seq.blocks.table(kind)
+                slots[kind] += [table[p // bs] * bs + p % bs for p in range(start, start + s.num_new)]
+            if s.num_new == 1:
+                decode.append(member)
+            else:
+                groups.append(self._group([member]))
+        if decode:
+            groups.append(self._group(decode))
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        ctx = PagedContext(self.caches, self.kind_of, {k: t(v) for k, v in slots.items()}, groups)
+        return t(ids), t(positions), ctx
+
+    def _group(self, members: list[tuple[int, ScheduledSeq]]) -> Group:
+        """Padded query rows and, per layer kind, the key slots each query may read."""
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        row0 = t([r for r, _ in members])[:, None]
+        num_new = t([s.num_new for _, s in members])[:, None]
+        start = t([s.seq.num_computed for _, s in members])[:, None]
+        end = start + num_new
+        q_offsets = torch.arange(int(num_new.max()), device=self.device)[None, :]
+        q_valid = q_offsets < num_new
+        keys = {}
+        for kind in self.kinds:
+            lo = start * 0 if kind == FULL else (start - self.window + 1).clamp(min=0)
+            k_pos = lo + torch.arange(int((end - lo).max()), device=self.device)[None, :]
+            k_valid = k_pos < end
+            k_pos = torch.where(k_valid, k_pos, lo)
+            tables = [s.seq.blocks.table(kind) for _, s in members]
+            width = max(len(x) for x in tables)
+            table = t([x + [0] * (width - len(x)) for x in tables]).clamp(min=0)  # NO_BLOCK never read
+            k_slots = table.gather(1, k_pos // self.block_size) * self.block_size + k_pos % self.block_size
+            keys[kind] = (k_slots, k_pos, k_valid)
+        rows = torch.where(q_valid, row0 + q_offsets, row0)
+        return Group(rows, start + torch.where(q_valid, q_offsets, 0), q_valid, keys)

@@ -1,0 +1,65 @@
+"""LLM: the offline API (vLLM-style names) over the synchronous engine."""
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+from stepflash.engine.engine import EngineConfig, EngineStats, LLMEngine
+from stepflash.outputs import RequestOutput
+from stepflash.sampling import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str = "auto",
+                 mtp: int | None = None, kv_cache_bytes: int | None = None, max_num_seqs: int = 64,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 max_num_batched_tokens: int = 1024, block_size: int = 16, quantization: str | None = None,
+                 tensor_parallel_size: int = 1, seed: int = 0) -> None:
+        if mtp:
+            raise ValueError("mtp > 0 (speculative decoding) is not supported yet; use mtp=0")
+        if quantization is not None:
+            raise ValueError(f"quantization={quantization!r} is not supported yet")
+        if tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if model is None:
+            from stepflash.cli import default_model_dir
+
+            model = default_model_dir()
+        self.engine = LLMEngine(model, EngineConfig(
+            device=device, dtype=dtype, kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching, seed=seed))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion; outputs in prompt order.
+        Every prompt is validated before any runs, so a bad one changes nothing."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        requests = [self.engine.make_request(str(next(self._ids)), p, sp) for p, sp in zip(prompts, params)]
+        for request in requests:
+            self.engine.enqueue(request)
+        finished: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        return [finished[r.request_id] for r in requests]
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | None = None, tools: list[dict[str, Any]] | None = None
+             ) -> list[RequestOutput]:
+        """One conversation or a list of them, rendered with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c, tools=tools)) for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def get_stats(self) -> EngineStats:
+        return self.engine.stats()
