@@ -4,6 +4,7 @@ Independent of stepflash's loader: tensors are read here with safetensors, FP8 b
 here, names converted to transformers' layout here.
 """
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -76,8 +77,14 @@ def reference_model(ckpt: Path, config_overrides: dict | None = None) -> tuple[S
     return model, tensors["lm_head.weight"]
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_model(ckpt: str, overrides: str) -> tuple[Step3p7TextModel, torch.Tensor]:
+    return reference_model(Path(ckpt), json.loads(overrides))
+
+
 @torch.no_grad()
 def reference_logits(ckpt: Path, token_ids: list[int], config_overrides: dict | None = None) -> torch.Tensor:
-    model, lm_head = reference_model(ckpt, config_overrides)
+    """[len(token_ids), vocab] fp32 logits of one sequence (models are cached per checkpoint)."""
+    model, lm_head = _cached_model(str(ckpt), json.dumps(config_overrides or {}, sort_keys=True))
     hidden = model(input_ids=torch.tensor([token_ids])).last_hidden_state[0]
     return hidden @ lm_head.T

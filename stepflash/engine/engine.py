@@ -350,6 +350,7 @@ class LLMEngine:
         self.scheduler.finish(seq, reason, stop_reason)
 
     def _output(self, request: Request) -> RequestOutput:
+        request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
         outputs = [CompletionOutput(s.index, s.text, s.output_token_ids,
                                     list(s.logprobs) if request.params.logprobs is not None else None,
                                     s.finish_reason, s.stop_reason) for s in request.seqs]

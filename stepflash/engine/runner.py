@@ -73,7 +73,7 @@ class ModelRunner:
         self._copy_blocks(sched.copies)
         ids, positions, ctx = self._prepare(sched)
         hidden = self.model(ids, positions, ctx)
-        return self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
+        return self.model.compute_logits(hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)])
 
     def _copy_blocks(self, copies: list[BlockCopy]) -> None:
         for c in copies:

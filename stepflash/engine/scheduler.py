@@ -71,7 +71,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             if seq.num_computed == 0 and not seq.blocks.full and seq.params.prompt_logprobs is None:
-                self.kv.match_prefix(seq.blocks, seq.token_ids)
+                hit = self.kv.match_prefix(seq.blocks, seq.token_ids)
+                if seq.num_output_tokens == 0:
+                    seq.num_cached_tokens = hit
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             if not self.kv.can_append(seq.blocks, num_new, reserve=self.watermark_blocks):
                 self.kv.free(seq.blocks)  # give back the prefix hit; retried next step

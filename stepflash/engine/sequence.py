@@ -31,6 +31,7 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     text: str = ""  # decoded output, up to what is safe to show (stop strings may still cut it)
     pending_text: str = ""  # decoded but held back: it might be the start of a stop string
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
