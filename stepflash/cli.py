@@ -1,22 +1,16 @@
-"""`stepflash` command line. For now: `stepflash generate "prompt"`.
-
-Until the engine (paged KV cache, batching) lands, `generate` decodes greedily by re-running the
-full sequence each step: exact, but quadratic; fine for the small default model.
-"""
+"""`stepflash` command line: `generate` and `chat` stream through the engine and report speed."""
 
 import argparse
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from stepflash.config import ConfigError
-from stepflash.model.loader import CheckpointError, load_model
-from stepflash.model.step3p5 import Step3p5ForCausalLM
-from stepflash.tokenizer import IncrementalDetokenizer, Tokenizer
+from stepflash.engine.engine import EngineConfig, LLMEngine
+from stepflash.model.loader import CheckpointError
+from stepflash.model.step3p5 import active_weight_bytes
+from stepflash.sampling import SamplingParams
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "tiny"
 
@@ -33,70 +27,83 @@ def default_model_dir() -> Path:
     return cache
 
 
-@torch.no_grad()
-def generate_greedy(model: Step3p5ForCausalLM, prompt_ids: list[int], max_tokens: int,
-                    stop_ids: set[int]) -> Iterator[int]:
-    ids = torch.tensor(prompt_ids, device=model.lm_head.weight.device)
-    for _ in range(max_tokens):
-        hidden = model(ids, torch.arange(len(ids), device=ids.device))
-        token = int(model.compute_logits(hidden[-1:]).argmax(-1))
-        yield token
-        if token in stop_ids:
-            return
-        ids = torch.cat([ids, ids.new_tensor([token])])
+def stream_completion(engine: LLMEngine, prompt: str | list[int], params: SamplingParams,
+                      echo: str = "") -> tuple[str, float, int]:
+    """Run one request, printing `echo` once it is accepted, then text as it arrives;
+    returns (text, seconds, tokens)."""
+    engine.add_request("cli", prompt, params)
+    sys.stdout.write(echo)
+    text, count, start = "", 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            new = out.outputs[0].text
+            sys.stdout.write(new[len(text):])
+            sys.stdout.flush()
+            text, count = new, len(out.outputs[0].token_ids)
+    return text, time.perf_counter() - start, count
 
 
-def active_weight_bytes(model: Step3p5ForCausalLM) -> int:
-    """Bytes of weights one decoded token reads: all decoder weights except unselected experts."""
-    total = 0
-    for name, p in model.named_parameters():
-        if name.startswith("mtp.") or name == "model.embed_tokens.weight":
-            continue
-        size = p.numel() * p.element_size()
-        if ".moe." in name and not name.endswith(("gate.weight", "router_bias")):
-            size = size * model.config.moe_top_k // model.config.moe_num_experts
-        total += size
-    return total
+def report_speed(engine: LLMEngine, seconds: float, count: int) -> None:
+    gbps = active_weight_bytes(engine.model) * count / seconds / 1e9 if seconds > 0 else 0.0
+    print(f"[{count} tokens in {seconds:.2f} s: {count / max(seconds, 1e-9):.1f} tokens/s, "
+          f"{gbps:.2f} GB/s of active weights]", file=sys.stderr)
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def make_engine(args: argparse.Namespace) -> LLMEngine:
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = load_model(model_dir, device=args.device, dtype=args.dtype, num_mtp=0)
-    prompt_ids = tokenizer.encode(args.prompt)
-    if args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    limit = model.config.max_position_embeddings
-    if len(prompt_ids) + args.max_tokens > limit:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max tokens ({args.max_tokens}) exceeds "
-                         f"the model's context of {limit} tokens")
-    detok = IncrementalDetokenizer(tokenizer)
-    sys.stdout.write(args.prompt)
-    start, count = time.perf_counter(), 0
-    for token in generate_greedy(model, prompt_ids, args.max_tokens, set(tokenizer.eos_token_ids)):
-        count += 1
-        sys.stdout.write(detok.feed(token))
-        sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
-    seconds = time.perf_counter() - start
-    gbps = active_weight_bytes(model) * count / seconds / 1e9
-    print(f"[{model_dir.name}] {count} tokens in {seconds:.2f} s: {count / seconds:.1f} tokens/s, "
-          f"{gbps:.2f} GB/s of active weights (no KV cache yet: every step re-reads the prompt)",
-          file=sys.stderr)
+    return LLMEngine(model_dir, EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=1))
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    engine = make_engine(args)
+    params = sampling_from_args(args)
+    _, seconds, count = stream_completion(engine, args.prompt, params, echo=args.prompt)
+    sys.stdout.write("\n")
+    report_speed(engine, seconds, count)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Interactive loop: each line is a user turn; the reply streams back (reasoning included)."""
+    engine = make_engine(args)
+    params = sampling_from_args(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("stepflash chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages))
+        reply, seconds, count = stream_completion(engine, prompt, params, echo="assistant: ")
+        sys.stdout.write("\n")
+        report_speed(engine, seconds, count)
+        reasoning, _, content = reply.rpartition("</think>")
+        messages.append({"role": "assistant", "content": content.lstrip("\n"),
+                         "reasoning_content": reasoning.strip("\n")})
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepflash", description="Serve Step-3.5-Flash-class models fast.")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="complete a prompt (greedy)")
+    gen = sub.add_parser("generate", help="complete a prompt, streaming")
     gen.add_argument("prompt")
-    gen.add_argument("--model", help="hub-format model directory (default: the bundled model)")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    chat.add_argument("--system", help="system message")
+    for p, max_tokens, temperature in ((gen, 32, 0.0), (chat, 256, 0.7)):
+        p.add_argument("--model", help="hub-format model directory (default: the bundled model)")
+        p.add_argument("--max-tokens", type=int, default=max_tokens)
+        p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     gen.set_defaults(func=cmd_generate)
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

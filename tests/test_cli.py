@@ -1,5 +1,7 @@
 """`stepflash generate`: greedy output equal to the transformers oracle; clear errors."""
 
+import io
+
 from reference import reference_logits
 from stepflash.cli import main
 from stepflash.testing import tiny_config, write_checkpoint
@@ -11,7 +13,7 @@ PROMPT = "def fib(n):"
 def test_generate_is_greedy_decoding_of_the_reference(tmp_path, capsys):
     ckpt = write_checkpoint(tmp_path / "m", seed=2)
     tok = Tokenizer.from_pretrained(ckpt)
-    ids = tok.encode(PROMPT)
+    ids = tok.encode(PROMPT, add_special_tokens=True)
     expected = []
     for _ in range(6):
         token = int(reference_logits(ckpt, ids + expected)[-1].argmax())
@@ -39,7 +41,19 @@ def test_generate_errors_name_the_problem(tmp_path, capsys):
 
     ckpt = write_checkpoint(tmp_path / "short", tiny_config(max_position_embeddings=16))
     assert main(["generate", "a much longer prompt than sixteen tokens", "--model", str(ckpt)]) == 2
-    assert "exceeds the model's context of 16 tokens" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "prompt has 32 tokens; the context is 16" in out.err and out.out == ""
 
     assert main(["generate", PROMPT, "--model", str(ckpt), "--max-tokens", "0"]) == 2
-    assert "--max-tokens" in capsys.readouterr().err
+    assert "max_tokens must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_chat_streams_the_same_reply_as_llm_chat(tmp_path, capsys, monkeypatch):
+    from stepflash import LLM, SamplingParams
+
+    ckpt = write_checkpoint(tmp_path / "m", seed=6)
+    expected = LLM(str(ckpt)).chat([{"role": "user", "content": "hi"}],
+                                   SamplingParams(temperature=0, max_tokens=5))[0].outputs[0].text
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n\n"))
+    assert main(["chat", "--model", str(ckpt), "--max-tokens", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == "assistant: " + expected + "\n"

@@ -124,3 +124,17 @@ class Step3p5ForCausalLM(nn.Module):
         rope = rope_tables([layer.spec], positions)
         z = layer.predict(self.model.embed_tokens(input_ids), prev_hidden, positions, rope, ctx)
         return z, layer.shared_head.output(layer.shared_head.norm(z)).float()
+
+
+def active_weight_bytes(model: Step3p5ForCausalLM) -> int:
+    """Weight bytes one decoded token reads at batch 1: every decoder weight and the head, but only
+    top_k of the routed experts, and one embedding row (negligible, left out); MTP modules excluded."""
+    cfg, total = model.config, 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp.") or name == "model.embed_tokens.weight":
+            continue
+        size = p.numel() * p.element_size()
+        if ".moe." in name and not name.endswith(("moe.gate.weight", "router_bias")):
+            size = size * cfg.moe_top_k // cfg.moe_num_experts
+        total += size
+    return total
