@@ -1,0 +1,133 @@
+"""Engine behaviour around the model: stop conditions, text streaming, abort, errors, async front."""
+
+import asyncio
+
+import pytest
+
+from stepflash import LLM, SamplingParams
+from stepflash.engine.engine import AsyncLLMEngine
+from stepflash.testing import write_checkpoint
+
+PROMPT = [5, 17, 42, 99, 7, 250, 31, 64, 12, 200]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return LLM(str(write_checkpoint(tmp_path_factory.mktemp("api"), seed=8)), max_num_batched_tokens=64)
+
+
+def greedy(**kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, **{"max_tokens": 24, "ignore_eos": True, **kw})
+
+
+def used_blocks(llm: LLM) -> int:
+    return sum(kind["used"] for kind in llm.get_stats().kv_blocks.values())
+
+
+def test_max_tokens_and_stop_token_ids(llm):
+    full = llm.generate([PROMPT], greedy())[0].outputs[0]
+    assert len(full.token_ids) == 24 and full.finish_reason == "length"
+    stop = full.token_ids[5]
+    first = full.token_ids.index(stop)
+    out = llm.generate([PROMPT], greedy(stop_token_ids=[stop]))[0].outputs[0]
+    assert out.token_ids == full.token_ids[: first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+
+
+def test_stop_strings_cut_the_text(llm):
+    full = llm.generate([PROMPT], greedy(skip_special_tokens=False))[0].outputs[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = full.index(stop)
+    out = llm.generate([PROMPT], greedy(stop=[stop], skip_special_tokens=False))[0].outputs[0]
+    assert out.text == full[:cut] and (out.finish_reason, out.stop_reason) == ("stop", stop)
+    kept = llm.generate([PROMPT], greedy(stop=stop, include_stop_str_in_output=True, skip_special_tokens=False))
+    assert kept[0].outputs[0].text == full[: cut + len(stop)]
+
+
+def test_min_tokens_holds_back_stop_tokens(llm):
+    full = llm.generate([PROMPT], greedy())[0].outputs[0]
+    stop = full.token_ids[0]
+    out = llm.generate([PROMPT], greedy(stop_token_ids=[stop], min_tokens=4))[0].outputs[0]
+    assert len(out.token_ids) >= 4 and stop not in out.token_ids[:4]
+
+
+def test_bad_requests_fail_clearly_and_change_nothing(llm):
+    cases = [
+        ([], SamplingParams(), "empty"),
+        ([10**6], SamplingParams(), "outside the vocabulary"),
+        (PROMPT, SamplingParams(max_tokens=10**6), "exceeds max_model_len"),
+        (PROMPT, SamplingParams(n=10**3), "exceeds max_num_seqs"),
+        (PROMPT, SamplingParams(stop_token_ids=[10**6]), "outside the vocabulary"),
+        (3.5, SamplingParams(), "string or a list of token ids"),
+    ]
+    for prompt, params, message in cases:
+        with pytest.raises(ValueError, match=message):
+            llm.generate([PROMPT, prompt], params)  # the good prompt must not run either
+        assert not llm.engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    assert llm.generate([PROMPT], greedy(max_tokens=3))[0].outputs[0].finish_reason == "length"
+
+
+def test_unsupported_options_are_refused(tmp_path):
+    ckpt = write_checkpoint(tmp_path)
+    for kwargs, message in [({"mtp": 1}, "mtp"), ({"quantization": "int4"}, "quantization"),
+                            ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+                            ({"block_size": 12}, "power of two"),
+                            ({"kv_cache_bytes": 10_000, "max_model_len": 4096}, "kv_cache_bytes")]:
+        with pytest.raises(ValueError, match=message):
+            LLM(str(ckpt), **kwargs)
+
+
+def test_async_stream_concatenates_to_the_final_text(llm):
+    async def run() -> tuple[list[str], str]:
+        engine = AsyncLLMEngine(llm.engine)
+        texts = []
+        async for out in engine.generate(PROMPT, greedy(skip_special_tokens=False, stop=["zz"])):
+            texts.append(out.outputs[0].text)
+        return texts, out.outputs[0].text
+
+    texts, final = asyncio.run(run())
+    assert len(texts) > 1 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # only ever appended
+    assert final == llm.generate([PROMPT], greedy(skip_special_tokens=False, stop=["zz"]))[0].outputs[0].text
+
+
+def test_async_abort_frees_blocks_and_spares_other_requests(llm):
+    async def run() -> tuple[list[int], int]:
+        engine = AsyncLLMEngine(llm.engine)
+
+        async def consume(params: SamplingParams, stop_after: int | None) -> list[int]:
+            tokens: list[int] = []
+            async for out in engine.generate(PROMPT, params):
+                tokens = out.outputs[0].token_ids
+                if stop_after is not None and len(tokens) >= stop_after:
+                    break  # a client going away mid-stream
+            return tokens
+
+        survivor, aborted = await asyncio.gather(consume(greedy(), None), consume(greedy(max_tokens=200), 3))
+        while engine._loop_task and not engine._loop_task.done():
+            await asyncio.sleep(0.01)
+        return survivor, len(aborted)
+
+    survivor, aborted_len = asyncio.run(run())
+    assert aborted_len == 3
+    assert survivor == llm.generate([PROMPT], greedy())[0].outputs[0].token_ids
+    assert used_blocks(llm) == 0 and not llm.engine.has_unfinished_requests()
+
+
+def test_async_rejects_bad_input_at_submission(llm):
+    async def run() -> None:
+        engine = AsyncLLMEngine(llm.engine)
+        async for _ in engine.generate([10**6], SamplingParams()):
+            pass
+
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        asyncio.run(run())
+
+
+def test_chat_renders_the_template(llm):
+    messages = [{"role": "user", "content": "hello"}]
+    out = llm.chat(messages, greedy(max_tokens=4))[0]
+    expected = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages))
+    assert out.prompt_token_ids == expected
+    assert out.metrics.ttft is not None and out.metrics.ttft >= 0
