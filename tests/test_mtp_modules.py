@@ -12,10 +12,10 @@ import json
 import pytest
 import torch
 
-from reference import Step3p7TextConfig, Step3p7TextModel, read_fp32_tensors, reference_model
+from reference import Step3p7TextConfig, Step3p7TextModel
 from stepflash.model.attention import BatchLayout
 from stepflash.model.loader import load_model
-from stepflash.testing import tiny_config, write_checkpoint
+from stepflash.testing import read_fp32_tensors, tiny_config, transformers_text_model, write_checkpoint
 
 LENGTHS = [40, 23]  # longer than the sliding window (16) of the MTP blocks
 
@@ -61,7 +61,7 @@ def spec_mtp_chain(ckpt, ids: list[int]) -> list[torch.Tensor]:
     module k at t sees (state_{k-1,t}, embed(x_{t+k})) and predicts x_{t+k+1}."""
     config = json.loads((ckpt / "config.json").read_text())
     tensors = read_fp32_tensors(ckpt)
-    target, _ = reference_model(ckpt)
+    target, _ = transformers_text_model(ckpt)
     n = config["num_hidden_layers"]
     pre_norm = []
     handle = target.layers[n - 1].register_forward_hook(lambda mod, args, out: pre_norm.append(out))
