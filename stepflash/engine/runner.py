@@ -13,7 +13,7 @@ import torch
 from stepflash.config import ModelConfig
 from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy
 from stepflash.engine.scheduler import ScheduledSeq, SchedulerOutput
-from stepflash.model.attention import masked_attention
+from stepflash.model.attention import attention, attention_mask
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 
 
@@ -24,12 +24,15 @@ def kv_bytes_per_block(cfg: ModelConfig, layer_ids: list[int], block_size: int, 
 
 @dataclass
 class Group:
-    """Sequences attended together: query rows [B, Q] of the flat batch (padded with row 0)."""
+    """Sequences attended together: query rows [B, Q] of the flat batch, padded with each sequence's
+    first row. Per layer kind, the cache slots [B, K] its queries read and the mask (None when every
+    gathered key is visible to every query, as for unpadded decodes)."""
 
-    rows: torch.Tensor
-    q_pos: torch.Tensor  # [B, Q]
-    q_valid: torch.Tensor  # [B, Q]
-    keys: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # kind -> (slots, positions, valid) [B, K]
+    rows: torch.Tensor | slice  # a slice when the rows are a contiguous, unpadded run
+    shape: tuple[int, int]  # (B, Q)
+    valid_rows: torch.Tensor | slice  # flat rows of the real (unpadded) queries
+    q_valid: torch.Tensor | None  # [B, Q], None when nothing is padded
+    keys: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
 
 
 class PagedContext:
@@ -45,9 +48,9 @@ class PagedContext:
         v_cache[self.slots[kind]] = v
         out = torch.empty_like(q)
         for g in self.groups:
-            slots, k_pos, k_valid = g.keys[kind]
-            o = masked_attention(q[g.rows], k_cache[slots], v_cache[slots], g.q_pos, k_pos, window, k_valid)
-            out[g.rows[g.q_valid]] = o[g.q_valid]
+            slots, mask = g.keys[kind]
+            o = attention(q[g.rows].view(*g.shape, *q.shape[1:]), k_cache[slots], v_cache[slots], mask)
+            out[g.valid_rows] = o.flatten(0, 1) if g.q_valid is None else o[g.q_valid]
         return out
 
 
@@ -106,24 +109,36 @@ class ModelRunner:
         return t(ids), t(positions), ctx
 
     def _group(self, members: list[tuple[int, ScheduledSeq]]) -> Group:
-        """Padded query rows and, per layer kind, the key slots each query may read."""
+        """Padded query rows and, per layer kind, the key slots each query may read and its mask.
+        Built once per step and shared by every layer of a kind."""
         t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         row0 = t([r for r, _ in members])[:, None]
         num_new = t([s.num_new for _, s in members])[:, None]
         start = t([s.seq.num_computed for _, s in members])[:, None]
         end = start + num_new
-        q_offsets = torch.arange(int(num_new.max()), device=self.device)[None, :]
+        q_len = max(s.num_new for _, s in members)
+        q_offsets = torch.arange(q_len, device=self.device)[None, :]
+        padded = any(s.num_new != q_len for _, s in members)
         q_valid = q_offsets < num_new
+        q_pos = start + torch.where(q_valid, q_offsets, 0)
         keys = {}
         for kind in self.kinds:
-            lo = start * 0 if kind == FULL else (start - self.window + 1).clamp(min=0)
+            lo = torch.zeros_like(start) if kind == FULL else (start - self.window + 1).clamp(min=0)
             k_pos = lo + torch.arange(int((end - lo).max()), device=self.device)[None, :]
             k_valid = k_pos < end
             k_pos = torch.where(k_valid, k_pos, lo)
             tables = [s.seq.blocks.table(kind) for _, s in members]
             width = max(len(x) for x in tables)
             table = t([x + [0] * (width - len(x)) for x in tables]).clamp(min=0)  # NO_BLOCK never read
-            k_slots = table.gather(1, k_pos // self.block_size) * self.block_size + k_pos % self.block_size
-            keys[kind] = (k_slots, k_pos, k_valid)
+            slots = table.gather(1, k_pos // self.block_size) * self.block_size + k_pos % self.block_size
+            # one query per sequence over exactly its window/context: every valid key is visible
+            needs_mask = q_len > 1 or not bool(k_valid.all())
+            keys[kind] = (slots, attention_mask(q_pos, k_pos, self.window if kind == SLIDING else None, k_valid)
+                          if needs_mask else None)
+        first = members[0][0]
+        contiguous = not padded and [r for r, _ in members] == list(range(first, first + q_len * len(members), q_len))
+        if contiguous:
+            rows = slice(first, first + q_len * len(members))
+            return Group(rows, (len(members), q_len), rows, None, keys)
         rows = torch.where(q_valid, row0 + q_offsets, row0)
-        return Group(rows, start + torch.where(q_valid, q_offsets, 0), q_valid, keys)
+        return Group(rows, (len(members), q_len), rows[q_valid], q_valid, keys)

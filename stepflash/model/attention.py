@@ -38,23 +38,28 @@ class BatchLayout:
         for n in self.seq_lens:
             sl = slice(start, start + n)
             pos = positions[sl][None]
-            out[sl] = masked_attention(q[sl][None], k[sl][None], v[sl][None], pos, pos, window)[0]
+            out[sl] = attention(q[sl][None], k[sl][None], v[sl][None], attention_mask(pos, pos, window))[0]
             start += n
         return out
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                     window: int | None, k_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention for B padded sequences: q [B, Q, h, d], k/v [B, K, kvh, d], positions
-    [B, Q] / [B, K]. A query sees keys at positions <= its own, and with a window only those with
-    q_pos - k_pos < window (512 keys for window 512, the current token included)."""
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+                   k_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, 1, Q, K] bool for positions [B, Q] / [B, K]: a query sees keys at positions <= its own,
+    and with a window only those with q_pos - k_pos < window (512 keys for window 512, the current
+    token included)."""
     allowed = k_pos[:, None, :] <= q_pos[:, :, None]
     if window is not None:
         allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
     if k_valid is not None:
         allowed &= k_valid[:, None, :]
+    return allowed[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention for B padded sequences: q [B, Q, h, d], k/v [B, K, kvh, d] (GQA) -> [B, Q, h, d]."""
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=allowed[:, None], enable_gqa=True)
+                                       attn_mask=mask, enable_gqa=True)
     return o.transpose(1, 2)
 
 
@@ -78,8 +83,7 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(h).view(t, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(h).view(t, self.num_kv_heads, self.head_dim))
         v = self.v_proj(h).view(t, self.num_kv_heads, self.head_dim)
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(torch.cat([q, k], dim=1), *rope).split([self.num_heads, self.num_kv_heads], dim=1)
         o = ctx.attend(self.layer, q, k, v, positions, self.window)
         o = o * torch.sigmoid(self.g_proj(h)).unsqueeze(-1)
         return self.o_proj(o.reshape(t, -1))

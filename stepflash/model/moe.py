@@ -58,7 +58,14 @@ class MoE(nn.Module):
         return ids, weights * self.scaling
 
     def experts(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Reference grouped computation: tokens sorted by expert, one matmul pair per selected expert."""
+        """Reference grouped computation: tokens sorted by expert, one matmul pair per selected expert.
+        A single token (decode at batch 1) skips the sorting."""
+        if h.shape[0] == 1:
+            out = None
+            for expert, w in zip(ids[0].tolist(), weights[0]):
+                y = self._expert(h, expert) * w
+                out = y if out is None else out + y
+            return out.to(h.dtype)
         top_k = ids.shape[1]
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
@@ -70,9 +77,12 @@ class MoE(nn.Module):
             if count == 0:
                 continue
             rows = order[start : start + count]
-            x = h[token_of[start : start + count]]
-            a = swiglu(x @ self.gate_proj.weight[expert].T, x @ self.up_proj.weight[expert].T, self.limit)
-            y = (a @ self.down_proj.weight[expert].T).float() * weights.flatten()[rows, None]
+            y = self._expert(h[token_of[start : start + count]], expert) * weights.flatten()[rows, None]
             out.index_add_(0, token_of[start : start + count], y)
             start += count
         return out.to(h.dtype)
+
+    def _expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """One expert's SwiGLU FFN on x [n, hidden] -> fp32 [n, hidden]."""
+        a = swiglu(F.linear(x, self.gate_proj.weight[expert]), F.linear(x, self.up_proj.weight[expert]), self.limit)
+        return F.linear(a, self.down_proj.weight[expert]).float()

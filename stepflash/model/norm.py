@@ -14,4 +14,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise in fp32: x * rsqrt(mean(x^2) + eps) * (1 + w), cast back to x's dtype."""
         scale = 1.0 + self.weight.float()
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, scale.shape, scale, self.eps)
         return F.rms_norm(x.float(), scale.shape, scale, self.eps).to(x.dtype)

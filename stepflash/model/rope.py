@@ -44,6 +44,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     rd = cos.shape[-1]
     rot, rest = x[..., :rd].float(), x[..., rd:]
     x1, x2 = rot[..., : rd // 2], rot[..., rd // 2 :]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    out = rot * cos[:, None, :] + rotated * sin[:, None, :]
+    out = rot * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
+    if rd == x.shape[-1]:
+        return out.to(x.dtype)
     return torch.cat((out.to(x.dtype), rest), dim=-1)

@@ -1,0 +1,153 @@
+"""CPU decode speed: stepflash vs transformers on the same checkpoint, in the same run.
+
+Peers: transformers `generate` (greedy) and a hand-written cached loop (DynamicCache, argmax), at
+batch 1 and with 32 concurrent requests (transformers: one batch of 32 equal-length prompts).
+Prints tokens/s, the ratio to each peer, achieved GFLOP/s (2 x active params per token) and GB/s
+of weights read; writes JSON to benchmarks/results/.
+
+    python benchmarks/cpu_decode.py [--model DIR] [--new-tokens 64] [--prompt-len 32]
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stepflash import LLM, SamplingParams
+from stepflash.model.step3p5 import active_weight_bytes
+from stepflash.testing import tiny_config, transformers_causal_lm, write_checkpoint
+
+
+def bench_config() -> dict:
+    """~27M parameters in the Step-3.5 layout: 8 layers (full at 0 and 4), 16 experts top-2."""
+    n, n_mtp = 8, 3
+    types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
+    return tiny_config(
+        vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=n, head_dim=64,
+        num_attention_heads=4, num_attention_groups=2,
+        attention_other_setting={"attention_type": "sliding_attention", "num_attention_heads": 6,
+                                 "num_attention_groups": 2, "head_dim": 64},
+        layer_types=types + ["sliding_attention"] * n_mtp, sliding_window=128,
+        rope_theta=[5e6 if t == "full_attention" else 1e4 for t in types] + [1e4] * n_mtp,
+        partial_rotary_factors=[0.5 if t == "full_attention" else 1.0 for t in types] + [1.0] * n_mtp,
+        rope_scaling=None, moe_num_experts=16, moe_top_k=2, moe_intermediate_size=256, share_expert_dim=256,
+        moe_layers_enum=",".join(str(i) for i in range(2, n)), swiglu_limits=[0.0] * n, swiglu_limits_shared=[0.0] * n,
+    )
+
+
+def prompts_from_text(llm: LLM, count: int, length: int) -> list[list[int]]:
+    """`count` distinct windows of real text (Python's own json/encoder.py), `length` tokens each."""
+    source = Path(json.__file__).with_name("encoder.py").read_text()
+    ids = llm.tokenizer.encode(source * 4)
+    vocab = llm.engine.model_config.vocab_size
+    ids = [t % vocab for t in ids]
+    stride = max(1, (len(ids) - length) // count)
+    return [ids[i * stride: i * stride + length] for i in range(count)]
+
+
+def time_stepflash(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
+    return elapsed
+
+
+@torch.inference_mode()
+def time_hf_generate(model, prompts: list[list[int]], new_tokens: int) -> float:
+    ids = torch.tensor(prompts)
+    model.generate(ids[:, :8], max_new_tokens=4, do_sample=False)  # warm-up
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return elapsed
+
+
+@torch.inference_mode()
+def time_hf_loop(model, prompts: list[list[int]], new_tokens: int) -> float:
+    """The leanest transformers decode: one prefill, then one cached forward per token."""
+    from transformers import DynamicCache
+
+    text_model, head = model.model.language_model, model.lm_head
+
+    def run(ids: torch.Tensor, steps: int) -> None:
+        cache = DynamicCache(config=text_model.config)
+        hidden = text_model(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+        for _ in range(steps - 1):
+            token = head(hidden[:, -1]).argmax(-1, keepdim=True)
+            hidden = text_model(input_ids=token, past_key_values=cache, use_cache=True).last_hidden_state
+
+    ids = torch.tensor(prompts)
+    run(ids[:, :8], 4)  # warm-up
+    start = time.perf_counter()
+    run(ids, new_tokens)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="hub-format checkpoint (default: a random ~27M bench model)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model) if args.model else write_checkpoint(Path(tempfile.mkdtemp()) / "bench", bench_config())
+    llm = LLM(str(model_dir), device="cpu", max_num_seqs=64, max_num_batched_tokens=2048)
+    hf = transformers_causal_lm(model_dir)
+    weight_bytes = active_weight_bytes(llm.engine.model)
+    active_params = weight_bytes / 4  # fp32
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        prompts = prompts_from_text(llm, batch, args.prompt_len)
+        tokens = batch * args.new_tokens
+        seconds = {"stepflash": time_stepflash(llm, prompts, args.new_tokens),
+                   "hf_generate": time_hf_generate(hf, prompts, args.new_tokens),
+                   "hf_cached_loop": time_hf_loop(hf, prompts, args.new_tokens)}
+        tps = {k: tokens / v for k, v in seconds.items()}
+        rows.append({
+            "batch": batch, "new_tokens_per_request": args.new_tokens, "prompt_len": args.prompt_len,
+            "tokens_per_s": tps,
+            "ratio_vs_hf_generate": tps["stepflash"] / tps["hf_generate"],
+            "ratio_vs_hf_cached_loop": tps["stepflash"] / tps["hf_cached_loop"],
+            "stepflash_gflops": 2 * active_params * tps["stepflash"] / 1e9,
+            "stepflash_weight_gbps": weight_bytes * tps["stepflash"] / batch / 1e9,
+        })
+    print(f"model: {model_dir}  active params/token: {active_params / 1e6:.1f}M  threads: {torch.get_num_threads()}")
+    print(f"{'batch':>5} {'stepflash':>10} {'hf generate':>12} {'hf loop':>9} {'x generate':>11} {'x loop':>7} "
+          f"{'GFLOP/s':>8} {'GB/s':>6}")
+    for r in rows:
+        t = r["tokens_per_s"]
+        print(f"{r['batch']:>5} {t['stepflash']:>10.1f} {t['hf_generate']:>12.1f} {t['hf_cached_loop']:>9.1f} "
+              f"{r['ratio_vs_hf_generate']:>11.2f} {r['ratio_vs_hf_cached_loop']:>7.2f} "
+              f"{r['stepflash_gflops']:>8.2f} {r['stepflash_weight_gbps']:>6.2f}")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    result = {
+        "benchmark": "cpu_decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": commit, "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                                      "cpus": torch.get_num_threads(), "torch": torch.__version__},
+        "model": str(model_dir) if args.model else "random bench_config()", "active_params": active_params,
+        "results": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"cpu_decode-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
