@@ -1,0 +1,360 @@
+"""Sampler: logit filters, penalties, greedy / seeded sampling, logprobs; SamplingParams validation."""
+
+import math
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stepflash.engine.sampler import Sampler, apply_penalties, filter_logits, top_logprobs
+from stepflash.engine.sequence import Sequence
+from stepflash.sampling import SamplingParams
+from stepflash.tokenizer import IncrementalDetokenizer, Tokenizer, write_byte_level_tokenizer
+
+EOS = 1
+MakeSeq = Callable[..., Sequence]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    path: Path = tmp_path_factory.mktemp("tokenizer")
+    write_byte_level_tokenizer(path, 320)
+    return Tokenizer.from_pretrained(path)
+
+
+@pytest.fixture
+def make_seq(tokenizer: Tokenizer) -> MakeSeq:
+    counter = iter(range(1 << 30))
+
+    def make(prompt: Seq[int], output: Seq[int] = (), params: SamplingParams | None = None,
+             seed: int = 0) -> Sequence:
+        seq_id = next(counter)
+        return Sequence(seq_id, f"req-{seq_id}", 0, [*prompt, *output], len(prompt), params or SamplingParams(),
+                        torch.Generator().manual_seed(seed), IncrementalDetokenizer(tokenizer))
+
+    return make
+
+
+def kept(logits: torch.Tensor) -> set[int]:
+    return set(torch.isfinite(logits).nonzero().flatten().tolist())
+
+
+def empirical(counts: list[int]) -> torch.Tensor:
+    c = torch.tensor(counts, dtype=torch.float64)
+    return c / c.sum()
+
+
+def tv(p: torch.Tensor, q: torch.Tensor) -> float:
+    return 0.5 * float((p.double() - q.double()).abs().sum())
+
+
+HAND = torch.tensor([0.15, 0.5, 0.05, 0.3])  # shuffled so position is not rank
+
+
+# -- filter_logits --------------------------------------------------------------------------------
+
+distinct_logits = st.lists(st.integers(-400, 400), min_size=2, max_size=24, unique=True).map(
+    lambda xs: torch.tensor(xs, dtype=torch.float32) / 40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits=distinct_logits, data=st.data())
+def test_top_k_keeps_exactly_the_k_largest(logits: torch.Tensor, data: st.DataObject) -> None:
+    k = data.draw(st.integers(1, logits.numel()))
+    out = filter_logits(logits, k, 1.0, 0.0)
+    assert kept(out) == set(logits.topk(k).indices.tolist())
+    mask = torch.isfinite(out)
+    assert torch.equal(out[mask], logits[mask])  # survivors untouched
+
+
+def test_top_k_ties_and_off() -> None:
+    logits = torch.tensor([1.0, 3.0, 3.0, 0.0, 3.0])
+    assert kept(filter_logits(logits, 2, 1.0, 0.0)) == {1, 2, 4}  # all tied at the k-th value
+    assert kept(filter_logits(logits, 1, 1.0, 0.0)) == {1, 2, 4}
+    assert kept(filter_logits(logits, 4, 1.0, 0.0)) == {0, 1, 2, 4}
+    for k in (-1, 5, 9):
+        assert torch.equal(filter_logits(logits, k, 1.0, 0.0), logits)
+
+
+@pytest.mark.parametrize("top_p, expected", [
+    (0.3, {1}), (0.5, {1}), (0.51, {1, 3}), (0.8, {1, 3}), (0.81, {1, 3, 0}), (0.95, {1, 3, 0}),
+    (0.96, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3}),
+])
+def test_top_p_keeps_smallest_prefix_reaching_p(top_p: float, expected: set[int]) -> None:
+    out = filter_logits(HAND.log(), -1, top_p, 0.0)
+    assert kept(out) == expected
+    assert torch.equal(out[list(expected)], HAND.log()[list(expected)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits=distinct_logits, top_p=st.floats(0.01, 0.99))
+def test_top_p_nucleus_is_minimal(logits: torch.Tensor, top_p: float) -> None:
+    probs = logits.double().softmax(-1)
+    keep = kept(filter_logits(logits, -1, top_p, 0.0))
+    order = probs.argsort(descending=True).tolist()
+    assert keep == set(order[:len(keep)]), "the nucleus is a prefix of the sorted distribution"
+    mass = float(probs[list(keep)].sum())
+    smallest = float(probs[order[len(keep) - 1]])
+    assert mass >= top_p - 1e-5, "the nucleus reaches top_p"
+    assert mass - smallest < top_p + 1e-5, "without its smallest member it would not"
+
+
+@pytest.mark.parametrize("min_p, expected", [
+    (0.0, {0, 1, 2, 3}), (0.05, {0, 1, 2, 3}), (0.2, {0, 1, 3}), (0.59, {1, 3}), (0.61, {1}), (1.0, {1}),
+])
+def test_min_p_masks_below_fraction_of_max(min_p: float, expected: set[int]) -> None:
+    assert kept(filter_logits(HAND.log(), -1, 1.0, min_p)) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits=distinct_logits, min_p=st.floats(0.0, 1.0))
+def test_min_p_property(logits: torch.Tensor, min_p: float) -> None:
+    probs = logits.double().softmax(-1)
+    threshold = min_p * float(probs.max())
+    keep = kept(filter_logits(logits, -1, 1.0, min_p))
+    for i, p in enumerate(probs.tolist()):
+        if abs(p - threshold) > 1e-6 * max(1.0, threshold):
+            assert (i in keep) == (p > threshold)
+    assert int(probs.argmax()) in keep
+
+
+def test_filter_does_not_modify_its_input() -> None:
+    logits = HAND.log()
+    before = logits.clone()
+    filter_logits(logits, 2, 0.5, 0.5)
+    assert torch.equal(logits, before)
+
+
+# -- apply_penalties ----------------------------------------------------------------------------
+
+def test_repetition_penalty_on_seen_tokens_only(make_seq: MakeSeq) -> None:
+    logits = torch.tensor([[2.0, -2.0, 4.0, -1.0, 0.0, 3.0, -3.0, 1.0]])
+    seq = make_seq([0, 1, 0], [4, 6, 6], SamplingParams(repetition_penalty=2.0))  # seen: 0, 1, 4, 6
+    out = apply_penalties(logits.clone(), [seq])
+    expected = torch.tensor([[1.0, -4.0, 4.0, -1.0, 0.0, 3.0, -6.0, 1.0]])  # once per token, however often
+    assert torch.equal(out, expected)
+
+
+def test_repetition_penalty_below_one_boosts(make_seq: MakeSeq) -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = apply_penalties(logits.clone(), [make_seq([0, 1], [], SamplingParams(repetition_penalty=0.5))])
+    assert torch.equal(out, torch.tensor([[4.0, -1.0, 1.0]]))
+
+
+def test_presence_and_frequency_count_output_tokens(make_seq: MakeSeq) -> None:
+    logits = torch.zeros(1, 8)
+    params = SamplingParams(presence_penalty=0.25, frequency_penalty=0.5)
+    seq = make_seq([3, 7, 7], [3, 3, 3, 5], params)  # prompt tokens are not counted
+    out = apply_penalties(logits.clone(), [seq])
+    expected = torch.zeros(1, 8)
+    expected[0, 3] = -(0.5 * 3 + 0.25)
+    expected[0, 5] = -(0.5 * 1 + 0.25)
+    assert torch.allclose(out, expected)
+
+
+def test_negative_presence_and_frequency_reward(make_seq: MakeSeq) -> None:
+    seq = make_seq([0], [2, 2], SamplingParams(presence_penalty=-1.0, frequency_penalty=-0.5))
+    out = apply_penalties(torch.zeros(1, 4), [seq])
+    assert torch.allclose(out, torch.tensor([[0.0, 0.0, 2.0, 0.0]]))
+
+
+def test_penalties_per_row_and_default_noop(make_seq: MakeSeq) -> None:
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    seqs = [make_seq([1, 2], [3], SamplingParams()),
+            make_seq([1, 2], [3], SamplingParams(repetition_penalty=1.5, frequency_penalty=1.0)),
+            make_seq([4], [5, 5], SamplingParams(presence_penalty=2.0))]
+    out = apply_penalties(logits.clone(), seqs)
+    assert torch.equal(out[0], logits[0])
+    changed = lambda row: set((out[row] != logits[row]).nonzero().flatten().tolist())  # noqa: E731
+    assert changed(1) == {1, 2, 3}
+    assert changed(2) == {5}
+    assert torch.allclose(out[2, 5], logits[2, 5] - 2.0)
+
+
+# -- Sampler --------------------------------------------------------------------------------------
+
+def test_greedy_is_argmax_after_penalties(make_seq: MakeSeq) -> None:
+    sampler = Sampler([EOS])
+    logits = torch.tensor([[3.0, 0.0, 2.9, 1.0, -1.0]])
+    plain = make_seq([4], [], SamplingParams(temperature=0.0))
+    penalized = make_seq([0], [], SamplingParams(temperature=0.0, repetition_penalty=1.2))
+    state = penalized.generator.get_state()
+    tokens, logprobs = sampler(logits.repeat(2, 1), [plain, penalized])
+    assert tokens == [0, 2] and logprobs == [None, None]
+    assert torch.equal(penalized.generator.get_state(), state), "greedy draws no random numbers"
+
+
+def test_sampler_does_not_modify_logits(make_seq: MakeSeq) -> None:
+    logits = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
+    before = logits.clone()
+    params = SamplingParams(temperature=0.7, top_k=4, repetition_penalty=1.3, presence_penalty=1.0, min_tokens=2)
+    Sampler([EOS])(logits, [make_seq([2, 3], [4], params, seed=1), make_seq([5], [], params, seed=2)])
+    assert torch.equal(logits, before)
+
+
+def _run(sampler: Sampler, target: Sequence, others: list[Sequence], steps: int, position: int,
+         vocab: int) -> list[int]:
+    """`steps` decode steps of `target` at `position` in a batch with `others`; tokens appended."""
+    logit_rng = torch.Generator().manual_seed(99)  # the target's logits are the same in every run
+    other_rng = torch.Generator().manual_seed(position + len(others))  # the others' differ per run
+    out = []
+    for _ in range(steps):
+        target_logits = torch.randn(vocab, generator=logit_rng) * 2
+        rows = [torch.randn(vocab, generator=other_rng) * 3 for _ in others]
+        rows.insert(position, target_logits)
+        batch = [*others]
+        batch.insert(position, target)
+        tokens, _ = sampler(torch.stack(rows), batch)
+        for seq, token in zip(batch, tokens):
+            seq.token_ids.append(token)
+        out.append(tokens[position])
+    return out
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(make_seq: MakeSeq) -> None:
+    sampler, vocab = Sampler([EOS]), 64
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
+    alone = _run(sampler, make_seq([2], [], params, seed=1234), [], 20, 0, vocab)
+    again = _run(sampler, make_seq([2], [], params, seed=1234), [], 20, 0, vocab)
+    assert alone == again
+    others = [make_seq([2], [], SamplingParams(temperature=t, top_k=k, repetition_penalty=r), seed=s)
+              for t, k, r, s in [(1.0, -1, 1.0, 1), (0.0, -1, 1.0, 2), (0.5, 5, 1.3, 3), (1.5, -1, 1.0, 1234),
+                                 (0.8, 10, 1.0, 5)]]
+    in_batch = _run(sampler, make_seq([2], [], params, seed=1234), others, 20, 3, vocab)
+    assert in_batch == alone
+    other_seed = _run(sampler, make_seq([2], [], params, seed=4321), [], 20, 0, vocab)
+    assert other_seed != alone
+
+
+def _sample_counts(make_seq: MakeSeq, logits: torch.Tensor, params: SamplingParams, n: int, seed: int) -> list[int]:
+    sampler, seq = Sampler([EOS]), make_seq([0], [], params, seed=seed)
+    counts = [0] * logits.numel()
+    for _ in range(n):
+        tokens, _ = sampler(logits[None], [seq])
+        counts[tokens[0]] += 1
+    return counts
+
+
+LOGITS = torch.tensor([1.0, 0.0, 2.0, -1.0, 0.5, 1.5, -0.5, 0.2])
+
+
+def test_sampling_matches_softmax(make_seq: MakeSeq) -> None:
+    counts = _sample_counts(make_seq, LOGITS, SamplingParams(temperature=1.0), 4000, seed=7)
+    assert tv(empirical(counts), LOGITS.softmax(-1)) < 0.05
+    assert tv(empirical(counts), (LOGITS / 0.5).softmax(-1)) > 0.1  # the check can tell them apart
+
+
+def test_lower_temperature_sharpens(make_seq: MakeSeq) -> None:
+    cold = empirical(_sample_counts(make_seq, LOGITS, SamplingParams(temperature=0.5), 4000, seed=8))
+    warm = empirical(_sample_counts(make_seq, LOGITS, SamplingParams(temperature=1.0), 4000, seed=8))
+    assert tv(cold, (LOGITS / 0.5).softmax(-1)) < 0.05
+    top = int(LOGITS.argmax())
+    assert cold[top] > warm[top] + 0.1
+    entropy = lambda p: -float((p[p > 0] * p[p > 0].log()).sum())  # noqa: E731
+    assert entropy(cold) < entropy(warm)
+
+
+def test_sampling_respects_filters(make_seq: MakeSeq) -> None:
+    top3 = set(LOGITS.topk(3).indices.tolist())
+    counts = _sample_counts(make_seq, LOGITS, SamplingParams(top_k=3), 600, seed=9)
+    assert {i for i, c in enumerate(counts) if c} == top3
+    probs = LOGITS.softmax(-1)
+    counts = _sample_counts(make_seq, LOGITS, SamplingParams(min_p=0.5), 600, seed=10)
+    assert {i for i, c in enumerate(counts) if c} == set((probs >= 0.5 * probs.max()).nonzero().flatten().tolist())
+    order = probs.argsort(descending=True).tolist()
+    assert float(probs[order[0]]) < 0.5 < float(probs[order[:2]].sum())
+    counts = _sample_counts(make_seq, LOGITS, SamplingParams(top_p=0.5), 600, seed=11)
+    assert {i for i, c in enumerate(counts) if c} == set(order[:2])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_min_tokens_bans_eos_and_stop_tokens(make_seq: MakeSeq, temperature: float) -> None:
+    sampler = Sampler([EOS])
+    logits = torch.zeros(1, 10)
+    logits[0, EOS], logits[0, 7], logits[0, 4] = 50.0, 40.0, 5.0
+    params = SamplingParams(temperature=temperature, min_tokens=3, stop_token_ids=[7], seed=0)
+    seq = make_seq([2, 3], [], params)
+    produced = []
+    for _ in range(3):
+        (token,), _ = sampler(logits.clone(), [seq])
+        assert token not in (EOS, 7)
+        produced.append(token)
+        seq.token_ids.append(token)
+    if temperature == 0.0:
+        assert produced == [4, 4, 4]
+    (token,), _ = sampler(logits.clone(), [seq])
+    assert token == EOS  # min_tokens reached
+
+
+def test_logprobs_are_raw_log_softmax(make_seq: MakeSeq) -> None:
+    sampler = Sampler([EOS])
+    logits = torch.tensor([[4.0, 3.5, 1.0, 0.0, -1.0, 2.0]])
+    raw = logits.log_softmax(-1)[0]
+    # the penalty moves the greedy choice to token 1, outside the raw top-1
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0, logprobs=1)
+    (token,), (lp,) = sampler(logits.clone(), [make_seq([0], [], params)])
+    assert token == 1
+    assert lp is not None and set(lp) == {0, 1}
+    for i, v in lp.items():
+        assert v == pytest.approx(float(raw[i]), abs=1e-6)
+
+    params = SamplingParams(temperature=0.3, presence_penalty=2.0, logprobs=3, seed=5)
+    (token,), (lp,) = sampler(logits.clone(), [make_seq([0], [0, 5], params, seed=5)])
+    assert lp is not None
+    assert set(lp) == {0, 1, 5} | {token}
+    for i, v in lp.items():
+        assert v == pytest.approx(float(raw[i]), abs=1e-6)
+
+    (token,), (lp,) = sampler(logits.clone(), [make_seq([0], [], SamplingParams(temperature=0.0, logprobs=0))])
+    assert lp == pytest.approx({0: float(raw[0])})
+
+
+def test_top_logprobs_includes_chosen() -> None:
+    lp = torch.tensor([-0.5, -1.0, -3.0, -2.0]).log_softmax(-1)
+    result = top_logprobs(lp, 2, 2)
+    assert list(result)[:2] == [0, 1] and set(result) == {0, 1, 2}
+    assert result[2] == pytest.approx(float(lp[2]))
+    assert top_logprobs(lp, 2, 0) == pytest.approx({0: float(lp[0]), 1: float(lp[1])})
+
+
+# -- SamplingParams -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"n": 0}, "n"),
+    ({"temperature": -1}, "temperature"),
+    ({"temperature": math.nan}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": 0}, "top_k"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_p": 2}, "min_p"),
+    ({"min_p": -0.1}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"stop": [""]}, "stop"),
+    ({"stop": ""}, "stop"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"seed": "x"}, "seed"),
+])
+def test_invalid_sampling_params_raise(kwargs: dict[str, object], name: str) -> None:
+    with pytest.raises(ValueError, match=rf"\b{name} must"):
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_valid_sampling_params() -> None:
+    p = SamplingParams(n=2, temperature=0.0, top_p=1.0, top_k=-1, min_p=1.0, repetition_penalty=0.5,
+                       presence_penalty=-2, frequency_penalty=2, seed=0, max_tokens=None, min_tokens=3,
+                       stop="x", logprobs=20, prompt_logprobs=0)
+    assert p.greedy and p.stop_strings == ["x"] and p.stop_token_ids == []
+    assert not SamplingParams(temperature=0.1).greedy
