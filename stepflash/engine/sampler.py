@@ -56,20 +56,30 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [B, V] fp32, one row per sequence -> (tokens, logprobs dict or None per row)."""
-        raw_logprobs = logits.log_softmax(-1)
-        logits = apply_penalties(logits.clone(), seqs)
+        raw_logprobs = logits.log_softmax(-1) if any(s.params.logprobs is not None for s in seqs) else None
+        logits = self._processed(logits, seqs)
+        greedy = logits.argmax(-1).tolist()  # one op for all rows; sampled rows are redone below
         tokens, logprobs = [], []
         for row, seq in enumerate(seqs):
-            p, row_logits = seq.params, logits[row]
-            if seq.num_output_tokens < p.min_tokens:
-                banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
-                row_logits[banned] = float("-inf")
-            if p.greedy:
-                token = int(row_logits.argmax())
-            else:
-                row_logits = filter_logits(row_logits / p.temperature, p.top_k, p.top_p, p.min_p)
+            p = seq.params
+            token = greedy[row]
+            if not p.greedy:
+                row_logits = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p, p.min_p)
                 noise = torch.empty_like(row_logits).exponential_(generator=seq.generator)
                 token = int((row_logits.softmax(-1) / noise).argmax())
             tokens.append(token)
             logprobs.append(None if p.logprobs is None else top_logprobs(raw_logprobs[row], p.logprobs, token))
         return tokens, logprobs
+
+    def _processed(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Penalties, and stop tokens banned until min_tokens; a copy only when something applies."""
+        banned = {row: s.params.stop_token_ids + ([] if s.params.ignore_eos else self.eos_token_ids)
+                  for row, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens}
+        penalised = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+                        for s in seqs)
+        if not banned and not penalised:
+            return logits
+        logits = apply_penalties(logits.clone(), seqs) if penalised else logits.clone()
+        for row, ids in banned.items():
+            logits[row, ids] = float("-inf")
+        return logits
