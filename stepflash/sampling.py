@@ -1,5 +1,6 @@
 """SamplingParams: what a request asks of the sampler, validated when it is made."""
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -45,10 +46,10 @@ class SamplingParams:
 
     def _validate(self) -> None:
         checks = [
-            (isinstance(self.n, int) and self.n >= 1, "n must be an integer >= 1"),
+            (_int(self.n) and self.n >= 1, "n must be an integer >= 1"),
             (_number(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
             (_number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
+            (_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
              "top_k must be -1 (off) or an integer >= 1"),
             (_number(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
@@ -56,17 +57,17 @@ class SamplingParams:
              "presence_penalty must be in [-2, 2]"),
             (_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              "frequency_penalty must be in [-2, 2]"),
-            (self.seed is None or isinstance(self.seed, int), "seed must be an integer"),
-            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            (self.seed is None or _int(self.seed), "seed must be an integer"),
+            (self.max_tokens is None or (_int(self.max_tokens) and self.max_tokens >= 1),
              "max_tokens must be an integer >= 1"),
-            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
+            (_int(self.min_tokens) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
              "min_tokens must be in [0, max_tokens]"),
             (all(isinstance(s, str) and s for s in self.stop_strings), "stop must be non-empty strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            (all(_int(t) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+            (self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20),
              "logprobs must be in [0, 20]"),
-            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+            (self.prompt_logprobs is None or (_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
              "prompt_logprobs must be in [0, 20]"),
         ]
         for ok, message in checks:
@@ -75,4 +76,9 @@ class SamplingParams:
 
 
 def _number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+    """A finite int or float (not a bool, NaN or infinity)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -358,3 +358,11 @@ def test_valid_sampling_params() -> None:
                        stop="x", logprobs=20, prompt_logprobs=0)
     assert p.greedy and p.stop_strings == ["x"] and p.stop_token_ids == []
     assert not SamplingParams(temperature=0.1).greedy
+
+
+@pytest.mark.parametrize("kwargs, name", [({"n": True}, "n"), ({"seed": True}, "seed"),
+                                          ({"temperature": float("inf")}, "temperature"),
+                                          ({"max_tokens": 2.0}, "max_tokens")])
+def test_sampling_params_reject_bools_and_infinities(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**kwargs)
