@@ -239,7 +239,10 @@ class LLMEngine:
             request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
         self._record_prompt_logprobs(logits[len(rows):], prompt_rows)
         seqs, seq_rows = self._fork_pending(sample_seqs)
-        tokens, logprobs = self.sampler(logits[seq_rows], seqs)
+        sample_logits = logits[: len(rows)]
+        if seq_rows != list(range(len(rows))):  # forked siblings sample from their parent's row
+            sample_logits = sample_logits.index_select(0, torch.tensor(seq_rows, device=logits.device))
+        tokens, logprobs = self.sampler(sample_logits, seqs)
         now = time.monotonic()
         for seq, token, lp in zip(seqs, tokens, logprobs):
             self._append_token(seq, token, lp, now)

@@ -44,12 +44,16 @@ class PagedContext:
                window: int | None) -> torch.Tensor:
         kind = self.kind_of[layer]
         k_cache, v_cache = (c.flatten(0, 1) for c in self.caches[layer])  # [blocks * block_size, kvh, d]
-        k_cache[self.slots[kind]] = k
-        v_cache[self.slots[kind]] = v
+        k_cache.index_copy_(0, self.slots[kind], k)
+        v_cache.index_copy_(0, self.slots[kind], v)
         out = torch.empty_like(q)
         for g in self.groups:
             slots, mask = g.keys[kind]
-            o = attention(q[g.rows].view(*g.shape, *q.shape[1:]), k_cache[slots], v_cache[slots], mask)
+            # index_select: several times faster on CPU than advanced indexing for these row gathers
+            keys, values = (c.index_select(0, slots.flatten()).view(*slots.shape, *c.shape[1:])
+                            for c in (k_cache, v_cache))
+            queries = q[g.rows] if isinstance(g.rows, slice) else q.index_select(0, g.rows.flatten())
+            o = attention(queries.view(*g.shape, *q.shape[1:]), keys, values, mask)
             out[g.valid_rows] = o.flatten(0, 1) if g.q_valid is None else o[g.q_valid]
         return out
 
@@ -76,7 +80,8 @@ class ModelRunner:
         self._copy_blocks(sched.copies)
         ids, positions, ctx = self._prepare(sched)
         hidden = self.model(ids, positions, ctx)
-        return self.model.compute_logits(hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)])
+        return self.model.compute_logits(hidden.index_select(0, torch.tensor(logit_rows, dtype=torch.long,
+                                                                              device=self.device)))
 
     def _copy_blocks(self, copies: list[BlockCopy]) -> None:
         for c in copies:
