@@ -12,6 +12,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     if args.threads:
@@ -113,9 +115,15 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = prompts_from_text(llm, batch, args.prompt_len)
         tokens = batch * args.new_tokens
-        seconds = {"stepflash": time_stepflash(llm, prompts, args.new_tokens),
-                   "hf_generate": time_hf_generate(hf, prompts, args.new_tokens),
-                   "hf_cached_loop": time_hf_loop(hf, prompts, args.new_tokens)}
+        runs = {"stepflash": lambda: time_stepflash(llm, prompts, args.new_tokens),
+                "hf_generate": lambda: time_hf_generate(hf, prompts, args.new_tokens),
+                "hf_cached_loop": lambda: time_hf_loop(hf, prompts, args.new_tokens)}
+        # interleaved repeats, median each: this machine is shared and noisy
+        samples = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                samples[name].append(run())
+        seconds = {name: statistics.median(v) for name, v in samples.items()}
         tps = {k: tokens / v for k, v in seconds.items()}
         rows.append({
             "batch": batch, "new_tokens_per_request": args.new_tokens, "prompt_len": args.prompt_len,
@@ -140,11 +148,13 @@ def main() -> None:
         "commit": commit, "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                       "cpus": torch.get_num_threads(), "torch": torch.__version__},
         "model": str(model_dir) if args.model else "random bench_config()", "active_params": active_params,
+        "threads": torch.get_num_threads(), "repeats": args.repeats,
         "results": rows,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"cpu_decode-{datetime.date.today().isoformat()}.json"
+    name = Path(args.model).name if args.model else "bench27m"
+    path = out / f"cpu_decode-{name}-t{torch.get_num_threads()}-{datetime.date.today().isoformat()}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
 
