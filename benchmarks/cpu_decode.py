@@ -94,6 +94,30 @@ def time_hf_loop(model, prompts: list[list[int]], new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
+@torch.inference_mode()
+def matmul_floor_seconds(model) -> float:
+    """Seconds for one batch-1 token's weight matmuls alone (every linear of the decoder and head,
+    top_k experts per MoE layer), with this machine's BLAS: no engine can decode faster in fp32."""
+    from stepflash.model.moe import MoE
+
+    weights = [m.weight for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not name.startswith("mtp.")]
+    for m in model.modules():
+        if isinstance(m, MoE):
+            weights += [stack.weight[e] for stack in (m.gate_proj, m.up_proj, m.down_proj)
+                        for e in range(model.config.moe_top_k)]
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+
+    def one_token() -> float:
+        start = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(xs[w.shape[1]], w)
+        return time.perf_counter() - start
+
+    one_token()
+    return statistics.median(one_token() for _ in range(20))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="hub-format checkpoint (default: a random ~27M bench model)")
@@ -111,6 +135,7 @@ def main() -> None:
     hf = transformers_causal_lm(model_dir)
     weight_bytes = active_weight_bytes(llm.engine.model)
     active_params = weight_bytes / 4  # fp32
+    ceiling = 1 / matmul_floor_seconds(llm.engine.model)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = prompts_from_text(llm, batch, args.prompt_len)
@@ -133,7 +158,13 @@ def main() -> None:
             "stepflash_gflops": 2 * active_params * tps["stepflash"] / 1e9,
             "stepflash_weight_gbps": weight_bytes * tps["stepflash"] / batch / 1e9,
         })
+        if batch == 1:
+            rows[-1]["matmul_ceiling_tokens_per_s"] = ceiling
+            rows[-1]["ceiling_ratio_vs_hf_generate"] = ceiling / tps["hf_generate"]
     print(f"model: {model_dir}  active params/token: {active_params / 1e6:.1f}M  threads: {torch.get_num_threads()}")
+    print(f"batch-1 ceiling from the weight matmuls alone: {ceiling:.1f} tokens/s "
+          f"({weight_bytes * ceiling / 1e9:.1f} GB/s), i.e. at most {rows[0].get('ceiling_ratio_vs_hf_generate', 0):.2f}x "
+          "transformers generate for any engine using this BLAS in fp32")
     print(f"{'batch':>5} {'stepflash':>10} {'hf generate':>12} {'hf loop':>9} {'x generate':>11} {'x loop':>7} "
           f"{'GFLOP/s':>8} {'GB/s':>6}")
     for r in rows:
