@@ -344,7 +344,7 @@ def test_prefix_hit_after_free_reattaches_window_only() -> None:
     tokens = list(range(14))
     a = run(kv, tokens)
     assert a.sliding[:2] == [NO_BLOCK, NO_BLOCK] and NO_BLOCK not in a.sliding[2:]  # released at commit
-    full, sliding = list(a.full), list(a.sliding)
+    full = list(a.full)
     kv.free(a)
     sliding_pool = kv.pools[SLIDING]
     # released sliding blocks keep their hash: a later prompt can still use them

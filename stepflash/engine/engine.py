@@ -9,7 +9,7 @@ import itertools
 import math
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,7 +69,6 @@ class Request:
 class KVPlan:
     num_blocks: dict[str, int]
     max_model_len: int
-    bytes_per_block: dict[str, int] = field(default_factory=dict)
 
 
 def plan_kv_cache(cfg: ModelConfig, layer_ids: list[int], ec: EngineConfig, dtype: torch.dtype,
@@ -86,7 +85,7 @@ def plan_kv_cache(cfg: ModelConfig, layer_ids: list[int], ec: EngineConfig, dtyp
         sliding = ec.max_num_seqs * per_seq + math.ceil(ec.max_num_batched_tokens / bs)
     wanted_len = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     if not by_kind[FULL]:
-        return KVPlan({FULL: 0, SLIDING: sliding}, wanted_len, bpb)
+        return KVPlan({FULL: 0, SLIDING: sliding}, wanted_len)
     full = (budget - sliding * bpb[SLIDING]) // bpb[FULL]
     capacity = (full - 1) * bs  # tokens one sequence can hold (a block of slack for copy-on-write)
     if capacity < wanted_len:
@@ -96,7 +95,7 @@ def plan_kv_cache(cfg: ModelConfig, layer_ids: list[int], ec: EngineConfig, dtyp
                              f"max_model_len={wanted_len} needs about {need} bytes (sliding windows for "
                              f"max_num_seqs={ec.max_num_seqs} included)")
         wanted_len = capacity
-    return KVPlan({FULL: full, SLIDING: sliding}, wanted_len, bpb)
+    return KVPlan({FULL: full, SLIDING: sliding}, wanted_len)
 
 
 def default_kv_budget(device: torch.device, cfg: ModelConfig, layer_ids: list[int], ec: EngineConfig,
@@ -107,9 +106,12 @@ def default_kv_budget(device: torch.device, cfg: ModelConfig, layer_ids: list[in
         return int(torch.cuda.mem_get_info(device)[0] * 0.9)
     length = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     full_ids = [i for i in layer_ids if not cfg.layers[i].sliding_window]
-    want = (ec.max_num_seqs * (math.ceil(length / ec.block_size) + 1)) * kv_bytes_per_block(
-        cfg, full_ids, ec.block_size, dtype) + kv_bytes_per_block(cfg, layer_ids, ec.block_size, dtype) * (
-        ec.max_num_seqs * (math.ceil(cfg.sliding_window / ec.block_size) + 2) + ec.max_num_batched_tokens)
+    sliding_ids = [i for i in layer_ids if cfg.layers[i].sliding_window]
+    full_blocks = ec.max_num_seqs * (math.ceil(length / ec.block_size) + 1)
+    sliding_blocks = ec.max_num_seqs * (math.ceil(cfg.sliding_window / ec.block_size) + 2) + math.ceil(
+        ec.max_num_batched_tokens / ec.block_size)
+    want = (full_blocks * kv_bytes_per_block(cfg, full_ids, ec.block_size, dtype)
+            + sliding_blocks * kv_bytes_per_block(cfg, sliding_ids, ec.block_size, dtype))
     return min(want, _available_memory() // 4)
 
 
