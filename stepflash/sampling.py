@@ -33,6 +33,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -67,6 +68,8 @@ class SamplingParams:
              "stop_token_ids must be non-negative integers"),
             (self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20),
              "logprobs must be in [0, 20]"),
+            (all(_int(t) and t >= 0 and _number(b) for t, b in (self.logit_bias or {}).items()),
+             "logit_bias must map token ids to finite numbers"),
             (self.prompt_logprobs is None or (_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
              "prompt_logprobs must be in [0, 20]"),
         ]

@@ -131,3 +131,10 @@ def test_chat_renders_the_template(llm):
     expected = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages))
     assert out.prompt_token_ids == expected
     assert out.metrics.ttft is not None and out.metrics.ttft >= 0
+
+
+def test_logit_bias_forces_a_token(llm):
+    out = llm.generate([PROMPT], greedy(max_tokens=5, logit_bias={123: 100.0}))[0].outputs[0]
+    assert out.token_ids == [123] * 5
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([PROMPT], greedy(logit_bias={10**6: 1.0}))

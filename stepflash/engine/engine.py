@@ -171,9 +171,10 @@ class LLMEngine:
                              f"max_model_len ({self.max_model_len})")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
-        bad = [t for t in params.stop_token_ids if t >= self.model_config.vocab_size]
+        bad = [t for t in params.stop_token_ids + list(params.logit_bias or {}) if t >= self.model_config.vocab_size]
         if bad:
-            raise ValueError(f"stop_token_ids {bad} are outside the vocabulary (size {self.model_config.vocab_size})")
+            raise ValueError(f"token ids {bad} in stop_token_ids/logit_bias are outside the vocabulary "
+                             f"(size {self.model_config.vocab_size})")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
         request = Request(request_id, text, ids, params, [], RequestMetrics(time.monotonic()),
                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None,

@@ -72,14 +72,17 @@ class Sampler:
         return tokens, logprobs
 
     def _processed(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Penalties, and stop tokens banned until min_tokens; a copy only when something applies."""
+        """Penalties, logit bias, and stop tokens banned until min_tokens; a copy only when something applies."""
         banned = {row: s.params.stop_token_ids + ([] if s.params.ignore_eos else self.eos_token_ids)
                   for row, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens}
         penalised = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
                         for s in seqs)
-        if not banned and not penalised:
+        biased = {row: s.params.logit_bias for row, s in enumerate(seqs) if s.params.logit_bias}
+        if not banned and not penalised and not biased:
             return logits
         logits = apply_penalties(logits.clone(), seqs) if penalised else logits.clone()
+        for row, bias in biased.items():
+            logits[row, list(bias)] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
         for row, ids in banned.items():
             logits[row, ids] = float("-inf")
         return logits
