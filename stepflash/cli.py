@@ -87,6 +87,30 @@ def cmd_chat(args: argparse.Namespace) -> None:
                          "reasoning_content": reasoning.strip("\n")})
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """OpenAI-compatible server; binds 127.0.0.1 unless told otherwise."""
+    import logging
+
+    import uvicorn
+
+    from stepflash.engine.engine import AsyncLLMEngine
+    from stepflash.server.app import create_app
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    engine = LLMEngine(model_dir, EngineConfig(
+        device=args.device, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching))
+    api_key = args.api_key or os.environ.get("STEPFLASH_API_KEY")
+    app = create_app(AsyncLLMEngine(engine), args.served_model_name or model_dir.name, api_key, args.max_queue)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(f"stepflash: serving {model_dir} as {args.served_model_name or model_dir.name!r} on "
+          f"http://{args.host}:{args.port}/v1 (api key {'required' if api_key else 'off'})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepflash", description="Serve Step-3.5-Flash-class models fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     gen.set_defaults(func=cmd_generate)
     chat.set_defaults(func=cmd_chat)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("--model", help="hub-format model directory (default: the bundled model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require this bearer token on /v1 (or set STEPFLASH_API_KEY)")
+    serve.add_argument("--served-model-name", help="model id clients use (default: the directory name)")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    serve.add_argument("--kv-cache-bytes", type=int)
+    serve.add_argument("--max-num-seqs", type=int, default=64)
+    serve.add_argument("--max-model-len", type=int)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    serve.add_argument("--no-prefix-caching", action="store_true")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -374,7 +374,8 @@ class LLMEngine:
 
 
 class AsyncLLMEngine:
-    """asyncio front for the server: `generate` yields cumulative RequestOutputs until finished.
+    """asyncio front for the server: `add` validates and queues a request, `stream` yields its
+    cumulative RequestOutputs until finished (`generate` does both).
 
     Steps run in a worker thread; requests are added and aborted on the event loop between steps,
     so the engine's state is only ever touched by one thread at a time. A consumer that stops
@@ -389,16 +390,30 @@ class AsyncLLMEngine:
         self._loop_task: asyncio.Task | None = None
         self._ids = itertools.count()
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    def add(self, prompt: str | list[int], params: SamplingParams | None = None,
+            request_id: str | None = None) -> str:
+        """Validate (ValueError on bad input) and queue a request; returns its id."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.engine.make_request(request_id, prompt, params)  # bad input raises here
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        request = self.engine.make_request(request_id, prompt, params)
+        self._queues[request_id] = asyncio.Queue()
         self._pending.append(request)
         self._ensure_loop()
+        return request_id
+
+    @property
+    def num_active(self) -> int:
+        """Requests added and not yet fully streamed."""
+        return len(self._queues)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        async for out in self.stream(self.add(prompt, params, request_id)):
+            yield out
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        queue = self._queues[request_id]
         finished = False
         try:
             while not finished:
@@ -415,6 +430,10 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._aborts.add(request_id)
         self._ensure_loop()
+
+    def abort_all(self) -> None:
+        for request_id in list(self._queues):
+            self.abort(request_id)
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():

@@ -1,0 +1,369 @@
+"""OpenAI-compatible HTTP API over AsyncLLMEngine: /v1/models, /v1/completions, /v1/chat/completions,
+/health, /metrics.
+
+Bad input never reaches the engine: requests are validated (pydantic, SamplingParams, the engine's
+own checks) before anything is queued, and every error is answered in OpenAI's error format.
+A client that goes away mid-request has its request aborted at once, freeing its KV blocks.
+"""
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stepflash import __version__
+from stepflash.engine.engine import AsyncLLMEngine
+from stepflash.outputs import CompletionOutput, RequestOutput
+from stepflash.server.metrics import ServerMetrics
+from stepflash.server.parsers import Delta, StreamingParser, ToolCall, parse_output
+from stepflash.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+
+access_log = logging.getLogger("stepflash.access")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
+    metrics = ServerMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.abort_all()  # shutdown: end every open stream cleanly
+
+    app = FastAPI(title="stepflash", version=__version__, lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return ApiError(400, f"{where or 'request'}: {first.get('msg', 'invalid request')}", param=where or None
+                        ).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return ApiError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logging.getLogger("stepflash.server").exception("unhandled error")
+        return ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
+
+    @app.middleware("http")
+    async def log_requests(request: Request, call_next):  # noqa: ANN001, ANN202
+        start = time.monotonic()
+        response = await call_next(request)
+        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        access_log.info(json.dumps({"method": request.method, "path": request.url.path,
+                                    "status": response.status_code, "ms": round((time.monotonic() - start) * 1e3, 1),
+                                    "client": request.client.host if request.client else None}))
+        return response
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise ApiError(401, "invalid or missing API key", type_="authentication_error", code="invalid_api_key")
+
+    def check_request(body: SamplingFields) -> None:
+        if body.model != model_name:
+            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        if engine.num_active >= max_queue:
+            raise ApiError(429, f"server busy: {max_queue} requests in flight", type_="rate_limit_error")
+
+    v1 = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(engine.engine.stats()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "stepflash",
+                                            "max_model_len": engine.engine.max_model_len}]}
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_request(body)
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
+            if len(body.prompt) != 1:
+                raise ApiError(400, "only one prompt per request is supported", param="prompt")
+            prompt: str | list[int] = body.prompt[0]
+        else:
+            prompt = body.prompt
+        params = _params(body, body.max_tokens, body.logprobs, engine)
+        request_id = _submit(engine, prompt, params, "cmpl")
+        stream = engine.stream(request_id)
+        if body.stream:
+            return _sse(_completion_chunks(stream, request_id, model_name, body), engine, request_id)
+        final = await _collect(stream, request, engine, request_id)
+        metrics.observe_finished(final)
+        return JSONResponse(_completion_body(final, request_id, model_name, engine))
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        check_request(body)
+        tools, prefill = _tools_and_prefill(body)
+        tokenizer = engine.engine.tokenizer
+        try:
+            text = tokenizer.apply_chat_template([_template_message(m) for m in body.messages], tools=tools)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from e
+        prompt = tokenizer.encode(text + prefill)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = _params(body, body.max_completion_tokens or body.max_tokens, logprobs, engine)
+        request_id = _submit(engine, prompt, params, "chatcmpl")
+        stream = engine.stream(request_id)
+        if body.stream:
+            chunks = _chat_chunks(stream, request_id, model_name, body, tools, prefill, engine, metrics)
+            return _sse(chunks, engine, request_id)
+        final = await _collect(stream, request, engine, request_id)
+        metrics.observe_finished(final)
+        return JSONResponse(_chat_body(final, request_id, model_name, tools, prefill, engine))
+
+    return app
+
+
+# -- request handling ---------------------------------------------------------------------------------
+def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None, engine: AsyncLLMEngine):
+    try:
+        return body.sampling_params(max_tokens, logprobs, engine.engine.model_config.vocab_size)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from e
+
+
+def _submit(engine: AsyncLLMEngine, prompt: str | list[int], params, prefix: str) -> str:
+    try:
+        return engine.add(prompt, params, f"{prefix}-{uuid.uuid4().hex}")
+    except ValueError as e:  # context overflow, ids outside the vocabulary, ...
+        raise ApiError(400, str(e)) from e
+
+
+async def _collect(stream: AsyncIterator[RequestOutput], request: Request, engine: AsyncLLMEngine,
+                   request_id: str) -> RequestOutput:
+    """Wait for the final output; a client that disconnects meanwhile aborts its request."""
+    final = None
+    try:
+        async for out in stream:
+            final = out
+            if not out.finished and await request.is_disconnected():
+                break
+    finally:
+        if final is None or not final.finished:
+            engine.abort(request_id)
+    if final is None or not final.finished:
+        raise ApiError(499, "client disconnected")
+    return final
+
+
+def _sse(chunks: AsyncIterator[dict], engine: AsyncLLMEngine, request_id: str) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # also runs when the client disconnects and the stream is cancelled
+            engine.abort(request_id)
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def _template_message(m: ChatMessage) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
+    if isinstance(m.content, list):
+        message["content"] = "".join(p.text or "" for p in m.content if p.type == "text")
+    else:
+        message["content"] = m.content or ""
+    if m.tool_calls:
+        message["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                 for c in m.tool_calls]
+    if m.reasoning_content:
+        message["reasoning_content"] = m.reasoning_content
+    if m.tool_call_id:
+        message["tool_call_id"] = m.tool_call_id
+    return message
+
+
+def _tools_and_prefill(body: ChatCompletionRequest) -> tuple[list[dict] | None, str]:
+    """Tools shown to the model and parsed from its output, and text forced at the start of the reply:
+    `required` skips reasoning and opens a call; a named choice also names the function."""
+    if not body.tools or body.tool_choice == "none":
+        return None, ""
+    tools = [t.model_dump() for t in body.tools]
+    if body.tool_choice in (None, "auto"):
+        return tools, ""
+    if body.tool_choice == "required":
+        return tools, "</think>\n\n<tool_call>\n"
+    name = body.tool_choice.function.get("name")
+    named = [t for t in tools if t["function"]["name"] == name]
+    if not named:
+        raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    return named, f"</think>\n\n<tool_call>\n<function={name}>\n"
+
+
+# -- responses ----------------------------------------------------------------------------------------
+def _usage(out: RequestOutput) -> dict[str, int]:
+    completion = sum(len(c.token_ids) for c in out.outputs)
+    return {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": completion,
+            "total_tokens": len(out.prompt_token_ids) + completion}
+
+
+def _finish_reason(c: CompletionOutput, has_calls: bool = False) -> str | None:
+    if c.finish_reason is None:
+        return None
+    return "tool_calls" if has_calls else c.finish_reason
+
+
+def _chat_logprobs(c: CompletionOutput, engine: AsyncLLMEngine, start: int = 0) -> dict | None:
+    if c.logprobs is None:
+        return None
+    decode = engine.engine.tokenizer.decode
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = decode([token_id])
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
+
+    content = []
+    for token_id, lps in zip(c.token_ids[start:], c.logprobs[start:]):
+        top = sorted(lps.items(), key=lambda kv: -kv[1])
+        content.append({**entry(token_id, lps[token_id]), "top_logprobs": [entry(t, lp) for t, lp in top]})
+    return {"content": content}
+
+
+def _tool_call_json(call: ToolCall, index: int | None = None) -> dict:
+    body = {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+    return body if index is None else {"index": index, **body}
+
+
+def _chat_body(out: RequestOutput, request_id: str, model: str, tools: list[dict] | None, prefill: str,
+               engine: AsyncLLMEngine) -> dict:
+    choices = []
+    for c in out.outputs:
+        parsed = parse_output(prefill + c.text, tools)
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content,
+                                   "reasoning_content": parsed.reasoning or None}
+        if parsed.tool_calls:
+            message["tool_calls"] = [_tool_call_json(t) for t in parsed.tool_calls]
+        choices.append({"index": c.index, "message": message, "logprobs": _chat_logprobs(c, engine),
+                        "finish_reason": _finish_reason(c, bool(parsed.tool_calls))})
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": _usage(out)}
+
+
+async def _chat_chunks(stream: AsyncIterator[RequestOutput], request_id: str, model: str,
+                       body: ChatCompletionRequest, tools: list[dict] | None, prefill: str,
+                       engine: AsyncLLMEngine, metrics: ServerMetrics) -> AsyncIterator[dict]:
+    created = int(time.time())
+
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+    parsers: dict[int, StreamingParser] = {}
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    calls: dict[int, int] = {}
+    final = None
+    async for out in stream:
+        final = out
+        for c in out.outputs:
+            if c.index not in parsers:
+                parsers[c.index] = StreamingParser(tools)
+                sent_text[c.index] = sent_tokens[c.index] = calls[c.index] = 0
+                yield chunk(c.index, {"role": "assistant", "content": ""})
+                for d in parsers[c.index].feed(prefill):
+                    yield chunk(c.index, _delta_json(d, calls, c.index))
+            if sent_tokens[c.index] == len(c.token_ids) and not c.finished:
+                continue
+            new_text = c.text[sent_text[c.index]:]
+            logprobs = _chat_logprobs(c, engine, sent_tokens[c.index])
+            sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
+            deltas = parsers[c.index].feed(new_text) + (parsers[c.index].finish() if c.finished else [])
+            for d in deltas:
+                yield chunk(c.index, _delta_json(d, calls, c.index), logprobs=logprobs)
+                logprobs = None
+            if logprobs is not None:
+                yield chunk(c.index, {}, logprobs=logprobs)
+            if c.finished:
+                yield chunk(c.index, {}, finish=_finish_reason(c, calls[c.index] > 0))
+    if final is not None:
+        metrics.observe_finished(final)
+        if body.stream_options and body.stream_options.include_usage:
+            yield {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [], "usage": _usage(final)}
+
+
+def _delta_json(d: Delta, calls: dict[int, int], index: int) -> dict:
+    if d.tool_call is not None:
+        calls[index] += 1
+        return {"tool_calls": [_tool_call_json(d.tool_call, d.index)]}
+    if d.reasoning is not None:
+        return {"reasoning_content": d.reasoning}
+    return {"content": d.content or ""}
+
+
+def _completion_body(out: RequestOutput, request_id: str, model: str, engine: AsyncLLMEngine) -> dict:
+    choices = [{"index": c.index, "text": c.text, "logprobs": _completion_logprobs(c, engine),
+                "finish_reason": c.finish_reason} for c in out.outputs]
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": _usage(out)}
+
+
+def _completion_logprobs(c: CompletionOutput, engine: AsyncLLMEngine) -> dict | None:
+    if c.logprobs is None:
+        return None
+    decode = engine.engine.tokenizer.decode
+    return {"tokens": [decode([t]) for t in c.token_ids],
+            "token_logprobs": [lps[t] for t, lps in zip(c.token_ids, c.logprobs)],
+            "top_logprobs": [{decode([t]): lp for t, lp in lps.items()} for lps in c.logprobs],
+            "text_offset": []}
+
+
+async def _completion_chunks(stream: AsyncIterator[RequestOutput], request_id: str, model: str,
+                             body: CompletionRequest) -> AsyncIterator[dict]:
+    created = int(time.time())
+    sent: dict[int, int] = {}
+    final = None
+    async for out in stream:
+        final = out
+        for c in out.outputs:
+            new = c.text[sent.get(c.index, 0):]
+            sent[c.index] = len(c.text)
+            if new or c.finished:
+                yield {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                       "choices": [{"index": c.index, "text": new, "logprobs": None,
+                                    "finish_reason": c.finish_reason}]}
+    if final is not None and body.stream_options and body.stream_options.include_usage:
+        yield {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [],
+               "usage": _usage(final)}

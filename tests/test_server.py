@@ -1,0 +1,173 @@
+"""A real `stepflash serve` process driven by the official openai client."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from stepflash import LLM, SamplingParams  # noqa: E402
+from stepflash.testing import write_scripted_checkpoint  # noqa: E402
+
+KEY = "test-key-123"
+MODEL = "scripted"
+SCRIPT = ["I should look up the weather.", "</think>", "\n\n", "Checking.", "<tool_call>",
+          "\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n"
+          "</function>\n", "</tool_call>"]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather forecast",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+USER = [{"role": "user", "content": "What's the weather in Paris?"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scripted")
+    write_scripted_checkpoint(path, SCRIPT)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "stepflash.cli", "serve", "--model", str(ckpt), "--port", str(port),
+                             "--served-model-name", MODEL, "--api-key", KEY, "--max-num-batched-tokens", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read().decode())
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def kv_blocks_in_use(base: str) -> float:
+    text = httpx.get(base + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("stepflash_kv_blocks_used"))
+
+
+def test_models_and_auth(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    no_key = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        no_key.models.list()
+    assert httpx.get(server + "/health").status_code == 200  # no key needed outside /v1
+
+
+def test_completion_matches_offline_engine(ckpt, client):
+    prompt = "def fib(n):"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    offline = LLM(str(ckpt)).generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0]
+    assert out.choices[0].text == offline.outputs[0].text
+    assert out.usage.prompt_tokens == len(offline.prompt_token_ids)
+    assert out.usage.completion_tokens == len(offline.outputs[0].token_ids)
+
+
+def test_chat_splits_reasoning_and_parses_tool_calls(client):
+    out = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, temperature=0, max_tokens=20)
+    choice = out.choices[0]
+    assert choice.message.reasoning_content == "I should look up the weather."
+    assert choice.message.content == "Checking."
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": 3}
+    assert out.usage.completion_tokens == len(SCRIPT) + 1  # the script and the end token
+
+
+def test_streamed_tool_call_equals_the_non_streamed_one(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, temperature=0,
+                                                 max_tokens=20, stream=True, stream_options={"include_usage": True}))
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
+    assert reasoning == "I should look up the weather." and content == "Checking."
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in calls] == [("get_weather",
+                                                                                   {"city": "Paris", "days": 3})]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert chunks[-1].usage.completion_tokens == len(SCRIPT) + 1
+
+
+def test_tool_result_round_trip(client):
+    first = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, temperature=0, max_tokens=20)
+    call = first.choices[0].message.tool_calls[0]
+    messages = USER + [first.choices[0].message.model_dump(exclude_none=True),
+                       {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, temperature=0, max_tokens=20)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens  # the call and its result were rendered
+    assert second.choices[0].message.tool_calls[0].function.name == "get_weather"  # the script runs again
+
+
+def test_streaming_concatenates_to_the_same_text(client):
+    kwargs = dict(model=MODEL, prompt="x = ", max_tokens=12, temperature=0.9, seed=7)
+    full = client.completions.create(**kwargs).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices)
+    assert streamed == full
+
+
+@pytest.mark.parametrize("kwargs, status, needle", [
+    ({"model": "nope"}, 404, "does not exist"),
+    ({"temperature": -1}, 400, "temperature"),
+    ({"max_tokens": 10**7}, 400, "max_model_len"),
+    ({"logit_bias": {"999999": 1}}, 400, "logit_bias"),
+    ({"n": 0}, 400, "n must be"),
+])
+def test_bad_requests_get_openai_errors(server, kwargs, status, needle):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 4, **kwargs}
+    r = httpx.post(server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status
+    assert needle in r.json()["error"]["message"]
+
+
+def test_malformed_json_and_wrong_types(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(server + "/v1/chat/completions", content=b"{not json", headers=headers)
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(server + "/v1/chat/completions", json={"model": MODEL, "messages": "hi"}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_disconnect_mid_stream_frees_blocks(server, client):
+    with httpx.stream("POST", server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "prompt": "a" * 50, "max_tokens": 500, "stream": True,
+                            "temperature": 1.0}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break
+    deadline = time.monotonic() + 10
+    while kv_blocks_in_use(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert kv_blocks_in_use(server) == 0
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices  # still serving
+
+
+def test_metrics_exposed(server, client):
+    client.completions.create(model=MODEL, prompt="hello", max_tokens=3)
+    text = httpx.get(server + "/metrics").text
+    for name in ("stepflash_time_to_first_token_seconds", "stepflash_num_requests_running",
+                 "stepflash_kv_blocks_total", "stepflash_preemptions_total", "stepflash_requests_total"):
+        assert name in text
