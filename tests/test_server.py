@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -171,3 +172,34 @@ def test_metrics_exposed(server, client):
     for name in ("stepflash_time_to_first_token_seconds", "stepflash_num_requests_running",
                  "stepflash_kv_blocks_total", "stepflash_preemptions_total", "stepflash_requests_total"):
         assert name in text
+
+
+def test_sigterm_finishes_open_streams_then_exits(ckpt):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "stepflash.cli", "serve", "--model", str(ckpt), "--port",
+                             str(port), "--served-model-name", MODEL], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        lines = []
+        with httpx.stream("POST", base + "/v1/completions", timeout=30,
+                          json={"model": MODEL, "prompt": "abc", "max_tokens": 300, "stream": True}) as r:
+            for line in filter(None, r.iter_lines()):
+                lines.append(line)
+                if len(lines) == 2:
+                    proc.terminate()  # SIGTERM while the stream is open
+        assert lines[-1] == "data: [DONE]"
+        finishes = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines if x.startswith("data: {")]
+        assert finishes[-1] in ("length", "stop")
+        # uvicorn re-raises the captured SIGTERM after its graceful shutdown, so the exit status says so
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert b"Traceback" not in proc.stdout.read()
+    finally:
+        proc.kill()
