@@ -124,7 +124,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         request_id = _submit(engine, prompt, params, "cmpl")
         stream = engine.stream(request_id)
         if body.stream:
-            return _sse(_completion_chunks(stream, request_id, model_name, body), engine, request_id)
+            return _sse(_completion_chunks(stream, request_id, model_name, body, metrics), engine, request_id)
         final = await _collect(stream, request, engine, request_id)
         metrics.observe_finished(final)
         return JSONResponse(_completion_body(final, request_id, model_name, engine))
@@ -351,7 +351,7 @@ def _completion_logprobs(c: CompletionOutput, engine: AsyncLLMEngine) -> dict | 
 
 
 async def _completion_chunks(stream: AsyncIterator[RequestOutput], request_id: str, model: str,
-                             body: CompletionRequest) -> AsyncIterator[dict]:
+                             body: CompletionRequest, metrics: ServerMetrics) -> AsyncIterator[dict]:
     created = int(time.time())
     sent: dict[int, int] = {}
     final = None
@@ -364,6 +364,9 @@ async def _completion_chunks(stream: AsyncIterator[RequestOutput], request_id: s
                 yield {"id": request_id, "object": "text_completion", "created": created, "model": model,
                        "choices": [{"index": c.index, "text": new, "logprobs": None,
                                     "finish_reason": c.finish_reason}]}
-    if final is not None and body.stream_options and body.stream_options.include_usage:
+    if final is None:
+        return
+    metrics.observe_finished(final)
+    if body.stream_options and body.stream_options.include_usage:
         yield {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [],
                "usage": _usage(final)}
