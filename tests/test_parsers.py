@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -57,10 +58,16 @@ TOOLS = [
 def call_xml(name: str, **arguments: Any) -> str:
     """A tool call as the chat template renders it."""
     params = "".join(
-        f"<parameter={key}>\n{value if isinstance(value, str) else json.dumps(value)}\n</parameter>\n"
+        f"<parameter={key}>\n{value if isinstance(value, str) else json.dumps(value)}\n"
+        "</parameter>\n"
         for key, value in arguments.items()
     )
     return f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>"
+
+
+def raw_call(name: str, parameter: str, raw: str) -> str:
+    """A one-parameter call whose value is written verbatim."""
+    return call_xml(name, **{parameter: raw})
 
 
 def signature(calls: list[ToolCall]) -> list[tuple[str, dict[str, Any]]]:
@@ -100,7 +107,9 @@ def test_only_the_first_think_end_splits() -> None:
 
 
 def test_reasoning_disabled_keeps_everything_as_content() -> None:
-    parsed = parse_output("a</think>b\n" + call_xml("get_weather", city="Oslo"), TOOLS, reasoning=False)
+    parsed = parse_output(
+        "a</think>b\n" + call_xml("get_weather", city="Oslo"), TOOLS, reasoning=False
+    )
     assert parsed.reasoning is None
     assert parsed.content == "a</think>b"
     assert signature(parsed.tool_calls) == [("get_weather", {"city": "Oslo"})]
@@ -135,7 +144,13 @@ def test_multiple_calls_with_text_before() -> None:
 
 
 def test_text_after_and_between_calls_is_content() -> None:
-    text = "A\n" + call_xml("get_weather", city="X") + "\nB\n" + call_xml("get_weather", city="Y") + "\nC "
+    text = (
+        "A\n"
+        + call_xml("get_weather", city="X")
+        + "\nB\n"
+        + call_xml("get_weather", city="Y")
+        + "\nC "
+    )
     content, calls = parse_tool_calls(text, TOOLS)
     assert content == "A\n\nB\n\nC"
     assert [call.arguments["city"] for call in calls] == ["X", "Y"]
@@ -171,7 +186,7 @@ def test_full_output_with_reasoning_and_calls() -> None:
     ],
 )
 def test_schema_conversion(name: str, raw: str, expected: Any) -> None:
-    text = f"<tool_call>\n<function=typed>\n<parameter={name}>\n{raw}\n</parameter>\n</function>\n</tool_call>"
+    text = raw_call("typed", name, raw)
     _, calls = parse_tool_calls(text, TOOLS)
     assert len(calls) == 1
     value = calls[0].arguments[name]
@@ -180,7 +195,13 @@ def test_schema_conversion(name: str, raw: str, expected: Any) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [('{"k": [1]}', {"k": [1]}), ("7", 7), ("true", True), ("plain words", "plain words"), ("null", None)],
+    [
+        ('{"k": [1]}', {"k": [1]}),
+        ("7", 7),
+        ("true", True),
+        ("plain words", "plain words"),
+        ("null", None),
+    ],
 )
 def test_parameter_absent_from_schema_tries_json(raw: str, expected: Any) -> None:
     text = call_xml("get_weather", city="Oslo", extra=raw)
@@ -217,7 +238,9 @@ def test_to_openai() -> None:
 # --- malformed markup ------------------------------------------------------------------------
 
 UNCLOSED_CALL = "Sure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis"
-UNCLOSED_PARAMETER = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>"
+UNCLOSED_PARAMETER = (
+    "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>"
+)
 UNKNOWN_FUNCTION = call_xml("launch_rockets", count=3)
 NO_FUNCTION = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 GARBAGE_BETWEEN = (
@@ -228,48 +251,67 @@ EMPTY_NAME = "<tool_call>\n<function=>\n</function>\n</tool_call>"
 
 
 @pytest.mark.parametrize(
-    "text", [UNCLOSED_CALL, UNCLOSED_PARAMETER, UNKNOWN_FUNCTION, NO_FUNCTION, GARBAGE_BETWEEN, EMPTY_NAME]
+    "text",
+    [UNCLOSED_CALL, UNCLOSED_PARAMETER, UNKNOWN_FUNCTION, NO_FUNCTION, GARBAGE_BETWEEN, EMPTY_NAME],
 )
 def test_malformed_call_stays_in_content(text: str) -> None:
     assert parse_tool_calls(text, TOOLS) == (text.strip(), [])
 
 
 def test_unknown_function_is_parsed_without_tools() -> None:
-    assert signature(parse_tool_calls(UNKNOWN_FUNCTION, None)[1]) == [("launch_rockets", {"count": 3})]
+    assert signature(parse_tool_calls(UNKNOWN_FUNCTION, None)[1]) == [
+        ("launch_rockets", {"count": 3})
+    ]
 
 
 def test_malformed_call_between_good_ones_keeps_order() -> None:
     good = call_xml("get_weather", city="Oslo")
-    content, calls = parse_tool_calls(f"{good}\n{NO_FUNCTION}\n{good}\n<tool_call>\n<function=get_", TOOLS)
+    content, calls = parse_tool_calls(
+        f"{good}\n{NO_FUNCTION}\n{good}\n<tool_call>\n<function=get_", TOOLS
+    )
     assert content == f"{NO_FUNCTION}\n\n<tool_call>\n<function=get_"
     assert signature(calls) == [("get_weather", {"city": "Oslo"})] * 2
 
 
-@pytest.mark.parametrize(("name", "raw"), [("count", "three"), ("count", "4 apples"), ("options", "{bad"), ("flag", "True")])
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [("count", "three"), ("count", "4 apples"), ("options", "{bad"), ("flag", "True")],
+)
 def test_unparseable_typed_value_keeps_raw_string(name: str, raw: str) -> None:
-    text = f"<tool_call>\n<function=typed>\n<parameter={name}>\n{raw}\n</parameter>\n</function>\n</tool_call>"
+    text = raw_call("typed", name, raw)
     assert parse_tool_calls(text, TOOLS)[1][0].arguments == {name: raw}
 
 
 def test_absurdly_nested_json_does_not_raise() -> None:
     raw = "[" * 100_000
-    text = f"<tool_call>\n<function=typed>\n<parameter=items>\n{raw}\n</parameter>\n</function>\n</tool_call>"
+    text = raw_call("typed", "items", raw)
     assert parse_tool_calls(text, TOOLS)[1][0].arguments == {"items": raw}
 
 
 # --- round trip through the chat template ---------------------------------------------------
 
-_TEMPLATE_TOKENIZER = Tokenizer(tokenizers.Tokenizer(tokenizers.models.BPE()), default_chat_template(), {"bos_token": ""})
+_TEMPLATE_TOKENIZER = Tokenizer(
+    tokenizers.Tokenizer(tokenizers.models.BPE()), default_chat_template(), {"bos_token": ""}
+)
 _ASSISTANT_OPEN = "<|im_start|>assistant\n<think>\n"
 
 
 def render_assistant(reasoning: str, content: str, calls: list[tuple[str, dict[str, Any]]]) -> str:
     """The text the model generates for this assistant turn, as the template renders it."""
     tool_calls = [
-        {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+        {
+            "id": f"call_{i}",
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)},
+        }
         for i, (name, args) in enumerate(calls)
     ]
-    message = {"role": "assistant", "reasoning_content": reasoning, "content": content, "tool_calls": tool_calls}
+    message = {
+        "role": "assistant",
+        "reasoning_content": reasoning,
+        "content": content,
+        "tool_calls": tool_calls,
+    }
     prompt = _TEMPLATE_TOKENIZER.apply_chat_template(
         [{"role": "user", "content": "hi"}, message], tools=TOOLS, add_generation_prompt=False
     )
@@ -280,7 +322,16 @@ def render_assistant(reasoning: str, content: str, calls: list[tuple[str, dict[s
 def test_template_round_trip() -> None:
     calls = [
         ("get_weather", {"city": "New\nYork", "days": 5}),
-        ("typed", {"text": "\nlead and trail\n", "ratio": 0.1, "flag": False, "options": {"x": [1]}, "items": []}),
+        (
+            "typed",
+            {
+                "text": "\nlead and trail\n",
+                "ratio": 0.1,
+                "flag": False,
+                "options": {"x": [1]},
+                "items": [],
+            },
+        ),
     ]
     text = render_assistant("Two calls.", "On it.", calls)
     parsed = parse_output(text, TOOLS)
@@ -290,12 +341,20 @@ def test_template_round_trip() -> None:
 
 
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=8,
 )
 # Strings without "<" cannot contain markup; "null" is reserved for None.
-_PLAIN_TEXT = st.text(st.characters(exclude_characters="<", exclude_categories=("Cs",))).filter(lambda s: s != "null")
+_PLAIN_TEXT = st.text(st.characters(exclude_characters="<", exclude_categories=("Cs",))).filter(
+    lambda s: s != "null"
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -311,7 +370,15 @@ _PLAIN_TEXT = st.text(st.characters(exclude_characters="<", exclude_categories=(
 def test_template_round_trip_property(
     text: str, count: int, ratio: float, flag: bool, options: dict, items: list, note: str | None
 ) -> None:
-    arguments = {"text": text, "count": count, "ratio": ratio, "flag": flag, "options": options, "items": items, "note": note}
+    arguments = {
+        "text": text,
+        "count": count,
+        "ratio": ratio,
+        "flag": flag,
+        "options": options,
+        "items": items,
+        "note": note,
+    }
     parsed = parse_output(render_assistant("r", "", [("typed", arguments)]), TOOLS)
     assert signature(parsed.tool_calls) == [("typed", arguments)]
 
@@ -319,7 +386,9 @@ def test_template_round_trip_property(
 # --- streaming ------------------------------------------------------------------------------
 
 
-def stream(chunks: list[str], tools: list[dict] | None = TOOLS, reasoning: bool = True) -> list[Delta]:
+def stream(
+    chunks: list[str], tools: list[dict] | None = TOOLS, reasoning: bool = True
+) -> list[Delta]:
     parser = StreamingParser(tools, reasoning=reasoning)
     deltas = [delta for chunk in chunks for delta in parser.feed(chunk)] + parser.finish()
     for delta in deltas:
@@ -328,7 +397,9 @@ def stream(chunks: list[str], tools: list[dict] | None = TOOLS, reasoning: bool 
     return deltas
 
 
-def assert_stream_matches(text: str, chunks: list[str], tools: list[dict] | None = TOOLS, reasoning: bool = True) -> None:
+def assert_stream_matches(
+    text: str, chunks: list[str], tools: list[dict] | None = TOOLS, reasoning: bool = True
+) -> None:
     assert "".join(chunks) == text
     deltas = stream(chunks, tools, reasoning)
     expected = parse_output(text, tools, reasoning)
@@ -341,7 +412,7 @@ def assert_stream_matches(text: str, chunks: list[str], tools: list[dict] | None
 
 def split_at(text: str, cuts: list[int]) -> list[str]:
     bounds = [0, *sorted(cuts), len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [text[a:b] for a, b in pairwise(bounds)]
 
 
 SAMPLES = [
@@ -352,11 +423,15 @@ SAMPLES = [
     "a < b </ c </think>x <tool <tool_ca <tool_call",
     "Plan: call it.\n</think>\nChecking.\n" + call_xml("get_weather", city="Paris", days=3),
     "r</think>\n" + "\n".join(call_xml("get_weather", city=c) for c in ("A", "B", "C")) + "\nDone.",
-    "r</think>" + call_xml("typed", text="x\n</tool_c\n", count="nope", options={"a": [1, None]}, extra="[1]"),
+    "r</think>"
+    + call_xml("typed", text="x\n</tool_c\n", count="nope", options={"a": [1, None]}, extra="[1]"),
     "r</think>\n" + UNCLOSED_CALL,
     "r</think>\n" + UNCLOSED_PARAMETER + "\n" + call_xml("get_weather", city="Oslo"),
     "r</think>\n" + UNKNOWN_FUNCTION + NO_FUNCTION + GARBAGE_BETWEEN + EMPTY_NAME,
-    "r</think>" + call_xml("get_weather", city="Oslo") + "<tool_call><tool_call>" + call_xml("get_weather"),
+    "r</think>"
+    + call_xml("get_weather", city="Oslo")
+    + "<tool_call><tool_call>"
+    + call_xml("get_weather"),
     "no reasoning at all " + call_xml("get_weather", city="Oslo") + " </think> tail",
 ]
 
@@ -390,8 +465,14 @@ _FRAGMENTS = [
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.data(), pieces=st.lists(st.sampled_from(_FRAGMENTS), max_size=30), reasoning=st.booleans())
-def test_streaming_matches_batch_on_fuzzed_markup(data: st.DataObject, pieces: list[str], reasoning: bool) -> None:
+@given(
+    data=st.data(),
+    pieces=st.lists(st.sampled_from(_FRAGMENTS), max_size=30),
+    reasoning=st.booleans(),
+)
+def test_streaming_matches_batch_on_fuzzed_markup(
+    data: st.DataObject, pieces: list[str], reasoning: bool
+) -> None:
     text = "".join(pieces)
     cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=10))
     assert_stream_matches(text, split_at(text, cuts), reasoning=reasoning)
@@ -404,7 +485,12 @@ def test_streaming_is_incremental_and_holds_partial_tags() -> None:
     assert parser.feed("ink>") == []
     assert parser.feed("\nHello <tool") == [Delta(content="Hello")]
     assert parser.feed("box> and <tool_c") == [Delta(content=" <toolbox> and")]
-    assert parser.feed("all>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call") == []
+    assert (
+        parser.feed(
+            "all>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call"
+        )
+        == []
+    )
     call, after = parser.feed(">\nafter ")
     assert call.index == 0 and signature([call.tool_call]) == [("get_weather", {"city": "Oslo"})]
     assert after == Delta(content=" \nafter")
@@ -423,13 +509,22 @@ def test_finish_flushes_held_text_and_degrades_unclosed_call() -> None:
     assert parser.finish() == [Delta(reasoning="</th")]
 
     parser = StreamingParser(TOOLS)
-    deltas = parser.feed("r</think>\nok\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis")
+    deltas = parser.feed(
+        "r</think>\nok\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis"
+    )
     assert deltas == [Delta(reasoning="r"), Delta(content="ok")]
-    assert parser.finish() == [Delta(content="\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis")]
+    assert parser.finish() == [
+        Delta(content="\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis")
+    ]
 
 
 def test_streaming_call_indices_count_up() -> None:
-    text = "r</think>" + call_xml("get_weather", city="A") + NO_FUNCTION + call_xml("get_weather", city="B")
+    text = (
+        "r</think>"
+        + call_xml("get_weather", city="A")
+        + NO_FUNCTION
+        + call_xml("get_weather", city="B")
+    )
     deltas = stream(list(text))
     calls = [d for d in deltas if d.tool_call is not None]
     assert [(d.index, d.tool_call.arguments["city"]) for d in calls] == [(0, "A"), (1, "B")]

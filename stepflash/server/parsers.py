@@ -278,7 +278,7 @@ def _parse_parameters(body: str, properties: dict[str, Any]) -> dict[str, Any] |
         name = match.group(1).strip()
         arguments[name] = _convert_value(_strip_one_newline(match.group(2)), properties.get(name))
         pos = match.end()
-    return arguments
+    return arguments if not body[pos:].strip() else None
 
 
 def _strip_one_newline(value: str) -> str:
