@@ -40,22 +40,29 @@ def ckpt(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def server(ckpt):
+def start_server(ckpt, *args: str) -> tuple[subprocess.Popen, str]:
+    """`stepflash serve` on a free loopback port, once /health answers."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "stepflash.cli", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--served-model-name", MODEL, "--api-key", KEY, "--max-num-batched-tokens", "64"],
+                             "--served-model-name", MODEL, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
         if proc.poll() is not None:
             raise RuntimeError(proc.stdout.read().decode())
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not come up in 120 s")
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    proc, base = start_server(ckpt, "--api-key", KEY, "--max-num-batched-tokens", "64")
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -175,19 +182,8 @@ def test_metrics_exposed(server, client):
 
 
 def test_sigterm_finishes_open_streams_then_exits(ckpt):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stepflash.cli", "serve", "--model", str(ckpt), "--port",
-                             str(port), "--served-model-name", MODEL], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(ckpt)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         lines = []
         with httpx.stream("POST", base + "/v1/completions", timeout=30,
                           json={"model": MODEL, "prompt": "abc", "max_tokens": 300, "stream": True}) as r:
