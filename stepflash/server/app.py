@@ -24,7 +24,7 @@ from stepflash import __version__
 from stepflash.engine.engine import AsyncLLMEngine
 from stepflash.outputs import CompletionOutput, RequestOutput
 from stepflash.server.metrics import ServerMetrics
-from stepflash.server.parsers import Delta, StreamingParser, ToolCall, parse_output
+from stepflash.server.parsers import Delta, StreamingParser, parse_output
 from stepflash.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 
 access_log = logging.getLogger("stepflash.access")
@@ -260,12 +260,6 @@ def _chat_logprobs(c: CompletionOutput, engine: AsyncLLMEngine, start: int = 0) 
     return {"content": content}
 
 
-def _tool_call_json(call: ToolCall, index: int | None = None) -> dict:
-    body = {"id": call.id, "type": "function",
-            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
-    return body if index is None else {"index": index, **body}
-
-
 def _chat_body(out: RequestOutput, request_id: str, model: str, tools: list[dict] | None, prefill: str,
                engine: AsyncLLMEngine) -> dict:
     choices = []
@@ -274,7 +268,7 @@ def _chat_body(out: RequestOutput, request_id: str, model: str, tools: list[dict
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content,
                                    "reasoning_content": parsed.reasoning or None}
         if parsed.tool_calls:
-            message["tool_calls"] = [_tool_call_json(t) for t in parsed.tool_calls]
+            message["tool_calls"] = [t.to_openai() for t in parsed.tool_calls]
         choices.append({"index": c.index, "message": message, "logprobs": _chat_logprobs(c, engine),
                         "finish_reason": _finish_reason(c, bool(parsed.tool_calls))})
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
@@ -327,7 +321,7 @@ async def _chat_chunks(stream: AsyncIterator[RequestOutput], request_id: str, mo
 def _delta_json(d: Delta, calls: dict[int, int], index: int) -> dict:
     if d.tool_call is not None:
         calls[index] += 1
-        return {"tool_calls": [_tool_call_json(d.tool_call, d.index)]}
+        return {"tool_calls": [d.tool_call.to_openai(d.index)]}
     if d.reasoning is not None:
         return {"reasoning_content": d.reasoning}
     return {"content": d.content or ""}
