@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stepflash import __version__
 from stepflash.engine.engine import AsyncLLMEngine
@@ -39,6 +40,39 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
                                        "code": self.code}}, status_code=self.status)
+
+
+class AccessLog:
+    """Counts and logs each HTTP request when its response is complete.
+
+    Plain ASGI on purpose: behind Starlette's BaseHTTPMiddleware (`@app.middleware("http")`),
+    `Request.is_disconnected()` never turns true, so a non-streaming request whose client goes away
+    would run on to max_tokens, holding its KV blocks and its place in the queue.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.monotonic(), 500  # stays 500 if the app fails before answering
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            self.metrics.requests.labels(scope["path"], str(status)).inc()
+            client = scope.get("client")
+            access_log.info(json.dumps({"method": scope["method"], "path": scope["path"], "status": status,
+                                        "ms": round((time.monotonic() - start) * 1e3, 1),
+                                        "client": client[0] if client else None}))
 
 
 def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
@@ -71,15 +105,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         logging.getLogger("stepflash.server").exception("unhandled error")
         return ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
 
-    @app.middleware("http")
-    async def log_requests(request: Request, call_next):  # noqa: ANN001, ANN202
-        start = time.monotonic()
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        access_log.info(json.dumps({"method": request.method, "path": request.url.path,
-                                    "status": response.status_code, "ms": round((time.monotonic() - start) * 1e3, 1),
-                                    "client": request.client.host if request.client else None}))
-        return response
+    app.add_middleware(AccessLog, metrics=metrics)
 
     def authorize(request: Request) -> None:
         if api_key is None:
