@@ -150,7 +150,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         request_id = _submit(engine, prompt, params, "cmpl")
         stream = engine.stream(request_id)
         if body.stream:
-            return _sse(_completion_chunks(stream, request_id, model_name, body, metrics), engine, request_id)
+            return await _sse(_completion_chunks(stream, request_id, model_name, body, metrics), engine, request_id)
         final = await _collect(stream, request, engine, request_id)
         metrics.observe_finished(final)
         return JSONResponse(_completion_body(final, request_id, model_name, engine))
@@ -171,7 +171,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         stream = engine.stream(request_id)
         if body.stream:
             chunks = _chat_chunks(stream, request_id, model_name, body, tools, prefill, engine, metrics)
-            return _sse(chunks, engine, request_id)
+            return await _sse(chunks, engine, request_id)
         final = await _collect(stream, request, engine, request_id)
         metrics.observe_finished(final)
         return JSONResponse(_chat_body(final, request_id, model_name, tools, prefill, engine))
@@ -211,16 +211,27 @@ async def _collect(stream: AsyncIterator[RequestOutput], request: Request, engin
     return final
 
 
-def _sse(chunks: AsyncIterator[dict], engine: AsyncLLMEngine, request_id: str) -> StreamingResponse:
+async def _sse(chunks: AsyncIterator[dict], engine: AsyncLLMEngine, request_id: str) -> StreamingResponse:
+    """Server-sent events. The first event is produced before the response exists: a generator that
+    has started runs its `finally` (the abort) however it ends, even if the client leaves before the
+    response body is sent; one never started would not, and its request would run on unseen."""
     async def body() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
             yield "data: [DONE]\n\n"
-        finally:  # also runs when the client disconnects and the stream is cancelled
+        finally:
             engine.abort(request_id)
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    events = body()
+    first = await events.__anext__()
+
+    async def replay() -> AsyncIterator[str]:
+        yield first
+        async for event in events:
+            yield event
+
+    return StreamingResponse(replay(), media_type="text/event-stream")
 
 
 def _template_message(m: ChatMessage) -> dict[str, Any]:
