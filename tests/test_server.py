@@ -199,3 +199,19 @@ def test_sigterm_finishes_open_streams_then_exits(ckpt):
         assert b"Traceback" not in proc.stdout.read()
     finally:
         proc.kill()
+
+
+def test_event_stream_is_ascii_so_no_client_splits_a_line(server, ckpt):
+    """Generated text may hold U+2028 or U+0085, which line-splitting SSE clients (httpx among them)
+    treat as line ends; events are ASCII-escaped JSON."""
+    from stepflash.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(ckpt)
+    non_ascii = next(i for i in range(tok.vocab_size) if not tok.decode([i]).isascii())
+    body = {"model": MODEL, "prompt": "zq", "max_tokens": 4, "stream": True, "logit_bias": {str(non_ascii): 100}}
+    with httpx.stream("POST", server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        raw = r.read().decode()
+    text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in raw.split("\n")
+                   if line.startswith("data: {") and json.loads(line[6:])["choices"])
+    assert not text.isascii()  # the case is exercised
+    assert raw.isascii()

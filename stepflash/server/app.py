@@ -218,7 +218,8 @@ async def _sse(chunks: AsyncIterator[dict], engine: AsyncLLMEngine, request_id: 
     async def body() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                # ASCII-escaped: a raw U+2028 / U+0085 in generated text ends the line for some SSE clients
+                yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             engine.abort(request_id)
