@@ -111,6 +111,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
 
 
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from stepflash.train.tokenizer import corpus_files, train_tokenizer
+
+    files = corpus_files(args.corpus, tuple(args.suffixes or (".py",)))
+    tok = train_tokenizer(files, args.out, args.vocab_size)
+    print(f"trained on {len(files)} files; vocab {tok.vocab_size}; wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepflash", description="Serve Step-3.5-Flash-class models fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
     serve.set_defaults(func=cmd_serve)
+    tt = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with the Step-3.5 special tokens")
+    tt.add_argument("--corpus", type=Path, nargs="+", required=True, help="files or directories")
+    tt.add_argument("--out", type=Path, required=True)
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--suffix", action="append", dest="suffixes", help="file suffix to take from directories "
+                    "(repeatable; default .py)")
+    tt.set_defaults(func=cmd_train_tokenizer)
     return parser
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -318,11 +318,23 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 def write_byte_level_tokenizer(
     out_dir: Path, vocab_size: int, chat_template: str | None = None
 ) -> None:
-    """Write a small deterministic byte-level BPE tokenizer with Step-3.5 special tokens.
+    """Write a small deterministic byte-level BPE tokenizer with Step-3.5 special tokens, its
+    merges learned from a fixed sample text (for tests and random checkpoints)."""
+    write_bpe_tokenizer(_SAMPLE_TEXT.splitlines(keepends=True), out_dir, vocab_size, chat_template)
+
+
+def write_bpe_tokenizer(
+    texts: Iterable[str],
+    out_dir: Path,
+    vocab_size: int,
+    chat_template: str | None = None,
+    length: int | None = None,
+) -> None:
+    """Train byte-level BPE on `texts` and write tokenizer.json + tokenizer_config.json.
 
     Ids 0 and 1 are `<|begin_of_sentence|>` and `<|end_of_sentence|>`, followed by the
-    other control and markup tokens, the 256 byte symbols, and BPE merges learned
-    from a fixed sample text until `vocab_size` is reached (or merges run out).
+    other control and markup tokens, the 256 byte symbols, and the learned merges until
+    `vocab_size` is reached (or merges run out). Deterministic for the same texts.
     The files load with both `Tokenizer.from_pretrained` and transformers' AutoTokenizer.
     """
     specials = [*CONTROL_TOKENS, *MARKUP_TOKENS]
@@ -338,7 +350,7 @@ def write_byte_level_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_SAMPLE_TEXT.splitlines(keepends=True), trainer)
+    backend.train_from_iterator(texts, trainer, length=length)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A",
         pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
