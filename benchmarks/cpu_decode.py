@@ -22,24 +22,8 @@ import torch
 
 from stepflash import LLM, SamplingParams
 from stepflash.model.step3p5 import active_weight_bytes
-from stepflash.testing import tiny_config, transformers_causal_lm, write_checkpoint
-
-
-def bench_config() -> dict:
-    """~27M parameters in the Step-3.5 layout: 8 layers (full at 0 and 4), 16 experts top-2."""
-    n, n_mtp = 8, 3
-    types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
-    return tiny_config(
-        vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=n, head_dim=64,
-        num_attention_heads=4, num_attention_groups=2,
-        attention_other_setting={"attention_type": "sliding_attention", "num_attention_heads": 6,
-                                 "num_attention_groups": 2, "head_dim": 64},
-        layer_types=types + ["sliding_attention"] * n_mtp, sliding_window=128,
-        rope_theta=[5e6 if t == "full_attention" else 1e4 for t in types] + [1e4] * n_mtp,
-        partial_rotary_factors=[0.5 if t == "full_attention" else 1.0 for t in types] + [1.0] * n_mtp,
-        rope_scaling=None, moe_num_experts=16, moe_top_k=2, moe_intermediate_size=256, share_expert_dim=256,
-        moe_layers_enum=",".join(str(i) for i in range(2, n)), swiglu_limits=[0.0] * n, swiglu_limits_shared=[0.0] * n,
-    )
+from stepflash.testing import transformers_causal_lm, write_checkpoint
+from stepflash.train.configs import small_config
 
 
 def prompts_from_text(llm: LLM, count: int, length: int) -> list[list[int]]:
@@ -130,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = Path(args.model) if args.model else write_checkpoint(Path(tempfile.mkdtemp()) / "bench", bench_config())
+    model_dir = Path(args.model) if args.model else write_checkpoint(Path(tempfile.mkdtemp()) / "bench", small_config())
     llm = LLM(str(model_dir), device="cpu", max_num_seqs=64, max_num_batched_tokens=2048)
     hf = transformers_causal_lm(model_dir)
     weight_bytes = active_weight_bytes(llm.engine.model)
@@ -178,7 +162,7 @@ def main() -> None:
         "benchmark": "cpu_decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "commit": commit, "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                       "cpus": torch.get_num_threads(), "torch": torch.__version__},
-        "model": str(model_dir) if args.model else "random bench_config()", "active_params": active_params,
+        "model": str(model_dir) if args.model else "random small_config()", "active_params": active_params,
         "threads": torch.get_num_threads(), "repeats": args.repeats,
         "results": rows,
     }

@@ -119,6 +119,41 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     print(f"trained on {len(files)} files; vocab {tok.vocab_size}; wrote {args.out}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Tokenizer (trained on the corpus unless --tokenizer is given), then the model; resumes a run in --out."""
+    import json
+
+    from stepflash.tokenizer import Tokenizer
+    from stepflash.train.configs import PRESETS
+    from stepflash.train.tokenizer import corpus_files, train_tokenizer
+    from stepflash.train.trainer import STATE_FILE, TrainConfig, split_files, train
+
+    files = corpus_files(args.corpus, (".py",))
+    train_files, heldout_files = split_files(files, 0.05)
+    if not heldout_files and len(train_files) > 1:
+        heldout_files = [train_files.pop()]
+    if not train_files or not heldout_files:
+        raise ValueError(f"need at least 2 corpus files, found {len(files)}")
+    tok_dir = Path(args.tokenizer) if args.tokenizer else args.out / "tokenizer"
+    if args.tokenizer is None and not (tok_dir / "tokenizer.json").is_file():
+        train_tokenizer(train_files, tok_dir, args.vocab_size)
+    tokenizer = Tokenizer.from_pretrained(tok_dir)
+    if args.config in PRESETS:
+        config = PRESETS[args.config](tokenizer.vocab_size)
+    else:
+        config = json.loads(Path(args.config).read_text())
+    eos = tokenizer.eos_token_ids[:1]
+    encode = lambda paths: [tokenizer.encode(p.read_text(encoding="utf-8")) + eos for p in paths]  # noqa: E731
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      device=args.device if args.device != "auto" else "cpu", stop_at=args.stop_at)
+    print(f"training on {len(train_files)} files ({len(heldout_files)} held out), vocab {tokenizer.vocab_size}",
+          file=sys.stderr)
+    result = train(config, tok_dir, encode(train_files), encode(heldout_files), args.out, cfg,
+                   resume=(args.out / STATE_FILE).is_file())
+    print(f"held-out loss {result.final_heldout_loss:.4f}, perplexity {result.final_heldout_perplexity:.2f}; "
+          f"model written to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepflash", description="Serve Step-3.5-Flash-class models fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--suffix", action="append", dest="suffixes", help="file suffix to take from directories "
                     "(repeatable; default .py)")
     tt.set_defaults(func=cmd_train_tokenizer)
+    tr = sub.add_parser("train", help="train a Step-3.5-architecture model (MTP modules included) on code")
+    tr.add_argument("--corpus", type=Path, nargs="+", required=True, help="files or directories of .py files")
+    tr.add_argument("--out", type=Path, required=True, help="hub-format model directory (a run there resumes)")
+    tr.add_argument("--config", default="small", help="tiny, small, or a config.json file")
+    tr.add_argument("--tokenizer", help="directory with tokenizer.json (default: train one on the corpus)")
+    tr.add_argument("--vocab-size", type=int, default=8192)
+    tr.add_argument("--steps", type=int, default=2000)
+    tr.add_argument("--stop-at", type=int, help="end this run at this step (resume later)")
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--seq-len", type=int, default=256)
+    tr.add_argument("--lr", type=float, default=3e-3)
+    tr.add_argument("--device", default="auto")
+    tr.set_defaults(func=cmd_train)
     return parser
 
 

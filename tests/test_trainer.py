@@ -171,3 +171,21 @@ def test_trained_router_bias_evens_load(trained):
             assert layer.moe.router_bias.abs().sum() > 0
             layer.moe.router_bias.zero_()
     assert all(b < u for b, u in zip(balanced, spread()))
+
+
+def test_cli_trains_then_resumes_and_the_result_generates(tmp_path, capsys):
+    from stepflash import LLM, SamplingParams
+    from stepflash.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 40)
+    out = tmp_path / "model"
+    args = ["train", "--corpus", str(corpus), "--out", str(out), "--config", "tiny", "--vocab-size", "320",
+            "--steps", "6", "--batch-size", "2", "--seq-len", "32"]
+    assert main([*args, "--stop-at", "3"]) == 0
+    assert main(args) == 0  # resumes from step 3
+    assert "held-out loss" in capsys.readouterr().out
+    out_text = LLM(str(out)).generate(["def f1(x):"], SamplingParams(temperature=0, max_tokens=4))
+    assert len(out_text[0].outputs[0].token_ids) >= 1

@@ -1,0 +1,27 @@
+"""Model presets for `stepflash train --config`: the Step-3.5-Flash layout in miniature."""
+
+from typing import Any
+
+from stepflash.testing import tiny_config
+
+
+def small_config(vocab_size: int = 8192) -> dict[str, Any]:
+    """~27M parameters (8.8M active per token): 8 layers (full attention at 0 and 4, sliding
+    window 128 elsewhere), dense layers 0-1, then 16 experts top-2 with a shared expert, 4 query
+    heads on full layers and 6 on sliding ones, partial RoPE on full layers, 3 MTP modules."""
+    n, n_mtp = 8, 3
+    types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
+    return tiny_config(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=n, head_dim=64,
+        num_attention_heads=4, num_attention_groups=2,
+        attention_other_setting={"attention_type": "sliding_attention", "num_attention_heads": 6,
+                                 "num_attention_groups": 2, "head_dim": 64},
+        layer_types=types + ["sliding_attention"] * n_mtp, sliding_window=128,
+        rope_theta=[5e6 if t == "full_attention" else 1e4 for t in types] + [1e4] * n_mtp,
+        partial_rotary_factors=[0.5 if t == "full_attention" else 1.0 for t in types] + [1.0] * n_mtp,
+        rope_scaling=None, moe_num_experts=16, moe_top_k=2, moe_intermediate_size=256, share_expert_dim=256,
+        moe_layers_enum=",".join(str(i) for i in range(2, n)), swiglu_limits=[0.0] * n, swiglu_limits_shared=[0.0] * n,
+    )
+
+
+PRESETS = {"tiny": lambda vocab_size: tiny_config(vocab_size=vocab_size), "small": small_config}
