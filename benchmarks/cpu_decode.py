@@ -102,6 +102,20 @@ def matmul_floor_seconds(model) -> float:
     return statistics.median(one_token() for _ in range(20))
 
 
+def copy_bandwidth_gbps(nbytes: int = 256 << 20) -> float:
+    """This machine's memory bandwidth: a large copy, bytes read + written per second (median of 5)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+
+    def once() -> float:
+        start = time.perf_counter()
+        dst.copy_(src)
+        return 2 * nbytes / (time.perf_counter() - start) / 1e9
+
+    return statistics.median(once() for _ in range(5))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="hub-format checkpoint (default: a random ~27M bench model)")
@@ -120,6 +134,7 @@ def main() -> None:
     weight_bytes = active_weight_bytes(llm.engine.model)
     active_params = weight_bytes / 4  # fp32
     ceiling = 1 / matmul_floor_seconds(llm.engine.model)
+    copy_gbps = copy_bandwidth_gbps()
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = prompts_from_text(llm, batch, args.prompt_len)
@@ -149,6 +164,7 @@ def main() -> None:
     print(f"batch-1 ceiling from the weight matmuls alone: {ceiling:.1f} tokens/s "
           f"({weight_bytes * ceiling / 1e9:.1f} GB/s), i.e. at most {rows[0].get('ceiling_ratio_vs_hf_generate', 0):.2f}x "
           "transformers generate for any engine using this BLAS in fp32")
+    print(f"measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
     print(f"{'batch':>5} {'stepflash':>10} {'hf generate':>12} {'hf loop':>9} {'x generate':>11} {'x loop':>7} "
           f"{'GFLOP/s':>8} {'GB/s':>6}")
     for r in rows:
@@ -163,7 +179,7 @@ def main() -> None:
         "commit": commit, "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                       "cpus": torch.get_num_threads(), "torch": torch.__version__},
         "model": str(model_dir) if args.model else "random small_config()", "active_params": active_params,
-        "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "threads": torch.get_num_threads(), "repeats": args.repeats, "copy_bandwidth_gbps": copy_gbps,
         "results": rows,
     }
     out = Path(args.out)

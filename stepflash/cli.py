@@ -10,22 +10,8 @@ from stepflash.config import ConfigError
 from stepflash.engine.engine import EngineConfig, LLMEngine
 from stepflash.model.loader import CheckpointError
 from stepflash.model.step3p5 import active_weight_bytes
+from stepflash.models import default_model_dir
 from stepflash.sampling import SamplingParams
-
-BUNDLED_MODEL = Path(__file__).parent / "models" / "tiny"
-
-
-def default_model_dir() -> Path:
-    """The bundled model when present; otherwise a small random checkpoint written once to a cache dir."""
-    if (BUNDLED_MODEL / "config.json").is_file():
-        return BUNDLED_MODEL
-    cache = Path(os.environ.get("STEPFLASH_CACHE", Path.home() / ".cache" / "stepflash")) / "random-tiny"
-    if not (cache / "config.json").is_file():
-        from stepflash.testing import tiny_config, write_checkpoint
-
-        write_checkpoint(cache, tiny_config())
-    return cache
-
 
 def stream_completion(engine: LLMEngine, prompt: str | list[int], params: SamplingParams,
                       echo: str = "") -> tuple[str, float, int]:

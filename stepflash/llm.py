@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from stepflash.engine.engine import EngineConfig, EngineStats, LLMEngine
+from stepflash.models import default_model_dir
 from stepflash.outputs import RequestOutput
 from stepflash.sampling import SamplingParams
 
@@ -24,8 +25,6 @@ class LLM:
         if tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
         if model is None:
-            from stepflash.cli import default_model_dir
-
             model = default_model_dir()
         self.engine = LLMEngine(model, EngineConfig(
             device=device, dtype=dtype, kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,

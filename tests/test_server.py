@@ -215,3 +215,13 @@ def test_event_stream_is_ascii_so_no_client_splits_a_line(server, ckpt):
                    if line.startswith("data: {") and json.loads(line[6:])["choices"])
     assert not text.isascii()  # the case is exercised
     assert raw.isascii()
+
+
+def test_completion_logprobs_offsets_index_the_text(client):
+    choice = client.completions.create(model=MODEL, prompt="hi\n", max_tokens=len(SCRIPT), temperature=0,
+                                       logprobs=2).choices[0]  # the prompt's last token starts the script
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == len(SCRIPT)
+    assert lp.tokens == SCRIPT and "".join(lp.tokens) == choice.text
+    assert all(choice.text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens))
+    assert all(len(top) >= 1 for top in lp.top_logprobs)

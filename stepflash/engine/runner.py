@@ -101,8 +101,7 @@ class ModelRunner:
             ids += seq.token_ids[start:start + s.num_new]
             positions += range(start, start + s.num_new)
             for kind in self.kinds:
-                table = seq.blocks.table(kind)
-                slots[kind] += [table[p // bs] * bs + p % bs for p in range(start, start + s.num_new)]
+                slots[kind] += _slots(seq.blocks.table(kind), start, start + s.num_new, bs)
             if s.num_new == 1:
                 decode.append(member)
             else:
@@ -147,3 +146,12 @@ class ModelRunner:
             return Group(rows, (len(members), q_len), rows, None, keys)
         rows = torch.where(q_valid, row0 + q_offsets, row0)
         return Group(rows, (len(members), q_len), rows[q_valid], q_valid, keys)
+
+
+def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slots of positions start..end-1: one range per block, not a Python step per token."""
+    out: list[int] = []
+    for b in range(start // block_size, (end - 1) // block_size + 1):
+        base = table[b] * block_size - b * block_size
+        out.extend(range(base + max(start, b * block_size), base + min(end, (b + 1) * block_size)))
+    return out

@@ -7,6 +7,7 @@ A client that goes away mid-request has its request aborted at once, freeing its
 """
 
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -376,10 +377,12 @@ def _completion_logprobs(c: CompletionOutput, engine: AsyncLLMEngine) -> dict | 
     if c.logprobs is None:
         return None
     decode = engine.engine.tokenizer.decode
-    return {"tokens": [decode([t]) for t in c.token_ids],
+    tokens = [decode([t]) for t in c.token_ids]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else []
+    return {"tokens": tokens,
             "token_logprobs": [lps[t] for t, lps in zip(c.token_ids, c.logprobs)],
             "top_logprobs": [{decode([t]): lp for t, lp in lps.items()} for lps in c.logprobs],
-            "text_offset": []}
+            "text_offset": offsets}
 
 
 async def _completion_chunks(stream: AsyncIterator[RequestOutput], request_id: str, model: str,
