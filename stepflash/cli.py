@@ -100,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from stepflash.train.tokenizer import corpus_files, train_tokenizer
 
-    files = corpus_files(args.corpus, tuple(args.suffixes or (".py",)))
+    files = corpus_files(args.corpus, tuple(args.suffixes or (".py",)), args.exclude or ())
     tok = train_tokenizer(files, args.out, args.vocab_size)
     print(f"trained on {len(files)} files; vocab {tok.vocab_size}; wrote {args.out}")
 
@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from stepflash.train.tokenizer import corpus_files, train_tokenizer
     from stepflash.train.trainer import STATE_FILE, TrainConfig, split_files, train
 
-    files = corpus_files(args.corpus, (".py",))
+    files = corpus_files(args.corpus, (".py",), args.exclude or ())
     train_files, heldout_files = split_files(files, 0.05)
     if not heldout_files and len(train_files) > 1:
         heldout_files = [train_files.pop()]
@@ -131,7 +131,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     eos = tokenizer.eos_token_ids[:1]
     encode = lambda paths: [tokenizer.encode(p.read_text(encoding="utf-8")) + eos for p in paths]  # noqa: E731
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                      device=args.device if args.device != "auto" else "cpu", stop_at=args.stop_at)
+                      device=args.device if args.device != "auto" else "cpu", stop_at=args.stop_at,
+                      warmup_steps=args.warmup_steps, save_dtype=args.save_dtype)
     print(f"training on {len(train_files)} files ({len(heldout_files)} held out), vocab {tokenizer.vocab_size}",
           file=sys.stderr)
     result = train(config, tok_dir, encode(train_files), encode(heldout_files), args.out, cfg,
@@ -178,11 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vocab-size", type=int, default=8192)
     tt.add_argument("--suffix", action="append", dest="suffixes", help="file suffix to take from directories "
                     "(repeatable; default .py)")
+    tt.add_argument("--exclude", action="append", help="skip folders with this name, e.g. site-packages (repeatable)")
     tt.set_defaults(func=cmd_train_tokenizer)
     tr = sub.add_parser("train", help="train a Step-3.5-architecture model (MTP modules included) on code")
     tr.add_argument("--corpus", type=Path, nargs="+", required=True, help="files or directories of .py files")
     tr.add_argument("--out", type=Path, required=True, help="hub-format model directory (a run there resumes)")
-    tr.add_argument("--config", default="small", help="tiny, small, or a config.json file")
+    tr.add_argument("--exclude", action="append", help="skip folders with this name, e.g. site-packages (repeatable)")
+    tr.add_argument("--config", default="small", help="tiny, small, bundled, or a config.json file")
     tr.add_argument("--tokenizer", help="directory with tokenizer.json (default: train one on the corpus)")
     tr.add_argument("--vocab-size", type=int, default=8192)
     tr.add_argument("--steps", type=int, default=2000)
@@ -190,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--seq-len", type=int, default=256)
     tr.add_argument("--lr", type=float, default=3e-3)
+    tr.add_argument("--warmup-steps", type=int, default=20)
+    tr.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the written weights")
     tr.add_argument("--device", default="auto")
     tr.set_defaults(func=cmd_train)
     return parser

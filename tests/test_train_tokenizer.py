@@ -168,11 +168,13 @@ def test_corpus_files_order_and_suffix_filter(tmp_path: Path) -> None:
     (tmp_path / "src" / ".venv").mkdir()
     (tmp_path / "src" / ".venv" / "lib.py").write_text("y = 2\n", encoding="utf-8")
     (tmp_path / "src" / "binary.py").write_bytes(b"\xff\xfe\x00broken")
+    (tmp_path / "src" / "b" / "site-packages").mkdir()
+    (tmp_path / "src" / "b" / "site-packages" / "dep.py").write_text("z = 3\n", encoding="utf-8")
     extra = tmp_path / "README.md"
     extra.write_text("# readme\n", encoding="utf-8")
     src = tmp_path / "src"
 
-    found = corpus_files([src, extra, src / "a.py"])
+    found = corpus_files([src, extra, src / "a.py"], exclude=("site-packages",))
     assert found == [
         extra,
         src / "a" / "deep" / "er" / "m.py",
@@ -181,6 +183,7 @@ def test_corpus_files_order_and_suffix_filter(tmp_path: Path) -> None:
         src / "b" / "z.py",
     ]
     assert corpus_files([src], suffixes=(".txt", ".pyi")) == [src / "c" / "data.pyi", src / "notes.txt"]
+    assert src / "b" / "site-packages" / "dep.py" in corpus_files([src])  # only skipped when excluded
 
 
 def test_corpus_files_missing_path(tmp_path: Path) -> None:

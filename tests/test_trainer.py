@@ -2,6 +2,7 @@
 hub checkpoint that the loader and the transformers oracle agree on, resume equals a straight run, and
 the router-bias rule evens out expert load."""
 
+import json
 import math
 import random
 from pathlib import Path
@@ -10,12 +11,15 @@ import pytest
 import torch
 from reference import reference_logits
 
+from safetensors import safe_open
+
 from stepflash.model.loader import load_model
 from stepflash.model.moe import MoE
 from stepflash.testing import tiny_config
 from stepflash.tokenizer import Tokenizer, write_byte_level_tokenizer
 from stepflash.train.trainer import (
     STATE_FILE,
+    TRAINING_LOG,
     TokenDataset,
     TrainConfig,
     expert_load,
@@ -181,11 +185,20 @@ def test_cli_trains_then_resumes_and_the_result_generates(tmp_path, capsys):
     corpus.mkdir()
     for i in range(4):
         (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 40)
+    (corpus / "vendored").mkdir()
+    (corpus / "vendored" / "dep.py").write_text("import os\n" * 40)
     out = tmp_path / "model"
     args = ["train", "--corpus", str(corpus), "--out", str(out), "--config", "tiny", "--vocab-size", "320",
-            "--steps", "6", "--batch-size", "2", "--seq-len", "32"]
+            "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--exclude", "vendored", "--save-dtype", "bfloat16"]
     assert main([*args, "--stop-at", "3"]) == 0
     assert main(args) == 0  # resumes from step 3
-    assert "held-out loss" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "held-out loss" in captured.out
+    assert "training on 3 files (1 held out)" in captured.err  # vendored/ skipped
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    log = json.loads((out / TRAINING_LOG).read_text())
+    assert len(log["train_loss"]) == 6 and log["train_config"]["save_dtype"] == "bfloat16"
     out_text = LLM(str(out)).generate(["def f1(x):"], SamplingParams(temperature=0, max_tokens=4))
     assert len(out_text[0].outputs[0].token_ids) >= 1

@@ -24,4 +24,14 @@ def small_config(vocab_size: int = 8192) -> dict[str, Any]:
     )
 
 
-PRESETS = {"tiny": lambda vocab_size: tiny_config(vocab_size=vocab_size), "small": small_config}
+def bundled_config(vocab_size: int = 4096) -> dict[str, Any]:
+    """The bundled default model (stepflash/models/tiny): the `small` layout with 8 narrower experts
+    (intermediate 128, top-2) and a dense FFN of 512, ~16M parameters = ~33 MB in bf16 at vocab 4096,
+    sized to train on this 2-core CPU in about 80 minutes."""
+    config = small_config(vocab_size)
+    config.update(moe_num_experts=8, moe_intermediate_size=128, intermediate_size=512)
+    return config
+
+
+PRESETS = {"tiny": lambda vocab_size: tiny_config(vocab_size=vocab_size), "small": small_config,
+           "bundled": bundled_config}

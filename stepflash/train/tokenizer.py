@@ -23,26 +23,29 @@ def _is_utf8_text(path: Path) -> bool:
     return True
 
 
-def _walk(directory: Path, suffixes: Sequence[str]) -> Iterator[Path]:
-    """Files under `directory` with one of `suffixes`, skipping hidden files and folders."""
+def _walk(directory: Path, suffixes: Sequence[str], exclude: Sequence[str]) -> Iterator[Path]:
+    """Files under `directory` with one of `suffixes`, skipping hidden files and folders and
+    anything below a folder named in `exclude`."""
     for path in directory.rglob("*"):
-        hidden = any(part.startswith(".") for part in path.relative_to(directory).parts)
-        if not hidden and path.suffix in suffixes and path.is_file():
+        parts = path.relative_to(directory).parts
+        skipped = any(part.startswith(".") or part in exclude for part in parts)
+        if not skipped and path.suffix in suffixes and path.is_file():
             yield path
 
 
-def corpus_files(paths: Sequence[Path], suffixes: Sequence[str] = (".py",)) -> list[Path]:
+def corpus_files(paths: Sequence[Path], suffixes: Sequence[str] = (".py",), exclude: Sequence[str] = ()) -> list[Path]:
     """The training files named by `paths`, without duplicates, in `Path` order.
 
     A directory contributes every file below it (recursively) whose suffix is in
     `suffixes`, leaving out hidden files and folders (`.git`, `.venv`, ...); a file
     named directly is taken whatever its suffix. Files that cannot be read or are
-    not valid UTF-8 are skipped. A path that does not exist raises FileNotFoundError.
+    not valid UTF-8 are skipped. Folders named in `exclude` (e.g. `site-packages`) are
+    skipped inside directories. A path that does not exist raises FileNotFoundError.
     """
     found: set[Path] = set()
     for path in paths:
         if path.is_dir():
-            found.update(_walk(path, suffixes))
+            found.update(_walk(path, suffixes, exclude))
         elif path.exists():
             found.add(path)
         else:

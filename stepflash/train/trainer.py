@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from stepflash.model.moe import MoE
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 
 STATE_FILE = "trainer_state.pt"
+TRAINING_LOG = "training_log.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 INIT_STD = 0.02
 
@@ -55,6 +56,7 @@ class TrainConfig:
     eval_windows: int = 16  # held-out windows of seq_len + 1 tokens scored per evaluation
     log_every: int = 10
     stop_at: int | None = None  # end this run at this step; the schedule still spans `steps` (resume later)
+    save_dtype: str = "float32"  # dtype of the exported weights: float32 or bfloat16
 
 
 @dataclass
@@ -230,13 +232,19 @@ def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: 
     return state["step"], result
 
 
-def export_model(model: Step3p5ForCausalLM, hub_config: dict[str, Any], tokenizer_dir: Path, out_dir: Path) -> None:
-    """config.json, model.safetensors (hub tensor names, fp32) and the tokenizer files into out_dir."""
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def export_model(model: Step3p5ForCausalLM, hub_config: dict[str, Any], tokenizer_dir: Path, out_dir: Path,
+                 save_dtype: str = "float32") -> None:
+    """config.json, model.safetensors (hub tensor names, in `save_dtype`) and the tokenizer files into out_dir."""
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save dtype must be one of {sorted(SAVE_DTYPES)}, got {save_dtype!r}")
     n, tied = model.config.num_hidden_layers, model.config.tie_word_embeddings
-    tensors = {hub_name(name, n): t.detach().float().cpu().contiguous() for name, t in model.state_dict().items()
-               if not (tied and name == "lm_head.weight")}
+    tensors = {hub_name(name, n): t.detach().to(SAVE_DTYPES[save_dtype]).cpu().contiguous()
+               for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps({**hub_config, "torch_dtype": "float32"}, indent=2))
+    (out_dir / "config.json").write_text(json.dumps({**hub_config, "torch_dtype": save_dtype}, indent=2))
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer_dir}")
     for name in TOKENIZER_FILES:
@@ -273,5 +281,11 @@ def train(model_config: dict[str, Any], tokenizer_dir: Path, train_ids: list[lis
             save_state(out_dir / STATE_FILE, model, opt, sched, step, gen, result)
     result.final_heldout_loss = heldout_loss(model, evaluation, cfg.batch_size)
     result.final_heldout_perplexity = math.exp(result.final_heldout_loss)
-    export_model(model, model_config, tokenizer_dir, out_dir)
+    export_model(model, model_config, tokenizer_dir, out_dir, cfg.save_dtype)
+    write_training_log(out_dir / TRAINING_LOG, cfg, result)
     return result
+
+
+def write_training_log(path: Path, cfg: TrainConfig, result: TrainResult) -> None:
+    """The run's settings and curves as JSON: what the model card's plot and figures are made from."""
+    path.write_text(json.dumps({"train_config": asdict(cfg), **asdict(result)}, indent=1))
