@@ -13,6 +13,7 @@ from stepflash.model.step3p5 import active_weight_bytes
 from stepflash.models import default_model_dir
 from stepflash.sampling import SamplingParams
 
+
 def stream_completion(engine: LLMEngine, prompt: str | list[int], params: SamplingParams,
                       echo: str = "") -> tuple[str, float, int]:
     """Run one request, printing `echo` once it is accepted, then text as it arrives;

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from reference import reference_logits
-
 from safetensors import safe_open
 
 from stepflash.model.loader import load_model
