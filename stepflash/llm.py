@@ -18,8 +18,6 @@ class LLM:
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int = 1024, block_size: int = 16, quantization: str | None = None,
                  tensor_parallel_size: int = 1, seed: int = 0) -> None:
-        if mtp:
-            raise ValueError("mtp > 0 (speculative decoding) is not supported yet; use mtp=0")
         if quantization is not None:
             raise ValueError(f"quantization={quantization!r} is not supported yet")
         if tensor_parallel_size != 1:
@@ -29,7 +27,7 @@ class LLM:
         self.engine = LLMEngine(model, EngineConfig(
             device=device, dtype=dtype, kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
             max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching, seed=seed))
+            enable_prefix_caching=enable_prefix_caching, seed=seed, mtp=mtp))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

@@ -41,28 +41,30 @@ def greedy(**kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1, ignore_eos=True, **kw)
 
 
-def small_budget(ckpt, full_blocks: int, max_num_seqs: int, batched: int) -> int:
-    """Bytes for `full_blocks` full-attention blocks plus what the sliding layers reserve."""
+def small_budget(ckpt, full_blocks: int, max_num_seqs: int, batched: int, mtp: int = 0) -> int:
+    """Bytes for `full_blocks` full-attention blocks plus what the sliding layers reserve (with
+    `mtp` MTP modules: their sliding KV, their hidden caches and room for speculative positions)."""
     from stepflash.config import ModelConfig
 
     cfg = ModelConfig.from_pretrained(ckpt)
     full = [s.index for s in cfg.decoder_layers if not s.sliding_window]
-    sliding = [s.index for s in cfg.decoder_layers if s.sliding_window]
-    sliding_blocks = max_num_seqs * (-(-(cfg.sliding_window - 1) // 16) + 2) + -(-batched // 16)
+    sliding = [s.index for s in cfg.decoder_layers + cfg.mtp_layers[:mtp] if s.sliding_window]
+    sliding_blocks = max_num_seqs * (-(-(cfg.sliding_window - 1 + 2 * mtp) // 16) + 2) + -(-batched // 16)
     return (full_blocks * kv_bytes_per_block(cfg, full, 16, torch.float32)
-            + sliding_blocks * kv_bytes_per_block(cfg, sliding, 16, torch.float32))
+            + sliding_blocks * kv_bytes_per_block(cfg, sliding, 16, torch.float32, hidden_levels=mtp))
 
 
+@pytest.mark.parametrize("mtp", [0, 3])
 @pytest.mark.parametrize("setting", ["default", "no-prefix-cache", "chunked-prefill", "preemption"])
-def test_greedy_batch_matches_reference(ckpt, setting):
+def test_greedy_batch_matches_reference(ckpt, setting, mtp):
     kwargs = {
         "default": {},
         "no-prefix-cache": {"enable_prefix_caching": False},
         "chunked-prefill": {"max_num_batched_tokens": 8},
-        "preemption": {"kv_cache_bytes": small_budget(ckpt, 8, 8, 16), "max_num_seqs": 8,
+        "preemption": {"kv_cache_bytes": small_budget(ckpt, 8, 8, 16, mtp), "max_num_seqs": 8,
                        "max_num_batched_tokens": 16, "max_model_len": 96},
     }[setting]
-    llm = LLM(str(ckpt), **kwargs)
+    llm = LLM(str(ckpt), mtp=mtp, **kwargs)
     prompts = mixed_prompts()
     outputs = llm.generate(prompts, greedy())
     assert_matches_reference(ckpt, prompts, outputs)
@@ -100,7 +102,7 @@ def test_long_prompt_fits_a_budget_no_full_cache_could(tmp_path):
     naive = (len(prompt) + MAX_TOKENS) * per_token_all_layers
     budget = small_budget(ckpt, full_blocks=18, max_num_seqs=1, batched=32)
     assert budget < 0.6 * naive
-    llm = LLM(str(ckpt), kv_cache_bytes=budget, max_num_seqs=1, max_num_batched_tokens=32)
+    llm = LLM(str(ckpt), kv_cache_bytes=budget, max_num_seqs=1, max_num_batched_tokens=32, mtp=0)
     out = llm.generate([prompt], greedy())
     assert_matches_reference(ckpt, [prompt], out)
 

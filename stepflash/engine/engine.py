@@ -9,17 +9,18 @@ import itertools
 import math
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from stepflash.config import ModelConfig
 from stepflash.engine.kv_cache import FULL, SLIDING, KVCacheManager
-from stepflash.engine.runner import ModelRunner, kv_bytes_per_block
+from stepflash.engine.runner import Chunk, ModelRunner, kv_bytes_per_block
 from stepflash.engine.sampler import Sampler, top_logprobs
-from stepflash.engine.scheduler import Scheduler, SchedulerOutput
+from stepflash.engine.scheduler import Scheduler
 from stepflash.engine.sequence import Sequence
+from stepflash.engine.speculative import MTPDrafter, SpecStats, verify
 from stepflash.model.loader import load_model
 from stepflash.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from stepflash.sampling import SamplingParams
@@ -37,6 +38,7 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds requests that bring no seed of their own
+    mtp: int | None = None  # MTP drafts per step (speculative decoding); None: the checkpoint's MTP modules
 
 
 @dataclass
@@ -47,6 +49,8 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_hit_rate: float
     num_steps: int
+    num_mtp: int  # drafts per verify step (0: no speculative decoding)
+    spec: SpecStats
 
 
 @dataclass
@@ -59,6 +63,7 @@ class Request:
     metrics: RequestMetrics
     prompt_logprobs: list[dict[int, float] | None] | None = None
     pending_forks: int = 0  # siblings (n > 1) still to fork off seqs[0] once the prompt is computed
+    spec: SpecStats = field(default_factory=SpecStats)
 
     @property
     def finished(self) -> bool:
@@ -72,16 +77,18 @@ class KVPlan:
 
 
 def plan_kv_cache(cfg: ModelConfig, layer_ids: list[int], ec: EngineConfig, dtype: torch.dtype,
-                  budget: int) -> KVPlan:
-    """Split the byte budget: sliding layers get what max_num_seqs windows (+ one step's tokens)
-    need, full-attention layers get all the rest, so context length is limited by full layers alone."""
+                  budget: int, num_mtp: int = 0) -> KVPlan:
+    """Split the byte budget: sliding layers get what max_num_seqs windows (+ one step's tokens,
+    + 2 x num_mtp speculative positions) need, full-attention layers get all the rest, so context
+    length is limited by full layers alone. `layer_ids` lists every layer with a cache (MTP ones too)."""
     bs = ec.block_size
     by_kind = {kind: [i for i in layer_ids if (cfg.layers[i].sliding_window) == (kind == SLIDING)]
                for kind in (FULL, SLIDING)}
-    bpb = {kind: kv_bytes_per_block(cfg, ids, bs, dtype) for kind, ids in by_kind.items()}
+    bpb = {kind: kv_bytes_per_block(cfg, ids, bs, dtype, num_mtp if kind == SLIDING else 0)
+           for kind, ids in by_kind.items()}
     sliding = 0
     if by_kind[SLIDING]:
-        per_seq = math.ceil((cfg.sliding_window - 1) / bs) + 2
+        per_seq = math.ceil((cfg.sliding_window - 1 + 2 * num_mtp) / bs) + 2
         sliding = ec.max_num_seqs * per_seq + math.ceil(ec.max_num_batched_tokens / bs)
     wanted_len = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     if not by_kind[FULL]:
@@ -108,10 +115,11 @@ def default_kv_budget(device: torch.device, cfg: ModelConfig, layer_ids: list[in
     full_ids = [i for i in layer_ids if not cfg.layers[i].sliding_window]
     sliding_ids = [i for i in layer_ids if cfg.layers[i].sliding_window]
     full_blocks = ec.max_num_seqs * (math.ceil(length / ec.block_size) + 1)
-    sliding_blocks = ec.max_num_seqs * (math.ceil(cfg.sliding_window / ec.block_size) + 2) + math.ceil(
+    sliding_blocks = ec.max_num_seqs * (math.ceil(cfg.sliding_window / ec.block_size) + 3) + math.ceil(
         ec.max_num_batched_tokens / ec.block_size)
+    num_mtp = len(layer_ids) - len(cfg.decoder_layers)
     want = (full_blocks * kv_bytes_per_block(cfg, full_ids, ec.block_size, dtype)
-            + sliding_blocks * kv_bytes_per_block(cfg, sliding_ids, ec.block_size, dtype))
+            + sliding_blocks * kv_bytes_per_block(cfg, sliding_ids, ec.block_size, dtype, num_mtp))
     return min(want, _available_memory() // 4)
 
 
@@ -132,20 +140,26 @@ class LLMEngine:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         device = torch.device(ec.device if ec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        self.model = load_model(model_dir, device=device, dtype=ec.dtype, num_mtp=0)
-        cfg = self.model_config = self.model.config
+        cfg = self.model_config = ModelConfig.from_pretrained(model_dir)
+        self.num_mtp = cfg.num_mtp_layers if ec.mtp is None else ec.mtp
+        if not 0 <= self.num_mtp <= cfg.num_mtp_layers:
+            raise ValueError(f"mtp={ec.mtp}: the checkpoint has {cfg.num_mtp_layers} MTP modules, "
+                             f"so mtp must be in 0..{cfg.num_mtp_layers}")
+        self.model = load_model(model_dir, device=device, dtype=ec.dtype, num_mtp=self.num_mtp)
         dtype = self.model.lm_head.weight.dtype
-        layer_ids = [s.index for s in cfg.decoder_layers]
+        layer_ids = [s.index for s in cfg.decoder_layers + cfg.mtp_layers[:self.num_mtp]]
         budget = ec.kv_cache_bytes or default_kv_budget(device, cfg, layer_ids, ec, dtype)
-        plan = plan_kv_cache(cfg, layer_ids, ec, dtype, budget)
+        plan = plan_kv_cache(cfg, layer_ids, ec, dtype, budget, self.num_mtp)
         self.max_model_len = plan.max_model_len
         self.kv = KVCacheManager(ec.block_size, plan.num_blocks[FULL], plan.num_blocks[SLIDING],
-                                 cfg.sliding_window, ec.enable_prefix_caching)
+                                 cfg.sliding_window, ec.enable_prefix_caching, track_mtp=self.num_mtp > 0)
         self.scheduler = Scheduler(self.kv, ec.max_num_seqs, ec.max_num_batched_tokens,
                                    watermark_blocks=plan.num_blocks[FULL] // 100)
         self.runner = ModelRunner(self.model, plan.num_blocks, ec.block_size)
         self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids))
         self.sampler = Sampler(self.eos_token_ids)
+        self.drafter = MTPDrafter(self.runner, self.kv, self.sampler, self.num_mtp) if self.num_mtp else None
+        self.spec = SpecStats()
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(ec.seed)
@@ -228,27 +242,40 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample, and report every request that changed."""
+        """Schedule, run the target once (verifying MTP drafts), sample, draft; report every request that changed."""
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
         self.num_steps += 1
         now = time.monotonic()
-        rows, prompt_rows, sample_seqs = self._logit_rows(sched)
-        logits = self.runner.execute(sched, rows + [r for r, _, _ in prompt_rows])
-        self.scheduler.commit(sched)
-        touched = {s.seq.request_id: self.requests[s.seq.request_id] for s in sched.scheduled}
+        chunks = [Chunk(s.seq, s.seq.num_computed, (s.seq.token_ids + s.seq.draft_ids)[
+            s.seq.num_computed:s.seq.num_computed + s.num_new]) for s in sched.scheduled]
+        rows, prompt_rows, samples = self._logit_rows(chunks)
+        logits = self.runner.execute(chunks, sched.copies, rows + [r for r, _, _ in prompt_rows])
+        touched = {c.seq.request_id: self.requests[c.seq.request_id] for c in chunks}
         for request in touched.values():
             request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
         self._record_prompt_logprobs(logits[len(rows):], prompt_rows)
-        seqs, seq_rows = self._fork_pending(sample_seqs)
-        sample_logits = logits[: len(rows)]
-        if seq_rows != list(range(len(rows))):  # forked siblings sample from their parent's row
-            sample_logits = sample_logits.index_select(0, torch.tensor(seq_rows, device=logits.device))
-        tokens, logprobs = self.sampler(sample_logits, seqs)
+        verifying = [c for c in chunks if c.end > c.seq.num_tokens]  # they carry drafts
+        for chunk in chunks:
+            if chunk.end <= chunk.seq.num_tokens:
+                self.kv.commit(chunk.seq.blocks, chunk.seq.token_ids, chunk.end)
+        emitted = self._sample(logits[: len(rows)], samples)
+        for chunk in verifying:  # positions after the last accepted draft are scratch: drop their blocks
+            seq, tokens = chunk.seq, [t for t, _ in emitted[chunk.seq]]
+            self.kv.commit(seq.blocks, seq.token_ids + tokens, chunk.start + len(tokens))
+            self.kv.trim(seq.blocks)
         now = time.monotonic()
-        for seq, token, lp in zip(seqs, tokens, logprobs):
-            self._append_token(seq, token, lp, now)
+        for seq, tokens in emitted.items():
+            for token, logprobs in tokens:
+                if seq.finished:
+                    break
+                self._append_token(seq, token, logprobs, now)
+        if self.drafter is not None:
+            running = [s for s in dict.fromkeys([c.seq for c in chunks] + list(emitted)) if not s.finished]
+            self.drafter.propose(running)
+            for seq in running:
+                self.kv.commit(seq.blocks, seq.token_ids, seq.num_computed)
         outputs = [self._output(r) for r in touched.values()]
         for request in touched.values():
             if request.finished:
@@ -256,23 +283,50 @@ class LLMEngine:
                 del self.requests[request.request_id]
         return outputs
 
-    def _logit_rows(self, sched: SchedulerOutput) -> tuple[list[int], list[tuple[int, Sequence, int]], list[Sequence]]:
-        """Rows to sample from (a sequence whose last known token was just computed), and rows
-        whose logits score the next prompt token (prompt_logprobs)."""
-        rows, prompt_rows, sample_seqs = [], [], []
+    def _logit_rows(self, chunks: list[Chunk]) -> tuple[list[int], list[tuple[int, Sequence, int]],
+                                                        list[tuple[Sequence, int, list[int]]]]:
+        """Rows to sample from: for a sequence whose newest token was just computed, its row and one
+        per draft after it, as (seq, first of its rows, drafts); and rows whose logits score the next
+        prompt token (prompt_logprobs)."""
+        rows, prompt_rows, samples = [], [], []
         row = 0
-        for s in sched.scheduled:
-            seq, start = s.seq, s.seq.num_computed
-            end = start + s.num_new
+        for chunk in chunks:
+            seq, start, end = chunk.seq, chunk.start, chunk.end
             if seq.params.prompt_logprobs is not None and seq.index == 0:
                 recorded = len(self.requests[seq.request_id].prompt_logprobs)
                 for p in range(max(start, recorded - 1), min(end, seq.num_prompt_tokens - 1)):
                     prompt_rows.append((row + p - start, seq, p + 1))
-            if end == seq.num_tokens:
-                rows.append(row + s.num_new - 1)
-                sample_seqs.append(seq)
-            row += s.num_new
-        return rows, prompt_rows, sample_seqs
+            if end >= seq.num_tokens:
+                newest = seq.num_tokens - 1
+                samples.append((seq, len(rows), chunk.ids[newest - start + 1:]))
+                rows += range(row + newest - start, row + len(chunk.ids))
+            row += len(chunk.ids)
+        return rows, prompt_rows, samples
+
+    def _sample(self, logits: torch.Tensor, samples: list[tuple[Sequence, int, list[int]]]
+                ) -> dict[Sequence, list[tuple[int, dict[int, float] | None]]]:
+        """Tokens (with logprobs) each sequence emits: one sampled token, or a verify step's
+        accepted drafts and the target's token. n > 1 siblings fork here off a finished prompt."""
+        plain = [(seq, first) for seq, first, drafts in samples if not drafts]
+        seqs, which = self._fork_pending([seq for seq, _ in plain])
+        emitted: dict[Sequence, list[tuple[int, dict[int, float] | None]]] = {}
+        if seqs:
+            rows = torch.tensor([plain[i][1] for i in which], device=logits.device)
+            tokens, logprobs = self.sampler(logits.index_select(0, rows), seqs)
+            for seq, token, lp in zip(seqs, tokens, logprobs):
+                emitted[seq] = [(token, lp)]
+        for seq, first, drafts in samples:
+            if not drafts:
+                continue
+            rows = logits[first:first + len(drafts) + 1]
+            probs = seq.draft_probs[: len(drafts)] if seq.draft_probs is not None else None
+            tokens = verify(self.sampler, rows, seq, drafts, probs)
+            raw = rows.log_softmax(-1) if seq.params.logprobs is not None else None
+            emitted[seq] = [(t, None if raw is None else top_logprobs(raw[i], seq.params.logprobs, t))
+                            for i, t in enumerate(tokens)]
+            self.spec.record(len(drafts), len(tokens) - 1)
+            self.requests[seq.request_id].spec.record(len(drafts), len(tokens) - 1)
+        return emitted
 
     def _record_prompt_logprobs(self, logits: torch.Tensor, prompt_rows: list[tuple[int, Sequence, int]]) -> None:
         if not prompt_rows:
@@ -294,6 +348,7 @@ class LLMEngine:
                 index = len(request.seqs)
                 child = self._new_sequence(request, index, list(seq.token_ids), seq.generator.initial_seed())
                 child.blocks = self.kv.fork(seq.blocks)
+                child.blocks.mtp_computed = child.num_computed  # the parent's MTP pass fills the shared prompt
                 self.scheduler.add_running(child)
                 request.seqs.append(child)
                 request.pending_forks -= 1
@@ -369,7 +424,7 @@ class LLMEngine:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_blocks=self.kv.usage(), num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_hit_rate=self.kv.prefix_hits / self.kv.prefix_queries if self.kv.prefix_queries else 0.0,
-            num_steps=self.num_steps,
+            num_steps=self.num_steps, num_mtp=self.num_mtp, spec=self.spec,
         )
 
 

@@ -9,6 +9,11 @@ Prefix caching: a full block of tokens is named by a hash chained over all token
 keep their hash after release (in LRU order) until they are reused, so a later prompt with the same
 prefix picks them up. A hit of h blocks counts only if the full pool holds blocks 0..h-1 and the
 sliding pool holds every block the next query still needs (those covering the last window).
+
+With MTP, a sequence's MTP caches (MTP layers' KV and the hidden states they chain on, all in
+sliding blocks) are filled after the target's, up to `mtp_computed`; blocks are named for the
+prefix cache, and sliding blocks released, only once both are past them. Speculative positions
+written beyond num_computed are scratch: `trim` drops blocks that hold nothing else.
 """
 
 from collections import OrderedDict
@@ -72,6 +77,7 @@ class BlockTables:
     sliding: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)  # hashes of its full, computed blocks
     num_computed: int = 0  # positions whose KV is in the cache
+    mtp_computed: int = 0  # positions whose MTP caches are filled (when the manager tracks MTP)
 
     def table(self, kind: str) -> list[int]:
         return self.full if kind == FULL else self.sliding
@@ -88,13 +94,14 @@ class BlockCopy:
 
 class KVCacheManager:
     def __init__(self, block_size: int, num_full_blocks: int, num_sliding_blocks: int, window: int,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, track_mtp: bool = False) -> None:
         if block_size <= 0 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
         self.block_size, self.window = block_size, window
         self.pools = {FULL: BlockPool(num_full_blocks), SLIDING: BlockPool(num_sliding_blocks)}
         self.kinds = [k for k, n in ((FULL, num_full_blocks), (SLIDING, num_sliding_blocks)) if n > 0]
         self.enable_prefix_caching = enable_prefix_caching
+        self.track_mtp = track_mtp
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
 
@@ -136,11 +143,13 @@ class KVCacheManager:
         return copies
 
     def commit(self, tables: BlockTables, token_ids: list[int], num_computed: int) -> None:
-        """After a step computed positions up to `num_computed`: name newly full blocks for the
-        prefix cache, then release sliding blocks no later query can read."""
+        """After a step computed positions up to `num_computed` (and, with MTP, the MTP caches up to
+        tables.mtp_computed): name newly complete blocks for the prefix cache, then release sliding
+        blocks no later query can read."""
         tables.num_computed = num_computed
+        ready = min(num_computed, tables.mtp_computed) if self.track_mtp else num_computed
         bs = self.block_size
-        while len(tables.hashes) < num_computed // bs:
+        while len(tables.hashes) < ready // bs:
             i = len(tables.hashes)
             parent = tables.hashes[-1] if tables.hashes else 0
             block_hash = hash((parent, tuple(token_ids[i * bs:(i + 1) * bs])))
@@ -152,10 +161,20 @@ class KVCacheManager:
                         self.pools[kind].register(block, block_hash)
         if SLIDING in self.kinds:
             pool = self.pools[SLIDING]
-            for i in range(min(self._first_needed_block(num_computed), len(tables.sliding))):
+            for i in range(min(self._first_needed_block(ready), len(tables.sliding))):
                 if tables.sliding[i] != NO_BLOCK:
                     pool.release(tables.sliding[i])
                     tables.sliding[i] = NO_BLOCK
+
+    def trim(self, tables: BlockTables) -> None:
+        """Release blocks past the last computed position (held for rejected speculative tokens)."""
+        keep = -(-tables.num_computed // self.block_size)
+        for kind in self.kinds:
+            table = tables.table(kind)
+            while len(table) > keep:
+                block = table.pop()
+                if block != NO_BLOCK:
+                    self.pools[kind].release(block)
 
     # -- prefix cache ---------------------------------------------------------------------------
     def match_prefix(self, tables: BlockTables, token_ids: list[int]) -> int:
@@ -182,7 +201,7 @@ class KVCacheManager:
                 pool.retain(block)
                 table.append(block)
         tables.hashes = hashes[:hit]
-        tables.num_computed = hit * bs
+        tables.num_computed = tables.mtp_computed = hit * bs
         self.prefix_hits += hit * bs
         return hit * bs
 
@@ -196,7 +215,8 @@ class KVCacheManager:
     # -- lifetime -------------------------------------------------------------------------------
     def fork(self, parent: BlockTables) -> BlockTables:
         """A child sharing every block of `parent` (copy-on-write on its next append)."""
-        child = BlockTables(list(parent.full), list(parent.sliding), list(parent.hashes), parent.num_computed)
+        child = BlockTables(list(parent.full), list(parent.sliding), list(parent.hashes), parent.num_computed,
+                            parent.mtp_computed)
         for kind in self.kinds:
             for block in child.table(kind):
                 if block != NO_BLOCK:
@@ -211,7 +231,7 @@ class KVCacheManager:
                     self.pools[kind].release(block)
             table.clear()
         tables.hashes.clear()
-        tables.num_computed = 0
+        tables.num_computed = tables.mtp_computed = 0
 
     def usage(self) -> dict[str, dict[str, int]]:
         return {kind: {"total": p.num_blocks, "free": p.num_free, "used": p.num_blocks - p.num_free}

@@ -3,7 +3,12 @@
 `PagedContext` is attention over the paged cache in plain PyTorch, the reference twin for the GPU
 kernels: each layer writes this step's keys/values at their slots, then gathers every key a query
 may see through the sequence's block table. Decoding sequences (one query each) are gathered as
-one padded batch; each sequence with several queries (a prefill chunk) is its own group.
+one padded batch; each sequence with several queries (a prefill chunk or a verify step) is its own group.
+
+With MTP, the runner also keeps, per position, the hidden state each MTP module chains on: level 0
+is the target's last hidden state (before the final norm), level d the output of MTP module d. These
+"hidden caches" live in the sliding pool's blocks like the MTP layers' own KV, so prefix hits,
+copy-on-write and window release treat them exactly like KV.
 """
 
 from dataclasses import dataclass
@@ -12,14 +17,30 @@ import torch
 
 from stepflash.config import ModelConfig
 from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy
-from stepflash.engine.scheduler import ScheduledSeq, SchedulerOutput
+from stepflash.engine.sequence import Sequence
 from stepflash.model.attention import attention, attention_mask
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 
 
-def kv_bytes_per_block(cfg: ModelConfig, layer_ids: list[int], block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(cfg: ModelConfig, layer_ids: list[int], block_size: int, dtype: torch.dtype,
+                       hidden_levels: int = 0) -> int:
+    """Bytes one block takes in every layer of `layer_ids`, plus `hidden_levels` MTP hidden caches."""
     item = torch.empty((), dtype=dtype).element_size()
-    return sum(2 * block_size * cfg.layers[i].num_kv_heads * cfg.layers[i].head_dim * item for i in layer_ids)
+    kv = sum(2 * block_size * cfg.layers[i].num_kv_heads * cfg.layers[i].head_dim * item for i in layer_ids)
+    return kv + hidden_levels * block_size * cfg.hidden_size * item
+
+
+@dataclass
+class Chunk:
+    """Tokens `ids` of `seq` at positions start, start + 1, ... computed in one forward."""
+
+    seq: Sequence
+    start: int
+    ids: list[int]
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.ids)
 
 
 @dataclass
@@ -73,56 +94,88 @@ class ModelRunner:
                                        dtype=self.dtype, device=self.device) for _ in range(2))
             for s in layers
         }
+        self.num_mtp = len(model.mtp)
+        hidden_rows = num_blocks.get(SLIDING, 0) * block_size
+        self.hidden = [torch.zeros(hidden_rows, cfg.hidden_size, dtype=self.dtype, device=self.device)
+                       for _ in range(self.num_mtp)]  # level d: what MTP module d chains on, per slot
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, logit_rows: list[int]) -> torch.Tensor:
-        """Run one step; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
-        self._copy_blocks(sched.copies)
-        ids, positions, ctx = self._prepare(sched)
+    def execute(self, chunks: list[Chunk], copies: list[BlockCopy], logit_rows: list[int]) -> torch.Tensor:
+        """Run the target over `chunks`; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
+        self.copy_blocks(copies)
+        ids, positions, ctx = self._prepare(chunks)
         hidden = self.model(ids, positions, ctx)
-        return self.model.compute_logits(hidden.index_select(0, torch.tensor(logit_rows, dtype=torch.long,
-                                                                              device=self.device)))
+        if self.hidden:
+            self.hidden[0].index_copy_(0, ctx.slots[SLIDING], hidden)
+        return self.model.compute_logits(hidden.index_select(0, self._tensor(logit_rows)))
 
-    def _copy_blocks(self, copies: list[BlockCopy]) -> None:
+    @torch.inference_mode()
+    def execute_mtp(self, depth: int, chunks: list[Chunk], logit_rows: list[int]) -> torch.Tensor:
+        """MTP module `depth` over `chunks`: each position p chains on hidden level `depth` at p - 1
+        (zeros before position 0) and the token at p; its output is stored as level depth + 1.
+        Returns fp32 logits of its head for the flat rows `logit_rows`."""
+        ids, positions, ctx = self._prepare(chunks)
+        prev_slots = [slot for c in chunks for slot in self._previous_slots(c)]
+        prev = self.hidden[depth].index_select(0, self._tensor(prev_slots))
+        prev = prev.masked_fill((positions == 0)[:, None], 0.0)
+        z = self.model.mtp_hidden(depth, ids, prev, positions, ctx)
+        if depth + 1 < self.num_mtp:
+            self.hidden[depth + 1].index_copy_(0, ctx.slots[SLIDING], z)
+        return self.model.mtp_logits(depth, z.index_select(0, self._tensor(logit_rows)))
+
+    def _previous_slots(self, chunk: Chunk) -> list[int]:
+        """Slots of positions start - 1 .. end - 2; position -1 (no predecessor) reads position 0's
+        slot, and the caller zeroes that row."""
+        bs, table = self.block_size, chunk.seq.blocks.sliding
+        if chunk.start > 0:
+            return _slots(table, chunk.start - 1, chunk.end - 1, bs)
+        return _slots(table, 0, 1, bs) + _slots(table, 0, chunk.end - 1, bs)
+
+    def copy_blocks(self, copies: list[BlockCopy]) -> None:
         for c in copies:
             for layer, (k, v) in self.caches.items():
                 if self.kind_of[layer] == c.kind:
                     k[c.dst] = k[c.src]
                     v[c.dst] = v[c.src]
+            if c.kind == SLIDING:
+                bs = self.block_size
+                for level in self.hidden:
+                    level[c.dst * bs:(c.dst + 1) * bs] = level[c.src * bs:(c.src + 1) * bs]
 
-    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
         ids, positions = [], []
         slots: dict[str, list[int]] = {kind: [] for kind in self.kinds}
         decode, groups = [], []
         bs = self.block_size
-        for s in sched.scheduled:
-            seq, start = s.seq, s.seq.num_computed
-            member = (len(ids), s)
-            ids += seq.token_ids[start:start + s.num_new]
-            positions += range(start, start + s.num_new)
+        for chunk in chunks:
+            member = (len(ids), chunk)
+            ids += chunk.ids
+            positions += range(chunk.start, chunk.end)
             for kind in self.kinds:
-                slots[kind] += _slots(seq.blocks.table(kind), start, start + s.num_new, bs)
-            if s.num_new == 1:
+                slots[kind] += _slots(chunk.seq.blocks.table(kind), chunk.start, chunk.end, bs)
+            if len(chunk.ids) == 1:
                 decode.append(member)
             else:
                 groups.append(self._group([member]))
         if decode:
             groups.append(self._group(decode))
-        t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        ctx = PagedContext(self.caches, self.kind_of, {k: t(v) for k, v in slots.items()}, groups)
-        return t(ids), t(positions), ctx
+        ctx = PagedContext(self.caches, self.kind_of, {k: self._tensor(v) for k, v in slots.items()}, groups)
+        return self._tensor(ids), self._tensor(positions), ctx
 
-    def _group(self, members: list[tuple[int, ScheduledSeq]]) -> Group:
+    def _group(self, members: list[tuple[int, Chunk]]) -> Group:
         """Padded query rows and, per layer kind, the key slots each query may read and its mask.
         Built once per step and shared by every layer of a kind."""
         t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         row0 = t([r for r, _ in members])[:, None]
-        num_new = t([s.num_new for _, s in members])[:, None]
-        start = t([s.seq.num_computed for _, s in members])[:, None]
+        num_new = t([len(c.ids) for _, c in members])[:, None]
+        start = t([c.start for _, c in members])[:, None]
         end = start + num_new
-        q_len = max(s.num_new for _, s in members)
+        q_len = max(len(c.ids) for _, c in members)
         q_offsets = torch.arange(q_len, device=self.device)[None, :]
-        padded = any(s.num_new != q_len for _, s in members)
+        padded = any(len(c.ids) != q_len for _, c in members)
         q_valid = q_offsets < num_new
         q_pos = start + torch.where(q_valid, q_offsets, 0)
         keys = {}
@@ -131,7 +184,7 @@ class ModelRunner:
             k_pos = lo + torch.arange(int((end - lo).max()), device=self.device)[None, :]
             k_valid = k_pos < end
             k_pos = torch.where(k_valid, k_pos, lo)
-            tables = [s.seq.blocks.table(kind) for _, s in members]
+            tables = [c.seq.blocks.table(kind) for _, c in members]
             width = max(len(x) for x in tables)
             table = t([x + [0] * (width - len(x)) for x in tables]).clamp(min=0)  # NO_BLOCK never read
             slots = table.gather(1, k_pos // self.block_size) * self.block_size + k_pos % self.block_size

@@ -5,21 +5,43 @@ takes argmax(p / E) (equivalent to sampling from p). A sequence's draws therefor
 seed and its own step count, never on what else is in the batch.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from stepflash.engine.sequence import Sequence
+from stepflash.sampling import SamplingParams
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+@dataclass
+class RowContext:
+    """What the logit processors need to know about the sequence a row of logits continues."""
+
+    params: SamplingParams
+    token_ids: list[int]  # the tokens before the one this row predicts (prompt first)
+    num_prompt_tokens: int
+    generator: torch.Generator
+
+    @classmethod
+    def of(cls, seq: Sequence, extra: list[int] | None = None) -> "RowContext":
+        """The row after `seq`'s tokens, followed by `extra` (speculative tokens) when given."""
+        return cls(seq.params, seq.token_ids + extra if extra else seq.token_ids, seq.num_prompt_tokens, seq.generator)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     """Repetition (prompt + output tokens), presence and frequency (output tokens) penalties."""
-    for row, seq in enumerate(seqs):
-        p = seq.params
+    for row, ctx in enumerate(rows):
+        p = ctx.params
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+            seen = torch.tensor(sorted(set(ctx.token_ids)), device=logits.device)
             vals = logits[row, seen]
             logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.presence_penalty or p.frequency_penalty:
-            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+            out = torch.tensor(ctx.token_ids[ctx.num_prompt_tokens:], dtype=torch.long, device=logits.device)
             counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
@@ -50,37 +72,44 @@ def top_logprobs(logprobs: torch.Tensor, k: int, chosen: int) -> dict[int, float
     return result
 
 
+def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One draw from unnormalised probabilities: argmax(p / E) with E ~ Exp(1) from `generator`."""
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return int((probs / noise).argmax())
+
+
 class Sampler:
     def __init__(self, eos_token_ids: list[int]) -> None:
         self.eos_token_ids = eos_token_ids
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
+    def __call__(self, logits: torch.Tensor, rows: list[RowContext]) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [B, V] fp32, one row per sequence -> (tokens, logprobs dict or None per row)."""
-        raw_logprobs = logits.log_softmax(-1) if any(s.params.logprobs is not None for s in seqs) else None
-        logits = self._processed(logits, seqs)
+        raw_logprobs = logits.log_softmax(-1) if any(r.params.logprobs is not None for r in rows) else None
+        logits = self.processed(logits, rows)
         greedy = logits.argmax(-1).tolist()  # one op for all rows; sampled rows are redone below
         tokens, logprobs = [], []
-        for row, seq in enumerate(seqs):
-            p = seq.params
-            token = greedy[row]
-            if not p.greedy:
-                row_logits = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p, p.min_p)
-                noise = torch.empty_like(row_logits).exponential_(generator=seq.generator)
-                token = int((row_logits.softmax(-1) / noise).argmax())
+        for row, ctx in enumerate(rows):
+            p = ctx.params
+            token = greedy[row] if p.greedy else sample(self.probs(logits[row], p), ctx.generator)
             tokens.append(token)
             logprobs.append(None if p.logprobs is None else top_logprobs(raw_logprobs[row], p.logprobs, token))
         return tokens, logprobs
 
-    def _processed(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    @staticmethod
+    def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """The distribution a sampled (temperature > 0) row draws from, after top-k / top-p / min-p."""
+        return filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
+
+    def processed(self, logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
         """Penalties, logit bias, and stop tokens banned until min_tokens; a copy only when something applies."""
-        banned = {row: s.params.stop_token_ids + ([] if s.params.ignore_eos else self.eos_token_ids)
-                  for row, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens}
-        penalised = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
-                        for s in seqs)
-        biased = {row: s.params.logit_bias for row, s in enumerate(seqs) if s.params.logit_bias}
+        banned = {row: r.params.stop_token_ids + ([] if r.params.ignore_eos else self.eos_token_ids)
+                  for row, r in enumerate(rows) if r.num_output_tokens < r.params.min_tokens}
+        penalised = any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
+                        for r in rows)
+        biased = {row: r.params.logit_bias for row, r in enumerate(rows) if r.params.logit_bias}
         if not banned and not penalised and not biased:
             return logits
-        logits = apply_penalties(logits.clone(), seqs) if penalised else logits.clone()
+        logits = apply_penalties(logits.clone(), rows) if penalised else logits.clone()
         for row, bias in biased.items():
             logits[row, list(bias)] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
         for row, ids in banned.items():

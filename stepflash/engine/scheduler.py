@@ -1,6 +1,7 @@
 """Continuous batching: which sequences compute how many tokens this step.
 
-Each step fills a token budget: running decodes first (one token each), then running prefills
+Each step fills a token budget: running decodes first (one token each, plus its MTP drafts to
+verify), then running prefills
 continue (chunked: a long prompt takes what the budget leaves, over as many steps as it needs), then
 waiting sequences are admitted in FIFO order while blocks and sequence slots allow. When the KV pool
 cannot hold a running sequence's next tokens, the newest running sequence is preempted: its blocks
@@ -57,7 +58,7 @@ class Scheduler:
                 break
             if seq.status != Status.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            num_new = min(seq.num_tokens + len(seq.draft_ids) - seq.num_computed, budget)  # + drafts to verify
             while not self.kv.can_append(seq.blocks, num_new):
                 victim = next(s for s in reversed(self.running) if not _is_scheduled(s, out))
                 self._preempt(victim)
@@ -86,12 +87,6 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def commit(self, out: SchedulerOutput) -> None:
-        """The step's KV is written: advance each sequence (prefix-cache names, sliding release)."""
-        for s in out.scheduled:
-            if s.seq.status == Status.RUNNING:
-                self.kv.commit(s.seq.blocks, s.seq.token_ids, s.seq.num_computed + s.num_new)
-
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """End a sequence (stop, length or abort) and free everything it holds, wherever it is."""
         if seq.status == Status.RUNNING:
@@ -109,6 +104,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq.blocks)
+        seq.draft_ids, seq.draft_probs = [], None
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

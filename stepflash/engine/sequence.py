@@ -34,6 +34,8 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    draft_ids: list[int] = field(default_factory=list)  # MTP drafts for the next verify step
+    draft_probs: torch.Tensor | None = None  # [len(draft_ids), vocab]: the q they were sampled from (None: greedy)
 
     @property
     def num_tokens(self) -> int:

@@ -119,11 +119,20 @@ class Step3p5ForCausalLM(nn.Module):
         prev_hidden is the target's pre-norm last hidden state for depth 0, and the previous module's
         pre-norm output for deeper modules (chain style, spec section 4).
         """
+        z = self.mtp_hidden(depth, input_ids, prev_hidden, positions, ctx)
+        return z, self.mtp_logits(depth, z)
+
+    def mtp_hidden(self, depth: int, input_ids: torch.Tensor, prev_hidden: torch.Tensor,
+                   positions: torch.Tensor, ctx: AttentionContext | None = None) -> torch.Tensor:
+        """MTP module `depth`'s pre-norm output (what the next module chains on)."""
         layer: MTPLayer = self.mtp[depth]
         ctx = ctx or BatchLayout.single(input_ids.shape[0])
         rope = rope_tables([layer.spec], positions)
-        z = layer.predict(self.model.embed_tokens(input_ids), prev_hidden, positions, rope, ctx)
-        return z, layer.shared_head.output(layer.shared_head.norm(z)).float()
+        return layer.predict(self.model.embed_tokens(input_ids), prev_hidden, positions, rope, ctx)
+
+    def mtp_logits(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.mtp[depth].shared_head
+        return head.output(head.norm(hidden)).float()
 
 
 def active_weight_bytes(model: Step3p5ForCausalLM) -> int:

@@ -1,0 +1,146 @@
+"""MTP speculative decoding: chained drafts from the MTP modules, and lossless verification.
+
+Positions. MTP module d (0-based) at position p reads the hidden state of level d at p - 1 (level 0:
+the target's last hidden state before the final norm; level d: module d-1's output) and the token at
+p, and predicts the token at p + 1 (spec section 4; the pair (h_t, x_{t+1}) sits at t + 1, as in
+transformers). Its KV and output at p then depend on tokens up to p only, so they can live in the
+sequence's sliding blocks and are shared by prefix hits like any KV.
+
+One pass per step, after the target step: with c = num_computed (every token but the newest has
+target KV), module d computes the rows [mtp_computed, c) whose inputs are all real (filling its
+caches), then, for a decoding sequence, the speculative rows c .. c + d: the newest token, then the
+drafts of modules 0..d-1. Its last row gives draft d + 1. Speculative rows are scratch: the next
+pass starts at c again and overwrites them before anything reads them.
+
+Verification (`verify`): the target scores [newest token, d1, ..., dk] in one forward. Greedy: the
+longest prefix of drafts equal to the target's argmax, then the target's token. Sampling: draft d_i
+is kept with probability min(1, p(d_i) / q(d_i)); the first rejected position draws from
+norm(max(0, p - q)); if all are kept, a bonus token is drawn from p. p and q are both the processed
+distributions (penalties, bias, temperature, top-k/p, min-p) given the tokens before the row, so the
+output has exactly the target's distribution.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from stepflash.engine.kv_cache import KVCacheManager
+from stepflash.engine.runner import Chunk, ModelRunner
+from stepflash.engine.sampler import RowContext, Sampler, sample
+from stepflash.engine.sequence import Sequence
+
+
+@dataclass
+class SpecStats:
+    """Draft and acceptance counts (per engine, or per request)."""
+
+    num_verify_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        self.num_verify_steps += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        width = max(len(self.drafted_per_position), num_drafts)
+        self.drafted_per_position += [0] * (width - len(self.drafted_per_position))
+        self.accepted_per_position += [0] * (width - len(self.accepted_per_position))
+        for i in range(num_drafts):
+            self.drafted_per_position[i] += 1
+        for i in range(num_accepted):
+            self.accepted_per_position[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens emitted per verify step (accepted drafts + the target's own token)."""
+        return 1 + self.num_accepted_tokens / self.num_verify_steps if self.num_verify_steps else 0.0
+
+
+class MTPDrafter:
+    def __init__(self, runner: ModelRunner, kv: KVCacheManager, sampler: Sampler, num_drafts: int) -> None:
+        if not 0 < num_drafts <= runner.num_mtp:
+            raise ValueError(f"num_drafts={num_drafts} needs that many MTP modules (runner has {runner.num_mtp})")
+        self.runner, self.kv, self.sampler, self.num_drafts = runner, kv, sampler, num_drafts
+
+    def propose(self, seqs: list[Sequence]) -> None:
+        """Fill every MTP cache of `seqs` up to num_computed and set fresh drafts on each sequence
+        that is decoding (drafts stay empty where the KV pool has no room for their scratch rows)."""
+        k = self.num_drafts
+        drafting = []
+        copies = []
+        for seq in seqs:
+            seq.draft_ids, seq.draft_probs = [], None
+            if seq.num_tokens - seq.num_computed == 1 and self.kv.can_append(seq.blocks, k):
+                copies += self.kv.append(seq.blocks, k)
+                drafting.append(seq)
+        self.runner.copy_blocks(copies)
+        wants = set(drafting)
+        probs: dict[Sequence, list[torch.Tensor]] = {seq: [] for seq in drafting}
+        for depth in range(self.runner.num_mtp):
+            chunks, logit_rows, row = [], [], 0
+            for seq in seqs:
+                start = seq.blocks.mtp_computed
+                end = seq.num_computed + (depth + 1 if seq in wants and depth < k else 0)
+                if end > start:
+                    chunks.append(Chunk(seq, start, (seq.token_ids + seq.draft_ids)[start:end]))
+                    row += end - start
+                    if seq in wants and depth < k:
+                        logit_rows.append(row - 1)
+            if not chunks:
+                break
+            logits = self.runner.execute_mtp(depth, chunks, logit_rows)
+            if depth < k:
+                for seq, row_logits in zip(drafting, logits):
+                    token, q = self._draft(seq, row_logits)
+                    seq.draft_ids.append(token)
+                    if q is not None:
+                        probs[seq].append(q)
+        for seq in drafting:
+            if probs[seq]:
+                seq.draft_probs = torch.stack(probs[seq])
+        for seq in seqs:
+            seq.blocks.mtp_computed = seq.num_computed
+
+    def _draft(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        processed = self.sampler.processed(logits[None], [RowContext.of(seq, seq.draft_ids)])[0]
+        if seq.params.greedy:
+            return int(processed.argmax()), None
+        q = self.sampler.probs(processed, seq.params)
+        return sample(q, seq.generator), q
+
+
+def verify(sampler: Sampler, logits: torch.Tensor, seq: Sequence, drafts: list[int],
+           draft_probs: torch.Tensor | None) -> list[int]:
+    """The tokens a verify step emits: accepted drafts, then one token of the target's own.
+    logits [len(drafts) + 1, V]: row r follows the sequence's tokens and drafts[:r]."""
+    rows = [RowContext.of(seq, drafts[:r]) for r in range(len(drafts) + 1)]
+    processed = sampler.processed(logits, rows)
+    params, gen = seq.params, seq.generator
+    if params.greedy:
+        target = processed.argmax(-1).tolist()
+        out = []
+        for r, d in enumerate(drafts):
+            out.append(target[r])
+            if target[r] != d:
+                return out
+        return out + [target[len(drafts)]]
+    out = []
+    for r, d in enumerate(drafts):
+        p, q = sampler.probs(processed[r], params), draft_probs[r]
+        if float(torch.rand((), generator=gen, device=p.device)) * float(q[d]) <= float(p[d]):
+            out.append(d)
+            continue
+        residual = (p - q).clamp(min=0)
+        out.append(sample(residual if float(residual.sum()) > 0 else p, gen))
+        return out
+    return out + [sample(sampler.probs(processed[len(drafts)], params), gen)]
