@@ -14,6 +14,9 @@ from stepflash.models import default_model_dir
 from stepflash.sampling import SamplingParams
 
 
+MTP_HELP = "MTP drafts per step for speculative decoding, 0 to 3 (default: every MTP module of the checkpoint)"
+
+
 def stream_completion(engine: LLMEngine, prompt: str | list[int], params: SamplingParams,
                       echo: str = "") -> tuple[str, float, int]:
     """Run one request, printing `echo` once it is accepted, then text as it arrives;
@@ -31,16 +34,21 @@ def stream_completion(engine: LLMEngine, prompt: str | list[int], params: Sampli
 
 
 def report_speed(engine: LLMEngine, seconds: float, count: int) -> None:
-    gbps = active_weight_bytes(engine.model) * count / seconds / 1e9 if seconds > 0 else 0.0
+    """Tokens/s, and the weight bandwidth it amounts to (per target forward, so MTP steps count once)."""
+    spec = engine.spec
+    forwards = count - spec.num_accepted_tokens
+    gbps = active_weight_bytes(engine.model) * forwards / seconds / 1e9 if seconds > 0 else 0.0
+    mtp = (f", MTP-{engine.num_mtp}: {spec.mean_accepted_length:.2f} tokens per step, "
+           f"{100 * spec.acceptance_rate:.0f}% of drafts accepted" if engine.num_mtp else "")
     print(f"[{count} tokens in {seconds:.2f} s: {count / max(seconds, 1e-9):.1f} tokens/s, "
-          f"{gbps:.2f} GB/s of active weights]", file=sys.stderr)
+          f"{gbps:.2f} GB/s of active weights{mtp}]", file=sys.stderr)
 
 
 def make_engine(args: argparse.Namespace) -> LLMEngine:
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
-    return LLMEngine(model_dir, EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=1))
+    return LLMEngine(model_dir, EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=1, mtp=args.mtp))
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -89,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine = LLMEngine(model_dir, EngineConfig(
         device=args.device, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=not args.no_prefix_caching))
+        enable_prefix_caching=not args.no_prefix_caching, mtp=args.mtp))
     api_key = args.api_key or os.environ.get("STEPFLASH_API_KEY")
     app = create_app(AsyncLLMEngine(engine), args.served_model_name or model_dir.name, api_key, args.max_queue)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -157,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int)
         p.add_argument("--device", default="auto")
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+        p.add_argument("--mtp", type=int, help=MTP_HELP)
     gen.set_defaults(func=cmd_generate)
     chat.set_defaults(func=cmd_chat)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
@@ -167,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="model id clients use (default: the directory name)")
     serve.add_argument("--device", default="auto")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    serve.add_argument("--mtp", type=int, help=MTP_HELP)
     serve.add_argument("--kv-cache-bytes", type=int)
     serve.add_argument("--max-num-seqs", type=int, default=64)
     serve.add_argument("--max-model-len", type=int)

@@ -4,6 +4,42 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class SpecStats:
+    """Speculative decoding: drafts proposed and accepted (per engine, or per request)."""
+
+    num_verify_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        self.num_verify_steps += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        width = max(len(self.drafted_per_position), num_drafts)
+        self.drafted_per_position += [0] * (width - len(self.drafted_per_position))
+        self.accepted_per_position += [0] * (width - len(self.accepted_per_position))
+        for i in range(num_drafts):
+            self.drafted_per_position[i] += 1
+        for i in range(num_accepted):
+            self.accepted_per_position[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens emitted per verify step (accepted drafts + the target's own token)."""
+        return 1 + self.num_accepted_tokens / self.num_verify_steps if self.num_verify_steps else 0.0
+
+
+@dataclass
 class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None = None
@@ -11,6 +47,7 @@ class RequestMetrics:
     finished_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_generated_tokens: int = 0
+    spec: SpecStats = field(default_factory=SpecStats)  # MTP drafts and acceptance (all of the request's samples)
 
     @property
     def ttft(self) -> float | None:

@@ -179,6 +179,9 @@ def test_metrics_exposed(server, client):
     for name in ("stepflash_time_to_first_token_seconds", "stepflash_num_requests_running",
                  "stepflash_kv_blocks_total", "stepflash_preemptions_total", "stepflash_requests_total"):
         assert name in text
+    tau = next(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("stepflash_spec_decode_mean_accepted_length"))
+    assert tau > 1.5  # the scripted checkpoint's MTP modules draft its script: most drafts are accepted
 
 
 def test_sigterm_finishes_open_streams_then_exits(ckpt):

@@ -9,7 +9,7 @@ import itertools
 import math
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,9 +20,9 @@ from stepflash.engine.runner import Chunk, ModelRunner, kv_bytes_per_block
 from stepflash.engine.sampler import Sampler, top_logprobs
 from stepflash.engine.scheduler import Scheduler
 from stepflash.engine.sequence import Sequence
-from stepflash.engine.speculative import MTPDrafter, SpecStats, verify
+from stepflash.engine.speculative import MTPDrafter, verify
 from stepflash.model.loader import load_model
-from stepflash.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from stepflash.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecStats
 from stepflash.sampling import SamplingParams
 from stepflash.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -63,7 +63,6 @@ class Request:
     metrics: RequestMetrics
     prompt_logprobs: list[dict[int, float] | None] | None = None
     pending_forks: int = 0  # siblings (n > 1) still to fork off seqs[0] once the prompt is computed
-    spec: SpecStats = field(default_factory=SpecStats)
 
     @property
     def finished(self) -> bool:
@@ -268,14 +267,17 @@ class LLMEngine:
         now = time.monotonic()
         for seq, tokens in emitted.items():
             for token, logprobs in tokens:
-                if seq.finished:
+                if seq.finished:  # stopped inside a verify step: what came after is not its output
+                    seq.blocks.num_computed = min(seq.blocks.num_computed, seq.num_tokens)
                     break
                 self._append_token(seq, token, logprobs, now)
-        if self.drafter is not None:
-            running = [s for s in dict.fromkeys([c.seq for c in chunks] + list(emitted)) if not s.finished]
-            self.drafter.propose(running)
-            for seq in running:
+        if self.drafter is not None:  # sequences that just finished still hold their blocks: fill their
+            stepped = list(dict.fromkeys([c.seq for c in chunks] + list(emitted)))  # MTP caches for the prefix cache
+            self.drafter.propose(stepped)
+            for seq in stepped:
                 self.kv.commit(seq.blocks, seq.token_ids, seq.num_computed)
+                if seq.finished:
+                    self.kv.free(seq.blocks)
         outputs = [self._output(r) for r in touched.values()]
         for request in touched.values():
             if request.finished:
@@ -325,7 +327,7 @@ class LLMEngine:
             emitted[seq] = [(t, None if raw is None else top_logprobs(raw[i], seq.params.logprobs, t))
                             for i, t in enumerate(tokens)]
             self.spec.record(len(drafts), len(tokens) - 1)
-            self.requests[seq.request_id].spec.record(len(drafts), len(tokens) - 1)
+            self.requests[seq.request_id].metrics.spec.record(len(drafts), len(tokens) - 1)
         return emitted
 
     def _record_prompt_logprobs(self, logits: torch.Tensor, prompt_rows: list[tuple[int, Sequence, int]]) -> None:
@@ -387,7 +389,7 @@ class LLMEngine:
         idx, stop = min(hits)
         seq.text = text[: idx + (len(stop) if seq.params.include_stop_str_in_output else 0)]
         seq.pending_text = ""
-        self.scheduler.finish(seq, "stop", stop)
+        self.scheduler.finish(seq, "stop", stop, free=self.drafter is None)
         return True
 
     def _release_safe_text(self, seq: Sequence) -> None:
@@ -408,7 +410,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         self._flush_text(seq)
-        self.scheduler.finish(seq, reason, stop_reason)
+        self.scheduler.finish(seq, reason, stop_reason, free=self.drafter is None)
 
     def _output(self, request: Request) -> RequestOutput:
         request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens

@@ -87,13 +87,15 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
-        """End a sequence (stop, length or abort) and free everything it holds, wherever it is."""
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None, free: bool = True) -> None:
+        """End a sequence (stop, length or abort) and free everything it holds, wherever it is
+        (free=False: the caller frees its blocks later, after filling its MTP caches)."""
         if seq.status == Status.RUNNING:
             self.running.remove(seq)
         elif seq.status == Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        self.kv.free(seq.blocks)
+        if free:
+            self.kv.free(seq.blocks)
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
 
     def add_running(self, seq: Sequence) -> None:

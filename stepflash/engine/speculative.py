@@ -20,50 +20,12 @@ distributions (penalties, bias, temperature, top-k/p, min-p) given the tokens be
 output has exactly the target's distribution.
 """
 
-from dataclasses import dataclass, field
-
 import torch
 
 from stepflash.engine.kv_cache import KVCacheManager
 from stepflash.engine.runner import Chunk, ModelRunner
 from stepflash.engine.sampler import RowContext, Sampler, sample
 from stepflash.engine.sequence import Sequence
-
-
-@dataclass
-class SpecStats:
-    """Draft and acceptance counts (per engine, or per request)."""
-
-    num_verify_steps: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    drafted_per_position: list[int] = field(default_factory=list)
-    accepted_per_position: list[int] = field(default_factory=list)
-
-    def record(self, num_drafts: int, num_accepted: int) -> None:
-        self.num_verify_steps += 1
-        self.num_draft_tokens += num_drafts
-        self.num_accepted_tokens += num_accepted
-        width = max(len(self.drafted_per_position), num_drafts)
-        self.drafted_per_position += [0] * (width - len(self.drafted_per_position))
-        self.accepted_per_position += [0] * (width - len(self.accepted_per_position))
-        for i in range(num_drafts):
-            self.drafted_per_position[i] += 1
-        for i in range(num_accepted):
-            self.accepted_per_position[i] += 1
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
-
-    @property
-    def acceptance_per_position(self) -> list[float]:
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """tau: tokens emitted per verify step (accepted drafts + the target's own token)."""
-        return 1 + self.num_accepted_tokens / self.num_verify_steps if self.num_verify_steps else 0.0
 
 
 class MTPDrafter:
@@ -73,14 +35,14 @@ class MTPDrafter:
         self.runner, self.kv, self.sampler, self.num_drafts = runner, kv, sampler, num_drafts
 
     def propose(self, seqs: list[Sequence]) -> None:
-        """Fill every MTP cache of `seqs` up to num_computed and set fresh drafts on each sequence
-        that is decoding (drafts stay empty where the KV pool has no room for their scratch rows)."""
+        """Fill every MTP cache of `seqs` up to num_computed and set fresh drafts on each unfinished
+        sequence that is decoding (none where the KV pool has no room for their scratch rows)."""
         k = self.num_drafts
         drafting = []
         copies = []
         for seq in seqs:
             seq.draft_ids, seq.draft_probs = [], None
-            if seq.num_tokens - seq.num_computed == 1 and self.kv.can_append(seq.blocks, k):
+            if not seq.finished and seq.num_tokens - seq.num_computed == 1 and self.kv.can_append(seq.blocks, k):
                 copies += self.kv.append(seq.blocks, k)
                 drafting.append(seq)
         self.runner.copy_blocks(copies)

@@ -28,6 +28,15 @@ class ServerMetrics:
         self.preemptions = Gauge("stepflash_preemptions_total", "Sequences preempted so far", registry=r)
         self.prefix_hit_rate = Gauge("stepflash_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache",
                                      registry=r)
+        self.spec_steps = Gauge("stepflash_spec_decode_verify_steps", "MTP verify steps so far", registry=r)
+        self.spec_drafts = Gauge("stepflash_spec_decode_num_draft_tokens", "MTP draft tokens proposed so far",
+                                 registry=r)
+        self.spec_accepted = Gauge("stepflash_spec_decode_num_accepted_tokens", "MTP draft tokens accepted so far",
+                                   registry=r)
+        self.spec_accepted_at = Gauge("stepflash_spec_decode_num_accepted_tokens_per_pos",
+                                      "MTP drafts accepted so far, by draft position", ["position"], registry=r)
+        self.spec_tau = Gauge("stepflash_spec_decode_mean_accepted_length",
+                              "Tokens emitted per verify step (1 + accepted / steps)", registry=r)
 
     def observe_finished(self, out: RequestOutput) -> None:
         m = out.metrics
@@ -48,4 +57,11 @@ class ServerMetrics:
             self.kv_total.labels(kind).set(blocks["total"])
         self.preemptions.set(stats.num_preemptions)
         self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
+        spec = stats.spec
+        self.spec_steps.set(spec.num_verify_steps)
+        self.spec_drafts.set(spec.num_draft_tokens)
+        self.spec_accepted.set(spec.num_accepted_tokens)
+        for position, accepted in enumerate(spec.accepted_per_position):
+            self.spec_accepted_at.labels(str(position)).set(accepted)
+        self.spec_tau.set(spec.mean_accepted_length)
         return generate_latest(self.registry)
