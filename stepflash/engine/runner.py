@@ -2,8 +2,8 @@
 
 `PagedContext` is attention over the paged cache in plain PyTorch, the reference twin for the GPU
 kernels: each layer writes this step's keys/values at their slots, then gathers every key a query
-may see through the sequence's block table. Decoding sequences (one query each) are gathered as
-one padded batch; each sequence with several queries (a prefill chunk or a verify step) is its own group.
+may see through the sequence's block table. Short chunks (decodes, verify steps, MTP drafting rows)
+are gathered as one padded batch; each longer chunk (a prefill) is its own group.
 
 With MTP, the runner also keeps, per position, the hidden state each MTP module chains on: level 0
 is the target's last hidden state (before the final norm), level d the output of MTP module d. These
@@ -28,6 +28,9 @@ def kv_bytes_per_block(cfg: ModelConfig, layer_ids: list[int], block_size: int, 
     item = torch.empty((), dtype=dtype).element_size()
     kv = sum(2 * block_size * cfg.layers[i].num_kv_heads * cfg.layers[i].head_dim * item for i in layer_ids)
     return kv + hidden_levels * block_size * cfg.hidden_size * item
+
+
+SHORT_CHUNK = 8  # chunks up to this many tokens (decodes, verify steps, MTP drafting) share one padded group
 
 
 @dataclass
@@ -148,7 +151,7 @@ class ModelRunner:
     def _prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
         ids, positions = [], []
         slots: dict[str, list[int]] = {kind: [] for kind in self.kinds}
-        decode, groups = [], []
+        short, groups = [], []
         bs = self.block_size
         for chunk in chunks:
             member = (len(ids), chunk)
@@ -156,12 +159,12 @@ class ModelRunner:
             positions += range(chunk.start, chunk.end)
             for kind in self.kinds:
                 slots[kind] += _slots(chunk.seq.blocks.table(kind), chunk.start, chunk.end, bs)
-            if len(chunk.ids) == 1:
-                decode.append(member)
+            if len(chunk.ids) <= SHORT_CHUNK:
+                short.append(member)
             else:
                 groups.append(self._group([member]))
-        if decode:
-            groups.append(self._group(decode))
+        if short:
+            groups.append(self._group(short))
         ctx = PagedContext(self.caches, self.kind_of, {k: self._tensor(v) for k, v in slots.items()}, groups)
         return self._tensor(ids), self._tensor(positions), ctx
 
