@@ -13,7 +13,6 @@ from stepflash.model.step3p5 import active_weight_bytes
 from stepflash.models import default_model_dir
 from stepflash.sampling import SamplingParams
 
-
 MTP_HELP = "MTP drafts per step for speculative decoding, 0 to 3 (default: every MTP module of the checkpoint)"
 
 
@@ -150,6 +149,80 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"model written to {args.out}")
 
 
+def _endpoint(args: argparse.Namespace):
+    try:
+        from stepflash.bench.client import Endpoint
+    except ImportError as e:
+        raise ValueError(f"stepflash bench/eval need the bench extra ({e}): pip install 'stepflash[bench]'") from None
+
+    return Endpoint(args.base_url, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"),
+                    chat=not args.completions, timeout=args.timeout)
+
+
+def _tag(results: list[dict], args: argparse.Namespace) -> None:
+    if args.label:
+        for result in results:
+            result["label"] = args.label
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from stepflash.bench.load import PRESETS, PromptSource, Workload, run_bench, sweep
+
+    base = PRESETS[args.preset] if args.preset else Workload("custom")
+    overrides = {k: v for k, v in {
+        "input_len": args.input_len, "output_len": args.output_len, "range_ratio": args.range_ratio,
+        "request_rate": args.request_rate, "burstiness": args.burstiness, "num_requests": args.num_requests,
+        "duration": args.duration, "warmup": args.warmup, "temperature": args.temperature}.items() if v is not None}
+    base = dataclasses.replace(base, **overrides)
+    ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
+    source = PromptSource([Path(p) for p in args.text] if args.text else None, args.dataset)
+    slo = {k: float(v) / 1e3 for k, v in (item.split(":") for item in args.goodput.split(","))} if args.goodput else None
+    results = run_bench(_endpoint(args), sweep(base, ints(args.concurrency), ints(args.input_lens)), source, slo)
+    _tag(results, args)
+    _write(results, args.output_dir, "bench")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from stepflash.bench.evals import run_eval
+
+    endpoint = _endpoint(args)
+    if args.task == "humaneval" and not args.chat:
+        endpoint.chat = False  # code continuation
+    result = run_eval(endpoint, args.task, args.data, args.max_tokens, args.limit, args.concurrency)
+    _tag([result], args)
+    _write([result], args.output_dir, f"eval-{args.task}")
+
+
+def _write(results: list[dict], out_dir: Path | None, stem: str) -> None:
+    import json
+
+    if out_dir is None:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i, result in enumerate(results):
+        name = result.get("label", "run").replace("/", "_")
+        suffix = f"-c{result['workload']['concurrency']}-in{result['workload']['input_len']}" if "workload" in result else ""
+        path = out_dir / f"{stem}-{name}{suffix}-{stamp}-{i}.json"
+        path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from stepflash.bench.report import load_results, print_tables, write_charts
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("stepflash report needs matplotlib: pip install 'stepflash[bench]'") from None
+    results = load_results(args.results)
+    print_tables(results)
+    for path in write_charts(results, args.out):
+        print(f"wrote {path}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepflash", description="Serve Step-3.5-Flash-class models fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +281,43 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the written weights")
     tr.add_argument("--device", default="auto")
     tr.set_defaults(func=cmd_train)
+    bench = sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint (speed metrics, JSON results)")
+    ev = sub.add_parser("eval", help="accuracy and speed on a task file (gsm8k, humaneval, jsonl)")
+    for p in (bench, ev):
+        p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
+        p.add_argument("--model", required=True, help="model name the endpoint serves")
+        p.add_argument("--api-key", help="bearer token (or set OPENAI_API_KEY)")
+        p.add_argument("--label", help="name for this configuration in reports (default: the model)")
+        p.add_argument("--completions", action="store_true", help="use /v1/completions instead of chat")
+        p.add_argument("--timeout", type=float, default=600.0, help="seconds per request and between chunks")
+        p.add_argument("--output-dir", type=Path, help="write JSON results here")
+    bench.add_argument("--preset", choices=["aa-1k", "aa-1k-parallel", "aa-10k", "aa-100k", "random"])
+    bench.add_argument("--input-len", type=int, help="prompt tokens (approximately: text is cut by characters)")
+    bench.add_argument("--output-len", type=int)
+    bench.add_argument("--range-ratio", type=float, help="lengths uniform in [L(1-r), L(1+r)]")
+    bench.add_argument("--concurrency", help="requests in flight, e.g. 1,2,4,8 for a sweep")
+    bench.add_argument("--input-lens", help="sweep over input lengths, e.g. 1000,10000")
+    bench.add_argument("--request-rate", type=float, help="requests/s with gamma arrivals (default: back to back)")
+    bench.add_argument("--burstiness", type=float, help="gamma shape of arrivals (1 = Poisson)")
+    bench.add_argument("--num-requests", type=int)
+    bench.add_argument("--duration", type=float, help="seconds to keep sending (instead of --num-requests)")
+    bench.add_argument("--warmup", type=int, help="requests sent first and not measured")
+    bench.add_argument("--temperature", type=float)
+    bench.add_argument("--dataset", type=Path, help="JSONL prompts ('prompt' field or ShareGPT 'conversations')")
+    bench.add_argument("--text", nargs="+", help="text files to cut prompts from (default: Python's stdlib)")
+    bench.add_argument("--goodput", help="SLOs in ms for goodput, e.g. ttft:500,tpot:50,e2el:5000")
+    bench.set_defaults(func=cmd_bench)
+    ev.add_argument("--task", required=True, choices=["gsm8k", "humaneval", "jsonl"])
+    ev.add_argument("--data", type=Path, required=True, help="the task's JSONL file")
+    ev.add_argument("--limit", type=int, help="first N items only")
+    ev.add_argument("--max-tokens", type=int, default=512)
+    ev.add_argument("--concurrency", type=int, default=1)
+    ev.add_argument("--chat", action="store_true", help="humaneval through chat (default: completions)")
+    ev.set_defaults(func=cmd_eval)
+    rep = sub.add_parser("report", help="tables and PNG charts from bench/eval JSON results")
+    rep.add_argument("results", type=Path, nargs="+")
+    rep.add_argument("--out", type=Path, required=True, help="directory for the PNG charts")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

@@ -76,6 +76,8 @@ class SamplingFields(_Lenient):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM extensions, used by benchmarks to fix output lengths
+    min_tokens: int | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, vocab_size: int) -> SamplingParams:
         bias = {}
@@ -90,8 +92,10 @@ class SamplingFields(_Lenient):
             "min_p": self.min_p, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
         }.items() if v is not None}
+        if self.min_tokens is not None:
+            given["min_tokens"] = self.min_tokens
         return SamplingParams(**given, seed=self.seed, stop=self.stop, max_tokens=max_tokens, logprobs=logprobs,
-                              logit_bias=bias or None)
+                              logit_bias=bias or None, ignore_eos=self.ignore_eos)
 
 
 class ChatCompletionRequest(SamplingFields):
