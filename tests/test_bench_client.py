@@ -84,6 +84,8 @@ def test_scorers():
     assert score(Item("1", "q", "18", "number"), "She makes $18.0 a day") == (True, "got 18")
     assert score(Item("2", "q", "ab", "exact"), " ab\n")[0] and not score(Item("3", "q", "ab", "exact"), "abc")[0]
     assert score(Item("4", "q", "ab", "contains"), "xxabyy")[0]
+    assert score(Item("5", "q", "    return x", "prefix"), "    return x\n")[0]
+    assert not score(Item("6", "q", "    return x", "prefix"), "return x")[0]
     assert cut_completion("    return x\n\ndef other():\n    pass") == "    return x\n"
 
 

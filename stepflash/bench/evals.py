@@ -5,7 +5,8 @@ Tasks (JSONL, one item per line):
 - humaneval: {"task_id", "prompt", "test", "entry_point"}; the completion is cut at the first
   top-level statement after the function, then prompt + completion + test + check(entry_point) runs
   in a subprocess (see `run_program`); pass@1 over greedy samples.
-- jsonl: {"prompt", "answer", "scorer"?}; scorer "exact" (default, stripped), "contains" or "number".
+- jsonl: {"prompt", "answer", "scorer"?}; scorer "exact" (default, stripped), "contains", "prefix" (the
+  reply starts with the answer, e.g. the next line of code) or "number".
 """
 
 import asyncio
@@ -130,9 +131,11 @@ def score(item: Item, text: str) -> tuple[bool, str]:
         return got == last_number(item.reference), f"got {got}"
     if item.scorer == "contains":
         return item.reference.strip() in text, ""
+    if item.scorer == "prefix":
+        return text.startswith(item.reference), ""
     if item.scorer == "exact":
         return text.strip() == item.reference.strip(), ""
-    raise ValueError(f"unknown scorer {item.scorer!r} (exact, contains, number)")
+    raise ValueError(f"unknown scorer {item.scorer!r} (exact, contains, prefix, number)")
 
 
 async def evaluate(endpoint: Endpoint, items: list[Item], max_tokens: int, concurrency: int = 1) -> dict:
