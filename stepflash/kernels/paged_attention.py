@@ -1,0 +1,122 @@
+"""Paged attention for decode and MTP verification: GQA, full or sliding window, block tables,
+any number of query rows per sequence, the per-head sigmoid gate fused into the output.
+
+Each query row t belongs to sequence `seq_of[t]` and sits at position `q_pos[t]`; it attends to that
+sequence's keys at positions lo..q_pos[t] (lo = q_pos - window + 1 with a window, else 0), found
+through `block_tables[seq]` in caches laid out [num_blocks, block_size, kv_heads, head_dim]. A
+verify step is just several rows of one sequence at consecutive positions (their keys are written
+to the cache before the call). `paged_attention_ref` is the PyTorch twin the kernel is tested
+against (fp32/fp16 under TRITON_INTERPRET=1 on the CPU, bf16 on a GPU).
+"""
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU engine never needs the kernels
+    triton = None
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                        seq_of: torch.Tensor, q_pos: torch.Tensor, window: int | None,
+                        gate: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, D], caches [blocks, block_size, KVH, D], block_tables [S, max_blocks] (int),
+    seq_of / q_pos [T], gate [T, H] (pre-sigmoid) -> [T, H, D] in q's dtype (math in fp32)."""
+    num_heads, block_size, num_kv = q.shape[1], k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    for t in range(q.shape[0]):
+        pos, table = int(q_pos[t]), block_tables[int(seq_of[t])]
+        lo = max(0, pos - window + 1) if window else 0
+        positions = torch.arange(lo, pos + 1, device=q.device)
+        blocks = table[positions // block_size].long()
+        keys = k_cache[blocks, positions % block_size].float().repeat_interleave(num_heads // num_kv, dim=1)
+        values = v_cache[blocks, positions % block_size].float().repeat_interleave(num_heads // num_kv, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[t].float(), keys) / math.sqrt(q.shape[-1])
+        o = torch.einsum("hn,nhd->hd", scores.softmax(-1), values)
+        if gate is not None:
+            o = o * torch.sigmoid(gate[t].float())[:, None]
+        out[t] = o.to(q.dtype)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_attention_kernel(Q, K, V, Gate, Out, Tables, SeqOf, QPos, scale, window,
+                                stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                                stride_vb, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb, stride_gt,
+                                BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                                HAS_GATE: tl.constexpr):
+        """One program per (query row, kv head): the GROUP query heads sharing that kv head, online
+        softmax over key tiles of BLOCK_N positions."""
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        seq = tl.load(SeqOf + row)
+        pos = tl.load(QPos + row)
+        lo = tl.where(window > 0, tl.maximum(pos - window + 1, 0), 0)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        g_ok = g < GROUP
+        d_ok = d < HEAD_DIM
+        heads = kv_head * GROUP + g
+        q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        denom = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for start in range(lo, pos + 1, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n <= pos
+            block = tl.load(Tables + seq * stride_tb + n // BLOCK_SIZE, mask=n_ok, other=0)
+            slot = n % BLOCK_SIZE
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + block[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :],
+                        mask=kv_mask, other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            v = tl.load(V + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :],
+                        mask=kv_mask, other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            denom = denom * alpha + tl.sum(p, axis=1)
+            m = m_new
+        out = acc / denom[:, None]
+        if HAS_GATE:
+            gate = tl.load(Gate + row * stride_gt + heads, mask=g_ok, other=0.0).to(tl.float32)
+            out = out * tl.sigmoid(gate)[:, None]
+        tl.store(Out + row * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_of: torch.Tensor, q_pos: torch.Tensor, window: int | None,
+                    gate: torch.Tensor | None = None, block_n: int = 32) -> torch.Tensor:
+    """The Triton kernel; same contract as `paged_attention_ref`."""
+    if triton is None:
+        raise RuntimeError("paged_attention needs triton (pip install triton)")
+    rows, num_heads, head_dim = q.shape
+    num_kv = k_cache.shape[2]
+    if num_heads % num_kv:
+        raise ValueError(f"{num_heads} query heads do not split into {num_kv} kv heads")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("caches must be contiguous in head_dim")
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    group = num_heads // num_kv
+    tables = block_tables.to(torch.int32).contiguous()
+    gate_arg = gate.contiguous() if gate is not None else q
+    _paged_attention_kernel[(rows, num_kv)](
+        q, k_cache, v_cache, gate_arg, out, tables, seq_of.to(torch.int32).contiguous(),
+        q_pos.to(torch.int32).contiguous(), 1.0 / math.sqrt(head_dim), window or 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), tables.stride(0),
+        gate_arg.stride(0),
+        BLOCK_SIZE=k_cache.shape[1], GROUP=group, BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n, HAS_GATE=gate is not None)
+    return out
