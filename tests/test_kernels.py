@@ -71,3 +71,24 @@ def test_reference_twin_matches_dense_attention():
             vv = values[lo:pos + 1].repeat_interleave(2, dim=1)
             attn = (torch.einsum("hd,nhd->hn", q[t], kk) / 4.0).softmax(-1)
             torch.testing.assert_close(out[t], torch.einsum("hn,nhd->hd", attn, vv))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows, hidden", [(1, 64), (7, 96), (33, 256)])
+def test_add_rmsnorm_matches_reference_and_the_model_norm(dtype, rows, hidden):
+    from stepflash.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_ref
+    from stepflash.model.norm import RMSNorm
+
+    gen = torch.Generator().manual_seed(rows)
+    x, delta = (torch.randn(rows, hidden, generator=gen).to(dtype) for _ in range(2))
+    norm = RMSNorm(hidden, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(0.1 * torch.randn(hidden, generator=gen))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for d in (delta, None):
+        res, out = add_rmsnorm(x, d, norm.weight.detach(), 1e-5)
+        ref_res, ref_out = add_rmsnorm_ref(x, d, norm.weight.detach(), 1e-5)
+        torch.testing.assert_close(res, ref_res, atol=tol, rtol=tol)
+        torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
+        with torch.no_grad():  # the twin is the model's own norm after the residual add
+            torch.testing.assert_close(ref_out.float(), norm(ref_res).float(), atol=tol, rtol=tol)
