@@ -92,3 +92,33 @@ def test_add_rmsnorm_matches_reference_and_the_model_norm(dtype, rows, hidden):
         torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
         with torch.no_grad():  # the twin is the model's own norm after the residual add
             torch.testing.assert_close(ref_out.float(), norm(ref_res).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens, hidden, inter, experts, top_k, limit", [
+    (1, 64, 48, 8, 2, 0.0),  # decode at batch 1; I not a multiple of the tile
+    (5, 96, 64, 16, 4, 7.0),  # several tokens sharing experts, with the SwiGLU clamp
+    (3, 40, 24, 4, 4, 0.0),  # every expert, odd sizes
+])
+def test_fused_moe_matches_the_model_moe(dtype, tokens, hidden, inter, experts, top_k, limit):
+    from stepflash.kernels.moe import fused_moe, fused_moe_ref
+    from stepflash.model.moe import MoE
+
+    gen = torch.Generator().manual_seed(tokens * experts)
+    moe = MoE(hidden, experts, inter, top_k, scaling=2.5, use_bias=True, renormalize=True, limit=limit)
+    scale = 0.6 if limit else 0.2  # large enough for the clamp to bite
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    x = torch.randn(tokens, hidden, generator=gen)
+    with torch.no_grad():
+        ids, weights = moe.route(x)
+        model_out = moe.experts(x, ids, weights)
+    ws = [moe.gate_proj.weight, moe.up_proj.weight, moe.down_proj.weight]
+    ws = [w.detach().contiguous().to(dtype) for w in ws]
+    ref = fused_moe_ref(x.to(dtype), *ws, ids, weights, limit)
+    out = fused_moe(x.to(dtype), *ws, ids, weights, limit, block=16)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    if dtype == torch.float32:  # the twin is the model's own MoE
+        torch.testing.assert_close(ref, model_out, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,100 @@
+"""Fused MoE for decode: only the selected experts' weights are read, SwiGLU (with its clamp) and the
+routing weight are applied inside the kernels.
+
+Two launches over the (token, expert) pairs of the step: the first computes
+a = swiglu(x W_gate^T, x W_up^T) for a tile of the intermediate dimension, the second y = a W_down^T
+times the pair's routing weight; the k pairs of a token are summed in fp32. `fused_moe_ref` is the
+PyTorch twin (the model's own grouped computation, `MoE.experts`).
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                  ids: torch.Tensor, weights: torch.Tensor, limit: float) -> torch.Tensor:
+    """x [T, H], w_gate/w_up [E, I, H], w_down [E, H, I], ids/weights [T, k] -> [T, H] in x's dtype."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t in range(x.shape[0]):
+        for e, w in zip(ids[t].tolist(), weights[t].float()):
+            g, u = x[t].float() @ w_gate[e].float().T, x[t].float() @ w_up[e].float().T
+            act = torch.nn.functional.silu(g)
+            if limit > 0:
+                act, u = act.clamp(max=limit), u.clamp(-limit, limit)
+            out[t] += (act * u) @ w_down[e].float().T * w
+    return out.to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gate_up_kernel(X, Wg, Wu, Ids, A, H, I, limit, top_k, stride_x, stride_we, stride_wi, stride_a,
+                        BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
+        pair = tl.program_id(0)
+        i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        i_ok = i < I
+        expert = tl.load(Ids + pair)
+        token = pair // top_k
+        acc_g = tl.zeros([BLOCK_I], tl.float32)
+        acc_u = tl.zeros([BLOCK_I], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            h_ok = h < H
+            x = tl.load(X + token * stride_x + h, mask=h_ok, other=0.0).to(tl.float32)
+            mask = i_ok[:, None] & h_ok[None, :]
+            offs = expert * stride_we + i[:, None] * stride_wi + h[None, :]
+            acc_g += tl.sum(tl.load(Wg + offs, mask=mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
+            acc_u += tl.sum(tl.load(Wu + offs, mask=mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
+        act = acc_g * tl.sigmoid(acc_g)
+        if limit > 0:
+            act = tl.minimum(act, limit)
+            acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        tl.store(A + pair * stride_a + i, act * acc_u, mask=i_ok)
+
+    @triton.jit
+    def _down_kernel(A, Wd, Ids, RouteW, Y, H, I, stride_a, stride_we, stride_wh, stride_y,
+                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+        pair = tl.program_id(0)
+        o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_ok = o < H
+        expert = tl.load(Ids + pair)
+        acc = tl.zeros([BLOCK_O], tl.float32)
+        for i0 in range(0, I, BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            i_ok = i < I
+            a = tl.load(A + pair * stride_a + i, mask=i_ok, other=0.0)
+            w = tl.load(Wd + expert * stride_we + o[:, None] * stride_wh + i[None, :],
+                        mask=o_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * a[None, :], axis=1)
+        route = tl.load(RouteW + pair).to(tl.float32)
+        tl.store(Y + pair * stride_y + o, acc * route, mask=o_ok)
+
+
+def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+              ids: torch.Tensor, weights: torch.Tensor, limit: float, block: int = 32) -> torch.Tensor:
+    """The Triton kernels; same contract as `fused_moe_ref`. Weights must be contiguous in their last dim."""
+    if triton is None:
+        raise RuntimeError("fused_moe needs triton (pip install triton)")
+    tokens, hidden = x.shape
+    inter = w_gate.shape[1]
+    top_k = ids.shape[1]
+    if any(w.stride(-1) != 1 for w in (w_gate, w_up, w_down)) or w_gate.stride() != w_up.stride():
+        raise ValueError("expert weights must be contiguous in their last dimension, gate and up alike")
+    x = x.contiguous()
+    flat_ids = ids.reshape(-1).to(torch.int32).contiguous()
+    flat_w = weights.reshape(-1).float().contiguous()
+    pairs = flat_ids.numel()
+    a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
+    _gate_up_kernel[(pairs, triton.cdiv(inter, block))](
+        x, w_gate, w_up, flat_ids, a, hidden, inter, float(limit), top_k, x.stride(0), w_gate.stride(0),
+        w_gate.stride(1), a.stride(0), BLOCK_I=block, BLOCK_H=block)
+    y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
+    _down_kernel[(pairs, triton.cdiv(hidden, block))](
+        a, w_down, flat_ids, flat_w, y, hidden, inter, a.stride(0), w_down.stride(0), w_down.stride(1),
+        y.stride(0), BLOCK_O=block, BLOCK_I=block)
+    return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
