@@ -1,0 +1,283 @@
+"""Decode step time at the real Step-3.5-Flash shape on one GPU, with the Triton kernels.
+
+Builds the first N decoder layers at the published shape (hidden 4096, 288 experts top-8 of 1280,
+64/96 query heads, 8 KV heads of 128, window 512; layer 0 full attention, then sliding, every layer
+MoE) with random bf16 weights, a paged KV cache already holding `context` tokens per sequence, and
+runs one decode step (and MTP verify steps of 1 + k rows per sequence) through the model's own layer
+code with attention = `kernels.paged_attention` and routed experts = `kernels.fused_moe`. First it
+checks the kernel path against the PyTorch path on the same inputs. Times are CUDA-event medians,
+eager and (where capture works) in a CUDA graph. Per-layer times are extrapolated to the 45 layers
+(12 full, 33 sliding) plus the lm_head, and printed as an extrapolation; achieved GB/s = bytes a step
+must read (weights of the experts actually selected, KV) / time, next to the measured copy bandwidth.
+
+    python benchmarks/gpu_decode.py [--layers 4] [--batch 1,8,32] [--context 1024,32768,131072] [--tau 2.6]
+    TRITON_INTERPRET=1 python benchmarks/gpu_decode.py --device cpu --tiny   # a dry run of the code path
+"""
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from stepflash.config import ModelConfig
+from stepflash.kernels.moe import fused_moe
+from stepflash.kernels.paged_attention import paged_attention, paged_attention_ref
+from stepflash.model.step3p5 import DecoderLayer, rope_tables
+from stepflash.testing import tiny_config
+
+BLOCK = 16
+
+
+def real_config(layers: int, tiny: bool) -> dict:
+    types = ["full_attention"] + ["sliding_attention"] * (layers - 1)
+    if tiny:
+        dims = dict(hidden_size=64, head_dim=16, num_attention_heads=8, other_heads=12, experts=16, top_k=4,
+                    moe_inter=32, dense_inter=96, vocab=512, window=16)
+    else:
+        dims = dict(hidden_size=4096, head_dim=128, num_attention_heads=64, other_heads=96, experts=288, top_k=8,
+                    moe_inter=1280, dense_inter=11264, vocab=128896, window=512)
+    return tiny_config(
+        vocab_size=dims["vocab"], hidden_size=dims["hidden_size"], intermediate_size=dims["dense_inter"],
+        num_hidden_layers=layers, head_dim=dims["head_dim"], num_attention_heads=dims["num_attention_heads"],
+        num_attention_groups=8 if not tiny else 4,
+        attention_other_setting={"attention_type": "sliding_attention", "num_attention_heads": dims["other_heads"],
+                                 "num_attention_groups": 8 if not tiny else 4, "head_dim": dims["head_dim"]},
+        layer_types=types, sliding_window=dims["window"], rope_theta=[5e6] + [1e4] * (layers - 1),
+        partial_rotary_factors=[0.5] + [1.0] * (layers - 1), rope_scaling=None, moe_num_experts=dims["experts"],
+        moe_top_k=dims["top_k"], moe_intermediate_size=dims["moe_inter"], share_expert_dim=dims["moe_inter"],
+        moe_layers_enum=",".join(str(i) for i in range(layers)), swiglu_limits=[0.0] * layers,
+        swiglu_limits_shared=[0.0] * layers, num_nextn_predict_layers=0)
+
+
+class KernelContext:
+    """Paged attention through the Triton kernel: writes this step's K/V at their slots, then attends."""
+
+    def __init__(self, caches, tables, slots, seq_of, q_pos):
+        self.caches, self.tables, self.slots, self.seq_of, self.q_pos = caches, tables, slots, seq_of, q_pos
+        self.use_kernel = True
+
+    def attend(self, layer, q, k, v, positions, window):
+        k_cache, v_cache = self.caches[layer]
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, self.slots[layer], k)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, self.slots[layer], v)
+        run = paged_attention if self.use_kernel else paged_attention_ref
+        return run(q, k_cache, v_cache, self.tables[layer], self.seq_of, self.q_pos, window)
+
+
+def build(cfg: ModelConfig, device, dtype, seed: int = 0) -> list[DecoderLayer]:
+    torch.manual_seed(seed)
+    layers = []
+    default = torch.get_default_dtype()
+    for spec in cfg.decoder_layers:
+        torch.set_default_dtype(dtype)  # allocate in bf16 on the device: fp32 experts would not fit
+        try:
+            with torch.device(device):
+                layer = DecoderLayer(spec, cfg)
+        finally:
+            torch.set_default_dtype(default)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_(0, 0.02) if p.dim() > 1 else p.zero_()
+        layers.append(layer)
+    return layers
+
+
+def use_kernels(layers: list[DecoderLayer], ctx: "KernelContext", on: bool) -> None:
+    """Routed experts through `fused_moe` (on) or the model's PyTorch path (off); attention likewise."""
+    ctx.use_kernel = on
+    for layer in layers:
+        moe = layer.moe
+        moe.__dict__.pop("experts", None)
+        if on:
+            moe.experts = (lambda m: lambda h, ids, w: fused_moe(h, m.gate_proj.weight, m.up_proj.weight,
+                                                                 m.down_proj.weight, ids, w, m.limit))(moe)
+
+
+def make_context(cfg: ModelConfig, batch: int, context: int, rows_per_seq: int, device, dtype) -> KernelContext:
+    """Caches holding `context` tokens per sequence (full layers: all of them; sliding: the window)."""
+    caches, tables, slots = {}, {}, {}
+    total = context + rows_per_seq
+    width = math.ceil(total / BLOCK)
+    for spec in cfg.decoder_layers:
+        if spec.sliding_window:
+            per_seq = math.ceil((cfg.sliding_window + rows_per_seq) / BLOCK) + 1
+            table = torch.zeros(batch, width, dtype=torch.int32)  # positions before the window: never read
+            n = min(per_seq, width)
+            for b in range(batch):
+                table[b, width - n:] = torch.arange(b * per_seq, b * per_seq + n)
+            blocks = batch * per_seq
+        else:
+            table = torch.arange(batch * width, dtype=torch.int32).view(batch, width)
+            blocks = batch * width
+        shape = (blocks, BLOCK, spec.num_kv_heads, spec.head_dim)
+        caches[spec.index] = (torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
+        tables[spec.index] = table.to(device)
+        pos = torch.arange(context, total)
+        slots[spec.index] = torch.cat([table[b, pos // BLOCK].long() * BLOCK + pos % BLOCK for b in range(batch)]).to(device)
+    seq_of = torch.arange(batch).repeat_interleave(rows_per_seq).to(device)
+    q_pos = torch.arange(context, total).repeat(batch).to(device)
+    return KernelContext(caches, tables, slots, seq_of, q_pos)
+
+
+def step_fn(layers, cfg, ctx, x):
+    positions = ctx.q_pos.long()
+    rope = rope_tables(cfg.decoder_layers, positions)
+
+    def run():
+        h = x
+        for layer in layers:
+            h = layer(h, positions, rope, ctx)
+        return h
+
+    return run
+
+
+def time_ms(fn, device, iters: int) -> float:
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def graphed(fn, device):
+    if device.type != "cuda":
+        return None
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+    except Exception as e:  # report and go on eager
+        print(f"  (CUDA graph capture failed: {type(e).__name__}: {e})")
+        return None
+
+
+def step_bytes(cfg: ModelConfig, layers, batch: int, context: int, rows: int, elem: int) -> float:
+    """Bytes one step reads: non-expert weights once, the routed experts that B*rows tokens select
+    (expected distinct: E(1 - (1 - k/E)^n)), and the KV each query row reads."""
+    total = 0.0
+    e, k = cfg.moe_num_experts, cfg.moe_top_k
+    n = batch * rows
+    for spec, layer in zip(cfg.decoder_layers, layers):
+        for name, p in layer.named_parameters():
+            size = p.numel() * elem
+            total += size * (1 - (1 - k / e) ** n) if ".moe." in name and p.dim() == 3 else size
+        keys = min(context + rows, cfg.sliding_window) if spec.sliding_window else context + rows
+        total += batch * keys * 2 * spec.num_kv_heads * spec.head_dim * elem
+    return total
+
+
+def copy_bandwidth(device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, 10)
+    return 2 * src.numel() / (ms / 1e3) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", default="1,8,32")
+    ap.add_argument("--context", default="1024,32768,131072")
+    ap.add_argument("--mtp", default="1,2,3", help="draft counts k for verify steps of 1 + k rows")
+    ap.add_argument("--tau", type=float, help="tokens per verify step with MTP-3 for the projection (measured "
+                    "on the bundled model or a published figure)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the code path")
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = ModelConfig.from_dict(real_config(args.layers, args.tiny))
+    layers = build(cfg, device, dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    bandwidth = copy_bandwidth(device)
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; copy bandwidth "
+          f"{bandwidth:.0f} GB/s; {args.layers} layers at {'tiny' if args.tiny else 'real'} shape")
+    results = []
+    with torch.inference_mode():
+        ctx = make_context(cfg, 2, 40, 2, device, dtype)  # correctness: kernels vs PyTorch twins
+        x = torch.randn(4, cfg.hidden_size, device=device, dtype=dtype)
+        use_kernels(layers, ctx, True)
+        out = step_fn(layers, cfg, ctx, x)()
+        use_kernels(layers, ctx, False)
+        ref = step_fn(layers, cfg, ctx, x)()
+        err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
+        print(f"kernel path vs PyTorch path: max relative difference {err:.2e}")
+        for batch in [int(b) for b in args.batch.split(",")]:
+            for context in [int(c) for c in args.context.split(",")]:
+                if args.tiny:
+                    context = min(context, 64)
+                for k in [0] + [int(m) for m in args.mtp.split(",")]:
+                    rows = 1 + k
+                    try:
+                        ctx = make_context(cfg, batch, context, rows, device, dtype)
+                    except torch.OutOfMemoryError:
+                        print(f"batch {batch} context {context}: KV does not fit, skipped")
+                        break
+                    use_kernels(layers, ctx, True)
+                    x = torch.randn(batch * rows, cfg.hidden_size, device=device, dtype=dtype)
+                    fn = step_fn(layers, cfg, ctx, x)
+                    eager = time_ms(fn, device, args.iters)
+                    replay = graphed(fn, device)
+                    graph = time_ms(replay, device, args.iters) if replay else None
+                    best = min(t for t in (eager, graph) if t is not None)
+                    nbytes = step_bytes(cfg, layers, batch, context, rows, elem)
+                    full_model_ms = best / args.layers * 45  # mean layer time x 45 (lm_head not included)
+                    point = {"batch": batch, "context": context, "mtp_k": k, "rows_per_seq": rows,
+                             "eager_ms": eager, "graph_ms": graph, "gb_per_s": nbytes / (best / 1e3) / 1e9,
+                             "fraction_of_copy_bw": nbytes / (best / 1e3) / 1e9 / bandwidth,
+                             "extrapolated_45_layer_ms": full_model_ms}
+                    results.append(point)
+                    print(f"batch {batch:>3} ctx {context:>6} rows/seq {rows}: eager {eager:.2f} ms, graph "
+                          f"{graph if graph is None else round(graph, 2)} ms, {point['gb_per_s']:.0f} GB/s "
+                          f"({100 * point['fraction_of_copy_bw']:.0f}% of copy), 45 layers ~{full_model_ms:.1f} ms "
+                          "(extrapolated)")
+                    del ctx
+    projection = None
+    if args.tau:
+        base = next((r for r in results if r["batch"] == 1 and r["mtp_k"] == 3), None)
+        if base:
+            projection = {"tau": args.tau, "verify_step_ms_45_layers": base["extrapolated_45_layer_ms"],
+                          "tokens_per_s": args.tau / (base["extrapolated_45_layer_ms"] / 1e3),
+                          "note": "MTP draft time and lm_head not included; extrapolated from the measured layers"}
+            print(f"projection, single stream with MTP-3: {projection['tokens_per_s']:.0f} tokens/s")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    record = {"benchmark": "gpu_decode", "date": datetime.date.today().isoformat(), "commit": commit,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "layers": args.layers, "tiny": args.tiny, "copy_gb_per_s": bandwidth, "results": results,
+              "projection": projection}
+    out = Path(__file__).parent / "results" / f"gpu_decode-{record['device'].replace(' ', '_')}-{record['date']}.json"
+    if not args.tiny:
+        out.write_text(json.dumps(record, indent=1))
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
