@@ -117,7 +117,7 @@ class ModelRunner:
         """MTP module `depth` over `chunks`: each position p chains on hidden level `depth` at p - 1
         (zeros before position 0) and the token at p; its output is stored as level depth + 1.
         Returns fp32 logits of its head for the flat rows `logit_rows`."""
-        ids, positions, ctx = self._prepare(chunks)
+        ids, positions, ctx = self._prepare(chunks, [SLIDING])  # MTP layers are sliding layers
         prev_slots = [slot for c in chunks for slot in self._previous_slots(c)]
         prev = self.hidden[depth].index_select(0, self._tensor(prev_slots))
         prev = prev.masked_fill((positions == 0)[:, None], 0.0)
@@ -148,27 +148,30 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
+    def _prepare(self, chunks: list[Chunk], kinds: list[str] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
+        """Flat ids and positions, and the paged context for layers of `kinds` (default: all)."""
+        kinds = kinds or self.kinds
         ids, positions = [], []
-        slots: dict[str, list[int]] = {kind: [] for kind in self.kinds}
+        slots: dict[str, list[int]] = {kind: [] for kind in kinds}
         short, groups = [], []
         bs = self.block_size
         for chunk in chunks:
             member = (len(ids), chunk)
             ids += chunk.ids
             positions += range(chunk.start, chunk.end)
-            for kind in self.kinds:
+            for kind in kinds:
                 slots[kind] += _slots(chunk.seq.blocks.table(kind), chunk.start, chunk.end, bs)
             if len(chunk.ids) <= SHORT_CHUNK:
                 short.append(member)
             else:
-                groups.append(self._group([member]))
+                groups.append(self._group([member], kinds))
         if short:
-            groups.append(self._group(short))
+            groups.append(self._group(short, kinds))
         ctx = PagedContext(self.caches, self.kind_of, {k: self._tensor(v) for k, v in slots.items()}, groups)
         return self._tensor(ids), self._tensor(positions), ctx
 
-    def _group(self, members: list[tuple[int, Chunk]]) -> Group:
+    def _group(self, members: list[tuple[int, Chunk]], kinds: list[str]) -> Group:
         """Padded query rows and, per layer kind, the key slots each query may read and its mask.
         Built once per step and shared by every layer of a kind."""
         t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
@@ -182,7 +185,7 @@ class ModelRunner:
         q_valid = q_offsets < num_new
         q_pos = start + torch.where(q_valid, q_offsets, 0)
         keys = {}
-        for kind in self.kinds:
+        for kind in kinds:
             lo = torch.zeros_like(start) if kind == FULL else (start - self.window + 1).clamp(min=0)
             k_pos = lo + torch.arange(int((end - lo).max()), device=self.device)[None, :]
             k_valid = k_pos < end

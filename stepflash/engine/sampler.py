@@ -15,21 +15,27 @@ from stepflash.sampling import SamplingParams
 
 @dataclass
 class RowContext:
-    """What the logit processors need to know about the sequence a row of logits continues."""
+    """What the logit processors need to know about the sequence a row of logits continues: its
+    tokens (`prefix` then `extra`, e.g. speculative tokens; joined only when a processor reads them)."""
 
     params: SamplingParams
-    token_ids: list[int]  # the tokens before the one this row predicts (prompt first)
+    prefix: list[int]
     num_prompt_tokens: int
     generator: torch.Generator
+    extra: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, seq: Sequence, extra: list[int] | None = None) -> "RowContext":
-        """The row after `seq`'s tokens, followed by `extra` (speculative tokens) when given."""
-        return cls(seq.params, seq.token_ids + extra if extra else seq.token_ids, seq.num_prompt_tokens, seq.generator)
+        """The row after `seq`'s tokens, followed by `extra` when given."""
+        return cls(seq.params, seq.token_ids, seq.num_prompt_tokens, seq.generator, tuple(extra or ()))
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prefix + list(self.extra) if self.extra else self.prefix
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.prefix) + len(self.extra) - self.num_prompt_tokens
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
