@@ -210,6 +210,13 @@ def _write(results: list[dict], out_dir: Path | None, stem: str) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from stepflash.model.quant import quantize_checkpoint
+
+    count = quantize_checkpoint(Path(args.model), args.out, args.group_size)
+    print(f"quantized {count} expert tensors to int4 (group size {args.group_size}); wrote {args.out}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from stepflash.bench.report import load_results, print_tables, write_charts
 
@@ -314,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--concurrency", type=int, default=1)
     ev.add_argument("--chat", action="store_true", help="humaneval through chat (default: completions)")
     ev.set_defaults(func=cmd_eval)
+    quant = sub.add_parser("quantize", help="write a copy of a model with its routed experts in INT4")
+    quant.add_argument("--model", required=True, help="hub-format model directory")
+    quant.add_argument("--out", type=Path, required=True)
+    quant.add_argument("--format", default="int4", choices=["int4"])
+    quant.add_argument("--group-size", type=int, default=128, help="inputs per scale (symmetric, group-wise)")
+    quant.set_defaults(func=cmd_quantize)
     rep = sub.add_parser("report", help="tables and PNG charts from bench/eval JSON results")
     rep.add_argument("results", type=Path, nargs="+")
     rep.add_argument("--out", type=Path, required=True, help="directory for the PNG charts")

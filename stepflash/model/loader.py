@@ -2,7 +2,8 @@
 
 Tensors are read through safetensors' memory map and moved straight to their device and dtype; the
 model is built on the meta device first, so no memory is spent on initial weights. FP8 release
-weights (`float8_e4m3fn` + `weight_scale_inv` per 128x128 block) are dequantized on load.
+weights (`float8_e4m3fn` + `weight_scale_inv` per 128x128 block) and INT4 experts (`stepflash
+quantize`, see model/quant.py) are dequantized on load.
 """
 
 import json
@@ -17,11 +18,12 @@ from torch import nn
 
 from stepflash.config import ModelConfig
 from stepflash.model.linear import StackedLinear
+from stepflash.model.quant import INT4_METHOD, INT4_SCALE_SUFFIX, dequantize_int4
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 
 SCALE_SUFFIX = "_scale_inv"
 FP32_PARAMS = (".moe.gate.weight", ".moe.router_bias")  # the router runs in fp32
-STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.uint8)
 # Parts of multimodal checkpoints (Step 3.7) that the text decoder does not use.
 IGNORED_PREFIXES = ("vision_model.", "vit_large_projector.", "model.vision_model.", "model.multi_modal_projector.")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
@@ -114,7 +116,9 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = Step3p5ForCausalLM(cfg, num_mtp=num_mtp)
     expected = dict(model.named_parameters())
-    block = tuple((cfg.quantization_config or {}).get("weight_block_size", (128, 128)))
+    quant = cfg.quantization_config or {}
+    block = tuple(quant.get("weight_block_size", (128, 128)))
+    int4_group = quant.get("group_size") if quant.get("quant_method") == INT4_METHOD else None
 
     loaded, unexpected = set(), []
     with ExitStack() as stack:
@@ -128,7 +132,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
 
         for key in sorted(index):
             depth = mtp_depth(key, n)
-            if key.endswith(SCALE_SUFFIX) or key.startswith(IGNORED_PREFIXES):
+            if key.endswith((SCALE_SUFFIX, INT4_SCALE_SUFFIX)) or key.startswith(IGNORED_PREFIXES):
                 continue
             skipped_mtp = depth is not None and num_mtp <= depth < cfg.num_mtp_layers
             if skipped_mtp or (cfg.tie_word_embeddings and key == "lm_head.weight"):
@@ -137,7 +141,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
             if name not in expected:
                 unexpected.append(key)
                 continue
-            tensor = _read_weight(key, read, index, block)
+            tensor = _read_weight(key, read, index, block, int4_group)
             param = expected[name]
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointError(f"tensor {key}: checkpoint shape {tuple(tensor.shape)}, "
@@ -155,10 +159,17 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     return model.eval()
 
 
-def _read_weight(hub_name: str, read, index: dict[str, Path], block: tuple[int, int]) -> torch.Tensor:
+def _read_weight(hub_name: str, read, index: dict[str, Path], block: tuple[int, int],
+                 int4_group: int | None) -> torch.Tensor:
     tensor = read(hub_name)
     if tensor.dtype not in STORAGE_DTYPES:
         raise CheckpointError(f"tensor {hub_name}: storage dtype {tensor.dtype} is not supported")
+    if tensor.dtype == torch.uint8:
+        scale_name = hub_name + INT4_SCALE_SUFFIX
+        if int4_group is None or scale_name not in index:
+            raise CheckpointError(f"tensor {hub_name} is uint8 but the config is not {INT4_METHOD} "
+                                  f"or {scale_name} is missing")
+        return dequantize_int4(tensor, read(scale_name), int4_group)
     if tensor.dtype != torch.float8_e4m3fn:
         return tensor
     scale_name = hub_name + SCALE_SUFFIX
