@@ -1,12 +1,7 @@
 """`stepflash bench`, `eval` and `report` end to end against a real server running the bundled model."""
 
 import json
-import os
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
 from stepflash.cli import main
@@ -15,21 +10,9 @@ from stepflash.models import default_model_dir
 
 @pytest.fixture(scope="module")
 def server():
-    from test_server import _free_port
+    from test_server import start_server
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stepflash.cli", "serve", "--model", str(default_model_dir()),
-                             "--port", str(port), "--served-model-name", "bundled", "--api-key", "k"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    proc, base = start_server(default_model_dir(), "--api-key", "k", name="bundled")
     yield base
     proc.terminate()
     proc.wait(timeout=30)

@@ -40,11 +40,11 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def start_server(ckpt, *args: str) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt, *args: str, name: str = MODEL) -> tuple[subprocess.Popen, str]:
     """`stepflash serve` on a free loopback port, once /health answers."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "stepflash.cli", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--served-model-name", MODEL, *args],
+                             "--served-model-name", name, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_trainer import SNIPPETS
 
 from stepflash import LLM, SamplingParams
 from stepflash.engine.kv_cache import FULL, SLIDING
@@ -17,14 +18,6 @@ from stepflash.engine.speculative import verify
 from stepflash.testing import tiny_config, write_checkpoint
 from stepflash.tokenizer import Tokenizer, write_byte_level_tokenizer
 from stepflash.train.trainer import TrainConfig, train
-
-SNIPPETS = [
-    "def add(a, b):\n    return a + b\n\n",
-    "for i in range(10):\n    print(i)\n\n",
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n",
-    "if x > 0:\n    y = x * 2\nelse:\n    y = -x\n\n",
-    "with open(path) as f:\n    data = f.read()\n\n",
-]
 
 
 @pytest.fixture(scope="module")
