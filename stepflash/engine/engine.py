@@ -5,6 +5,7 @@ in a worker thread behind an asyncio interface (submit, stream outputs, abort) f
 """
 
 import asyncio
+import importlib.util
 import itertools
 import math
 import time
@@ -39,6 +40,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds requests that bring no seed of their own
     mtp: int | None = None  # MTP drafts per step (speculative decoding); None: the checkpoint's MTP modules
+    kernels: str = "auto"  # attention through the Triton kernels: "triton", "torch", or "auto" (triton on CUDA)
 
 
 @dataclass
@@ -122,6 +124,14 @@ def default_kv_budget(device: torch.device, cfg: ModelConfig, layer_ids: list[in
     return min(want, _available_memory() // 4)
 
 
+def _use_kernels(kernels: str, device: torch.device) -> bool:
+    if kernels not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernels must be auto, triton or torch, got {kernels!r}")
+    if kernels == "auto":
+        return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return kernels == "triton"
+
+
 def _available_memory() -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -154,7 +164,7 @@ class LLMEngine:
                                  cfg.sliding_window, ec.enable_prefix_caching, track_mtp=self.num_mtp > 0)
         self.scheduler = Scheduler(self.kv, ec.max_num_seqs, ec.max_num_batched_tokens,
                                    watermark_blocks=plan.num_blocks[FULL] // 100)
-        self.runner = ModelRunner(self.model, plan.num_blocks, ec.block_size)
+        self.runner = ModelRunner(self.model, plan.num_blocks, ec.block_size, _use_kernels(ec.kernels, device))
         self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids))
         self.sampler = Sampler(self.eos_token_ids)
         self.drafter = MTPDrafter(self.runner, self.kv, self.sampler, self.num_mtp) if self.num_mtp else None

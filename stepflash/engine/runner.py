@@ -67,9 +67,7 @@ class PagedContext:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                window: int | None) -> torch.Tensor:
         kind = self.kind_of[layer]
-        k_cache, v_cache = (c.flatten(0, 1) for c in self.caches[layer])  # [blocks * block_size, kvh, d]
-        k_cache.index_copy_(0, self.slots[kind], k)
-        v_cache.index_copy_(0, self.slots[kind], v)
+        k_cache, v_cache = write_kv(self.caches[layer], self.slots[kind], k, v)
         out = torch.empty_like(q)
         for g in self.groups:
             slots, mask = g.keys[kind]
@@ -82,9 +80,38 @@ class PagedContext:
         return out
 
 
+def write_kv(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store this step's keys/values at their slots; returns the caches as [blocks * block_size, kvh, d]."""
+    k_cache, v_cache = (c.flatten(0, 1) for c in cache)
+    k_cache.index_copy_(0, slots, k)
+    v_cache.index_copy_(0, slots, v)
+    return k_cache, v_cache
+
+
+class KernelPagedContext:
+    """The same paged attention through the Triton kernel: one program per query row and kv head
+    walks the row's block table; no gathered copies of the keys."""
+
+    def __init__(self, caches: dict[int, tuple[torch.Tensor, torch.Tensor]], kind_of: dict[int, str],
+                 slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor], seq_of: torch.Tensor,
+                 q_pos: torch.Tensor) -> None:
+        self.caches, self.kind_of, self.slots = caches, kind_of, slots
+        self.tables, self.seq_of, self.q_pos = tables, seq_of, q_pos
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+        from stepflash.kernels.paged_attention import paged_attention
+
+        kind = self.kind_of[layer]
+        write_kv(self.caches[layer], self.slots[kind], k, v)
+        return paged_attention(q, *self.caches[layer], self.tables[kind], self.seq_of, self.q_pos, window)
+
+
 class ModelRunner:
-    def __init__(self, model: Step3p5ForCausalLM, num_blocks: dict[str, int], block_size: int) -> None:
-        self.model, self.block_size = model, block_size
+    def __init__(self, model: Step3p5ForCausalLM, num_blocks: dict[str, int], block_size: int,
+                 kernels: bool = False) -> None:
+        self.model, self.block_size, self.kernels = model, block_size, kernels
         cfg = model.config
         self.window = cfg.sliding_window
         param = model.lm_head.weight
@@ -149,9 +176,11 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _prepare(self, chunks: list[Chunk], kinds: list[str] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, PagedContext | KernelPagedContext]:
         """Flat ids and positions, and the paged context for layers of `kinds` (default: all)."""
         kinds = kinds or self.kinds
+        if self.kernels:
+            return self._prepare_kernel(chunks, kinds)
         ids, positions = [], []
         slots: dict[str, list[int]] = {kind: [] for kind in kinds}
         short, groups = [], []
@@ -170,6 +199,22 @@ class ModelRunner:
             groups.append(self._group(short, kinds))
         ctx = PagedContext(self.caches, self.kind_of, {k: self._tensor(v) for k, v in slots.items()}, groups)
         return self._tensor(ids), self._tensor(positions), ctx
+
+    def _prepare_kernel(self, chunks: list[Chunk], kinds: list[str]
+                        ) -> tuple[torch.Tensor, torch.Tensor, KernelPagedContext]:
+        ids = [t for c in chunks for t in c.ids]
+        positions = [p for c in chunks for p in range(c.start, c.end)]
+        seq_of = [i for i, c in enumerate(chunks) for _ in c.ids]
+        slots, tables = {}, {}
+        for kind in kinds:
+            rows = [c.seq.blocks.table(kind) for c in chunks]
+            width = max(len(r) for r in rows)
+            tables[kind] = self._tensor([r + [0] * (width - len(r)) for r in rows]).clamp(min=0)  # NO_BLOCK: never read
+            slots[kind] = self._tensor([s for c in chunks for s in _slots(c.seq.blocks.table(kind), c.start, c.end,
+                                                                          self.block_size)])
+        positions_t = self._tensor(positions)
+        return self._tensor(ids), positions_t, KernelPagedContext(self.caches, self.kind_of, slots, tables,
+                                                                   self._tensor(seq_of), positions_t)
 
     def _group(self, members: list[tuple[int, Chunk]], kinds: list[str]) -> Group:
         """Padded query rows and, per layer kind, the key slots each query may read and its mask.
