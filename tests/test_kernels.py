@@ -124,9 +124,10 @@ def test_fused_moe_matches_the_model_moe(dtype, tokens, hidden, inter, experts, 
         torch.testing.assert_close(ref, model_out, atol=1e-4, rtol=1e-4)
 
 
-def test_engine_with_the_attention_kernel_matches_the_torch_path(tmp_path):
-    """Greedy tokens and logprobs through the engine are the same with attention in the Triton
-    kernel (interpreted) as in PyTorch: prefill chunks, decodes, MTP verify rows, sliding windows."""
+def test_engine_with_the_kernels_matches_the_torch_path(tmp_path):
+    """Greedy tokens and logprobs through the engine are the same with attention and routed experts
+    in the Triton kernels (interpreted) as in PyTorch: prefill chunks, decodes, MTP verify rows,
+    sliding windows, CPU weights in their column-major layout."""
     from stepflash.engine.engine import EngineConfig, LLMEngine
     from stepflash.sampling import SamplingParams
     from stepflash.testing import tiny_config, write_checkpoint
@@ -139,6 +140,7 @@ def test_engine_with_the_attention_kernel_matches_the_torch_path(tmp_path):
     for kernels in ("torch", "triton"):
         engine = LLMEngine(ckpt, EngineConfig(kernels=kernels, max_num_batched_tokens=16))
         assert engine.runner.kernels == (kernels == "triton")
+        assert engine.model.model.layers[2].moe.use_kernel == (kernels == "triton")
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, params)
         done = {}

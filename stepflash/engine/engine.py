@@ -23,6 +23,7 @@ from stepflash.engine.scheduler import Scheduler
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.speculative import MTPDrafter, verify
 from stepflash.model.loader import load_model
+from stepflash.model.moe import MoE
 from stepflash.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecStats
 from stepflash.sampling import SamplingParams
 from stepflash.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -40,7 +41,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds requests that bring no seed of their own
     mtp: int | None = None  # MTP drafts per step (speculative decoding); None: the checkpoint's MTP modules
-    kernels: str = "auto"  # attention through the Triton kernels: "triton", "torch", or "auto" (triton on CUDA)
+    kernels: str = "auto"  # attention and routed experts in Triton: "triton", "torch", or "auto" (Triton on CUDA)
 
 
 @dataclass
@@ -164,7 +165,11 @@ class LLMEngine:
                                  cfg.sliding_window, ec.enable_prefix_caching, track_mtp=self.num_mtp > 0)
         self.scheduler = Scheduler(self.kv, ec.max_num_seqs, ec.max_num_batched_tokens,
                                    watermark_blocks=plan.num_blocks[FULL] // 100)
-        self.runner = ModelRunner(self.model, plan.num_blocks, ec.block_size, _use_kernels(ec.kernels, device))
+        kernels = _use_kernels(ec.kernels, device)
+        self.runner = ModelRunner(self.model, plan.num_blocks, ec.block_size, kernels)
+        for module in self.model.modules():
+            if isinstance(module, MoE):
+                module.use_kernel = kernels
         self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids))
         self.sampler = Sampler(self.eos_token_ids)
         self.drafter = MTPDrafter(self.runner, self.kv, self.sampler, self.num_mtp) if self.num_mtp else None

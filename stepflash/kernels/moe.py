@@ -33,7 +33,7 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
 if triton is not None:
 
     @triton.jit
-    def _gate_up_kernel(X, Wg, Wu, Ids, A, H, I, limit, top_k, stride_x, stride_we, stride_wi, stride_a,
+    def _gate_up_kernel(X, Wg, Wu, Ids, A, H, I, limit, top_k, stride_x, stride_we, stride_wi, stride_wh, stride_a,
                         BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
         pair = tl.program_id(0)
         i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -47,7 +47,7 @@ if triton is not None:
             h_ok = h < H
             x = tl.load(X + token * stride_x + h, mask=h_ok, other=0.0).to(tl.float32)
             mask = i_ok[:, None] & h_ok[None, :]
-            offs = expert * stride_we + i[:, None] * stride_wi + h[None, :]
+            offs = expert * stride_we + i[:, None] * stride_wi + h[None, :] * stride_wh
             acc_g += tl.sum(tl.load(Wg + offs, mask=mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
             acc_u += tl.sum(tl.load(Wu + offs, mask=mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
         act = acc_g * tl.sigmoid(acc_g)
@@ -57,7 +57,7 @@ if triton is not None:
         tl.store(A + pair * stride_a + i, act * acc_u, mask=i_ok)
 
     @triton.jit
-    def _down_kernel(A, Wd, Ids, RouteW, Y, H, I, stride_a, stride_we, stride_wh, stride_y,
+    def _down_kernel(A, Wd, Ids, RouteW, Y, H, I, stride_a, stride_we, stride_wo, stride_wi, stride_y,
                      BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
         pair = tl.program_id(0)
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -68,7 +68,7 @@ if triton is not None:
             i = i0 + tl.arange(0, BLOCK_I)
             i_ok = i < I
             a = tl.load(A + pair * stride_a + i, mask=i_ok, other=0.0)
-            w = tl.load(Wd + expert * stride_we + o[:, None] * stride_wh + i[None, :],
+            w = tl.load(Wd + expert * stride_we + o[:, None] * stride_wo + i[None, :] * stride_wi,
                         mask=o_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * a[None, :], axis=1)
         route = tl.load(RouteW + pair).to(tl.float32)
@@ -77,24 +77,25 @@ if triton is not None:
 
 def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
               ids: torch.Tensor, weights: torch.Tensor, limit: float, block: int = 32) -> torch.Tensor:
-    """The Triton kernels; same contract as `fused_moe_ref`. Weights must be contiguous in their last dim."""
+    """The Triton kernels; same contract as `fused_moe_ref` (weights in any memory layout, e.g. the
+    column-major copies the loader makes on CPU; gate and up alike)."""
     if triton is None:
         raise RuntimeError("fused_moe needs triton (pip install triton)")
     tokens, hidden = x.shape
     inter = w_gate.shape[1]
     top_k = ids.shape[1]
-    if any(w.stride(-1) != 1 for w in (w_gate, w_up, w_down)) or w_gate.stride() != w_up.stride():
-        raise ValueError("expert weights must be contiguous in their last dimension, gate and up alike")
+    if w_gate.stride() != w_up.stride():
+        raise ValueError("gate and up expert weights must share one memory layout")
     x = x.contiguous()
     flat_ids = ids.reshape(-1).to(torch.int32).contiguous()
     flat_w = weights.reshape(-1).float().contiguous()
     pairs = flat_ids.numel()
     a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
     _gate_up_kernel[(pairs, triton.cdiv(inter, block))](
-        x, w_gate, w_up, flat_ids, a, hidden, inter, float(limit), top_k, x.stride(0), w_gate.stride(0),
-        w_gate.stride(1), a.stride(0), BLOCK_I=block, BLOCK_H=block)
+        x, w_gate, w_up, flat_ids, a, hidden, inter, float(limit), top_k, x.stride(0), *w_gate.stride(),
+        a.stride(0), BLOCK_I=block, BLOCK_H=block)
     y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
     _down_kernel[(pairs, triton.cdiv(hidden, block))](
-        a, w_down, flat_ids, flat_w, y, hidden, inter, a.stride(0), w_down.stride(0), w_down.stride(1),
-        y.stride(0), BLOCK_O=block, BLOCK_I=block)
+        a, w_down, flat_ids, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), y.stride(0),
+        BLOCK_O=block, BLOCK_I=block)
     return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)

@@ -42,8 +42,15 @@ class MoE(nn.Module):
         self.up_proj = StackedLinear(num_experts, hidden_size, intermediate_size)
         self.down_proj = StackedLinear(num_experts, intermediate_size, hidden_size)
 
+    use_kernel = False  # routed experts through the Triton kernel (kernels/moe.py); set by the engine
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(h)
+        if self.use_kernel:
+            from stepflash.kernels.moe import fused_moe
+
+            return fused_moe(h, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, ids, weights,
+                             self.limit)
         return self.experts(h, ids, weights)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
