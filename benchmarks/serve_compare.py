@@ -3,8 +3,10 @@
 For each setting a `stepflash serve` process is started; then `stepflash bench` (prompts cut from
 the standard library, concurrency 1 and 4, fixed output length) and `stepflash eval` on two tasks:
 next-line completion of held-out standard-library code (a JSONL this script writes to a temporary
-directory: prompt = 30 lines of a held-out file, answer = the next non-blank line, scorer "prefix")
-and, when --humaneval FILE is given, the first N HumanEval problems. Results and the report's charts
+directory: prompt = 30 lines of a held-out file, answer = the next non-blank line of at most 60
+characters, scorer "prefix")
+(and, easier, only the indentation and first word of that line) and, when --humaneval FILE is
+given, the first N HumanEval problems. Results and the report's charts
 go to benchmarks/results/serve_compare-<date>/.
 
     python benchmarks/serve_compare.py [--humaneval ../shared/data/humaneval.jsonl] [--limit 40]
@@ -14,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,18 +33,22 @@ from stepflash.train.tokenizer import corpus_files
 from stepflash.train.trainer import split_files
 
 
-def next_line_tasks(path: Path, count: int, context_lines: int = 30) -> None:
+def next_line_tasks(path: Path, count: int, context_lines: int = 30, first_word: bool = False) -> None:
+    """JSONL of next-line completions of held-out files (the whole line, or only its indentation and
+    first word: an easier task that still separates models)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     _, heldout = split_files(corpus_files([stdlib], (".py",), ("site-packages",)), 0.05)
     rows = []
     for file in heldout:
         lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
         for start in range(40, len(lines) - context_lines - 1, 97):
-            answer = lines[start + context_lines].rstrip("\n")
-            if answer.strip() and len(answer) <= 60 and len(rows) < count:
+            line = lines[start + context_lines].rstrip("\n")
+            if line.strip() and len(line) <= 60 and len(rows) < count:
+                # the prompt stops before the newline: "\n" + indentation is usually one token
+                answer = re.match(r"\s*(\w+|\S)", line).group(0) if first_word else line
                 rows.append({"id": f"{file.name}:{start + context_lines + 1}",
-                             "prompt": "".join(lines[start:start + context_lines]), "answer": answer,
-                             "scorer": "prefix"})
+                             "prompt": "".join(lines[start:start + context_lines]).rstrip("\n"),
+                             "answer": "\n" + answer, "scorer": "prefix"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -76,8 +83,9 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        tasks = Path(tmp) / "next_line.jsonl"
-        next_line_tasks(tasks, args.limit)
+        tasks = {"next-line": Path(tmp) / "next_line.jsonl", "next-word": Path(tmp) / "next_word.jsonl"}
+        next_line_tasks(tasks["next-line"], args.limit)
+        next_line_tasks(tasks["next-word"], args.limit, first_word=True)
         for mtp in (0, 3):
             port = free_port()
             proc = serve(mtp, port)
@@ -86,7 +94,9 @@ def main() -> None:
                           "--output-dir", str(args.out), "--completions"]
                 cli(["bench", *common, "--input-len", "400", "--output-len", "128", "--num-requests",
                      str(args.requests), "--concurrency", "1,4"])
-                cli(["eval", *common, "--task", "jsonl", "--data", str(tasks), "--max-tokens", "24"])
+                for name, path in tasks.items():
+                    cli(["eval", *common, "--task", "jsonl", "--data", str(path), "--max-tokens", "24",
+                         "--label", f"mtp={mtp} {name}"])
                 if args.humaneval:
                     cli(["eval", *common, "--task", "humaneval", "--data", str(args.humaneval), "--limit",
                          str(args.limit), "--max-tokens", "192"])

@@ -203,7 +203,7 @@ def _write(results: list[dict], out_dir: Path | None, stem: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i, result in enumerate(results):
-        name = result.get("label", "run").replace("/", "_")
+        name = "".join(c if c.isalnum() or c in "=.-" else "_" for c in result.get("label", "run"))
         suffix = f"-c{result['workload']['concurrency']}-in{result['workload']['input_len']}" if "workload" in result else ""
         path = out_dir / f"{stem}-{name}{suffix}-{stamp}-{i}.json"
         path.write_text(json.dumps(result, indent=1))

@@ -9,8 +9,6 @@ import pytest
 from stepflash import LLM, SamplingParams
 from stepflash.models import BUNDLED_MODEL, default_model_dir
 
-pytestmark = pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="bundled model not there yet")
-
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     return LLM(mtp=0)

@@ -26,13 +26,11 @@ def test_generate_is_greedy_decoding_of_the_reference(tmp_path, capsys):
     assert "tokens/s" in out.err and "GB/s" in out.err
 
 
-def test_generate_default_model_writes_random_checkpoint_once(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("STEPFLASH_CACHE", str(tmp_path))
-    assert main(["generate", "x", "--max-tokens", "2"]) == 0
-    assert (tmp_path / "random-tiny" / "model.safetensors").is_file()
-    mtime = (tmp_path / "random-tiny" / "model.safetensors").stat().st_mtime
-    assert main(["generate", "y", "--max-tokens", "2"]) == 0
-    assert (tmp_path / "random-tiny" / "model.safetensors").stat().st_mtime == mtime
+def test_generate_runs_the_bundled_model_by_default(capsys):
+    assert main(["generate", "def fibonacci(n):", "--max-tokens", "8", "--mtp", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("def fibonacci(n):") and len(out.out) > len("def fibonacci(n):\n")
+    assert "tokens/s" in out.err and "MTP-3" in out.err
 
 
 def test_generate_errors_name_the_problem(tmp_path, capsys):

@@ -154,8 +154,9 @@ async def evaluate(endpoint: Endpoint, items: list[Item], max_tokens: int, concu
     for item, trace in zip(items, traces):
         text = "".join(c.content for c in trace.chunks)
         correct, detail = score(item, text) if trace.ok else (False, f"request failed: {trace.error}")
-        rows.append({"id": item.item_id, "correct": correct, "detail": detail, "output_tokens": trace.completion_tokens,
-                     "seconds": trace.e2el if trace.chunks else None, "failed": not trace.ok})
+        rows.append({"id": item.item_id, "correct": correct, "detail": detail, "output": text[:300],
+                     "output_tokens": trace.completion_tokens, "seconds": trace.e2el if trace.chunks else None,
+                     "failed": not trace.ok})
     speed = aggregate(list(traces))
     ok = [r for r in rows if not r["failed"]]
     return {

@@ -1,19 +1,13 @@
-"""Where the default model lives: the bundled one when shipped, else a random stand-in."""
+"""Where the default model lives: the bundled one (see tiny/README.md)."""
 
-import os
 from pathlib import Path
 
 BUNDLED_MODEL = Path(__file__).parent / "tiny"
 
 
 def default_model_dir() -> Path:
-    """The bundled model when present; otherwise a small random checkpoint written once to a cache dir
-    (`$STEPFLASH_CACHE`, default ~/.cache/stepflash)."""
-    if (BUNDLED_MODEL / "config.json").is_file():
-        return BUNDLED_MODEL
-    cache = Path(os.environ.get("STEPFLASH_CACHE", Path.home() / ".cache" / "stepflash")) / "random-tiny"
-    if not (cache / "config.json").is_file():
-        from stepflash.testing import tiny_config, write_checkpoint
-
-        write_checkpoint(cache, tiny_config())
-    return cache
+    """The bundled model shipped inside the package."""
+    if not (BUNDLED_MODEL / "config.json").is_file():
+        raise FileNotFoundError(f"the bundled model is missing from {BUNDLED_MODEL}; reinstall stepflash "
+                                "or pass --model DIR")
+    return BUNDLED_MODEL
