@@ -33,9 +33,9 @@ def test_bundled_model_is_the_default_and_small():
 
 
 def test_completes_python_plausibly(llm):
-    out = llm.generate(["def fibonacci(n):\n"], SamplingParams(temperature=0, max_tokens=24))[0].outputs[0].text
-    first = out.splitlines()[0]
-    assert first.startswith("    ") and first.strip()  # an indented body
+    out = llm.generate(["def fibonacci(n):"], SamplingParams(temperature=0, max_tokens=24))[0].outputs[0].text
+    lines = out.split("\n")
+    assert lines[0] == "" and lines[1].startswith("    ") and lines[1].strip()  # a new line, an indented body
 
 
 def test_mtp_is_lossless_and_accepts_drafts(llm):

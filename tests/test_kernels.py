@@ -2,14 +2,10 @@
 random inputs of many shapes: windows crossing block boundaries, ragged batches, one and several
 query rows per sequence, GQA groups of 1 to 4 and unpadded head dims."""
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (it reads this at decoration)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # TRITON_INTERPRET=1 on CPU-only machines: see conftest.py
 
 from stepflash.kernels.paged_attention import paged_attention, paged_attention_ref  # noqa: E402
 
