@@ -262,8 +262,8 @@ class LLMEngine:
             return []
         self.num_steps += 1
         now = time.monotonic()
-        chunks = [Chunk(s.seq, s.seq.num_computed, (s.seq.token_ids + s.seq.draft_ids)[
-            s.seq.num_computed:s.seq.num_computed + s.num_new]) for s in sched.scheduled]
+        chunks = [Chunk(s.seq, s.seq.num_computed, s.seq.tokens(s.seq.num_computed, s.seq.num_computed + s.num_new))
+                  for s in sched.scheduled]
         rows, prompt_rows, samples = self._logit_rows(chunks)
         logits = self.runner.execute(chunks, sched.copies, rows + [r for r, _, _ in prompt_rows])
         touched = {c.seq.request_id: self.requests[c.seq.request_id] for c in chunks}
@@ -276,8 +276,8 @@ class LLMEngine:
                 self.kv.commit(chunk.seq.blocks, chunk.seq.token_ids, chunk.end)
         emitted = self._sample(logits[: len(rows)], samples)
         for chunk in verifying:  # positions after the last accepted draft are scratch: drop their blocks
-            seq, tokens = chunk.seq, [t for t, _ in emitted[chunk.seq]]
-            self.kv.commit(seq.blocks, seq.token_ids + tokens, chunk.start + len(tokens))
+            seq = chunk.seq  # (blocks are named only up to the MTP caches, i.e. over tokens already known)
+            self.kv.commit(seq.blocks, seq.token_ids, chunk.start + len(emitted[seq]))
             self.kv.trim(seq.blocks)
         now = time.monotonic()
         for seq, tokens in emitted.items():

@@ -41,6 +41,13 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Positions start..end-1 of the token ids followed by the drafts (no copy of the rest)."""
+        n = len(self.token_ids)
+        if end <= n:
+            return self.token_ids[start:end]
+        return self.token_ids[start:] + self.draft_ids[max(start - n, 0):end - n]
+
     @property
     def num_computed(self) -> int:
         return self.blocks.num_computed

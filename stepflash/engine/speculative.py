@@ -54,7 +54,7 @@ class MTPDrafter:
                 start = seq.blocks.mtp_computed
                 end = seq.num_computed + (depth + 1 if seq in wants and depth < k else 0)
                 if end > start:
-                    chunks.append(Chunk(seq, start, (seq.token_ids + seq.draft_ids)[start:end]))
+                    chunks.append(Chunk(seq, start, seq.tokens(start, end)))
                     row += end - start
                     if seq in wants and depth < k:
                         logit_rows.append(row - 1)
