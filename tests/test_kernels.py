@@ -149,3 +149,26 @@ def test_engine_with_the_kernels_matches_the_torch_path(tmp_path):
         assert a.token_ids == b.token_ids
         for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):
             assert abs(la[t] - lb[t]) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim, rotary_dim", [(4, 2, 64, 32), (6, 2, 64, 64), (8, 8, 24, 12)])
+def test_rope_kv_write_matches_reference(dtype, heads, kv_heads, head_dim, rotary_dim):
+    from stepflash.kernels.rope_kv import rope_kv_write, rope_kv_write_ref
+    from stepflash.model.rope import rotary_cos_sin
+
+    gen = torch.Generator().manual_seed(heads + rotary_dim)
+    tokens, blocks, block_size = 7, 6, 4
+    q = torch.randn(tokens, heads, head_dim, generator=gen).to(dtype)
+    k, v = (torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+    positions = torch.tensor([0, 5, 6, 7, 100, 101, 4095])
+    cos, sin = rotary_cos_sin(positions, 1e4, rotary_dim, None)
+    slots = torch.randperm(blocks * block_size, generator=gen)[:tokens]
+    caches = [torch.zeros(blocks, block_size, kv_heads, head_dim, dtype=dtype) for _ in range(4)]
+    out = rope_kv_write(q, k, v, cos, sin, caches[0], caches[1], slots)
+    ref = rope_kv_write_ref(q, k, v, cos, sin, caches[2], caches[3], slots)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(caches[0], caches[2], atol=tol, rtol=tol)
+    torch.testing.assert_close(caches[1], caches[3], atol=0, rtol=0)
+    assert caches[0].abs().sum() > 0
