@@ -41,7 +41,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds requests that bring no seed of their own
     mtp: int | None = None  # MTP drafts per step (speculative decoding); None: the checkpoint's MTP modules
-    kernels: str = "auto"  # attention and routed experts in Triton: "triton", "torch", or "auto" (Triton on CUDA)
+    # attention and routed experts in Triton: "triton", "torch", or "auto" (Triton on CUDA); "torch" by
+    # default until the kernels have been checked on a GPU
+    kernels: str = "torch"
 
 
 @dataclass
