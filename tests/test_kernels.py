@@ -172,3 +172,22 @@ def test_rope_kv_write_matches_reference(dtype, heads, kv_heads, head_dim, rotar
     torch.testing.assert_close(caches[0], caches[2], atol=tol, rtol=tol)
     torch.testing.assert_close(caches[1], caches[3], atol=0, rtol=0)
     assert caches[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [
+    # seq lens, query rows per seq (the last ones), heads, kv heads, head dim, block size, window
+    ([40], [40], 4, 2, 32, 16, None),  # a whole prompt
+    ([70, 23], [50, 23], 4, 2, 32, 8, 16),  # chunked prefill (50 of 70) with a window, plus a short prompt
+    ([100], [37], 6, 3, 24, 16, 20),  # head dim padded to 32, window across block boundaries
+])
+def test_prefill_attention_matches_reference(dtype, case):
+    from stepflash.kernels.prefill_attention import prefill_attention
+
+    seq_lens, queries, heads, kv_heads, head_dim, block_size, window = case
+    q, k, v, tables, seq_of, q_pos, _ = paged_batch(seq_lens, queries, heads, kv_heads, head_dim, block_size,
+                                                    dtype, seed=head_dim + len(seq_lens))
+    ref = paged_attention_ref(q, k, v, tables, seq_of, q_pos, window)
+    out = prefill_attention(q, k, v, tables, seq_of, q_pos, window)
+    tol = 1e-4 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)

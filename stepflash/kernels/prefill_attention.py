@@ -1,0 +1,100 @@
+"""Prefill (and chunked-prefill) attention over the paged KV cache, flash-attention style: a tile of
+BLOCK_M consecutive query rows of one sequence against tiles of BLOCK_N keys, causal and optionally
+windowed, online softmax, tl.dot for both products. Same contract as `paged_attention_ref` (the
+rows' keys are already in the cache); `prefill_tiles` cuts the rows into per-sequence tiles.
+"""
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def prefill_tiles(seq_of: torch.Tensor, block_m: int) -> torch.Tensor:
+    """[tiles, 2] (first row, row count): runs of rows of one sequence, at most block_m long."""
+    tiles, start = [], 0
+    seqs = seq_of.tolist()
+    for i in range(1, len(seqs) + 1):
+        if i == len(seqs) or seqs[i] != seqs[start] or i - start == block_m:
+            tiles.append((start, i - start))
+            start = i
+    return torch.tensor(tiles, dtype=torch.int32, device=seq_of.device)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _prefill_kernel(Q, K, V, Out, Tables, SeqOf, QPos, Tiles, scale, window,
+                        stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                        stride_ot, stride_oh, stride_tb, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        tile = tl.program_id(0)
+        head = tl.program_id(1)
+        kv_head = head // GROUP
+        first = tl.load(Tiles + tile * 2)
+        count = tl.load(Tiles + tile * 2 + 1)
+        m_idx = tl.arange(0, BLOCK_M)
+        m_ok = m_idx < count
+        rows = first + m_idx
+        seq = tl.load(SeqOf + first)
+        pos = tl.load(QPos + rows, mask=m_ok, other=0)
+        first_pos = tl.load(QPos + first)
+        last_pos = tl.load(QPos + first + count - 1)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        lo = tl.where(window > 0, tl.maximum(first_pos - window + 1, 0), 0)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        denom = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(lo, last_pos + 1, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n <= last_pos
+            block = tl.load(Tables + seq * stride_tb + n // BLOCK_SIZE, mask=n_ok, other=0)
+            slot = n % BLOCK_SIZE
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + block[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :],
+                        mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            visible = (n[None, :] <= pos[:, None]) & n_ok[None, :]
+            visible = visible & ((window <= 0) | (pos[:, None] - n[None, :] < window))
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            v = tl.load(V + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :],
+                        mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            denom = denom * alpha + tl.sum(p, axis=1)
+            m = m_new
+        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # padded rows have no keys
+        tl.store(Out + rows[:, None] * stride_ot + head * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_of: torch.Tensor, q_pos: torch.Tensor, window: int | None, block_m: int = 16,
+                      block_n: int = 16) -> torch.Tensor:
+    """The Triton kernel; rows of one sequence must be consecutive with consecutive positions."""
+    if triton is None:
+        raise RuntimeError("prefill_attention needs triton (pip install triton)")
+    rows, num_heads, head_dim = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    tiles = prefill_tiles(seq_of, block_m)
+    tables = block_tables.to(torch.int32).contiguous()
+    _prefill_kernel[(tiles.shape[0], num_heads)](
+        q, k_cache, v_cache, out, tables, seq_of.to(torch.int32).contiguous(), q_pos.to(torch.int32).contiguous(),
+        tiles, 1.0 / math.sqrt(head_dim), window or 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), tables.stride(0),
+        GROUP=num_heads // k_cache.shape[2], BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n)
+    return out
