@@ -121,9 +121,9 @@ def test_fused_moe_matches_the_model_moe(dtype, tokens, hidden, inter, experts, 
 
 
 def test_engine_with_the_kernels_matches_the_torch_path(tmp_path):
-    """Greedy tokens and logprobs through the engine are the same with attention and routed experts
-    in the Triton kernels (interpreted) as in PyTorch: prefill chunks, decodes, MTP verify rows,
-    sliding windows, CPU weights in their column-major layout."""
+    """Greedy tokens and logprobs through the engine are the same with attention (prefill and paged
+    kernels) and routed experts in the Triton kernels (interpreted) as in PyTorch: prefill chunks,
+    decodes, MTP verify rows, sliding windows, CPU weights in their column-major layout."""
     from stepflash.engine.engine import EngineConfig, LLMEngine
     from stepflash.sampling import SamplingParams
     from stepflash.testing import tiny_config, write_checkpoint

@@ -90,22 +90,32 @@ def write_kv(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: t
 
 
 class KernelPagedContext:
-    """The same paged attention through the Triton kernel: one program per query row and kv head
-    walks the row's block table; no gathered copies of the keys."""
+    """The same paged attention through the Triton kernels, reading keys through the block tables
+    (no gathered copies): rows of short chunks (decode, verify, MTP) with one program per row and kv
+    head, rows of long chunks (prefill) in tiles of consecutive queries."""
 
     def __init__(self, caches: dict[int, tuple[torch.Tensor, torch.Tensor]], kind_of: dict[int, str],
                  slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor], seq_of: torch.Tensor,
-                 q_pos: torch.Tensor) -> None:
+                 q_pos: torch.Tensor, prefill_rows: torch.Tensor) -> None:
         self.caches, self.kind_of, self.slots = caches, kind_of, slots
-        self.tables, self.seq_of, self.q_pos = tables, seq_of, q_pos
+        self.tables, self.seq_of, self.q_pos, self.prefill_rows = tables, seq_of, q_pos, prefill_rows
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                window: int | None) -> torch.Tensor:
         from stepflash.kernels.paged_attention import paged_attention
+        from stepflash.kernels.prefill_attention import prefill_attention
 
         kind = self.kind_of[layer]
         write_kv(self.caches[layer], self.slots[kind], k, v)
-        return paged_attention(q, *self.caches[layer], self.tables[kind], self.seq_of, self.q_pos, window)
+        caches, table = self.caches[layer], self.tables[kind]
+        prefill = self.prefill_rows
+        if not prefill.any():
+            return paged_attention(q, *caches, table, self.seq_of, self.q_pos, window)
+        out = torch.empty_like(q)
+        for rows, kernel in ((prefill, prefill_attention), (~prefill, paged_attention)):
+            if rows.any():
+                out[rows] = kernel(q[rows], *caches, table, self.seq_of[rows], self.q_pos[rows], window)
+        return out
 
 
 class ModelRunner:
@@ -213,8 +223,9 @@ class ModelRunner:
             slots[kind] = self._tensor([s for c in chunks for s in _slots(c.seq.blocks.table(kind), c.start, c.end,
                                                                           self.block_size)])
         positions_t = self._tensor(positions)
+        prefill = torch.tensor([len(c.ids) > SHORT_CHUNK for c in chunks for _ in c.ids], device=self.device)
         return self._tensor(ids), positions_t, KernelPagedContext(self.caches, self.kind_of, slots, tables,
-                                                                   self._tensor(seq_of), positions_t)
+                                                                   self._tensor(seq_of), positions_t, prefill)
 
     def _group(self, members: list[tuple[int, Chunk]], kinds: list[str]) -> Group:
         """Padded query rows and, per layer kind, the key slots each query may read and its mask.
