@@ -62,12 +62,12 @@ class KernelContext:
         self.caches, self.tables, self.slots, self.seq_of, self.q_pos = caches, tables, slots, seq_of, q_pos
         self.use_kernel = True
 
-    def attend(self, layer, q, k, v, positions, window):
+    def attend(self, layer, q, k, v, positions, window, gate):
         k_cache, v_cache = self.caches[layer]
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, self.slots[layer], k)
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, self.slots[layer], v)
         run = paged_attention if self.use_kernel else paged_attention_ref
-        return run(q, k_cache, v_cache, self.tables[layer], self.seq_of, self.q_pos, window)
+        return run(q, k_cache, v_cache, self.tables[layer], self.seq_of, self.q_pos, window, gate)
 
 
 def build(cfg: ModelConfig, device, dtype, seed: int = 0) -> list[DecoderLayer]:

@@ -18,7 +18,7 @@ import torch
 from stepflash.config import ModelConfig
 from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy
 from stepflash.engine.sequence import Sequence
-from stepflash.model.attention import attention, attention_mask
+from stepflash.model.attention import apply_gate, attention, attention_mask
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 
 
@@ -65,7 +65,7 @@ class PagedContext:
         self.caches, self.kind_of, self.slots, self.groups = caches, kind_of, slots, groups
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               window: int | None) -> torch.Tensor:
+               window: int | None, gate: torch.Tensor) -> torch.Tensor:
         kind = self.kind_of[layer]
         k_cache, v_cache = write_kv(self.caches[layer], self.slots[kind], k, v)
         out = torch.empty_like(q)
@@ -77,7 +77,7 @@ class PagedContext:
             queries = q[g.rows] if isinstance(g.rows, slice) else q.index_select(0, g.rows.flatten())
             o = attention(queries.view(*g.shape, *q.shape[1:]), keys, values, mask)
             out[g.valid_rows] = o.flatten(0, 1) if g.q_valid is None else o[g.q_valid]
-        return out
+        return apply_gate(out, gate)
 
 
 def write_kv(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: torch.Tensor,
@@ -101,7 +101,7 @@ class KernelPagedContext:
         self.tables, self.seq_of, self.q_pos, self.prefill_rows = tables, seq_of, q_pos, prefill_rows
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               window: int | None) -> torch.Tensor:
+               window: int | None, gate: torch.Tensor) -> torch.Tensor:
         from stepflash.kernels.paged_attention import paged_attention
         from stepflash.kernels.prefill_attention import prefill_attention
 
@@ -109,12 +109,15 @@ class KernelPagedContext:
         write_kv(self.caches[layer], self.slots[kind], k, v)
         caches, table = self.caches[layer], self.tables[kind]
         prefill = self.prefill_rows
-        if not prefill.any():
-            return paged_attention(q, *caches, table, self.seq_of, self.q_pos, window)
+        if not prefill.any():  # the gate fused into the kernel's output
+            return paged_attention(q, *caches, table, self.seq_of, self.q_pos, window, gate)
         out = torch.empty_like(q)
-        for rows, kernel in ((prefill, prefill_attention), (~prefill, paged_attention)):
-            if rows.any():
-                out[rows] = kernel(q[rows], *caches, table, self.seq_of[rows], self.q_pos[rows], window)
+        decode = ~prefill
+        out[prefill] = apply_gate(prefill_attention(q[prefill], *caches, table, self.seq_of[prefill],
+                                                    self.q_pos[prefill], window), gate[prefill])
+        if decode.any():
+            out[decode] = paged_attention(q[decode], *caches, table, self.seq_of[decode], self.q_pos[decode], window,
+                                          gate[decode])
         return out
 
 

@@ -16,8 +16,9 @@ class AttentionContext(Protocol):
     """Where attention finds keys and values: the batch alone (`BatchLayout`) or a paged KV cache."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               window: int | None) -> torch.Tensor:
-        """q [T, heads, d], k/v [T, kv_heads, d] of this step's tokens -> attention output [T, heads, d]."""
+               window: int | None, gate: torch.Tensor) -> torch.Tensor:
+        """q [T, heads, d], k/v [T, kv_heads, d] of this step's tokens, gate [T, heads] (before the
+        sigmoid) -> gated attention output [T, heads, d]."""
         ...
 
 
@@ -32,7 +33,7 @@ class BatchLayout:
         return cls([num_tokens])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               window: int | None) -> torch.Tensor:
+               window: int | None, gate: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
         start = 0
         for n in self.seq_lens:
@@ -40,7 +41,12 @@ class BatchLayout:
             pos = positions[sl][None]
             out[sl] = attention(q[sl][None], k[sl][None], v[sl][None], attention_mask(pos, pos, window))[0]
             start += n
-        return out
+        return apply_gate(out, gate)
+
+
+def apply_gate(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Head-wise output gate: o [T, heads, d] * sigmoid(gate [T, heads])."""
+    return o * torch.sigmoid(gate).unsqueeze(-1)
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
@@ -84,6 +90,5 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(h).view(t, self.num_kv_heads, self.head_dim))
         v = self.v_proj(h).view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(torch.cat([q, k], dim=1), *rope).split([self.num_heads, self.num_kv_heads], dim=1)
-        o = ctx.attend(self.layer, q, k, v, positions, self.window)
-        o = o * torch.sigmoid(self.g_proj(h)).unsqueeze(-1)
+        o = ctx.attend(self.layer, q, k, v, positions, self.window, self.g_proj(h))  # gated per head
         return self.o_proj(o.reshape(t, -1))
