@@ -191,3 +191,23 @@ def test_prefill_attention_matches_reference(dtype, case):
     out = prefill_attention(q, k, v, tables, seq_of, q_pos, window)
     tol = 1e-4 if dtype == torch.float32 else 3e-3
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("tokens, group", [(1, 16), (4, 32)])
+def test_fused_moe_reads_int4_experts_packed(tokens, group):
+    """INT4 experts used packed inside the kernel equal the twin on the dequantized weights."""
+    from stepflash.kernels.moe import fused_moe, fused_moe_ref
+    from stepflash.model.quant import dequantize_int4, quantize_int4
+
+    gen = torch.Generator().manual_seed(tokens)
+    experts, hidden, inter, top_k = 8, 64, 32, 2
+    dense = [torch.randn(experts, inter, hidden, generator=gen), torch.randn(experts, inter, hidden, generator=gen),
+             torch.randn(experts, hidden, inter, generator=gen)]
+    packed, scales = zip(*(quantize_int4(w, group) for w in dense))
+    x = torch.randn(tokens, hidden, generator=gen)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=gen)
+    ref = fused_moe_ref(x, *(dequantize_int4(p, s, group) for p, s in zip(packed, scales)), ids, weights, 0.0)
+    out = fused_moe(x, *packed, ids, weights, 0.0, block=16, int4_scales=scales, group_size=group)
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4)
+    assert not torch.allclose(ref, fused_moe_ref(x, *dense, ids, weights, 0.0), atol=1e-3)  # it is lossy

@@ -1,7 +1,8 @@
 """Fused MoE for decode: only the selected experts' weights are read, SwiGLU (with its clamp) and the
 routing weight are applied inside the kernels.
 
-Two launches over the (token, expert) pairs of the step: the first computes
+Two launches over the (token, expert) pairs of the step (weights in the model's dtype, or INT4 packed
+as `model/quant.py` writes them and unpacked in registers): the first computes
 a = swiglu(x W_gate^T, x W_up^T) for a tile of the intermediate dimension, the second y = a W_down^T
 times the pair's routing weight; the k pairs of a token are summed in fp32. `fused_moe_ref` is the
 PyTorch twin (the model's own grouped computation, `MoE.experts`).
@@ -33,8 +34,23 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
 if triton is not None:
 
     @triton.jit
-    def _gate_up_kernel(X, Wg, Wu, Ids, A, H, I, limit, top_k, stride_x, stride_we, stride_wi, stride_wh, stride_a,
-                        BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _weight_tile(W, S, expert, r, c, mask, stride_we, stride_wr, stride_wc, stride_se, stride_sr, stride_sc,
+                     INT4: tl.constexpr, GROUP: tl.constexpr):
+        """fp32 tile W[expert, r, c]; INT4: nibble c % 2 of byte c // 2, minus 8, times scale c // GROUP."""
+        if INT4:
+            byte = tl.load(W + expert * stride_we + r[:, None] * stride_wr + (c[None, :] // 2) * stride_wc,
+                           mask=mask, other=0).to(tl.int32)
+            q = ((byte >> ((c[None, :] % 2) * 4)) & 0xF).to(tl.float32) - 8.0
+            scale = tl.load(S + expert * stride_se + r[:, None] * stride_sr + (c[None, :] // GROUP) * stride_sc,
+                            mask=mask, other=0.0).to(tl.float32)
+            return q * scale
+        return tl.load(W + expert * stride_we + r[:, None] * stride_wr + c[None, :] * stride_wc,
+                       mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _gate_up_kernel(X, Wg, Wu, Sg, Su, Ids, A, H, I, limit, top_k, stride_x, stride_we, stride_wi, stride_wh,
+                        stride_se, stride_si, stride_sh, stride_a, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+                        INT4: tl.constexpr, GROUP: tl.constexpr):
         pair = tl.program_id(0)
         i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < I
@@ -47,9 +63,12 @@ if triton is not None:
             h_ok = h < H
             x = tl.load(X + token * stride_x + h, mask=h_ok, other=0.0).to(tl.float32)
             mask = i_ok[:, None] & h_ok[None, :]
-            offs = expert * stride_we + i[:, None] * stride_wi + h[None, :] * stride_wh
-            acc_g += tl.sum(tl.load(Wg + offs, mask=mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
-            acc_u += tl.sum(tl.load(Wu + offs, mask=mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
+            wg = _weight_tile(Wg, Sg, expert, i, h, mask, stride_we, stride_wi, stride_wh, stride_se, stride_si,
+                              stride_sh, INT4, GROUP)
+            wu = _weight_tile(Wu, Su, expert, i, h, mask, stride_we, stride_wi, stride_wh, stride_se, stride_si,
+                              stride_sh, INT4, GROUP)
+            acc_g += tl.sum(wg * x[None, :], axis=1)
+            acc_u += tl.sum(wu * x[None, :], axis=1)
         act = acc_g * tl.sigmoid(acc_g)
         if limit > 0:
             act = tl.minimum(act, limit)
@@ -57,8 +76,9 @@ if triton is not None:
         tl.store(A + pair * stride_a + i, act * acc_u, mask=i_ok)
 
     @triton.jit
-    def _down_kernel(A, Wd, Ids, RouteW, Y, H, I, stride_a, stride_we, stride_wo, stride_wi, stride_y,
-                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    def _down_kernel(A, Wd, Sd, Ids, RouteW, Y, H, I, stride_a, stride_we, stride_wo, stride_wi, stride_se,
+                     stride_so, stride_si, stride_y, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                     INT4: tl.constexpr, GROUP: tl.constexpr):
         pair = tl.program_id(0)
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         o_ok = o < H
@@ -68,17 +88,20 @@ if triton is not None:
             i = i0 + tl.arange(0, BLOCK_I)
             i_ok = i < I
             a = tl.load(A + pair * stride_a + i, mask=i_ok, other=0.0)
-            w = tl.load(Wd + expert * stride_we + o[:, None] * stride_wo + i[None, :] * stride_wi,
-                        mask=o_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
+            w = _weight_tile(Wd, Sd, expert, o, i, o_ok[:, None] & i_ok[None, :], stride_we, stride_wo, stride_wi,
+                             stride_se, stride_so, stride_si, INT4, GROUP)
             acc += tl.sum(w * a[None, :], axis=1)
         route = tl.load(RouteW + pair).to(tl.float32)
         tl.store(Y + pair * stride_y + o, acc * route, mask=o_ok)
 
 
 def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-              ids: torch.Tensor, weights: torch.Tensor, limit: float, block: int = 32) -> torch.Tensor:
+              ids: torch.Tensor, weights: torch.Tensor, limit: float, block: int = 32,
+              int4_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+              group_size: int = 128) -> torch.Tensor:
     """The Triton kernels; same contract as `fused_moe_ref` (weights in any memory layout, e.g. the
-    column-major copies the loader makes on CPU; gate and up alike)."""
+    column-major copies the loader makes on CPU; gate and up alike). With `int4_scales` the weights
+    are INT4 as `model.quant.quantize_int4` packs them (uint8 [E, out, in / 2]) and are used packed."""
     if triton is None:
         raise RuntimeError("fused_moe needs triton (pip install triton)")
     tokens, hidden = x.shape
@@ -86,16 +109,18 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     top_k = ids.shape[1]
     if w_gate.stride() != w_up.stride():
         raise ValueError("gate and up expert weights must share one memory layout")
+    s_gate, s_up, s_down = int4_scales or (w_gate, w_up, w_down)  # unread unless INT4
     x = x.contiguous()
     flat_ids = ids.reshape(-1).to(torch.int32).contiguous()
     flat_w = weights.reshape(-1).float().contiguous()
     pairs = flat_ids.numel()
+    quant = {"INT4": int4_scales is not None, "GROUP": group_size}
     a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
     _gate_up_kernel[(pairs, triton.cdiv(inter, block))](
-        x, w_gate, w_up, flat_ids, a, hidden, inter, float(limit), top_k, x.stride(0), *w_gate.stride(),
-        a.stride(0), BLOCK_I=block, BLOCK_H=block)
+        x, w_gate, w_up, s_gate, s_up, flat_ids, a, hidden, inter, float(limit), top_k, x.stride(0), *w_gate.stride(),
+        *s_gate.stride(), a.stride(0), BLOCK_I=block, BLOCK_H=block, **quant)
     y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
     _down_kernel[(pairs, triton.cdiv(hidden, block))](
-        a, w_down, flat_ids, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), y.stride(0),
-        BLOCK_O=block, BLOCK_I=block)
+        a, w_down, s_down, flat_ids, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), *s_down.stride(),
+        y.stride(0), BLOCK_O=block, BLOCK_I=block, **quant)
     return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
