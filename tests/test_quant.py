@@ -51,3 +51,17 @@ def test_quantized_checkpoint_loads_and_stays_close(tmp_path):
     kl = (pa.exp() * (pa - pb)).sum(-1).mean()
     assert 0 < kl < 0.05
     assert (tmp_path / "int4" / "tokenizer.json").is_file()
+
+
+@torch.no_grad()
+def test_int4_kept_packed_gives_the_same_logits(tmp_path):
+    src = write_checkpoint(tmp_path / "src", tiny_config(), seed=4)
+    main(["quantize", "--model", str(src), "--out", str(tmp_path / "q"), "--group-size", "16"])
+    packed, dense = load_model(tmp_path / "q", keep_int4=True), load_model(tmp_path / "q")
+    moe = packed.model.layers[2].moe
+    assert moe.gate_proj.weight.dtype == torch.uint8 and moe.gate_proj.int4_scale is not None
+    assert dense.model.layers[2].moe.gate_proj.weight.dtype == torch.float32
+    ids = torch.randint(10, 300, (30,), generator=torch.Generator().manual_seed(2))
+    a = packed.compute_logits(packed(ids, torch.arange(30)))
+    b = dense.compute_logits(dense(ids, torch.arange(30)))
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

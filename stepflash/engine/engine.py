@@ -157,7 +157,8 @@ class LLMEngine:
         if not 0 <= self.num_mtp <= cfg.num_mtp_layers:
             raise ValueError(f"mtp={ec.mtp}: the checkpoint has {cfg.num_mtp_layers} MTP modules, "
                              f"so mtp must be in 0..{cfg.num_mtp_layers}")
-        self.model = load_model(model_dir, device=device, dtype=ec.dtype, num_mtp=self.num_mtp)
+        kernels = _use_kernels(ec.kernels, device)
+        self.model = load_model(model_dir, device=device, dtype=ec.dtype, num_mtp=self.num_mtp, keep_int4=kernels)
         dtype = self.model.lm_head.weight.dtype
         layer_ids = [s.index for s in cfg.decoder_layers + cfg.mtp_layers[:self.num_mtp]]
         budget = ec.kv_cache_bytes or default_kv_budget(device, cfg, layer_ids, ec, dtype)
@@ -167,7 +168,6 @@ class LLMEngine:
                                  cfg.sliding_window, ec.enable_prefix_caching, track_mtp=self.num_mtp > 0)
         self.scheduler = Scheduler(self.kv, ec.max_num_seqs, ec.max_num_batched_tokens,
                                    watermark_blocks=plan.num_blocks[FULL] // 100)
-        kernels = _use_kernels(ec.kernels, device)
         self.runner = ModelRunner(self.model, plan.num_blocks, ec.block_size, kernels)
         for module in self.model.modules():
             if isinstance(module, MoE):

@@ -101,9 +101,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Mo
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = "auto", num_mtp: int | None = None) -> Step3p5ForCausalLM:
+               dtype: str | torch.dtype | None = "auto", num_mtp: int | None = None,
+               keep_int4: bool = False) -> Step3p5ForCausalLM:
     """Build the model from `model_dir`. MTP modules load when present in the checkpoint (all of them
-    unless `num_mtp` asks for fewer); asking for more than the checkpoint holds is an error."""
+    unless `num_mtp` asks for fewer); asking for more than the checkpoint holds is an error. INT4
+    experts are dequantized unless `keep_int4` (for the fused-MoE kernel) keeps them packed."""
     model_dir, device = Path(model_dir), torch.device(device)
     cfg = ModelConfig.from_pretrained(model_dir)
     index = checkpoint_index(model_dir)
@@ -141,6 +143,10 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
             if name not in expected:
                 unexpected.append(key)
                 continue
+            if keep_int4 and int4_group and (tensor := read(key)).dtype == torch.uint8:
+                _keep_int4(model, name, key, tensor, read, index, expected[name], int4_group, device, target_dtype)
+                loaded.add(name)
+                continue
             tensor = _read_weight(key, read, index, block, int4_group)
             param = expected[name]
             if tuple(tensor.shape) != tuple(param.shape):
@@ -176,6 +182,17 @@ def _read_weight(hub_name: str, read, index: dict[str, Path], block: tuple[int, 
     if scale_name not in index:
         raise CheckpointError(f"tensor {hub_name} is float8 but {scale_name} is missing")
     return dequantize_fp8(tensor, read(scale_name), block, hub_name)
+
+
+def _keep_int4(model: nn.Module, name: str, key: str, packed: torch.Tensor, read, index: dict[str, Path],
+               param: torch.Tensor, group: int, device: torch.device, dtype: torch.dtype) -> None:
+    expected = (*param.shape[:-1], param.shape[-1] // 2)
+    scale_name = key + INT4_SCALE_SUFFIX
+    if tuple(packed.shape) != expected or scale_name not in index:
+        raise CheckpointError(f"tensor {key}: int4 shape {tuple(packed.shape)} (expected {expected}) or "
+                              f"{scale_name} missing")
+    module = model.get_submodule(name.rpartition(".")[0])
+    module.keep_int4(packed.to(device), read(scale_name).to(device=device, dtype=dtype), group)
 
 
 def _mtp_modules_present(index: dict[str, Path], cfg: ModelConfig) -> int:

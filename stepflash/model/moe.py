@@ -49,8 +49,10 @@ class MoE(nn.Module):
         if self.use_kernel:
             from stepflash.kernels.moe import fused_moe
 
-            return fused_moe(h, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, ids, weights,
-                             self.limit)
+            linears = (self.gate_proj, self.up_proj, self.down_proj)
+            scales = tuple(m.int4_scale for m in linears) if self.gate_proj.int4_scale is not None else None
+            return fused_moe(h, *(m.weight for m in linears), ids, weights, self.limit, int4_scales=scales,
+                             group_size=self.gate_proj.group_size)
         return self.experts(h, ids, weights)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,5 +93,5 @@ class MoE(nn.Module):
 
     def _expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's SwiGLU FFN on x [n, hidden] -> fp32 [n, hidden]."""
-        a = swiglu(F.linear(x, self.gate_proj.weight[expert]), F.linear(x, self.up_proj.weight[expert]), self.limit)
-        return F.linear(a, self.down_proj.weight[expert]).float()
+        a = swiglu(F.linear(x, self.gate_proj.expert(expert)), F.linear(x, self.up_proj.expert(expert)), self.limit)
+        return F.linear(a, self.down_proj.expert(expert)).float()
