@@ -261,12 +261,25 @@ def main() -> None:
                     del ctx
     projection = None
     if args.tau:
-        base = next((r for r in results if r["batch"] == 1 and r["mtp_k"] == 3), None)
-        if base:
-            projection = {"tau": args.tau, "verify_step_ms_45_layers": base["extrapolated_45_layer_ms"],
-                          "tokens_per_s": args.tau / (base["extrapolated_45_layer_ms"] / 1e3),
-                          "note": "MTP draft time and lm_head not included; extrapolated from the measured layers"}
-            print(f"projection, single stream with MTP-3: {projection['tokens_per_s']:.0f} tokens/s")
+        base = next((r for r in results if r["batch"] == 1 and r["mtp_k"] == 3 and r["context"] == min(
+            x["context"] for x in results)), None)
+        single = next((r for r in results if r["batch"] == 1 and r["mtp_k"] == 0 and r["context"] == base["context"]),
+                      None) if base else None
+        if base and single:
+            with torch.inference_mode():
+                head = torch.randn(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+                rows = torch.randn(4, cfg.hidden_size, device=device, dtype=dtype)
+                head_ms = time_ms(lambda: rows @ head.T, device, args.iters)
+            layer_ms = single["extrapolated_45_layer_ms"] / 45
+            # per step: the target over 45 layers with 4 rows + its head; 3 MTP modules of about one
+            # layer and one head each (their dense FFN is wider than an expert: an estimate)
+            step_ms = base["extrapolated_45_layer_ms"] + head_ms + 3 * (layer_ms + head_ms)
+            projection = {"tau": args.tau, "context": base["context"], "verify_45_layers_ms": base["extrapolated_45_layer_ms"],
+                          "lm_head_ms": head_ms, "mtp_draft_ms_estimate": 3 * (layer_ms + head_ms),
+                          "step_ms": step_ms, "tokens_per_s": args.tau / (step_ms / 1e3),
+                          "note": "extrapolated from the measured layers; tau as given (--tau)"}
+            print(f"projection, single stream with MTP-3 (tau {args.tau}): {projection['tokens_per_s']:.0f} tokens/s "
+                  f"from a {step_ms:.1f} ms step (extrapolated)")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     record = {"benchmark": "gpu_decode", "date": datetime.date.today().isoformat(), "commit": commit,
