@@ -247,3 +247,14 @@ def test_sampled_tokens_have_the_same_distribution_with_and_without_mtp(trained)
 def test_mtp_above_the_checkpoint_is_refused(trained):
     with pytest.raises(ValueError, match="MTP modules"):
         LLM(str(trained), mtp=4)
+
+
+def test_default_mtp_is_what_the_checkpoint_holds(tmp_path):
+    """A config naming 3 MTP modules whose weights were left out (as some releases do) serves with
+    mtp=0 by default; asking for MTP there is a clear error."""
+    ckpt = write_checkpoint(tmp_path, tiny_config(), with_mtp=False)
+    llm = LLM(str(ckpt))
+    assert llm.get_stats().num_mtp == 0
+    assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="has 0 MTP modules"):
+        LLM(str(ckpt), mtp=1)

@@ -22,7 +22,7 @@ from stepflash.engine.sampler import Sampler, top_logprobs
 from stepflash.engine.scheduler import Scheduler
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.speculative import MTPDrafter, verify
-from stepflash.model.loader import load_model
+from stepflash.model.loader import load_model, mtp_modules_in
 from stepflash.model.moe import MoE
 from stepflash.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecStats
 from stepflash.sampling import SamplingParams
@@ -153,10 +153,11 @@ class LLMEngine:
         device = torch.device(ec.device if ec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         cfg = self.model_config = ModelConfig.from_pretrained(model_dir)
-        self.num_mtp = cfg.num_mtp_layers if ec.mtp is None else ec.mtp
-        if not 0 <= self.num_mtp <= cfg.num_mtp_layers:
-            raise ValueError(f"mtp={ec.mtp}: the checkpoint has {cfg.num_mtp_layers} MTP modules, "
-                             f"so mtp must be in 0..{cfg.num_mtp_layers}")
+        available = mtp_modules_in(model_dir)
+        self.num_mtp = available if ec.mtp is None else ec.mtp
+        if not 0 <= self.num_mtp <= available:
+            raise ValueError(f"mtp={ec.mtp}: the checkpoint has {available} MTP modules, "
+                             f"so mtp must be in 0..{available}")
         kernels = _use_kernels(ec.kernels, device)
         self.model = load_model(model_dir, device=device, dtype=ec.dtype, num_mtp=self.num_mtp, keep_int4=kernels)
         dtype = self.model.lm_head.weight.dtype

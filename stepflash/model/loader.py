@@ -195,6 +195,11 @@ def _keep_int4(model: nn.Module, name: str, key: str, packed: torch.Tensor, read
     module.keep_int4(packed.to(device), read(scale_name).to(device=device, dtype=dtype), group)
 
 
+def mtp_modules_in(model_dir: str | Path) -> int:
+    """How many MTP modules the checkpoint holds weights for (its config may name more)."""
+    return _mtp_modules_present(checkpoint_index(Path(model_dir)), ModelConfig.from_pretrained(model_dir))
+
+
 def _mtp_modules_present(index: dict[str, Path], cfg: ModelConfig) -> int:
     """Number of leading MTP modules (n, n+1, ...) with tensors in the checkpoint."""
     depths = {d for name in index if (d := mtp_depth(name, cfg.num_hidden_layers)) is not None}
