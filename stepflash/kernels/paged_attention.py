@@ -45,6 +45,14 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 if triton is not None:
 
     @triton.jit
+    def kv_tile(Cache, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_b, stride_s, stride_h,
+                BLOCK_SIZE: tl.constexpr):
+        """Keys (or values) at positions n of sequence `seq`, found through its block table: [len(n), len(d)]."""
+        block = tl.load(Tables + seq * stride_tb + n // BLOCK_SIZE, mask=n_ok, other=0)
+        offsets = block[:, None] * stride_b + (n % BLOCK_SIZE)[:, None] * stride_s + kv_head * stride_h + d[None, :]
+        return tl.load(Cache + offsets, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+
+    @triton.jit
     def _paged_attention_kernel(Q, K, V, Gate, Out, Tables, SeqOf, QPos, scale, window,
                                 stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                                 stride_vb, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb, stride_gt,
@@ -71,18 +79,15 @@ if triton is not None:
         for start in range(lo, pos + 1, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n <= pos
-            block = tl.load(Tables + seq * stride_tb + n // BLOCK_SIZE, mask=n_ok, other=0)
-            slot = n % BLOCK_SIZE
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + block[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :],
-                        mask=kv_mask, other=0.0).to(tl.float32)
+            k = kv_tile(K, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_kb, stride_ks, stride_kh,
+                        BLOCK_SIZE).to(tl.float32)
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            v = tl.load(V + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :],
-                        mask=kv_mask, other=0.0).to(tl.float32)
+            v = kv_tile(V, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_vb, stride_vs, stride_vh,
+                        BLOCK_SIZE).to(tl.float32)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new

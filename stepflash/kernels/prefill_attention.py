@@ -11,6 +11,8 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    from stepflash.kernels.paged_attention import kv_tile
 except ImportError:
     triton = None
 
@@ -56,11 +58,8 @@ if triton is not None:
         for start in range(lo, last_pos + 1, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n <= last_pos
-            block = tl.load(Tables + seq * stride_tb + n // BLOCK_SIZE, mask=n_ok, other=0)
-            slot = n % BLOCK_SIZE
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + block[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :],
-                        mask=kv_mask, other=0.0)
+            k = kv_tile(K, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_kb, stride_ks, stride_kh,
+                        BLOCK_SIZE)
             s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
             visible = (n[None, :] <= pos[:, None]) & n_ok[None, :]
             visible = visible & ((window <= 0) | (pos[:, None] - n[None, :] < window))
@@ -69,8 +68,8 @@ if triton is not None:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m - m_safe)
-            v = tl.load(V + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :],
-                        mask=kv_mask, other=0.0)
+            v = kv_tile(V, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_vb, stride_vs, stride_vh,
+                        BLOCK_SIZE)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
