@@ -31,6 +31,7 @@ from stepflash.bench.client import (
     stream_request,
 )
 from stepflash.bench.metrics import aggregate
+from stepflash.bench.progress import Progress
 
 TASKS = ("gsm8k", "humaneval", "jsonl")
 CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
@@ -144,12 +145,17 @@ async def evaluate(endpoint: Endpoint, items: list[Item], max_tokens: int, concu
     async with httpx.AsyncClient() as client:
         before = await fetch_spec_counters(client, endpoint)
 
+        bar = Progress("eval", len(items))
+
         async def one(item: Item):
             async with semaphore:
-                return await stream_request(client, endpoint, request_body(endpoint, item.prompt, max_tokens))
+                trace = await stream_request(client, endpoint, request_body(endpoint, item.prompt, max_tokens))
+                bar.advance(failed=not trace.ok)
+                return trace
 
         traces = await asyncio.gather(*(one(item) for item in items))
         after = await fetch_spec_counters(client, endpoint)
+        bar.close()
     rows = []
     for item, trace in zip(items, traces):
         text = "".join(c.content for c in trace.chunks)

@@ -11,7 +11,6 @@ import asyncio
 import json
 import platform
 import random
-import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass, replace
@@ -28,6 +27,7 @@ from stepflash.bench.client import (
     stream_request,
 )
 from stepflash.bench.metrics import RequestTrace, aggregate
+from stepflash.bench.progress import Progress
 
 CHARS_PER_TOKEN = 3.5
 
@@ -121,7 +121,7 @@ async def run_workload(endpoint: Endpoint, w: Workload, source: PromptSource, se
         before = await fetch_spec_counters(client, endpoint)
         semaphore = asyncio.Semaphore(w.concurrency)
         tasks: list[asyncio.Task] = []
-        done = [0]
+        bar = Progress(w.name, w.num_requests if w.duration is None else None, progress)
 
         async def one(index: int) -> RequestTrace:
             async with semaphore:
@@ -129,9 +129,7 @@ async def run_workload(endpoint: Endpoint, w: Workload, source: PromptSource, se
                 body = request_body(endpoint, source.prompt(index, input_len), output_len, w.fixed_length,
                                     w.temperature)
                 trace = await stream_request(client, endpoint, body)
-                done[0] += 1
-                if progress:
-                    print(f"\r{w.name}: {done[0]} requests done", end="", file=sys.stderr, flush=True)
+                bar.advance(failed=not trace.ok)
                 return trace
 
         start = time.perf_counter()
@@ -150,8 +148,7 @@ async def run_workload(endpoint: Endpoint, w: Workload, source: PromptSource, se
                 await asyncio.sleep(0)
         traces = list(await asyncio.gather(*tasks))
         after = await fetch_spec_counters(client, endpoint)
-    if progress:
-        print(file=sys.stderr)
+    bar.close()
     result = aggregate(traces, slo)
     result["spec_decode"] = spec_delta(before, after)
     result["workload"] = asdict(w)
