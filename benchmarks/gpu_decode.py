@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from stepflash.config import ModelConfig
-from stepflash.kernels.moe import fused_moe
 from stepflash.kernels.paged_attention import paged_attention, paged_attention_ref
 from stepflash.model.step3p5 import DecoderLayer, rope_tables
 from stepflash.testing import tiny_config
@@ -89,14 +88,10 @@ def build(cfg: ModelConfig, device, dtype, seed: int = 0) -> list[DecoderLayer]:
 
 
 def use_kernels(layers: list[DecoderLayer], ctx: "KernelContext", on: bool) -> None:
-    """Routed experts through `fused_moe` (on) or the model's PyTorch path (off); attention likewise."""
+    """Attention and routed experts through the Triton kernels (on) or the PyTorch paths (off)."""
     ctx.use_kernel = on
     for layer in layers:
-        moe = layer.moe
-        moe.__dict__.pop("experts", None)
-        if on:
-            moe.experts = (lambda m: lambda h, ids, w: fused_moe(h, m.gate_proj.weight, m.up_proj.weight,
-                                                                 m.down_proj.weight, ids, w, m.limit))(moe)
+        layer.moe.use_kernel = on
 
 
 def make_context(cfg: ModelConfig, batch: int, context: int, rows_per_seq: int, device, dtype) -> KernelContext:
