@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from stepflash.config import ModelConfig
+from stepflash.engine.runner import write_kv
 from stepflash.kernels.paged_attention import paged_attention, paged_attention_ref
 from stepflash.model.step3p5 import DecoderLayer, rope_tables
 from stepflash.testing import tiny_config
@@ -62,11 +63,9 @@ class KernelContext:
         self.use_kernel = True
 
     def attend(self, layer, q, k, v, positions, window, gate):
-        k_cache, v_cache = self.caches[layer]
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, self.slots[layer], k)
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, self.slots[layer], v)
+        write_kv(self.caches[layer], self.slots[layer], k, v)
         run = paged_attention if self.use_kernel else paged_attention_ref
-        return run(q, k_cache, v_cache, self.tables[layer], self.seq_of, self.q_pos, window, gate)
+        return run(q, *self.caches[layer], self.tables[layer], self.seq_of, self.q_pos, window, gate)
 
 
 def build(cfg: ModelConfig, device, dtype, seed: int = 0) -> list[DecoderLayer]:

@@ -18,6 +18,7 @@ import torch
 from stepflash.config import ModelConfig
 from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy
 from stepflash.engine.sequence import Sequence
+from stepflash.kernels.tiles import prefill_tiles
 from stepflash.model.attention import apply_gate, attention, attention_mask
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 
@@ -30,6 +31,7 @@ def kv_bytes_per_block(cfg: ModelConfig, layer_ids: list[int], block_size: int, 
     return kv + hidden_levels * block_size * cfg.hidden_size * item
 
 
+PREFILL_TILE = 16  # query rows per program of the prefill kernel
 SHORT_CHUNK = 8  # chunks up to this many tokens (decodes, verify steps, MTP drafting) share one padded group
 
 
@@ -89,16 +91,28 @@ def write_kv(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: t
     return k_cache, v_cache
 
 
+@dataclass
+class KernelRows:
+    """Query rows that one attention kernel takes: their flat indices (None: every row), sequence
+    index and position (int32), and for the prefill kernel its query tiles. Built once per step on
+    the host, so no layer has to read anything back from the device."""
+
+    index: torch.Tensor | None
+    seq_of: torch.Tensor
+    q_pos: torch.Tensor
+    tiles: torch.Tensor | None = None
+
+
 class KernelPagedContext:
     """The same paged attention through the Triton kernels, reading keys through the block tables
     (no gathered copies): rows of short chunks (decode, verify, MTP) with one program per row and kv
-    head, rows of long chunks (prefill) in tiles of consecutive queries."""
+    head (the head gate fused), rows of long chunks (prefill) in tiles of consecutive queries."""
 
     def __init__(self, caches: dict[int, tuple[torch.Tensor, torch.Tensor]], kind_of: dict[int, str],
-                 slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor], seq_of: torch.Tensor,
-                 q_pos: torch.Tensor, prefill_rows: torch.Tensor) -> None:
-        self.caches, self.kind_of, self.slots = caches, kind_of, slots
-        self.tables, self.seq_of, self.q_pos, self.prefill_rows = tables, seq_of, q_pos, prefill_rows
+                 slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor], decode: KernelRows | None,
+                 prefill: KernelRows | None) -> None:
+        self.caches, self.kind_of, self.slots, self.tables = caches, kind_of, slots, tables
+        self.decode, self.prefill = decode, prefill
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                window: int | None, gate: torch.Tensor) -> torch.Tensor:
@@ -107,17 +121,15 @@ class KernelPagedContext:
 
         kind = self.kind_of[layer]
         write_kv(self.caches[layer], self.slots[kind], k, v)
-        caches, table = self.caches[layer], self.tables[kind]
-        prefill = self.prefill_rows
-        if not prefill.any():  # the gate fused into the kernel's output
-            return paged_attention(q, *caches, table, self.seq_of, self.q_pos, window, gate)
+        caches, table, d, p = self.caches[layer], self.tables[kind], self.decode, self.prefill
+        if p is None:
+            return paged_attention(q, *caches, table, d.seq_of, d.q_pos, window, gate)
+        if d is None:
+            return apply_gate(prefill_attention(q, *caches, table, p.seq_of, p.q_pos, window, tiles=p.tiles), gate)
         out = torch.empty_like(q)
-        decode = ~prefill
-        out[prefill] = apply_gate(prefill_attention(q[prefill], *caches, table, self.seq_of[prefill],
-                                                    self.q_pos[prefill], window), gate[prefill])
-        if decode.any():
-            out[decode] = paged_attention(q[decode], *caches, table, self.seq_of[decode], self.q_pos[decode], window,
-                                          gate[decode])
+        out[p.index] = apply_gate(prefill_attention(q[p.index], *caches, table, p.seq_of, p.q_pos, window,
+                                                    tiles=p.tiles), gate[p.index])
+        out[d.index] = paged_attention(q[d.index], *caches, table, d.seq_of, d.q_pos, window, gate[d.index])
         return out
 
 
@@ -226,9 +238,19 @@ class ModelRunner:
             slots[kind] = self._tensor([s for c in chunks for s in _slots(c.seq.blocks.table(kind), c.start, c.end,
                                                                           self.block_size)])
         positions_t = self._tensor(positions)
-        prefill = torch.tensor([len(c.ids) > SHORT_CHUNK for c in chunks for _ in c.ids], device=self.device)
+        long_rows = [len(c.ids) > SHORT_CHUNK for c in chunks for _ in c.ids]
+        rows = {flag: [i for i, f in enumerate(long_rows) if f == flag] for flag in (False, True)}
+        sets = {}
+        for flag, index in rows.items():
+            if index:
+                int32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
+                whole = len(index) == len(ids)
+                set_seq = [seq_of[i] for i in index]
+                sets[flag] = KernelRows(None if whole else self._tensor(index), int32(set_seq),
+                                        int32([positions[i] for i in index]),
+                                        prefill_tiles(set_seq, PREFILL_TILE).to(self.device) if flag else None)
         return self._tensor(ids), positions_t, KernelPagedContext(self.caches, self.kind_of, slots, tables,
-                                                                   self._tensor(seq_of), positions_t, prefill)
+                                                                   sets.get(False), sets.get(True))
 
     def _group(self, members: list[tuple[int, Chunk]], kinds: list[str]) -> Group:
         """Padded query rows and, per layer kind, the key slots each query may read and its mask.

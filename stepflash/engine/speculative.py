@@ -62,23 +62,25 @@ class MTPDrafter:
                 break
             logits = self.runner.execute_mtp(depth, chunks, logit_rows)
             if depth < k:
-                for seq, row_logits in zip(drafting, logits):
-                    token, q = self._draft(seq, row_logits)
-                    seq.draft_ids.append(token)
-                    if q is not None:
-                        probs[seq].append(q)
+                self._draft(drafting, logits, probs)
         for seq in drafting:
             if probs[seq]:
                 seq.draft_probs = torch.stack(probs[seq])
         for seq in seqs:
             seq.blocks.mtp_computed = seq.num_computed
 
-    def _draft(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        processed = self.sampler.processed(logits[None], [RowContext.of(seq, seq.draft_ids)])[0]
-        if seq.params.greedy:
-            return int(processed.argmax()), None
-        q = self.sampler.probs(processed, seq.params)
-        return sample(q, seq.generator), q
+    def _draft(self, seqs: list[Sequence], logits: torch.Tensor, probs: dict[Sequence, list[torch.Tensor]]) -> None:
+        """Append each sequence's next draft: the processed argmax (one op for the batch) or, when
+        sampling, a draw from q, which is kept for verification."""
+        processed = self.sampler.processed(logits, [RowContext.of(seq, seq.draft_ids) for seq in seqs])
+        greedy = processed.argmax(-1).tolist()
+        for row, seq in enumerate(seqs):
+            token = greedy[row]
+            if not seq.params.greedy:
+                q = self.sampler.probs(processed[row], seq.params)
+                token = sample(q, seq.generator)
+                probs[seq].append(q)
+            seq.draft_ids.append(token)
 
 
 def verify(sampler: Sampler, logits: torch.Tensor, seq: Sequence, drafts: list[int],

@@ -1,12 +1,14 @@
 """Prefill (and chunked-prefill) attention over the paged KV cache, flash-attention style: a tile of
 BLOCK_M consecutive query rows of one sequence against tiles of BLOCK_N keys, causal and optionally
 windowed, online softmax, tl.dot for both products. Same contract as `paged_attention_ref` (the
-rows' keys are already in the cache); `prefill_tiles` cuts the rows into per-sequence tiles.
+rows' keys are already in the cache); `kernels.tiles.prefill_tiles` cuts the rows into per-sequence tiles.
 """
 
 import math
 
 import torch
+
+from stepflash.kernels.tiles import prefill_tiles
 
 try:
     import triton
@@ -15,17 +17,6 @@ try:
     from stepflash.kernels.paged_attention import kv_tile
 except ImportError:
     triton = None
-
-
-def prefill_tiles(seq_of: torch.Tensor, block_m: int) -> torch.Tensor:
-    """[tiles, 2] (first row, row count): runs of rows of one sequence, at most block_m long."""
-    tiles, start = [], 0
-    seqs = seq_of.tolist()
-    for i in range(1, len(seqs) + 1):
-        if i == len(seqs) or seqs[i] != seqs[start] or i - start == block_m:
-            tiles.append((start, i - start))
-            start = i
-    return torch.tensor(tiles, dtype=torch.int32, device=seq_of.device)
 
 
 if triton is not None:
@@ -80,14 +71,17 @@ if triton is not None:
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_of: torch.Tensor, q_pos: torch.Tensor, window: int | None, block_m: int = 16,
-                      block_n: int = 16) -> torch.Tensor:
-    """The Triton kernel; rows of one sequence must be consecutive with consecutive positions."""
+                      block_n: int = 16, tiles: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel; rows of one sequence must be consecutive with consecutive positions.
+    `tiles` (from `kernels.tiles.prefill_tiles` with block_m) saves reading seq_of back to the host."""
     if triton is None:
         raise RuntimeError("prefill_attention needs triton (pip install triton)")
     rows, num_heads, head_dim = q.shape
     q = q.contiguous()
     out = torch.empty_like(q)
-    tiles = prefill_tiles(seq_of, block_m)
+    if tiles is None:
+        tiles = prefill_tiles(seq_of.tolist(), block_m)
+    tiles = tiles.to(q.device)
     tables = block_tables.to(torch.int32).contiguous()
     _prefill_kernel[(tiles.shape[0], num_heads)](
         q, k_cache, v_cache, out, tables, seq_of.to(torch.int32).contiguous(), q_pos.to(torch.int32).contiguous(),

@@ -27,7 +27,12 @@ from stepflash.engine.engine import AsyncLLMEngine
 from stepflash.outputs import CompletionOutput, RequestOutput
 from stepflash.server.metrics import ServerMetrics
 from stepflash.server.parsers import Delta, StreamingParser, parse_output
-from stepflash.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from stepflash.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+)
 
 access_log = logging.getLogger("stepflash.access")
 

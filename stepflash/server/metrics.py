@@ -1,6 +1,12 @@
 """Prometheus metrics for /metrics: requests, latency histograms, engine state."""
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from stepflash.engine.engine import EngineStats
 from stepflash.outputs import RequestOutput
