@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from stepflash.config import ModelConfig
-from stepflash.engine.runner import write_kv
+from stepflash.kernels.rope_kv import rope_kv_write, rope_kv_write_ref
 from stepflash.kernels.paged_attention import paged_attention, paged_attention_ref
 from stepflash.model.step3p5 import DecoderLayer, rope_tables
+from stepflash.model.step3p5 import use_kernels as set_kernels
 from stepflash.testing import tiny_config
 
 BLOCK = 16
@@ -62,8 +63,11 @@ class KernelContext:
         self.caches, self.tables, self.slots, self.seq_of, self.q_pos = caches, tables, slots, seq_of, q_pos
         self.use_kernel = True
 
-    def attend(self, layer, q, k, v, positions, window, gate):
-        write_kv(self.caches[layer], self.slots[layer], k, v)
+    def attend(self, layer, q, k, v, positions, rope, window, gate):
+        if self.use_kernel:
+            q = rope_kv_write(q, k, v, *rope, *self.caches[layer], self.slots[layer])
+        else:
+            q = rope_kv_write_ref(q, k, v, *rope, *self.caches[layer], self.slots[layer])
         run = paged_attention if self.use_kernel else paged_attention_ref
         return run(q, *self.caches[layer], self.tables[layer], self.seq_of, self.q_pos, window, gate)
 
@@ -87,10 +91,11 @@ def build(cfg: ModelConfig, device, dtype, seed: int = 0) -> list[DecoderLayer]:
 
 
 def use_kernels(layers: list[DecoderLayer], ctx: "KernelContext", on: bool) -> None:
-    """Attention and routed experts through the Triton kernels (on) or the PyTorch paths (off)."""
+    """Attention, rotary + KV write, residual + norm and routed experts through the Triton kernels
+    (on) or the PyTorch paths (off)."""
     ctx.use_kernel = on
     for layer in layers:
-        layer.moe.use_kernel = on
+        set_kernels(layer, on)
 
 
 def make_context(cfg: ModelConfig, batch: int, context: int, rows_per_seq: int, device, dtype) -> KernelContext:
@@ -124,10 +129,10 @@ def step_fn(layers, cfg, ctx, x):
     rope = rope_tables(cfg.decoder_layers, positions)
 
     def run():
-        h = x
+        h, delta = x, None
         for layer in layers:
-            h = layer(h, positions, rope, ctx)
-        return h
+            h, delta = layer(h, delta, positions, rope, ctx)
+        return h + delta
 
     return run
 

@@ -23,7 +23,7 @@ from stepflash.engine.scheduler import Scheduler
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.speculative import MTPDrafter, verify
 from stepflash.model.loader import load_model, mtp_modules_in
-from stepflash.model.moe import MoE
+from stepflash.model.step3p5 import use_kernels
 from stepflash.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecStats
 from stepflash.sampling import SamplingParams
 from stepflash.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -170,9 +170,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, ec.max_num_seqs, ec.max_num_batched_tokens,
                                    watermark_blocks=plan.num_blocks[FULL] // 100)
         self.runner = ModelRunner(self.model, plan.num_blocks, ec.block_size, kernels)
-        for module in self.model.modules():
-            if isinstance(module, MoE):
-                module.use_kernel = kernels
+        use_kernels(self.model, kernels)
         self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids))
         self.sampler = Sampler(self.eos_token_ids)
         self.drafter = MTPDrafter(self.runner, self.kv, self.sampler, self.num_mtp) if self.num_mtp else None

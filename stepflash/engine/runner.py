@@ -19,7 +19,7 @@ from stepflash.config import ModelConfig
 from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy
 from stepflash.engine.sequence import Sequence
 from stepflash.kernels.tiles import prefill_tiles
-from stepflash.model.attention import apply_gate, attention, attention_mask
+from stepflash.model.attention import apply_gate, attention, attention_mask, rotate_qk
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 
 
@@ -67,7 +67,8 @@ class PagedContext:
         self.caches, self.kind_of, self.slots, self.groups = caches, kind_of, slots, groups
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               window: int | None, gate: torch.Tensor) -> torch.Tensor:
+               rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
+        q, k = rotate_qk(q, k, *rope)
         kind = self.kind_of[layer]
         k_cache, v_cache = write_kv(self.caches[layer], self.slots[kind], k, v)
         out = torch.empty_like(q)
@@ -105,8 +106,9 @@ class KernelRows:
 
 class KernelPagedContext:
     """The same paged attention through the Triton kernels, reading keys through the block tables
-    (no gathered copies): rows of short chunks (decode, verify, MTP) with one program per row and kv
-    head (the head gate fused), rows of long chunks (prefill) in tiles of consecutive queries."""
+    (no gathered copies): the rotary embedding fused with the cache write, then rows of short chunks
+    (decode, verify, MTP) with one program per row and kv head (the head gate fused), rows of long
+    chunks (prefill) in tiles of consecutive queries."""
 
     def __init__(self, caches: dict[int, tuple[torch.Tensor, torch.Tensor]], kind_of: dict[int, str],
                  slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor], decode: KernelRows | None,
@@ -115,12 +117,13 @@ class KernelPagedContext:
         self.decode, self.prefill = decode, prefill
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               window: int | None, gate: torch.Tensor) -> torch.Tensor:
+               rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
         from stepflash.kernels.paged_attention import paged_attention
         from stepflash.kernels.prefill_attention import prefill_attention
+        from stepflash.kernels.rope_kv import rope_kv_write
 
         kind = self.kind_of[layer]
-        write_kv(self.caches[layer], self.slots[kind], k, v)
+        q = rope_kv_write(q, k, v, *rope, *self.caches[layer], self.slots[kind])
         caches, table, d, p = self.caches[layer], self.tables[kind], self.decode, self.prefill
         if p is None:
             return paged_attention(q, *caches, table, d.seq_of, d.q_pos, window, gate)

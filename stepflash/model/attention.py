@@ -16,9 +16,10 @@ class AttentionContext(Protocol):
     """Where attention finds keys and values: the batch alone (`BatchLayout`) or a paged KV cache."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               window: int | None, gate: torch.Tensor) -> torch.Tensor:
-        """q [T, heads, d], k/v [T, kv_heads, d] of this step's tokens, gate [T, heads] (before the
-        sigmoid) -> gated attention output [T, heads, d]."""
+               rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
+        """q [T, heads, d], k/v [T, kv_heads, d] of this step's tokens before the rotary embedding
+        (`rope` = cos/sin [T, rotary_dim], applied by the context so that a kernel can fuse it with
+        the cache write), gate [T, heads] (before the sigmoid) -> gated attention output [T, heads, d]."""
         ...
 
 
@@ -33,7 +34,8 @@ class BatchLayout:
         return cls([num_tokens])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               window: int | None, gate: torch.Tensor) -> torch.Tensor:
+               rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
+        q, k = rotate_qk(q, k, *rope)
         out = torch.empty_like(q)
         start = 0
         for n in self.seq_lens:
@@ -42,6 +44,12 @@ class BatchLayout:
             out[sl] = attention(q[sl][None], k[sl][None], v[sl][None], attention_mask(pos, pos, window))[0]
             start += n
         return apply_gate(out, gate)
+
+
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary embedding of queries and keys in one call."""
+    return apply_rotary(torch.cat([q, k], dim=1), cos, sin).split([q.shape[1], k.shape[1]], dim=1)
 
 
 def apply_gate(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -89,6 +97,5 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(h).view(t, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(h).view(t, self.num_kv_heads, self.head_dim))
         v = self.v_proj(h).view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(torch.cat([q, k], dim=1), *rope).split([self.num_heads, self.num_kv_heads], dim=1)
-        o = ctx.attend(self.layer, q, k, v, positions, self.window, self.g_proj(h))  # gated per head
+        o = ctx.attend(self.layer, q, k, v, positions, rope, self.window, self.g_proj(h))  # gated per head
         return self.o_proj(o.reshape(t, -1))

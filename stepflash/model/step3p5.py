@@ -44,16 +44,20 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(h, cfg.intermediate_size, spec.swiglu_limit_shared)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RopeTables,
-                ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope[_rope_key(self.spec)], ctx)
-        h = self.post_attention_layernorm(x)
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor, rope: RopeTables,
+                ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes the residual stream x and the previous block's output `delta` not yet added to it
+        (None for the first block), so each residual add is fused with the norm that follows it;
+        returns (x, this block's delta). The block's output is x + delta."""
+        x, h = self.input_layernorm.add_norm(x, delta)
+        attn = self.self_attn(h, positions, rope[_rope_key(self.spec)], ctx)
+        x, h = self.post_attention_layernorm.add_norm(x, attn)
         if not self.spec.is_moe:
-            return x + self.mlp(h)
+            return x, self.mlp(h)
         ffn = self.moe(h)
         if self.share_expert is not None:
             ffn = ffn + self.share_expert(h)
-        return x + ffn
+        return x, ffn
 
 
 class SharedHead(nn.Module):
@@ -76,7 +80,8 @@ class MTPLayer(DecoderLayer):
     def predict(self, token_embeds: torch.Tensor, prev_hidden: torch.Tensor, positions: torch.Tensor,
                 rope: RopeTables, ctx: AttentionContext) -> torch.Tensor:
         z = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(prev_hidden)], dim=-1))
-        return self.forward(z, positions, rope, ctx)
+        z, delta = self.forward(z, None, positions, rope, ctx)
+        return z + delta
 
 
 class Step3p5Model(nn.Module):
@@ -104,10 +109,10 @@ class Step3p5ForCausalLM(nn.Module):
         Without a context the tokens form one whole sequence."""
         ctx = ctx or BatchLayout.single(input_ids.shape[0])
         rope = rope_tables(self.config.decoder_layers, positions)
-        x = self.model.embed_tokens(input_ids)
+        x, delta = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
-            x = layer(x, positions, rope, ctx)
-        return x
+            x, delta = layer(x, delta, positions, rope, ctx)
+        return x + delta
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(hidden)).float()
@@ -133,6 +138,14 @@ class Step3p5ForCausalLM(nn.Module):
     def mtp_logits(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
         head = self.mtp[depth].shared_head
         return head.output(head.norm(hidden)).float()
+
+
+def use_kernels(model: nn.Module, on: bool) -> None:
+    """Switch every module with a Triton path (fused MoE, residual + RMSNorm, FP8 GEMMs) to it or
+    back to its PyTorch twin."""
+    for module in model.modules():
+        if hasattr(module, "use_kernel"):
+            module.use_kernel = on
 
 
 def active_weight_bytes(model: Step3p5ForCausalLM) -> int:
