@@ -44,6 +44,10 @@ class EngineConfig:
     # attention and routed experts in Triton: "triton", "torch", or "auto" (Triton on CUDA); "torch" by
     # default until the kernels have been checked on a GPU
     kernels: str = "torch"
+    # decode and MTP-verify steps from CUDA graphs captured per batch bucket (engine/graphs.py): "auto"
+    # (on with the kernels on CUDA), "off", or "on" (where there is no CUDA, the bucketed static-buffer
+    # step runs eagerly: for tests of its padding)
+    cuda_graphs: str = "auto"
 
 
 @dataclass
@@ -135,6 +139,14 @@ def _use_kernels(kernels: str, device: torch.device) -> bool:
     return kernels == "triton"
 
 
+def _use_graphs(graphs: str, kernels: bool, device: torch.device) -> bool:
+    if graphs not in ("auto", "on", "off"):
+        raise ValueError(f"cuda_graphs must be auto, on or off, got {graphs!r}")
+    if graphs == "on" and not kernels:
+        raise ValueError("cuda_graphs='on' needs the Triton kernels (kernels='triton', or 'auto' on CUDA)")
+    return graphs == "on" or (graphs == "auto" and kernels and device.type == "cuda")
+
+
 def _available_memory() -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -169,7 +181,10 @@ class LLMEngine:
                                  cfg.sliding_window, ec.enable_prefix_caching, track_mtp=self.num_mtp > 0)
         self.scheduler = Scheduler(self.kv, ec.max_num_seqs, ec.max_num_batched_tokens,
                                    watermark_blocks=plan.num_blocks[FULL] // 100)
-        self.runner = ModelRunner(self.model, plan.num_blocks, ec.block_size, kernels)
+        graphs = _use_graphs(ec.cuda_graphs, kernels, device)
+        graph_rows = min(ec.max_num_seqs * (1 + self.num_mtp), ec.max_num_batched_tokens) if graphs else 0
+        self.runner = ModelRunner(self.model, plan.num_blocks, ec.block_size, kernels, graph_rows,
+                                  plan.max_model_len, capture=graphs and device.type == "cuda")
         use_kernels(self.model, kernels)
         self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids))
         self.sampler = Sampler(self.eos_token_ids)

@@ -11,11 +11,13 @@ is the target's last hidden state (before the final norm), level d the output of
 copy-on-write and window release treat them exactly like KV.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from stepflash.config import ModelConfig
+from stepflash.engine.graphs import DecodeGraphs, StaticStep
 from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy
 from stepflash.engine.sequence import Sequence
 from stepflash.kernels.tiles import prefill_tiles
@@ -137,8 +139,13 @@ class KernelPagedContext:
 
 
 class ModelRunner:
+    """Each cache pool has one block more than the KV manager hands out: the scratch block, where
+    the padding rows of a graphed step write (engine/graphs.py). With `graph_rows` > 0 (kernels
+    only), target steps of short chunks up to that many rows run from per-bucket CUDA graphs
+    (`capture`), or eagerly on the same static buffers where there is no CUDA."""
+
     def __init__(self, model: Step3p5ForCausalLM, num_blocks: dict[str, int], block_size: int,
-                 kernels: bool = False) -> None:
+                 kernels: bool = False, graph_rows: int = 0, max_model_len: int = 0, capture: bool = False) -> None:
         self.model, self.block_size, self.kernels = model, block_size, kernels
         cfg = model.config
         self.window = cfg.sliding_window
@@ -147,25 +154,48 @@ class ModelRunner:
         layers = cfg.decoder_layers + cfg.mtp_layers[: len(model.mtp)]
         self.kind_of = {s.index: SLIDING if s.sliding_window else FULL for s in layers}
         self.kinds = sorted(set(self.kind_of.values()))
+        self.scratch = {kind: num_blocks[kind] for kind in self.kinds}  # the block past the managed ones
         self.caches = {
-            s.index: tuple(torch.zeros(num_blocks[self.kind_of[s.index]], block_size, s.num_kv_heads, s.head_dim,
+            s.index: tuple(torch.zeros(num_blocks[self.kind_of[s.index]] + 1, block_size, s.num_kv_heads, s.head_dim,
                                        dtype=self.dtype, device=self.device) for _ in range(2))
             for s in layers
         }
         self.num_mtp = len(model.mtp)
-        hidden_rows = num_blocks.get(SLIDING, 0) * block_size
+        hidden_rows = (num_blocks.get(SLIDING, 0) + 1) * block_size
         self.hidden = [torch.zeros(hidden_rows, cfg.hidden_size, dtype=self.dtype, device=self.device)
                        for _ in range(self.num_mtp)]  # level d: what MTP module d chains on, per slot
+        self.graphs = None
+        if graph_rows:
+            if not kernels:
+                raise ValueError("graphed steps need the Triton kernels (the PyTorch path reads shapes on the host)")
+            self.graphs = DecodeGraphs(self._static_forward, self.kinds, graph_rows,
+                                       math.ceil(max_model_len / block_size) + 1, self.scratch, block_size,
+                                       self.device, capture)
 
     @torch.inference_mode()
     def execute(self, chunks: list[Chunk], copies: list[BlockCopy], logit_rows: list[int]) -> torch.Tensor:
         """Run the target over `chunks`; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
         self.copy_blocks(copies)
         ids, positions, ctx = self._prepare(chunks)
+        rows = self._tensor(logit_rows)
+        if self.graphs and ctx.prefill is None and self.graphs.fits(len(ids), ctx.tables):
+            d = ctx.decode
+            return self.graphs.run(ids, positions, d.seq_of, d.q_pos, ctx.slots, ctx.tables).index_select(0, rows)
+        return self.model.compute_logits(self._forward(ids, positions, ctx).index_select(0, rows))
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedContext | KernelPagedContext
+                 ) -> torch.Tensor:
+        """The target's pre-norm hidden states, stored as MTP hidden level 0 at the rows' slots."""
         hidden = self.model(ids, positions, ctx)
         if self.hidden:
             self.hidden[0].index_copy_(0, ctx.slots[SLIDING], hidden)
-        return self.model.compute_logits(hidden.index_select(0, self._tensor(logit_rows)))
+        return hidden
+
+    def _static_forward(self, step: StaticStep) -> torch.Tensor:
+        """What a graph captures: the target over a bucket's static inputs -> logits of every row."""
+        ctx = KernelPagedContext(self.caches, self.kind_of, step.slots, step.tables,
+                                 KernelRows(None, step.seq_of, step.q_pos), None)
+        return self.model.compute_logits(self._forward(step.ids, step.positions, ctx))
 
     @torch.inference_mode()
     def execute_mtp(self, depth: int, chunks: list[Chunk], logit_rows: list[int]) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""Graphed decode/verify steps (engine/graphs.py). Without CUDA, cuda_graphs="on" runs the bucketed
+static-buffer step eagerly: these tests check its padding and buffer reuse, not the capture itself."""
+
+import pytest
+import torch
+
+from stepflash.engine.engine import EngineConfig, LLMEngine
+from stepflash.engine.graphs import graph_buckets
+from stepflash.sampling import SamplingParams
+from stepflash.testing import tiny_config, write_checkpoint
+
+
+def test_graph_buckets_cover_every_row_count():
+    assert graph_buckets(1) == [1]
+    assert graph_buckets(8) == [1, 2, 4, 8]
+    assert graph_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+    for rows in range(1, 70):
+        buckets = graph_buckets(69)
+        assert any(b >= rows for b in buckets) and buckets == sorted(set(buckets))
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> list:
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), p, sp)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    return [done[str(i)] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("mtp", [0, 3])
+def test_graphed_steps_match_the_eager_path(tmp_path, mtp):
+    """Same greedy tokens and logprobs with graphed steps (ragged batches padded into buckets of 1, 2,
+    4, ... rows; with MTP, verify steps of 4 rows per sequence) as on the PyTorch path, and the cache
+    blocks the KV manager owns hold the same keys and values: padding rows wrote to the scratch
+    block only."""
+    ckpt = write_checkpoint(tmp_path, tiny_config(), seed=3)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(10, 300, (n,), generator=gen).tolist() for n in (3, 7, 2)]
+    # requests that end at different steps: the batch shrinks through the buckets
+    params = [SamplingParams(temperature=0, max_tokens=n, logprobs=0, ignore_eos=True) for n in (9, 5, 2)]
+    engines, outputs = {}, {}
+    for path, cfg in (("eager", EngineConfig(mtp=mtp)),
+                      ("graphs", EngineConfig(mtp=mtp, kernels="triton", cuda_graphs="on"))):
+        engines[path] = engine = LLMEngine(ckpt, cfg)
+        outputs[path] = _run(engine, prompts, params)
+    graphs = engines["graphs"].runner.graphs
+    assert engines["eager"].runner.graphs is None
+    assert graphs.replays > 0 and len(graphs.steps) >= 2  # several buckets were used
+    for a, b in zip(outputs["eager"], outputs["graphs"]):
+        assert a.token_ids == b.token_ids
+        for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):
+            assert abs(la[t] - lb[t]) < 1e-4
+    eager, graphed = engines["eager"].runner, engines["graphs"].runner
+    for layer, (k, v) in eager.caches.items():
+        managed = eager.scratch[eager.kind_of[layer]]
+        torch.testing.assert_close(graphed.caches[layer][0][:managed], k[:managed], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(graphed.caches[layer][1][:managed], v[:managed], atol=1e-4, rtol=1e-4)
+        if layer < engines["graphs"].model_config.num_hidden_layers:  # MTP layers are not graphed
+            assert graphed.caches[layer][0][managed].abs().sum() > 0  # the padding rows wrote somewhere
+
+
+def test_graph_settings_are_checked(tmp_path):
+    ckpt = write_checkpoint(tmp_path, tiny_config(), seed=3)
+    with pytest.raises(ValueError, match="cuda_graphs must be"):
+        LLMEngine(ckpt, EngineConfig(cuda_graphs="maybe"))
+    with pytest.raises(ValueError, match="needs the Triton kernels"):
+        LLMEngine(ckpt, EngineConfig(cuda_graphs="on", kernels="torch"))
+    assert LLMEngine(ckpt, EngineConfig(kernels="triton")).runner.graphs is None  # auto: CUDA only
