@@ -47,7 +47,8 @@ def make_engine(args: argparse.Namespace) -> LLMEngine:
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
-    return LLMEngine(model_dir, EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=1, mtp=args.mtp))
+    return LLMEngine(model_dir, EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=1, mtp=args.mtp,
+                                             kernels=args.kernels, cuda_graphs=args.cuda_graphs))
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -96,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine = LLMEngine(model_dir, EngineConfig(
         device=args.device, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=not args.no_prefix_caching, mtp=args.mtp))
+        enable_prefix_caching=not args.no_prefix_caching, mtp=args.mtp, kernels=args.kernels,
+        cuda_graphs=args.cuda_graphs))
     api_key = args.api_key or os.environ.get("STEPFLASH_API_KEY")
     app = create_app(AsyncLLMEngine(engine), args.served_model_name or model_dir.name, api_key, args.max_queue)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -243,9 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--seed", type=int)
-        p.add_argument("--device", default="auto")
-        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-        p.add_argument("--mtp", type=int, help=MTP_HELP)
     gen.set_defaults(func=cmd_generate)
     chat.set_defaults(func=cmd_chat)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
@@ -254,9 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require this bearer token on /v1 (or set STEPFLASH_API_KEY)")
     serve.add_argument("--served-model-name", help="model id clients use (default: the directory name)")
-    serve.add_argument("--device", default="auto")
-    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    serve.add_argument("--mtp", type=int, help=MTP_HELP)
+    for p in (gen, chat, serve):
+        p.add_argument("--device", default="auto")
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+        p.add_argument("--mtp", type=int, help=MTP_HELP)
+        p.add_argument("--kernels", default="torch", choices=["torch", "triton", "auto"],
+                       help="Triton kernels for attention, MoE, norms and FP8/INT4 weights (auto: on CUDA)")
+        p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                       help="decode/verify steps from CUDA graphs (auto: with the kernels on CUDA)")
     serve.add_argument("--kv-cache-bytes", type=int)
     serve.add_argument("--max-num-seqs", type=int, default=64)
     serve.add_argument("--max-model-len", type=int)

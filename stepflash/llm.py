@@ -17,7 +17,8 @@ class LLM:
                  mtp: int | None = None, kv_cache_bytes: int | None = None, max_num_seqs: int = 64,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int = 1024, block_size: int = 16, quantization: str | None = None,
-                 tensor_parallel_size: int = 1, seed: int = 0) -> None:
+                 tensor_parallel_size: int = 1, seed: int = 0, kernels: str = "torch",
+                 cuda_graphs: str = "auto") -> None:
         if quantization is not None:
             raise ValueError(f"quantization={quantization!r} is not supported yet")
         if tensor_parallel_size != 1:
@@ -27,7 +28,7 @@ class LLM:
         self.engine = LLMEngine(model, EngineConfig(
             device=device, dtype=dtype, kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
             max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching, seed=seed, mtp=mtp))
+            enable_prefix_caching=enable_prefix_caching, seed=seed, mtp=mtp, kernels=kernels, cuda_graphs=cuda_graphs))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

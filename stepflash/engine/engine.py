@@ -8,6 +8,7 @@ import asyncio
 import importlib.util
 import itertools
 import math
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -136,6 +137,12 @@ def _use_kernels(kernels: str, device: torch.device) -> bool:
         raise ValueError(f"kernels must be auto, triton or torch, got {kernels!r}")
     if kernels == "auto":
         return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if kernels == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("kernels='triton' needs triton (pip install triton)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"kernels='triton' runs on a CUDA GPU, not on {device.type} (set TRITON_INTERPRET=1 "
+                             "to run the kernels in Triton's interpreter instead, slowly: for tests)")
     return kernels == "triton"
 
 
