@@ -2,11 +2,11 @@
 chunks, captured once per bucket of query rows and replayed with the step's inputs copied into the
 bucket's static buffers.
 
-A step of n rows from s sequences runs in the smallest bucket N >= n. Rows n..N-1 are padding: token
-0 at position 0 of sequence row s, whose block table points at the runner's scratch blocks, so their
-keys, values and hidden states land in that block and nothing they compute is read back. Table
-columns past a sequence's own blocks keep stale values and are never read (a row reads only the
-blocks up to its position). Logits come out for every row of the bucket; the caller picks its rows.
+A step of n rows from s sequences runs in the smallest bucket N >= n. Rows n..N-1 are padding (each
+its own attention tile): token 0 at position 0 of sequence row s, whose block table points at the
+runner's scratch blocks, so their keys, values and hidden states land there and nothing they
+compute is read back. Table columns past a sequence's own blocks keep stale values and are never
+read (a row reads only the blocks up to its position). Logits come out for every row of the bucket; the caller picks its rows.
 
 Where CUDA graphs do not exist (CPU), `capture=False` runs the same bucketed step eagerly on the
 static buffers, so tests check the padding and buffer handling without a GPU.
@@ -26,6 +26,7 @@ class StaticStep:
     positions: torch.Tensor  # [N] long
     seq_of: torch.Tensor  # [N] int32: row of `tables` each query reads
     q_pos: torch.Tensor  # [N] int32
+    tiles: torch.Tensor  # [N, 2] int32: the step's attention tiles, one per padding row, then empty ones
     slots: dict[str, torch.Tensor]  # kind -> [N] long: where each row's key and value are written
     tables: dict[str, torch.Tensor]  # kind -> [N, width] int32 block tables
     logits: torch.Tensor | None = None
@@ -58,12 +59,12 @@ class DecodeGraphs:
         return rows <= self.buckets[-1] and all(t.shape[1] <= self.width for t in tables.values())
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, seq_of: torch.Tensor, q_pos: torch.Tensor,
-            slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor]) -> torch.Tensor:
+            tiles: torch.Tensor, slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits [n, V] of the n rows given (views into the bucket's output: use before the next run)."""
         n = ids.shape[0]
         bucket = next(b for b in self.buckets if b >= n)
         step = self.steps.get(bucket) or self._build(bucket)
-        self._fill(step, n, ids, positions, seq_of, q_pos, slots, tables)
+        self._fill(step, n, ids, positions, seq_of, q_pos, tiles, slots, tables)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
         else:
@@ -76,7 +77,7 @@ class DecodeGraphs:
         rotary tables) and the capture, both writing to the scratch blocks alone."""
         long = lambda: torch.zeros(bucket, dtype=torch.long, device=self.device)  # noqa: E731
         int32 = lambda: torch.zeros(bucket, dtype=torch.int32, device=self.device)  # noqa: E731
-        step = StaticStep(long(), long(), int32(), int32(),
+        step = StaticStep(long(), long(), int32(), int32(), self._padding_tiles(bucket, 0, 0),
                           {kind: torch.full((bucket,), block * self.block_size, dtype=torch.long, device=self.device)
                            for kind, block in self.scratch.items()},
                           {kind: torch.full((bucket, self.width), block, dtype=torch.int32, device=self.device)
@@ -95,13 +96,23 @@ class DecodeGraphs:
             self.graphs[bucket] = graph
         return step
 
+    def _padding_tiles(self, bucket: int, rows: int, tiles: int) -> torch.Tensor:
+        """[bucket - tiles, 2]: a one-row tile for each padding row rows..bucket-1, then empty tiles."""
+        pad = torch.zeros(bucket - tiles, 2, dtype=torch.int32)
+        pad[:bucket - rows, 0] = torch.arange(rows, bucket)
+        pad[:bucket - rows, 1] = 1
+        return pad.to(self.device)
+
     def _fill(self, step: StaticStep, n: int, ids: torch.Tensor, positions: torch.Tensor, seq_of: torch.Tensor,
-              q_pos: torch.Tensor, slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor]) -> None:
+              q_pos: torch.Tensor, tiles: torch.Tensor, slots: dict[str, torch.Tensor],
+              tables: dict[str, torch.Tensor]) -> None:
         pad_seq = int(tables[self.kinds[0]].shape[0])  # the first table row no real sequence uses
         for buffer, values, pad in ((step.ids, ids, 0), (step.positions, positions, 0), (step.q_pos, q_pos, 0),
                                     (step.seq_of, seq_of, pad_seq)):
             buffer[:n].copy_(values)
             buffer[n:].fill_(pad)
+        step.tiles[:len(tiles)].copy_(tiles)
+        step.tiles[len(tiles):].copy_(self._padding_tiles(len(step.ids), n, len(tiles)))
         for kind in self.kinds:
             step.slots[kind][:n].copy_(slots[kind])
             step.slots[kind][n:].fill_(self.scratch[kind] * self.block_size)

@@ -97,13 +97,15 @@ def write_kv(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: t
 @dataclass
 class KernelRows:
     """Query rows that one attention kernel takes: their flat indices (None: every row), sequence
-    index and position (int32), and for the prefill kernel its query tiles. Built once per step on
+    index and position (int32), and its tiles: runs of at most `tile_rows` consecutive rows of one
+    sequence that the kernel takes together (kernels/tiles.py). Built once per step on
     the host, so no layer has to read anything back from the device."""
 
     index: torch.Tensor | None
     seq_of: torch.Tensor
     q_pos: torch.Tensor
-    tiles: torch.Tensor | None = None
+    tiles: torch.Tensor
+    tile_rows: int
 
 
 class KernelPagedContext:
@@ -128,13 +130,15 @@ class KernelPagedContext:
         q = rope_kv_write(q, k, v, *rope, *self.caches[layer], self.slots[kind])
         caches, table, d, p = self.caches[layer], self.tables[kind], self.decode, self.prefill
         if p is None:
-            return paged_attention(q, *caches, table, d.seq_of, d.q_pos, window, gate)
+            return paged_attention(q, *caches, table, d.seq_of, d.q_pos, window, gate, tiles=d.tiles,
+                                   tile_rows=d.tile_rows)
         if d is None:
             return apply_gate(prefill_attention(q, *caches, table, p.seq_of, p.q_pos, window, tiles=p.tiles), gate)
         out = torch.empty_like(q)
         out[p.index] = apply_gate(prefill_attention(q[p.index], *caches, table, p.seq_of, p.q_pos, window,
                                                     tiles=p.tiles), gate[p.index])
-        out[d.index] = paged_attention(q[d.index], *caches, table, d.seq_of, d.q_pos, window, gate[d.index])
+        out[d.index] = paged_attention(q[d.index], *caches, table, d.seq_of, d.q_pos, window, gate[d.index],
+                                       tiles=d.tiles, tile_rows=d.tile_rows)
         return out
 
 
@@ -164,6 +168,8 @@ class ModelRunner:
         hidden_rows = (num_blocks.get(SLIDING, 0) + 1) * block_size
         self.hidden = [torch.zeros(hidden_rows, cfg.hidden_size, dtype=self.dtype, device=self.device)
                        for _ in range(self.num_mtp)]  # level d: what MTP module d chains on, per slot
+        # decode kernel tiles: the 1 + k rows of a verify step (a power of two) read their keys once
+        self.tile_rows = min(1 << self.num_mtp.bit_length(), SHORT_CHUNK)
         self.graphs = None
         if graph_rows:
             if not kernels:
@@ -180,7 +186,8 @@ class ModelRunner:
         rows = self._tensor(logit_rows)
         if self.graphs and ctx.prefill is None and self.graphs.fits(len(ids), ctx.tables):
             d = ctx.decode
-            return self.graphs.run(ids, positions, d.seq_of, d.q_pos, ctx.slots, ctx.tables).index_select(0, rows)
+            return self.graphs.run(ids, positions, d.seq_of, d.q_pos, d.tiles, ctx.slots, ctx.tables
+                                   ).index_select(0, rows)
         return self.model.compute_logits(self._forward(ids, positions, ctx).index_select(0, rows))
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedContext | KernelPagedContext
@@ -194,7 +201,7 @@ class ModelRunner:
     def _static_forward(self, step: StaticStep) -> torch.Tensor:
         """What a graph captures: the target over a bucket's static inputs -> logits of every row."""
         ctx = KernelPagedContext(self.caches, self.kind_of, step.slots, step.tables,
-                                 KernelRows(None, step.seq_of, step.q_pos), None)
+                                 KernelRows(None, step.seq_of, step.q_pos, step.tiles, self.tile_rows), None)
         return self.model.compute_logits(self._forward(step.ids, step.positions, ctx))
 
     @torch.inference_mode()
@@ -279,9 +286,10 @@ class ModelRunner:
                 int32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
                 whole = len(index) == len(ids)
                 set_seq = [seq_of[i] for i in index]
+                tile_rows = PREFILL_TILE if flag else self.tile_rows
                 sets[flag] = KernelRows(None if whole else self._tensor(index), int32(set_seq),
                                         int32([positions[i] for i in index]),
-                                        prefill_tiles(set_seq, PREFILL_TILE).to(self.device) if flag else None)
+                                        prefill_tiles(set_seq, tile_rows).to(self.device), tile_rows)
         return self._tensor(ids), positions_t, KernelPagedContext(self.caches, self.kind_of, slots, tables,
                                                                    sets.get(False), sets.get(True))
 

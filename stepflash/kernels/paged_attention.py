@@ -5,7 +5,8 @@ Each query row t belongs to sequence `seq_of[t]` and sits at position `q_pos[t]`
 sequence's keys at positions lo..q_pos[t] (lo = q_pos - window + 1 with a window, else 0), found
 through `block_tables[seq]` in caches laid out [num_blocks, block_size, kv_heads, head_dim]. A
 verify step is just several rows of one sequence at consecutive positions (their keys are written
-to the cache before the call). `paged_attention_ref` is the PyTorch twin the kernel is tested
+to the cache before the call); the kernel takes them as one tile with the query heads of a kv head,
+so the keys are read once per step, not once per row. `paged_attention_ref` is the PyTorch twin the kernel is tested
 against (fp32/fp16 under TRITON_INTERPRET=1 on the CPU, bf16 on a GPU).
 """
 
@@ -53,56 +54,81 @@ if triton is not None:
         return tl.load(Cache + offsets, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
 
     @triton.jit
-    def _paged_attention_kernel(Q, K, V, Gate, Out, Tables, SeqOf, QPos, scale, window,
+    def _paged_attention_kernel(Q, K, V, Gate, Out, Tables, SeqOf, QPos, Tiles, scale, window,
                                 stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                                 stride_vb, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb, stride_gt,
                                 BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                                HAS_GATE: tl.constexpr):
-        """One program per (query row, kv head): the GROUP query heads sharing that kv head, online
-        softmax over key tiles of BLOCK_N positions."""
-        row = tl.program_id(0)
+                                BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr):
+        """One program per (tile, kv head): the up to BLOCK_R rows of the tile (consecutive rows of one
+        sequence) times the GROUP query heads sharing the kv head are the BLOCK_R * BLOCK_G rows of one
+        matrix, so each key tile is read once for all of them; online softmax over key tiles of BLOCK_N
+        positions, tl.dot for both products. A tile of 0 rows (graph padding) computes nothing."""
+        tile = tl.program_id(0)
         kv_head = tl.program_id(1)
-        seq = tl.load(SeqOf + row)
-        pos = tl.load(QPos + row)
-        lo = tl.where(window > 0, tl.maximum(pos - window + 1, 0), 0)
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, BLOCK_D)
-        g_ok = g < GROUP
-        d_ok = d < HEAD_DIM
+        first = tl.load(Tiles + tile * 2)
+        count = tl.load(Tiles + tile * 2 + 1)
+        m_idx = tl.arange(0, BLOCK_R * BLOCK_G)
+        r = m_idx // BLOCK_G
+        g = m_idx % BLOCK_G
+        m_ok = (r < count) & (g < GROUP)
+        rows = first + r
         heads = kv_head * GROUP + g
-        q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        denom = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for start in range(lo, pos + 1, BLOCK_N):
+        some = count > 0
+        seq = tl.load(SeqOf + first, mask=some, other=0)
+        pos = tl.load(QPos + rows, mask=m_ok, other=0)
+        first_pos = tl.load(QPos + first, mask=some, other=0)
+        last_pos = tl.load(QPos + first + count - 1, mask=some, other=-1)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q = tl.load(Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        lo = tl.where(window > 0, tl.maximum(first_pos - window + 1, 0), 0)
+        m = tl.full([BLOCK_R * BLOCK_G], float("-inf"), tl.float32)
+        denom = tl.zeros([BLOCK_R * BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_R * BLOCK_G, BLOCK_D], tl.float32)
+        for start in range(lo, last_pos + 1, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
-            n_ok = n <= pos
+            n_ok = n <= last_pos
             k = kv_tile(K, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_kb, stride_ks, stride_kh,
-                        BLOCK_SIZE).to(tl.float32)
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
-            s = tl.where(n_ok[None, :], s, float("-inf"))
+                        BLOCK_SIZE)
+            if IEEE:  # fp32 stays fp32 on a GPU (not tf32)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s.to(tl.float32) * scale
+            visible = (n[None, :] <= pos[:, None]) & n_ok[None, :]
+            visible = visible & ((window <= 0) | (pos[:, None] - n[None, :] < window))
+            s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows see no key
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
             v = kv_tile(V, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_vb, stride_vs, stride_vh,
-                        BLOCK_SIZE).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+                        BLOCK_SIZE)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv.to(tl.float32)
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
-        out = acc / denom[:, None]
+        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
         if HAS_GATE:
-            gate = tl.load(Gate + row * stride_gt + heads, mask=g_ok, other=0.0).to(tl.float32)
+            gate = tl.load(Gate + rows * stride_gt + heads, mask=m_ok, other=0.0).to(tl.float32)
             out = out * tl.sigmoid(gate)[:, None]
-        tl.store(Out + row * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
-                 mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(Out + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_of: torch.Tensor, q_pos: torch.Tensor, window: int | None,
-                    gate: torch.Tensor | None = None, block_n: int = 32) -> torch.Tensor:
-    """The Triton kernel; same contract as `paged_attention_ref`."""
+                    gate: torch.Tensor | None = None, block_n: int = 32, tiles: torch.Tensor | None = None,
+                    tile_rows: int = 1) -> torch.Tensor:
+    """The Triton kernel; same contract as `paged_attention_ref`. `tiles` [C, 2] int32 (first row, row
+    count; `kernels.tiles.prefill_tiles` with `tile_rows`, a power of two) groups consecutive rows of
+    one sequence at consecutive positions, so a verify step reads its keys once; without them every
+    row is its own tile (and seq_of need not be read back to the host)."""
     if triton is None:
         raise RuntimeError("paged_attention needs triton (pip install triton)")
     rows, num_heads, head_dim = q.shape
@@ -111,17 +137,25 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"{num_heads} query heads do not split into {num_kv} kv heads")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("caches must be contiguous in head_dim")
+    if tile_rows & (tile_rows - 1):
+        raise ValueError(f"tile_rows must be a power of two, got {tile_rows}")
+    if tiles is None:
+        tiles = torch.stack([torch.arange(rows), torch.ones(rows, dtype=torch.long)], 1).to(torch.int32)
+        tile_rows = 1
+    tiles = tiles.to(q.device)
     q = q.contiguous()
     out = torch.empty_like(q)
     group = num_heads // num_kv
+    block_g = max(triton.next_power_of_2(group), 16 // tile_rows, 1)  # tl.dot needs 16 rows
     tables = block_tables.to(torch.int32).contiguous()
     gate_arg = gate.contiguous() if gate is not None else q
-    _paged_attention_kernel[(rows, num_kv)](
+    _paged_attention_kernel[(tiles.shape[0], num_kv)](
         q, k_cache, v_cache, gate_arg, out, tables, seq_of.to(torch.int32).contiguous(),
-        q_pos.to(torch.int32).contiguous(), 1.0 / math.sqrt(head_dim), window or 0,
+        q_pos.to(torch.int32).contiguous(), tiles, 1.0 / math.sqrt(head_dim), window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), tables.stride(0),
         gate_arg.stride(0),
-        BLOCK_SIZE=k_cache.shape[1], GROUP=group, BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n, HAS_GATE=gate is not None)
+        BLOCK_SIZE=k_cache.shape[1], GROUP=group, BLOCK_G=block_g, BLOCK_R=tile_rows, HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n, HAS_GATE=gate is not None,
+        IEEE=q.dtype == torch.float32)
     return out

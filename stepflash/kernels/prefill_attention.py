@@ -25,7 +25,8 @@ if triton is not None:
     def _prefill_kernel(Q, K, V, Out, Tables, SeqOf, QPos, Tiles, scale, window,
                         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                         stride_ot, stride_oh, stride_tb, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        IEEE: tl.constexpr):
         tile = tl.program_id(0)
         head = tl.program_id(1)
         kv_head = head // GROUP
@@ -51,7 +52,11 @@ if triton is not None:
             n_ok = n <= last_pos
             k = kv_tile(K, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_kb, stride_ks, stride_kh,
                         BLOCK_SIZE)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            if IEEE:  # fp32 stays fp32 on a GPU (not tf32)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s.to(tl.float32) * scale
             visible = (n[None, :] <= pos[:, None]) & n_ok[None, :]
             visible = visible & ((window <= 0) | (pos[:, None] - n[None, :] < window))
             s = tl.where(visible, s, float("-inf"))
@@ -61,7 +66,11 @@ if triton is not None:
             alpha = tl.exp(m - m_safe)
             v = kv_tile(V, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_vb, stride_vs, stride_vh,
                         BLOCK_SIZE)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv.to(tl.float32)
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
         out = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # padded rows have no keys
@@ -89,5 +98,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), tables.stride(0),
         GROUP=num_heads // k_cache.shape[2], BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n)
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32)
     return out
