@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 from stepflash.config import ModelConfig
 from stepflash.kernels.rope_kv import rope_kv_write, rope_kv_write_ref
+from stepflash.kernels.tiles import prefill_tiles
 from stepflash.kernels.paged_attention import paged_attention, paged_attention_ref
 from stepflash.model.step3p5 import DecoderLayer, rope_tables
 from stepflash.model.step3p5 import use_kernels as set_kernels
@@ -59,8 +61,9 @@ def real_config(layers: int, tiny: bool) -> dict:
 class KernelContext:
     """Paged attention through the Triton kernel: writes this step's K/V at their slots, then attends."""
 
-    def __init__(self, caches, tables, slots, seq_of, q_pos):
+    def __init__(self, caches, tables, slots, seq_of, q_pos, tiles, tile_rows):
         self.caches, self.tables, self.slots, self.seq_of, self.q_pos = caches, tables, slots, seq_of, q_pos
+        self.tiles, self.tile_rows = tiles, tile_rows  # a verify step's rows attend as one tile
         self.use_kernel = True
 
     def attend(self, layer, q, k, v, positions, rope, window, gate):
@@ -68,8 +71,10 @@ class KernelContext:
             q = rope_kv_write(q, k, v, *rope, *self.caches[layer], self.slots[layer])
         else:
             q = rope_kv_write_ref(q, k, v, *rope, *self.caches[layer], self.slots[layer])
-        run = paged_attention if self.use_kernel else paged_attention_ref
-        return run(q, *self.caches[layer], self.tables[layer], self.seq_of, self.q_pos, window, gate)
+        if self.use_kernel:
+            return paged_attention(q, *self.caches[layer], self.tables[layer], self.seq_of, self.q_pos, window, gate,
+                                   tiles=self.tiles, tile_rows=self.tile_rows)
+        return paged_attention_ref(q, *self.caches[layer], self.tables[layer], self.seq_of, self.q_pos, window, gate)
 
 
 def build(cfg: ModelConfig, device, dtype, seed: int = 0) -> list[DecoderLayer]:
@@ -119,9 +124,11 @@ def make_context(cfg: ModelConfig, batch: int, context: int, rows_per_seq: int, 
         tables[spec.index] = table.to(device)
         pos = torch.arange(context, total)
         slots[spec.index] = torch.cat([table[b, pos // BLOCK].long() * BLOCK + pos % BLOCK for b in range(batch)]).to(device)
-    seq_of = torch.arange(batch).repeat_interleave(rows_per_seq).to(device)
+    seq_of = torch.arange(batch).repeat_interleave(rows_per_seq)
     q_pos = torch.arange(context, total).repeat(batch).to(device)
-    return KernelContext(caches, tables, slots, seq_of, q_pos)
+    tile_rows = triton.next_power_of_2(rows_per_seq)
+    return KernelContext(caches, tables, slots, seq_of.to(device), q_pos,
+                         prefill_tiles(seq_of.tolist(), tile_rows).to(device), tile_rows)
 
 
 def step_fn(layers, cfg, ctx, x):
