@@ -1,8 +1,10 @@
 """Fused MoE for decode: only the selected experts' weights are read, SwiGLU (with its clamp) and the
 routing weight are applied inside the kernels.
 
-Two launches over the (token, expert) pairs of the step (weights in the model's dtype, or INT4 packed
-as `model/quant.py` writes them and unpacked in registers): the first computes
+Two launches over the (token, expert) pairs of the step (weights in the model's dtype, INT4 packed
+as `model/quant.py` writes them, or FP8 block-scaled as published; quantized weights are decoded in
+registers and multiplied by their scale S[expert, r // SR, c // SC], SR x SC = 1 x group for INT4
+and the FP8 block): the first computes
 a = swiglu(x W_gate^T, x W_up^T) for a tile of the intermediate dimension, the second y = a W_down^T
 times the pair's routing weight; the k pairs of a token are summed in fp32. `fused_moe_ref` is the
 PyTorch twin (the model's own grouped computation, `MoE.experts`).
@@ -32,17 +34,23 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
 
 
 if triton is not None:
+    from stepflash.kernels.fp8_linear import fp8_decode
 
     @triton.jit
     def _weight_tile(W, S, expert, r, c, mask, stride_we, stride_wr, stride_wc, stride_se, stride_sr, stride_sc,
-                     INT4: tl.constexpr, GROUP: tl.constexpr):
-        """fp32 tile W[expert, r, c]; INT4: nibble c % 2 of byte c // 2, minus 8, times scale c // GROUP."""
-        if INT4:
-            byte = tl.load(W + expert * stride_we + r[:, None] * stride_wr + (c[None, :] // 2) * stride_wc,
-                           mask=mask, other=0).to(tl.int32)
-            q = ((byte >> ((c[None, :] % 2) * 4)) & 0xF).to(tl.float32) - 8.0
-            scale = tl.load(S + expert * stride_se + r[:, None] * stride_sr + (c[None, :] // GROUP) * stride_sc,
+                     INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr):
+        """fp32 tile W[expert, r, c]. INT4: nibble c % 2 of byte c // 2, minus 8; FP8: the byte decoded;
+        both times S[expert, r // SR, c // SC]."""
+        if INT4 or FP8:
+            scale = tl.load(S + expert * stride_se + (r[:, None] // SR) * stride_sr + (c[None, :] // SC) * stride_sc,
                             mask=mask, other=0.0).to(tl.float32)
+            if INT4:
+                byte = tl.load(W + expert * stride_we + r[:, None] * stride_wr + (c[None, :] // 2) * stride_wc,
+                               mask=mask, other=0).to(tl.int32)
+                q = ((byte >> ((c[None, :] % 2) * 4)) & 0xF).to(tl.float32) - 8.0
+            else:
+                q = fp8_decode(tl.load(W + expert * stride_we + r[:, None] * stride_wr + c[None, :] * stride_wc,
+                                       mask=mask, other=0))
             return q * scale
         return tl.load(W + expert * stride_we + r[:, None] * stride_wr + c[None, :] * stride_wc,
                        mask=mask, other=0.0).to(tl.float32)
@@ -50,7 +58,7 @@ if triton is not None:
     @triton.jit
     def _gate_up_kernel(X, Wg, Wu, Sg, Su, Ids, A, H, I, limit, top_k, stride_x, stride_we, stride_wi, stride_wh,
                         stride_se, stride_si, stride_sh, stride_a, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
-                        INT4: tl.constexpr, GROUP: tl.constexpr):
+                        INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr):
         pair = tl.program_id(0)
         i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < I
@@ -64,9 +72,9 @@ if triton is not None:
             x = tl.load(X + token * stride_x + h, mask=h_ok, other=0.0).to(tl.float32)
             mask = i_ok[:, None] & h_ok[None, :]
             wg = _weight_tile(Wg, Sg, expert, i, h, mask, stride_we, stride_wi, stride_wh, stride_se, stride_si,
-                              stride_sh, INT4, GROUP)
+                              stride_sh, INT4, FP8, SR, SC)
             wu = _weight_tile(Wu, Su, expert, i, h, mask, stride_we, stride_wi, stride_wh, stride_se, stride_si,
-                              stride_sh, INT4, GROUP)
+                              stride_sh, INT4, FP8, SR, SC)
             acc_g += tl.sum(wg * x[None, :], axis=1)
             acc_u += tl.sum(wu * x[None, :], axis=1)
         act = acc_g * tl.sigmoid(acc_g)
@@ -78,7 +86,7 @@ if triton is not None:
     @triton.jit
     def _down_kernel(A, Wd, Sd, Ids, RouteW, Y, H, I, stride_a, stride_we, stride_wo, stride_wi, stride_se,
                      stride_so, stride_si, stride_y, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-                     INT4: tl.constexpr, GROUP: tl.constexpr):
+                     INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr):
         pair = tl.program_id(0)
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         o_ok = o < H
@@ -89,7 +97,7 @@ if triton is not None:
             i_ok = i < I
             a = tl.load(A + pair * stride_a + i, mask=i_ok, other=0.0)
             w = _weight_tile(Wd, Sd, expert, o, i, o_ok[:, None] & i_ok[None, :], stride_we, stride_wo, stride_wi,
-                             stride_se, stride_so, stride_si, INT4, GROUP)
+                             stride_se, stride_so, stride_si, INT4, FP8, SR, SC)
             acc += tl.sum(w * a[None, :], axis=1)
         route = tl.load(RouteW + pair).to(tl.float32)
         tl.store(Y + pair * stride_y + o, acc * route, mask=o_ok)
@@ -98,23 +106,32 @@ if triton is not None:
 def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
               ids: torch.Tensor, weights: torch.Tensor, limit: float, block: int = 32,
               int4_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-              group_size: int = 128) -> torch.Tensor:
+              group_size: int = 128, fp8_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+              fp8_block: tuple[int, int] = (128, 128)) -> torch.Tensor:
     """The Triton kernels; same contract as `fused_moe_ref` (weights in any memory layout, e.g. the
     column-major copies the loader makes on CPU; gate and up alike). With `int4_scales` the weights
-    are INT4 as `model.quant.quantize_int4` packs them (uint8 [E, out, in / 2]) and are used packed."""
+    are INT4 as `model.quant.quantize_int4` packs them (uint8 [E, out, in / 2]) and are used packed;
+    with `fp8_scales` (scale_inv [E, ceil(out / fp8_block[0]), ceil(in / fp8_block[1])]) they are
+    float8_e4m3fn (or its uint8 view) [E, out, in] and are read one byte per value."""
     if triton is None:
         raise RuntimeError("fused_moe needs triton (pip install triton)")
+    if int4_scales is not None and fp8_scales is not None:
+        raise ValueError("expert weights are either INT4 or FP8, not both")
     tokens, hidden = x.shape
     inter = w_gate.shape[1]
     top_k = ids.shape[1]
-    if w_gate.stride() != w_up.stride():
+    if fp8_scales is not None:
+        w_gate, w_up, w_down = (w.view(torch.uint8) for w in (w_gate, w_up, w_down))
+    s_gate, s_up, s_down = int4_scales or fp8_scales or (w_gate, w_up, w_down)  # unread unless quantized
+    if w_gate.stride() != w_up.stride() or s_gate.stride() != s_up.stride():
         raise ValueError("gate and up expert weights must share one memory layout")
-    s_gate, s_up, s_down = int4_scales or (w_gate, w_up, w_down)  # unread unless INT4
+    scale_block = (1, group_size) if int4_scales is not None else fp8_block
+    quant = {"INT4": int4_scales is not None, "FP8": fp8_scales is not None, "SR": scale_block[0],
+             "SC": scale_block[1]}
     x = x.contiguous()
     flat_ids = ids.reshape(-1).to(torch.int32).contiguous()
     flat_w = weights.reshape(-1).float().contiguous()
     pairs = flat_ids.numel()
-    quant = {"INT4": int4_scales is not None, "GROUP": group_size}
     a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
     _gate_up_kernel[(pairs, triton.cdiv(inter, block))](
         x, w_gate, w_up, s_gate, s_up, flat_ids, a, hidden, inter, float(limit), top_k, x.stride(0), *w_gate.stride(),

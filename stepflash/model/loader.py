@@ -3,7 +3,11 @@
 Tensors are read through safetensors' memory map and moved straight to their device and dtype; the
 model is built on the meta device first, so no memory is spent on initial weights. FP8 release
 weights (`float8_e4m3fn` + `weight_scale_inv` per 128x128 block) and INT4 experts (`stepflash
-quantize`, see model/quant.py) are dequantized on load.
+quantize`), both described in model/quant.py, are dequantized on load, unless kept quantized for the
+kernels that read them as they are: `keep_int4` keeps INT4 experts packed; `keep_fp8` keeps every FP8
+weight of a linear map in FP8 (stacked experts in their StackedLinear, other nn.Linear layers replaced
+by Fp8Linear), except lm_head (the engine takes the compute dtype from it) and the fp32 router;
+tables such as the embeddings are dequantized either way.
 """
 
 import json
@@ -17,8 +21,8 @@ from safetensors import safe_open
 from torch import nn
 
 from stepflash.config import ModelConfig
-from stepflash.model.linear import StackedLinear
-from stepflash.model.quant import INT4_METHOD, INT4_SCALE_SUFFIX, dequantize_int4
+from stepflash.model.linear import Fp8Linear, StackedLinear
+from stepflash.model.quant import INT4_METHOD, INT4_SCALE_SUFFIX, dequantize_fp8, dequantize_int4
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 
 SCALE_SUFFIX = "_scale_inv"
@@ -74,16 +78,19 @@ def mtp_depth(hub_name: str, num_hidden_layers: int) -> int | None:
     return int(m.group(1)) - num_hidden_layers if m and int(m.group(1)) >= num_hidden_layers else None
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str) -> torch.Tensor:
-    """W = fp8 * scale_inv[r // block_r, c // block_c] over the last two dims (fp32 result)."""
+def _fp8_scale(hub_name: str, weight: torch.Tensor, read, index: dict[str, Path],
+              block: tuple[int, int]) -> torch.Tensor:
+    """The fp32 `<hub_name>_scale_inv` of an FP8 weight, checked to hold one scale per block."""
+    scale_name = hub_name + SCALE_SUFFIX
+    if scale_name not in index:
+        raise CheckpointError(f"tensor {hub_name} is float8 but {scale_name} is missing")
+    scale_inv = read(scale_name)
     rows, cols = weight.shape[-2:]
     expected = (*weight.shape[:-2], math.ceil(rows / block[0]), math.ceil(cols / block[1]))
     if tuple(scale_inv.shape) != expected:
-        raise CheckpointError(f"{name}{SCALE_SUFFIX}: shape {tuple(scale_inv.shape)} does not match "
+        raise CheckpointError(f"{scale_name}: shape {tuple(scale_inv.shape)} does not match "
                               f"{expected} for weight {tuple(weight.shape)} with blocks {block}")
-    scale = scale_inv.float().repeat_interleave(block[0], -2)[..., :rows, :]
-    scale = scale.repeat_interleave(block[1], -1)[..., :cols]
-    return weight.float() * scale
+    return scale_inv.float()
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: ModelConfig) -> torch.dtype:
@@ -102,10 +109,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cfg: Mo
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = "auto", num_mtp: int | None = None,
-               keep_int4: bool = False) -> Step3p5ForCausalLM:
+               keep_int4: bool = False, keep_fp8: bool = False) -> Step3p5ForCausalLM:
     """Build the model from `model_dir`. MTP modules load when present in the checkpoint (all of them
     unless `num_mtp` asks for fewer); asking for more than the checkpoint holds is an error. INT4
-    experts are dequantized unless `keep_int4` (for the fused-MoE kernel) keeps them packed."""
+    experts are dequantized unless `keep_int4` (for the fused-MoE kernel) keeps them packed; FP8
+    weights unless `keep_fp8` keeps those of linear maps in FP8 (for the FP8 GEMM and fused-MoE
+    kernels; the module docstring says which)."""
     model_dir, device = Path(model_dir), torch.device(device)
     cfg = ModelConfig.from_pretrained(model_dir)
     index = checkpoint_index(model_dir)
@@ -143,15 +152,18 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
             if name not in expected:
                 unexpected.append(key)
                 continue
-            if keep_int4 and int4_group and (tensor := read(key)).dtype == torch.uint8:
-                _keep_int4(model, name, key, tensor, read, index, expected[name], int4_group, device, target_dtype)
+            tensor, param = read(key), expected[name]
+            if keep_int4 and int4_group and tensor.dtype == torch.uint8:
+                _keep_int4(model, name, key, tensor, read, index, param, int4_group, device, target_dtype)
                 loaded.add(name)
                 continue
-            tensor = _read_weight(key, read, index, block, int4_group)
-            param = expected[name]
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointError(f"tensor {key}: checkpoint shape {tuple(tensor.shape)}, "
-                                      f"model expects {tuple(param.shape)}")
+            if keep_fp8 and tensor.dtype == torch.float8_e4m3fn and _keeps_fp8(model, name):
+                _check_shape(key, tensor, param)
+                _keep_fp8(model, name, tensor, _fp8_scale(key, tensor, read, index, block), block, device)
+                loaded.add(name)
+                continue
+            tensor = _read_weight(key, tensor, read, index, block, int4_group)
+            _check_shape(key, tensor, param)
             wanted = torch.float32 if name.endswith(FP32_PARAMS) else target_dtype
             _assign(model, name, tensor.to(device=device, dtype=wanted))
             loaded.add(name)
@@ -165,9 +177,15 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     return model.eval()
 
 
-def _read_weight(hub_name: str, read, index: dict[str, Path], block: tuple[int, int],
+def _check_shape(hub_name: str, tensor: torch.Tensor, param: torch.Tensor) -> None:
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise CheckpointError(f"tensor {hub_name}: checkpoint shape {tuple(tensor.shape)}, "
+                              f"model expects {tuple(param.shape)}")
+
+
+def _read_weight(hub_name: str, tensor: torch.Tensor, read, index: dict[str, Path], block: tuple[int, int],
                  int4_group: int | None) -> torch.Tensor:
-    tensor = read(hub_name)
+    """The checkpoint tensor as stored, or dequantized (fp32) when it is INT4 or FP8."""
     if tensor.dtype not in STORAGE_DTYPES:
         raise CheckpointError(f"tensor {hub_name}: storage dtype {tensor.dtype} is not supported")
     if tensor.dtype == torch.uint8:
@@ -178,10 +196,27 @@ def _read_weight(hub_name: str, read, index: dict[str, Path], block: tuple[int, 
         return dequantize_int4(tensor, read(scale_name), int4_group)
     if tensor.dtype != torch.float8_e4m3fn:
         return tensor
-    scale_name = hub_name + SCALE_SUFFIX
-    if scale_name not in index:
-        raise CheckpointError(f"tensor {hub_name} is float8 but {scale_name} is missing")
-    return dequantize_fp8(tensor, read(scale_name), block, hub_name)
+    return dequantize_fp8(tensor, _fp8_scale(hub_name, tensor, read, index, block), block)
+
+
+def _keeps_fp8(model: nn.Module, name: str) -> bool:
+    """Whether parameter `name` is the weight of a linear map that can run on FP8 as it is."""
+    module_name, _, attr = name.rpartition(".")
+    if attr != "weight" or name == "lm_head.weight" or name.endswith(FP32_PARAMS):
+        return False
+    module = model.get_submodule(module_name)
+    return isinstance(module, StackedLinear) or isinstance(module, nn.Linear) and module.bias is None
+
+
+def _keep_fp8(model: nn.Module, name: str, weight: torch.Tensor, scale_inv: torch.Tensor,
+              block: tuple[int, int], device: torch.device) -> None:
+    module_name = name.rpartition(".")[0]
+    module = model.get_submodule(module_name)
+    weight, scale_inv = weight.to(device), scale_inv.to(device)
+    if isinstance(module, StackedLinear):
+        module.keep_fp8(weight, scale_inv, block)
+    else:
+        model.set_submodule(module_name, Fp8Linear(weight, scale_inv, block))
 
 
 def _keep_int4(model: nn.Module, name: str, key: str, packed: torch.Tensor, read, index: dict[str, Path],

@@ -50,9 +50,10 @@ class MoE(nn.Module):
             from stepflash.kernels.moe import fused_moe
 
             linears = (self.gate_proj, self.up_proj, self.down_proj)
-            scales = tuple(m.int4_scale for m in linears) if self.gate_proj.int4_scale is not None else None
-            return fused_moe(h, *(m.weight for m in linears), ids, weights, self.limit, int4_scales=scales,
-                             group_size=self.gate_proj.group_size)
+            int4 = tuple(m.int4_scale for m in linears) if self.gate_proj.int4_scale is not None else None
+            fp8 = tuple(m.weight_scale_inv for m in linears) if self.gate_proj.weight_scale_inv is not None else None
+            return fused_moe(h, *(m.weight for m in linears), ids, weights, self.limit, int4_scales=int4,
+                             group_size=self.gate_proj.group_size, fp8_scales=fp8, fp8_block=self.gate_proj.block)
         return self.experts(h, ids, weights)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,5 +94,5 @@ class MoE(nn.Module):
 
     def _expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's SwiGLU FFN on x [n, hidden] -> fp32 [n, hidden]."""
-        a = swiglu(F.linear(x, self.gate_proj.expert(expert)), F.linear(x, self.up_proj.expert(expert)), self.limit)
-        return F.linear(a, self.down_proj.expert(expert)).float()
+        gate, up, down = (m.expert(expert).to(x.dtype) for m in (self.gate_proj, self.up_proj, self.down_proj))
+        return F.linear(swiglu(F.linear(x, gate), F.linear(x, up), self.limit), down).float()

@@ -1,5 +1,11 @@
-"""INT4 weight-only quantization of the routed experts: group-wise (along the input dimension),
-symmetric, one scale per group.
+"""Quantized weight formats and their reference (PyTorch) dequantization.
+
+FP8, as published (Step-3.5-Flash-FP8): a float8_e4m3fn weight beside `<name>_scale_inv` (fp32), one
+scale per block of the last two dims (config `weight_block_size`, 128 x 128 in the release):
+W[r, c] = fp8[r, c] * scale_inv[r // block_r, c // block_c]; blocks at the edges may be partial.
+
+INT4 (`stepflash quantize`), weight-only for the routed experts: group-wise (along the input
+dimension), symmetric, one scale per group.
 
 q = clamp(round(w / s), -8, 7) with s = max|w| / 7 over each group of `group_size` inputs; two
 values per byte (q + 8; low nibble = even column). In a checkpoint, an expert weight
@@ -19,6 +25,13 @@ from safetensors.torch import save_file
 INT4_SCALE_SUFFIX = "_int4_scale"
 INT4_METHOD = "stepflash-int4"
 EXPERT_SUFFIXES = (".moe.gate_proj.weight", ".moe.up_proj.weight", ".moe.down_proj.weight")
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """fp8 [..., R, C] * scale_inv[..., r // block[0], c // block[1]] -> fp32 [..., R, C]."""
+    rows, cols = weight.shape[-2:]
+    scale = scale_inv.float().repeat_interleave(block[0], -2)[..., :rows, :]
+    return weight.float() * scale.repeat_interleave(block[1], -1)[..., :cols]
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

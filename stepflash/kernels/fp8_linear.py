@@ -1,0 +1,86 @@
+"""y = x W^T with W kept in FP8 (float8_e4m3fn, block-scaled as in the Step-3.5-Flash-FP8 release):
+W[r, c] = fp8[r, c] * scale_inv[r // BR, c // BC], BR x BC blocks (128 x 128 in the release).
+
+The weight stays one byte per value in memory; each program decodes a [BLOCK_N, BLOCK_K] tile of
+bytes in registers, multiplies it by its blocks' scales in fp32, rounds the product to x's dtype (the
+values a model holding dequantized weights in that dtype would use) and feeds tl.dot with an fp32
+accumulator: tensor cores for fp16 / bf16, IEEE fp32 (no TF32) for fp32. The decode does not need the
+hardware's float8 type: the magnitude bits of an e4m3fn byte, `(b & 0x7F) << 7`, read as an fp16 are
+|value| / 256 for every finite value, subnormals included (same 3 mantissa bits on top; exponent bias
+7 vs 15 -> 2^-8), so |value| = that * 256 and the sign is bit 7. Bytes 0x7F / 0xFF (NaN) do not occur in weights.
+`fp8_linear_ref` is the PyTorch twin: dequantize in fp32, then F.linear.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from stepflash.model.quant import dequantize_fp8
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+                   block: tuple[int, int]) -> torch.Tensor:
+    """x [..., K], weight float8_e4m3fn [N, K], scale_inv [ceil(N / BR), ceil(K / BC)] -> [..., N] in
+    x's dtype (computed in fp32)."""
+    return F.linear(x.float(), dequantize_fp8(weight, scale_inv, block)).to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def fp8_decode(byte):
+        """uint8 / int32 tile of float8_e4m3fn bytes -> fp32 values (see the module docstring)."""
+        bits = byte.to(tl.int32)
+        magnitude = ((bits & 0x7F) << 7).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+        return tl.where((bits & 0x80) != 0, -magnitude, magnitude)
+
+    @triton.jit
+    def _fp8_linear_kernel(X, W, S, Y, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
+                           stride_ym, stride_yn, BR: tl.constexpr, BC: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = m < M, n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            x = tl.load(X + m[:, None] * stride_xm + k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w_mask = n_ok[:, None] & k_ok[None, :]
+            byte = tl.load(W + n[:, None] * stride_wn + k[None, :] * stride_wk, mask=w_mask, other=0)
+            scale = tl.load(S + (n // BR)[:, None] * stride_sn + (k // BC)[None, :] * stride_sk, mask=w_mask,
+                            other=0.0)
+            w = (fp8_decode(byte) * scale).to(x.dtype)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        tl.store(Y + m[:, None] * stride_ym + n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+               block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+    """The Triton kernel; same contract as `fp8_linear_ref` for x [M, K] (fp32, fp16 or bf16). The weight
+    (float8_e4m3fn, or its uint8 view) is read as bytes in any memory layout; M is padded to a tile of
+    at least 16 rows, N and K need not be multiples of the tiles or of the scale blocks."""
+    if triton is None:
+        raise RuntimeError("fp8_linear needs triton (pip install triton)")
+    (rows, inner), (out_features, w_inner) = x.shape, weight.shape
+    expected = (math.ceil(out_features / block[0]), math.ceil(inner / block[1]))
+    if w_inner != inner or tuple(scale_inv.shape) != expected:
+        raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, scale_inv {tuple(scale_inv.shape)}: "
+                         f"expected weight [N, {inner}] and scale_inv {expected} for blocks {block}")
+    w = weight.view(torch.uint8)
+    y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n))
+    _fp8_linear_kernel[grid](x, w, scale_inv, y, rows, out_features, inner, *x.stride(), *w.stride(),
+                             *scale_inv.stride(), *y.stride(), BR=block[0], BC=block[1], BLOCK_M=block_m,
+                             BLOCK_N=block_n, BLOCK_K=block_k)
+    return y

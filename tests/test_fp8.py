@@ -1,0 +1,237 @@
+"""FP8 block-scaled weights used as they are: the byte decode, the FP8 GEMM and fused-MoE kernels
+against their twins (TRITON_INTERPRET=1 on CPU, fp32 / fp16), and a checkpoint loaded with
+`keep_fp8` that holds the checkpoint's bytes and computes what the dequantized model computes."""
+
+import importlib.util
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from stepflash.kernels.fp8_linear import fp8_linear_ref
+from stepflash.model.linear import Fp8Linear
+from stepflash.model.loader import CheckpointError, internal_name, load_model
+from stepflash.model.moe import MoE
+from stepflash.testing import quantize_fp8, write_checkpoint
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+N = 5  # decoder layers of tiny_config
+BLOCK = (24, 40)  # divides none of the tiny model's 64, 96 and 32: every matrix has partial blocks
+K_PROJ = "model.layers.1.self_attn.k_proj.weight"
+EXPERTS = "model.layers.3.moe.up_proj.weight"
+
+
+def finite_fp8_bytes() -> torch.Tensor:
+    """All 254 float8_e4m3fn bit patterns that are not NaN (0x7F, 0xFF), as uint8."""
+    b = torch.arange(256, dtype=torch.int32)
+    return b[(b & 0x7F) != 0x7F].to(torch.uint8)
+
+
+def expand(scale_inv: torch.Tensor, block: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
+    """Per-element scales, built independently of the code under test (Kronecker product)."""
+    return torch.kron(scale_inv, torch.ones(block))[:rows, :cols]
+
+
+# ---------------------------------------------------------------- the decode and the GEMM
+
+def test_decode_claim_holds_for_every_finite_byte():
+    """(b & 0x7F) << 7 read as fp16 is |value| / 256 (normals and subnormals), bit 7 the sign."""
+    b = finite_fp8_bytes()
+    magnitude = ((b & 0x7F).to(torch.int16) << 7).view(torch.float16).float() * 256.0
+    decoded = torch.where((b & 0x80) != 0, -magnitude, magnitude)
+    expected = b.view(torch.float8_e4m3fn).float()
+    assert torch.equal(decoded, expected)
+    assert expected.abs().max() == 448 and (expected.abs() == 2.0 ** -9).sum() == 2  # the extremes are in
+    assert torch.equal(expected[(b & 0x7F) == 0], torch.tensor([0.0, -0.0]))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_decodes_every_finite_byte(dtype):
+    """y = 1 * W^T with W = each byte in a row of its own: the kernel's decode, exactly."""
+    from stepflash.kernels.fp8_linear import fp8_linear
+
+    w = finite_fp8_bytes().view(torch.float8_e4m3fn)[:, None]  # [254, 1]
+    scale_inv = torch.full((math.ceil(254 / 16), 1), 0.5)
+    y = fp8_linear(torch.ones(1, 1, dtype=dtype), w, scale_inv, (16, 16))
+    assert y.dtype == dtype
+    assert torch.equal(y[0].float(), w[:, 0].float() * 0.5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m, n, k, block", [
+    (1, 50, 70, (16, 32)),  # decode row; N, K ragged against blocks and tiles
+    (3, 33, 96, (16, 32)),
+    (17, 64, 47, (16, 32)),  # M over one 16-row tile
+    (3, 130, 200, (128, 128)),  # the release's blocks, partial at both edges
+])
+def test_fp8_linear_matches_twin(dtype, m, n, k, block):
+    from stepflash.kernels.fp8_linear import fp8_linear
+
+    gen = torch.Generator().manual_seed(m * n + k)
+    w, scale_inv = quantize_fp8(torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) * 4, block)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    ref = fp8_linear_ref(x, w, scale_inv, block)
+    assert ref.dtype == dtype and ref.float().abs().max() > 1
+    dense = w.float() * expand(scale_inv, block, n, k)  # the twin: dequantize, then F.linear
+    torch.testing.assert_close(ref.float(), F.linear(x.float(), dense).to(dtype).float(), atol=1e-5, rtol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    out = fp8_linear(x, w, scale_inv, block, block_n=32, block_k=32)
+    assert out.dtype == dtype and out.shape == (m, n)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    column_major = w.T.contiguous().T  # any weight layout is read through its strides
+    torch.testing.assert_close(fp8_linear(x, column_major, scale_inv, block).float(), ref.float(), atol=tol, rtol=tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens, block", [(1, (16, 32)), (4, (128, 128))])
+def test_fused_moe_reads_fp8_experts(dtype, tokens, block):
+    """FP8 experts read byte-wise by the kernel equal the twin on the dequantized weights."""
+    from stepflash.kernels.moe import fused_moe, fused_moe_ref
+
+    gen = torch.Generator().manual_seed(tokens)
+    experts, hidden, inter, top_k = 8, 64, 40, 2  # inter ragged against the blocks and the tile
+    dense = [torch.randn(experts, inter, hidden, generator=gen), torch.randn(experts, inter, hidden, generator=gen),
+             torch.randn(experts, hidden, inter, generator=gen) * 0.3]
+    fp8, scales = zip(*(quantize_fp8(w, block) for w in dense))
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=gen)
+    dequantized = [w.float() * torch.stack([expand(s_e, block, *w.shape[1:]) for s_e in s])
+                   for w, s in zip(fp8, scales)]
+    ref = fused_moe_ref(x, *dequantized, ids, weights, 0.0)
+    out = fused_moe(x, *fp8, ids, weights, 0.0, block=16, fp8_scales=scales, fp8_block=block)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    assert not torch.allclose(ref.float(), fused_moe_ref(x, *dense, ids, weights, 0.0).float(), atol=1e-3)
+
+
+# ---------------------------------------------------------------- a checkpoint kept in FP8
+
+@pytest.fixture(scope="module")
+def fp8_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("fp8"), fp8_block=BLOCK, seed=5)
+
+
+def logits(model: torch.nn.Module, tokens: int = 20) -> torch.Tensor:
+    ids = torch.randint(10, 300, (tokens,), generator=torch.Generator().manual_seed(tokens))
+    with torch.no_grad():
+        return model.compute_logits(model(ids, torch.arange(tokens)))
+
+
+def test_kept_model_holds_the_checkpoint_bytes(fp8_ckpt: Path) -> None:
+    """Every FP8 tensor of a linear map stays FP8 (its exact bytes, scales beside it); nothing else
+    is stored, so parameter + buffer bytes are what the checkpoint's layout implies."""
+    stored = load_file(fp8_ckpt / "model.safetensors")
+    kept = load_model(fp8_ckpt, keep_fp8=True)
+    state = kept.state_dict()
+    fp8_names = [k for k, t in stored.items() if t.dtype == torch.float8_e4m3fn]
+    assert K_PROJ in fp8_names and EXPERTS in fp8_names and "model.layers.5.eh_proj.weight" in fp8_names
+    for name in fp8_names:
+        ours = internal_name(name, N)
+        assert state[ours].dtype == torch.float8_e4m3fn, name
+        assert torch.equal(state[ours].view(torch.uint8), stored[name].view(torch.uint8)), name
+        assert torch.equal(state[ours + "_scale_inv"], stored[name + "_scale_inv"]), name
+    assert isinstance(kept.model.layers[1].self_attn.k_proj, Fp8Linear)
+    assert isinstance(kept.mtp[0].eh_proj, Fp8Linear)
+    assert type(kept.lm_head) is torch.nn.Linear and kept.lm_head.weight.dtype == torch.float32
+    assert kept.model.layers[3].moe.gate.weight.dtype == torch.float32  # the router stays fp32
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    weights = {k: t for k, t in stored.items() if not k.endswith("_scale_inv")}
+    expected = sum(t.numel() * (1 if t.dtype == torch.float8_e4m3fn else 4) for t in weights.values())
+    assert nbytes(kept.parameters()) == expected
+    assert nbytes(kept.buffers()) == nbytes(t for k, t in stored.items() if k.endswith("_scale_inv"))
+    dequantized = load_model(fp8_ckpt)
+    assert nbytes(dequantized.parameters()) == 4 * sum(t.numel() for t in weights.values())
+    assert nbytes(kept.parameters()) < 0.5 * nbytes(dequantized.parameters())
+
+
+def test_kept_model_computes_what_the_dequantized_model_computes(fp8_ckpt: Path) -> None:
+    kept, dequantized = load_model(fp8_ckpt, keep_fp8=True), load_model(fp8_ckpt)
+    a, b = logits(kept), logits(dequantized)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    hidden = torch.randn(20, 64, generator=torch.Generator().manual_seed(0))
+    ids = torch.arange(20) + 30
+    with torch.no_grad():  # an MTP module (its eh_proj is an Fp8Linear)
+        kept_mtp = kept.mtp_forward(0, ids, hidden, torch.arange(20))
+        dequantized_mtp = dequantized.mtp_forward(0, ids, hidden, torch.arange(20))
+    torch.testing.assert_close(kept_mtp, dequantized_mtp, atol=1e-5, rtol=1e-5)
+
+
+def test_kept_model_in_bf16(fp8_ckpt: Path) -> None:
+    """The PyTorch path returns the activations' dtype (bf16 here) from the FP8 weights."""
+    kept, dequantized = load_model(fp8_ckpt, dtype=torch.bfloat16, keep_fp8=True), load_model(fp8_ckpt)
+    assert kept.lm_head.weight.dtype == torch.bfloat16
+    a, b = logits(kept, 8), logits(dequantized, 8)
+    assert (a.log_softmax(-1) - b.log_softmax(-1)).abs().max() < 0.15
+
+
+@needs_triton
+def test_kept_model_through_the_kernels(fp8_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With use_kernel on, every Fp8Linear and MoE runs its Triton kernel on the FP8 bytes and the
+    logits equal the dequantized model's (PyTorch path)."""
+    import stepflash.kernels.fp8_linear as fp8_kernels
+    import stepflash.kernels.moe as moe_kernels
+
+    calls = {"fp8_linear": 0, "fused_moe": 0}
+
+    def counted(module, name: str):
+        original = getattr(module, name)
+
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, run)
+
+    counted(fp8_kernels, "fp8_linear")
+    counted(moe_kernels, "fused_moe")
+    kept, dequantized = load_model(fp8_ckpt, keep_fp8=True), load_model(fp8_ckpt)
+    for module in kept.modules():
+        if isinstance(module, (Fp8Linear, MoE)):
+            module.use_kernel = True
+    a = logits(kept, 12)
+    # q, k, v, o of 5 layers; gate, up, down of the dense MLPs (layers 0-1) and the shared experts (2-4)
+    assert calls["fp8_linear"] == 4 * N + 3 * N
+    assert calls["fused_moe"] == 3  # MoE layers 2-4
+    torch.testing.assert_close(a, logits(dequantized, 12), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- errors name the tensor
+
+def edited_copy(src: Path, dst: Path, name: str, edit) -> Path:
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    if edit is None:
+        del tensors[name]
+    else:
+        tensors[name] = edit(tensors[name])
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("weight", [K_PROJ, EXPERTS])
+def test_kept_fp8_scale_missing_or_mis_shaped(fp8_ckpt: Path, tmp_path: Path, weight: str) -> None:
+    scale = weight + "_scale_inv"
+    missing = edited_copy(fp8_ckpt, tmp_path / "missing", scale, None)
+    with pytest.raises(CheckpointError, match=f"{weight} is float8 but {scale} is missing"):
+        load_model(missing, keep_fp8=True)
+    cut = edited_copy(fp8_ckpt, tmp_path / "cut", scale, lambda t: t[..., :1].contiguous())
+    with pytest.raises(CheckpointError, match=f"{scale}: shape"):
+        load_model(cut, keep_fp8=True)
+
+
+def test_kept_fp8_weight_of_wrong_shape(fp8_ckpt: Path, tmp_path: Path) -> None:
+    ckpt = edited_copy(fp8_ckpt, tmp_path / "c", K_PROJ, lambda t: t[:-1].contiguous())
+    with pytest.raises(CheckpointError, match=rf"{K_PROJ}: checkpoint shape \(31, 64\), model expects \(32, 64\)"):
+        load_model(ckpt, keep_fp8=True)
