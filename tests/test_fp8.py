@@ -235,3 +235,26 @@ def test_kept_fp8_weight_of_wrong_shape(fp8_ckpt: Path, tmp_path: Path) -> None:
     ckpt = edited_copy(fp8_ckpt, tmp_path / "c", K_PROJ, lambda t: t[:-1].contiguous())
     with pytest.raises(CheckpointError, match=rf"{K_PROJ}: checkpoint shape \(31, 64\), model expects \(32, 64\)"):
         load_model(ckpt, keep_fp8=True)
+
+
+def test_engine_serves_fp8_kept_through_kernels_and_graphs(fp8_ckpt: Path) -> None:
+    """The engine with kernels keeps the FP8 weights and, with graphed steps and MTP drafts, gives the
+    greedy tokens of the PyTorch path on the dequantized weights."""
+    from stepflash.engine.engine import EngineConfig, LLMEngine
+    from stepflash.model.linear import Fp8Linear
+    from stepflash.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=0, ignore_eos=True)
+    outs = {}
+    for path, cfg in (("torch", EngineConfig(mtp=1)),
+                      ("kernels", EngineConfig(mtp=1, kernels="triton", cuda_graphs="on"))):
+        engine = LLMEngine(fp8_ckpt, cfg)
+        kept = [m for m in engine.model.modules() if isinstance(m, Fp8Linear)]
+        assert bool(kept) == (path == "kernels") and all(m.use_kernel for m in kept)
+        engine.add_request("a", list(range(30, 41)), params)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                outs[path] = out.outputs[0]
+    assert outs["torch"].token_ids == outs["kernels"].token_ids
+    for la, lb, t in zip(outs["torch"].logprobs, outs["kernels"].logprobs, outs["torch"].token_ids):
+        assert abs(la[t] - lb[t]) < 1e-4

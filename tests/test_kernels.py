@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("triton")  # TRITON_INTERPRET=1 on CPU-only machines: see conftest.py
 
 from stepflash.kernels.paged_attention import paged_attention, paged_attention_ref  # noqa: E402
+from stepflash.kernels.tiles import prefill_tiles  # noqa: E402
 
 
 def paged_batch(seq_lens: list[int], queries_per_seq: list[int], heads: int, kv_heads: int, head_dim: int,
@@ -46,12 +47,19 @@ def test_paged_attention_matches_reference(dtype, case):
     seq_lens, queries, heads, kv_heads, head_dim, block_size, window = case
     q, k, v, tables, seq_of, q_pos, gate = paged_batch(seq_lens, queries, heads, kv_heads, head_dim, block_size,
                                                        dtype, seed=len(seq_lens) + head_dim)
+    # a row per tile; runs of one sequence's rows cut into tiles of 4 or 2 (some tiles partly
+    # filled); and graph-style padding: tiles of 0 rows after the real ones
+    seqs = seq_of.tolist()
+    tilings = [(None, 1), (prefill_tiles(seqs, 4), 4), (prefill_tiles(seqs, 2), 2),
+               (torch.cat([prefill_tiles(seqs, 4), torch.zeros(3, 2, dtype=torch.int32)]), 4)]
     for g in (None, gate):
         ref = paged_attention_ref(q, k, v, tables, seq_of, q_pos, window, g)
-        out = paged_attention(q, k, v, tables, seq_of, q_pos, window, g, block_n=16)
-        tol = 1e-5 if dtype == torch.float32 else 2e-3
-        assert out.dtype == dtype and out.shape == q.shape
-        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+        for tiles, tile_rows in tilings:
+            out = paged_attention(q, k, v, tables, seq_of, q_pos, window, g, block_n=16, tiles=tiles,
+                                  tile_rows=tile_rows)
+            tol = 1e-5 if dtype == torch.float32 else 2e-3
+            assert out.dtype == dtype and out.shape == q.shape
+            torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
 def test_reference_twin_matches_dense_attention():

@@ -178,7 +178,8 @@ class LLMEngine:
             raise ValueError(f"mtp={ec.mtp}: the checkpoint has {available} MTP modules, "
                              f"so mtp must be in 0..{available}")
         kernels = _use_kernels(ec.kernels, device)
-        self.model = load_model(model_dir, device=device, dtype=ec.dtype, num_mtp=self.num_mtp, keep_int4=kernels)
+        self.model = load_model(model_dir, device=device, dtype=ec.dtype, num_mtp=self.num_mtp, keep_int4=kernels,
+                                keep_fp8=kernels)
         dtype = self.model.lm_head.weight.dtype
         layer_ids = [s.index for s in cfg.decoder_layers + cfg.mtp_layers[:self.num_mtp]]
         budget = ec.kv_cache_bytes or default_kv_budget(device, cfg, layer_ids, ec, dtype)

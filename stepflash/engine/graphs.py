@@ -8,8 +8,10 @@ runner's scratch blocks, so their keys, values and hidden states land there and 
 compute is read back. Table columns past a sequence's own blocks keep stale values and are never
 read (a row reads only the blocks up to its position). Logits come out for every row of the bucket; the caller picks its rows.
 
-Where CUDA graphs do not exist (CPU), `capture=False` runs the same bucketed step eagerly on the
-static buffers, so tests check the padding and buffer handling without a GPU.
+The runner keeps one StepGraphs for the target and one per MTP module (the drafting passes: short
+chunks of the sliding layers, each row also reading the hidden state it chains on). Where CUDA
+graphs do not exist (CPU), `capture=False` runs the same bucketed step eagerly on the static
+buffers, so tests check the padding and buffer handling without a GPU.
 """
 
 from collections.abc import Callable
@@ -19,17 +21,19 @@ import torch
 
 
 @dataclass
-class StaticStep:
-    """Inputs of one bucket of N rows (filled in place before every replay) and its logits [N, V]."""
+class StepInputs:
+    """What a graphed forward reads, for n rows (a step's own values) or N rows (a bucket's static
+    buffers, filled in place before every replay)."""
 
-    ids: torch.Tensor  # [N] long
-    positions: torch.Tensor  # [N] long
-    seq_of: torch.Tensor  # [N] int32: row of `tables` each query reads
-    q_pos: torch.Tensor  # [N] int32
-    tiles: torch.Tensor  # [N, 2] int32: the step's attention tiles, one per padding row, then empty ones
-    slots: dict[str, torch.Tensor]  # kind -> [N] long: where each row's key and value are written
-    tables: dict[str, torch.Tensor]  # kind -> [N, width] int32 block tables
-    logits: torch.Tensor | None = None
+    ids: torch.Tensor  # [n] long
+    positions: torch.Tensor  # [n] long
+    seq_of: torch.Tensor  # [n] int32: row of `tables` each query reads
+    q_pos: torch.Tensor  # [n] int32
+    tiles: torch.Tensor  # [t, 2] int32 attention tiles (kernels/tiles.py); in a bucket: [N, 2], then
+    #                      one tile per padding row and empty ones
+    slots: dict[str, torch.Tensor]  # kind -> [n] long: where each row's key and value are written
+    tables: dict[str, torch.Tensor]  # kind -> [s, width] int32 block tables
+    prev_slots: torch.Tensor | None = None  # [n] long, MTP passes: the hidden-cache slot each row chains on
 
 
 def graph_buckets(max_rows: int) -> list[int]:
@@ -38,19 +42,21 @@ def graph_buckets(max_rows: int) -> list[int]:
     return sizes + [max_rows]
 
 
-class DecodeGraphs:
+class StepGraphs:
     """Static buffers and (on CUDA) one captured graph per bucket, built on first use.
 
-    `forward(step)` is the runner's kernel-path target forward over a StaticStep: it must read its
-    inputs only from the step's tensors, write KV and hidden caches, and return logits [N, V]."""
+    `forward(inputs)` is a kernel-path forward of the runner (the target, or one MTP module) over a
+    bucket's StepInputs: it reads its inputs only from them, writes KV and hidden caches, and
+    returns logits [N, V]."""
 
-    def __init__(self, forward: Callable[[StaticStep], torch.Tensor], kinds: list[str], max_rows: int,
+    def __init__(self, forward: Callable[[StepInputs], torch.Tensor], kinds: list[str], max_rows: int,
                  table_width: int, scratch: dict[str, int], block_size: int, device: torch.device,
                  capture: bool) -> None:
         self.forward, self.kinds, self.width = forward, kinds, table_width
         self.scratch, self.block_size, self.device, self.capture = scratch, block_size, device, capture
         self.buckets = graph_buckets(max_rows)
-        self.steps: dict[int, StaticStep] = {}
+        self.static: dict[int, StepInputs] = {}
+        self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, "torch.cuda.CUDAGraph"] = {}
         self.pool = None
         self.replays = 0  # steps served from a bucket (graph replays on CUDA)
@@ -58,43 +64,45 @@ class DecodeGraphs:
     def fits(self, rows: int, tables: dict[str, torch.Tensor]) -> bool:
         return rows <= self.buckets[-1] and all(t.shape[1] <= self.width for t in tables.values())
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, seq_of: torch.Tensor, q_pos: torch.Tensor,
-            tiles: torch.Tensor, slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits [n, V] of the n rows given (views into the bucket's output: use before the next run)."""
-        n = ids.shape[0]
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits [n, V] of the step's n rows (a view into the bucket's output: use it before the next run)."""
+        n = inputs.ids.shape[0]
         bucket = next(b for b in self.buckets if b >= n)
-        step = self.steps.get(bucket) or self._build(bucket)
-        self._fill(step, n, ids, positions, seq_of, q_pos, tiles, slots, tables)
+        static = self.static.get(bucket) or self._build(bucket)
+        self._fill(static, inputs)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
         else:
-            step.logits = self.forward(step)
+            self.logits[bucket] = self.forward(static)
         self.replays += 1
-        return step.logits[:n]
+        return self.logits[bucket][:n]
 
-    def _build(self, bucket: int) -> StaticStep:
+    def _build(self, bucket: int) -> StepInputs:
         """Buffers holding a step of padding only; on CUDA, a warm-up run (kernel compilation, cached
         rotary tables) and the capture, both writing to the scratch blocks alone."""
-        long = lambda: torch.zeros(bucket, dtype=torch.long, device=self.device)  # noqa: E731
-        int32 = lambda: torch.zeros(bucket, dtype=torch.int32, device=self.device)  # noqa: E731
-        step = StaticStep(long(), long(), int32(), int32(), self._padding_tiles(bucket, 0, 0),
-                          {kind: torch.full((bucket,), block * self.block_size, dtype=torch.long, device=self.device)
-                           for kind, block in self.scratch.items()},
-                          {kind: torch.full((bucket, self.width), block, dtype=torch.int32, device=self.device)
-                           for kind, block in self.scratch.items()})
-        self.steps[bucket] = step
+        static = StepInputs(*(torch.zeros(bucket, dtype=dtype, device=self.device) for dtype in
+                              (torch.long, torch.long, torch.int32, torch.int32)),
+                            self._padding_tiles(bucket, 0, 0),
+                            {kind: self._scratch_slots(kind, bucket) for kind in self.kinds},
+                            {kind: torch.full((bucket, self.width), block, dtype=torch.int32, device=self.device)
+                             for kind, block in self.scratch.items() if kind in self.kinds},
+                            self._scratch_slots(self.kinds[0], bucket))
+        self.static[bucket] = static
         if self.capture:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.forward(step)
+                self.forward(static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                step.logits = self.forward(step)
+                self.logits[bucket] = self.forward(static)
             self.pool = graph.pool()
             self.graphs[bucket] = graph
-        return step
+        return static
+
+    def _scratch_slots(self, kind: str, rows: int) -> torch.Tensor:
+        return torch.full((rows,), self.scratch[kind] * self.block_size, dtype=torch.long, device=self.device)
 
     def _padding_tiles(self, bucket: int, rows: int, tiles: int) -> torch.Tensor:
         """[bucket - tiles, 2]: a one-row tile for each padding row rows..bucket-1, then empty tiles."""
@@ -103,21 +111,22 @@ class DecodeGraphs:
         pad[:bucket - rows, 1] = 1
         return pad.to(self.device)
 
-    def _fill(self, step: StaticStep, n: int, ids: torch.Tensor, positions: torch.Tensor, seq_of: torch.Tensor,
-              q_pos: torch.Tensor, tiles: torch.Tensor, slots: dict[str, torch.Tensor],
-              tables: dict[str, torch.Tensor]) -> None:
-        pad_seq = int(tables[self.kinds[0]].shape[0])  # the first table row no real sequence uses
-        for buffer, values, pad in ((step.ids, ids, 0), (step.positions, positions, 0), (step.q_pos, q_pos, 0),
-                                    (step.seq_of, seq_of, pad_seq)):
-            buffer[:n].copy_(values)
-            buffer[n:].fill_(pad)
-        step.tiles[:len(tiles)].copy_(tiles)
-        step.tiles[len(tiles):].copy_(self._padding_tiles(len(step.ids), n, len(tiles)))
+    def _fill(self, static: StepInputs, inputs: StepInputs) -> None:
+        n, bucket = inputs.ids.shape[0], static.ids.shape[0]
+        pad_seq = int(inputs.tables[self.kinds[0]].shape[0])  # the first table row no real sequence uses
+        for name, pad in (("ids", 0), ("positions", 0), ("q_pos", 0), ("seq_of", pad_seq)):
+            getattr(static, name)[:n].copy_(getattr(inputs, name))
+            getattr(static, name)[n:].fill_(pad)
+        if inputs.prev_slots is not None:
+            static.prev_slots[:n].copy_(inputs.prev_slots)
+            static.prev_slots[n:].fill_(self.scratch[self.kinds[0]] * self.block_size)
+        tiles = inputs.tiles.shape[0]
+        static.tiles[:tiles].copy_(inputs.tiles)
+        static.tiles[tiles:].copy_(self._padding_tiles(bucket, n, tiles))
         for kind in self.kinds:
-            step.slots[kind][:n].copy_(slots[kind])
-            step.slots[kind][n:].fill_(self.scratch[kind] * self.block_size)
-            seqs, width = tables[kind].shape
-            step.tables[kind][:seqs, :width].copy_(tables[kind])
-            if pad_seq < step.tables[kind].shape[0]:
-                step.tables[kind][pad_seq, 0] = self.scratch[kind]
-
+            static.slots[kind][:n].copy_(inputs.slots[kind])
+            static.slots[kind][n:].fill_(self.scratch[kind] * self.block_size)
+            seqs, width = inputs.tables[kind].shape
+            static.tables[kind][:seqs, :width].copy_(inputs.tables[kind])
+            if pad_seq < bucket:
+                static.tables[kind][pad_seq, 0] = self.scratch[kind]

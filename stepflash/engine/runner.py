@@ -13,11 +13,12 @@ copy-on-write and window release treat them exactly like KV.
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from stepflash.config import ModelConfig
-from stepflash.engine.graphs import DecodeGraphs, StaticStep
+from stepflash.engine.graphs import StepGraphs, StepInputs
 from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy
 from stepflash.engine.sequence import Sequence
 from stepflash.kernels.tiles import prefill_tiles
@@ -170,13 +171,17 @@ class ModelRunner:
                        for _ in range(self.num_mtp)]  # level d: what MTP module d chains on, per slot
         # decode kernel tiles: the 1 + k rows of a verify step (a power of two) read their keys once
         self.tile_rows = min(1 << self.num_mtp.bit_length(), SHORT_CHUNK)
-        self.graphs = None
+        self.graphs, self.mtp_graphs = None, []
         if graph_rows:
             if not kernels:
                 raise ValueError("graphed steps need the Triton kernels (the PyTorch path reads shapes on the host)")
-            self.graphs = DecodeGraphs(self._static_forward, self.kinds, graph_rows,
-                                       math.ceil(max_model_len / block_size) + 1, self.scratch, block_size,
-                                       self.device, capture)
+            width = math.ceil(max_model_len / block_size) + 1
+            self.graphs = StepGraphs(self._graph_forward, self.kinds, graph_rows, width, self.scratch, block_size,
+                                     self.device, capture)
+            # a drafting pass also catches up the rows accepted at the last verify: up to twice as many
+            self.mtp_graphs = [StepGraphs(partial(self._graph_mtp_forward, depth), [SLIDING], 2 * graph_rows, width,
+                                          self.scratch, block_size, self.device, capture)
+                               for depth in range(self.num_mtp)]
 
     @torch.inference_mode()
     def execute(self, chunks: list[Chunk], copies: list[BlockCopy], logit_rows: list[int]) -> torch.Tensor:
@@ -185,9 +190,7 @@ class ModelRunner:
         ids, positions, ctx = self._prepare(chunks)
         rows = self._tensor(logit_rows)
         if self.graphs and ctx.prefill is None and self.graphs.fits(len(ids), ctx.tables):
-            d = ctx.decode
-            return self.graphs.run(ids, positions, d.seq_of, d.q_pos, d.tiles, ctx.slots, ctx.tables
-                                   ).index_select(0, rows)
+            return self.graphs.run(_step_inputs(ids, positions, ctx)).index_select(0, rows)
         return self.model.compute_logits(self._forward(ids, positions, ctx).index_select(0, rows))
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedContext | KernelPagedContext
@@ -198,11 +201,21 @@ class ModelRunner:
             self.hidden[0].index_copy_(0, ctx.slots[SLIDING], hidden)
         return hidden
 
-    def _static_forward(self, step: StaticStep) -> torch.Tensor:
-        """What a graph captures: the target over a bucket's static inputs -> logits of every row."""
-        ctx = KernelPagedContext(self.caches, self.kind_of, step.slots, step.tables,
-                                 KernelRows(None, step.seq_of, step.q_pos, step.tiles, self.tile_rows), None)
+    def _graph_forward(self, step: StepInputs) -> torch.Tensor:
+        """What a target graph captures: the target over a bucket's static inputs -> logits of every row."""
+        ctx = self._graph_context(step, self.kinds)
         return self.model.compute_logits(self._forward(step.ids, step.positions, ctx))
+
+    def _graph_mtp_forward(self, depth: int, step: StepInputs) -> torch.Tensor:
+        """What an MTP graph captures: module `depth` over a bucket's static inputs -> logits of every row."""
+        ctx = self._graph_context(step, [SLIDING])
+        z = self._mtp_forward(depth, step.ids, step.positions, step.prev_slots, ctx)
+        return self.model.mtp_logits(depth, z)
+
+    def _graph_context(self, step: StepInputs, kinds: list[str]) -> KernelPagedContext:
+        return KernelPagedContext(self.caches, self.kind_of, {k: step.slots[k] for k in kinds},
+                                  {k: step.tables[k] for k in kinds},
+                                  KernelRows(None, step.seq_of, step.q_pos, step.tiles, self.tile_rows), None)
 
     @torch.inference_mode()
     def execute_mtp(self, depth: int, chunks: list[Chunk], logit_rows: list[int]) -> torch.Tensor:
@@ -210,13 +223,23 @@ class ModelRunner:
         (zeros before position 0) and the token at p; its output is stored as level depth + 1.
         Returns fp32 logits of its head for the flat rows `logit_rows`."""
         ids, positions, ctx = self._prepare(chunks, [SLIDING])  # MTP layers are sliding layers
-        prev_slots = [slot for c in chunks for slot in self._previous_slots(c)]
-        prev = self.hidden[depth].index_select(0, self._tensor(prev_slots))
+        prev_slots = self._tensor([slot for c in chunks for slot in self._previous_slots(c)])
+        rows = self._tensor(logit_rows)
+        graphs = self.mtp_graphs[depth] if self.mtp_graphs else None
+        if graphs and ctx.prefill is None and graphs.fits(len(ids), ctx.tables):
+            return graphs.run(_step_inputs(ids, positions, ctx, prev_slots)).index_select(0, rows)
+        z = self._mtp_forward(depth, ids, positions, prev_slots, ctx)
+        return self.model.mtp_logits(depth, z.index_select(0, rows))
+
+    def _mtp_forward(self, depth: int, ids: torch.Tensor, positions: torch.Tensor, prev_slots: torch.Tensor,
+                     ctx: PagedContext | KernelPagedContext) -> torch.Tensor:
+        """MTP module `depth`'s output, stored as hidden level depth + 1 at the rows' slots."""
+        prev = self.hidden[depth].index_select(0, prev_slots)
         prev = prev.masked_fill((positions == 0)[:, None], 0.0)
         z = self.model.mtp_hidden(depth, ids, prev, positions, ctx)
         if depth + 1 < self.num_mtp:
             self.hidden[depth + 1].index_copy_(0, ctx.slots[SLIDING], z)
-        return self.model.mtp_logits(depth, z.index_select(0, self._tensor(logit_rows)))
+        return z
 
     def _previous_slots(self, chunk: Chunk) -> list[int]:
         """Slots of positions start - 1 .. end - 2; position -1 (no predecessor) reads position 0's
@@ -327,6 +350,12 @@ class ModelRunner:
             return Group(rows, (len(members), q_len), rows, None, keys)
         rows = torch.where(q_valid, row0 + q_offsets, row0)
         return Group(rows, (len(members), q_len), rows[q_valid], q_valid, keys)
+
+
+def _step_inputs(ids: torch.Tensor, positions: torch.Tensor, ctx: KernelPagedContext,
+                 prev_slots: torch.Tensor | None = None) -> StepInputs:
+    d = ctx.decode
+    return StepInputs(ids, positions, d.seq_of, d.q_pos, d.tiles, ctx.slots, ctx.tables, prev_slots)
 
 
 def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
