@@ -44,7 +44,7 @@ if triton is not None:
     @triton.jit
     def _fp8_linear_kernel(X, W, S, Y, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
                            stride_ym, stride_yn, BR: tl.constexpr, BC: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_SCALE: tl.constexpr):
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = m < M, n < N
@@ -56,8 +56,11 @@ if triton is not None:
                         other=0.0)
             w_mask = n_ok[:, None] & k_ok[None, :]
             byte = tl.load(W + n[:, None] * stride_wn + k[None, :] * stride_wk, mask=w_mask, other=0)
-            scale = tl.load(S + (n // BR)[:, None] * stride_sn + (k // BC)[None, :] * stride_sk, mask=w_mask,
-                            other=0.0)
+            if ONE_SCALE:  # the tile lies in one scale block: one load, not one per value
+                scale = tl.load(S + (tl.program_id(1) * BLOCK_N // BR) * stride_sn + (k0 // BC) * stride_sk)
+            else:
+                scale = tl.load(S + (n // BR)[:, None] * stride_sn + (k // BC)[None, :] * stride_sk, mask=w_mask,
+                                other=0.0)
             w = (fp8_decode(byte) * scale).to(x.dtype)
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         tl.store(Y + m[:, None] * stride_ym + n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
@@ -82,5 +85,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n))
     _fp8_linear_kernel[grid](x, w, scale_inv, y, rows, out_features, inner, *x.stride(), *w.stride(),
                              *scale_inv.stride(), *y.stride(), BR=block[0], BC=block[1], BLOCK_M=block_m,
-                             BLOCK_N=block_n, BLOCK_K=block_k)
+                             BLOCK_N=block_n, BLOCK_K=block_k,
+                             ONE_SCALE=block[0] % block_n == 0 and block[1] % block_k == 0)
     return y
