@@ -1,16 +1,21 @@
-"""Fused MoE for decode: only the selected experts' weights are read, SwiGLU (with its clamp) and the
-routing weight are applied inside the kernels.
+"""Fused MoE: only the selected experts' weights are read, SwiGLU (with its clamp) and the routing
+weight are applied inside the kernels.
 
 Two launches over the (token, expert) pairs of the step (weights in the model's dtype, INT4 packed
 as `model/quant.py` writes them, or FP8 block-scaled as published; quantized weights are decoded in
 registers and multiplied by their scale S[expert, r // SR, c // SC], SR x SC = 1 x group for INT4
 and the FP8 block): the first computes
 a = swiglu(x W_gate^T, x W_up^T) for a tile of the intermediate dimension, the second y = a W_down^T
-times the pair's routing weight; the k pairs of a token are summed in fp32. `fused_moe_ref` is the
-PyTorch twin (the model's own grouped computation, `MoE.experts`).
+times the pair's routing weight; the k pairs of a token are summed in fp32. For a few tokens (decode)
+each program takes one pair (a matrix-vector product); for many (prefill), the pairs are sorted by
+expert and cut into blocks of one expert's pairs (`expert_blocks`), and each program multiplies a
+block's rows by a weight tile with tl.dot, reading each weight tile once per block rather than once
+per pair. `fused_moe_ref` is the PyTorch twin (the model's own grouped computation, `MoE.experts`).
 """
 
 import torch
+
+GROUPED_MIN_TOKENS = 16  # from this many tokens on (prefill chunks, wide verify batches) pairs go in blocks
 
 try:
     import triton
@@ -103,16 +108,110 @@ if triton is not None:
         tl.store(Y + pair * stride_y + o, acc * route, mask=o_ok)
 
 
+    @triton.jit
+    def _grouped_gate_up_kernel(X, Wg, Wu, Sg, Su, Sorted, BlockExpert, BlockStart, BlockRows, A, H, I, limit, top_k,
+                                stride_x, stride_we, stride_wi, stride_wh, stride_se, stride_si, stride_sh, stride_a,
+                                BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+                                INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
+                                IEEE: tl.constexpr):
+        """One program per (block of up to BLOCK_M pairs routed to one expert, tile of I): x rows
+        [BLOCK_M, BLOCK_H] times the expert's weight tiles by tl.dot, so a weight tile is read once
+        for the block. Blocks with no rows (the static grid's spare ones) read nothing."""
+        b = tl.program_id(0)
+        expert = tl.load(BlockExpert + b)
+        rows = tl.load(BlockRows + b)
+        m = tl.arange(0, BLOCK_M)
+        m_ok = m < rows
+        pair = tl.load(Sorted + tl.load(BlockStart + b) + m, mask=m_ok, other=0)
+        token = pair // top_k
+        i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        i_ok = i < I
+        acc_g = tl.zeros([BLOCK_M, BLOCK_I], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_I], tl.float32)
+        for h0 in range(0, tl.where(rows > 0, H, 0), BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            h_ok = h < H
+            x = tl.load(X + token[:, None] * stride_x + h[None, :], mask=m_ok[:, None] & h_ok[None, :], other=0.0)
+            mask = i_ok[:, None] & h_ok[None, :]
+            wg = _weight_tile(Wg, Sg, expert, i, h, mask, stride_we, stride_wi, stride_wh, stride_se, stride_si,
+                              stride_sh, INT4, FP8, SR, SC).to(x.dtype)
+            wu = _weight_tile(Wu, Su, expert, i, h, mask, stride_we, stride_wi, stride_wh, stride_se, stride_si,
+                              stride_sh, INT4, FP8, SR, SC).to(x.dtype)
+            if IEEE:
+                acc_g += tl.dot(x, tl.trans(wg), input_precision="ieee")
+                acc_u += tl.dot(x, tl.trans(wu), input_precision="ieee")
+            else:
+                acc_g += tl.dot(x, tl.trans(wg))
+                acc_u += tl.dot(x, tl.trans(wu))
+        act = acc_g * tl.sigmoid(acc_g)
+        if limit > 0:
+            act = tl.minimum(act, limit)
+            acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        tl.store(A + pair[:, None] * stride_a + i[None, :], act * acc_u, mask=m_ok[:, None] & i_ok[None, :])
+
+    @triton.jit
+    def _grouped_down_kernel(A, Wd, Sd, Sorted, BlockExpert, BlockStart, BlockRows, RouteW, Y, H, I, stride_a,
+                             stride_we, stride_wo, stride_wi, stride_se, stride_so, stride_si, stride_y,
+                             BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                             INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
+                             IEEE: tl.constexpr):
+        b = tl.program_id(0)
+        expert = tl.load(BlockExpert + b)
+        rows = tl.load(BlockRows + b)
+        m = tl.arange(0, BLOCK_M)
+        m_ok = m < rows
+        pair = tl.load(Sorted + tl.load(BlockStart + b) + m, mask=m_ok, other=0)
+        o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_ok = o < H
+        acc = tl.zeros([BLOCK_M, BLOCK_O], tl.float32)
+        for i0 in range(0, tl.where(rows > 0, I, 0), BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            i_ok = i < I
+            a = tl.load(A + pair[:, None] * stride_a + i[None, :], mask=m_ok[:, None] & i_ok[None, :], other=0.0)
+            w = _weight_tile(Wd, Sd, expert, o, i, o_ok[:, None] & i_ok[None, :], stride_we, stride_wo, stride_wi,
+                             stride_se, stride_so, stride_si, INT4, FP8, SR, SC).to(a.dtype)
+            if IEEE:
+                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(w))
+        route = tl.load(RouteW + pair, mask=m_ok, other=0.0).to(tl.float32)
+        tl.store(Y + pair[:, None] * stride_y + o[None, :], acc * route[:, None], mask=m_ok[:, None] & o_ok[None, :])
+
+
+def expert_blocks(ids: torch.Tensor, num_experts: int, block_m: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs (token, slot) sorted by expert and cut into blocks of at most block_m pairs of one
+    expert: (sorted pair indices [P], and per block its expert, first sorted index and row count,
+    each [ceil(P / block_m) + min(E, P)] int32; spare blocks have 0 rows). Device ops with static
+    shapes only, so it can run inside a CUDA graph."""
+    flat = ids.reshape(-1).long()
+    pairs = flat.numel()
+    order = torch.argsort(flat, stable=True).to(torch.int32)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    blocks_of = (counts + block_m - 1) // block_m
+    block_end = blocks_of.cumsum(0)
+    num_blocks = (pairs + block_m - 1) // block_m + min(num_experts, pairs)
+    b = torch.arange(num_blocks, device=ids.device)
+    expert = torch.searchsorted(block_end, b, right=True).clamp(max=num_experts - 1)
+    local = b - (block_end - blocks_of)[expert]
+    start = (counts.cumsum(0) - counts)[expert] + local * block_m
+    rows = (counts[expert] - local * block_m).clamp(0, block_m)
+    rows = torch.where(b < block_end[-1], rows, 0)
+    return order, expert.to(torch.int32), start.to(torch.int32), rows.to(torch.int32)
+
 def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
               ids: torch.Tensor, weights: torch.Tensor, limit: float, block: int = 32,
               int4_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
               group_size: int = 128, fp8_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-              fp8_block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+              fp8_block: tuple[int, int] = (128, 128), grouped: bool | None = None,
+              block_m: int = 16) -> torch.Tensor:
     """The Triton kernels; same contract as `fused_moe_ref` (weights in any memory layout, e.g. the
     column-major copies the loader makes on CPU; gate and up alike). With `int4_scales` the weights
     are INT4 as `model.quant.quantize_int4` packs them (uint8 [E, out, in / 2]) and are used packed;
     with `fp8_scales` (scale_inv [E, ceil(out / fp8_block[0]), ceil(in / fp8_block[1])]) they are
-    float8_e4m3fn (or its uint8 view) [E, out, in] and are read one byte per value."""
+    float8_e4m3fn (or its uint8 view) [E, out, in] and are read one byte per value. `grouped`
+    (default: from GROUPED_MIN_TOKENS tokens on) takes the pairs in per-expert blocks of `block_m`
+    through tl.dot instead of one pair per program."""
     if triton is None:
         raise RuntimeError("fused_moe needs triton (pip install triton)")
     if int4_scales is not None and fp8_scales is not None:
@@ -132,11 +231,22 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     flat_ids = ids.reshape(-1).to(torch.int32).contiguous()
     flat_w = weights.reshape(-1).float().contiguous()
     pairs = flat_ids.numel()
+    y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
+    if grouped if grouped is not None else tokens >= GROUPED_MIN_TOKENS:
+        a = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # rounded as the model's own FFN rounds
+        blocks = expert_blocks(ids, w_gate.shape[0], block_m)
+        dots = {**quant, "BLOCK_M": block_m, "IEEE": x.dtype == torch.float32}
+        _grouped_gate_up_kernel[(blocks[1].numel(), triton.cdiv(inter, block))](
+            x, w_gate, w_up, s_gate, s_up, *blocks, a, hidden, inter, float(limit), top_k, x.stride(0),
+            *w_gate.stride(), *s_gate.stride(), a.stride(0), BLOCK_I=block, BLOCK_H=block, **dots)
+        _grouped_down_kernel[(blocks[1].numel(), triton.cdiv(hidden, block))](
+            a, w_down, s_down, *blocks, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), *s_down.stride(),
+            y.stride(0), BLOCK_O=block, BLOCK_I=block, **dots)
+        return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
     a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
     _gate_up_kernel[(pairs, triton.cdiv(inter, block))](
         x, w_gate, w_up, s_gate, s_up, flat_ids, a, hidden, inter, float(limit), top_k, x.stride(0), *w_gate.stride(),
         *s_gate.stride(), a.stride(0), BLOCK_I=block, BLOCK_H=block, **quant)
-    y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
     _down_kernel[(pairs, triton.cdiv(hidden, block))](
         a, w_down, s_down, flat_ids, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), *s_down.stride(),
         y.stride(0), BLOCK_O=block, BLOCK_I=block, **quant)
