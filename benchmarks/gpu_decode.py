@@ -30,9 +30,11 @@ from stepflash.config import ModelConfig
 from stepflash.kernels.rope_kv import rope_kv_write, rope_kv_write_ref
 from stepflash.kernels.tiles import prefill_tiles
 from stepflash.kernels.paged_attention import paged_attention, paged_attention_ref
+from stepflash.model.linear import Fp8Linear
+from stepflash.model.quant import quantize_int4
 from stepflash.model.step3p5 import DecoderLayer, rope_tables
 from stepflash.model.step3p5 import use_kernels as set_kernels
-from stepflash.testing import tiny_config
+from stepflash.testing import quantize_fp8, tiny_config
 
 BLOCK = 16
 
@@ -77,7 +79,35 @@ class KernelContext:
         return paged_attention_ref(q, *self.caches[layer], self.tables[layer], self.seq_of, self.q_pos, window, gate)
 
 
-def build(cfg: ModelConfig, device, dtype, seed: int = 0) -> list[DecoderLayer]:
+FP8_BLOCK = (128, 128)
+EXPERT_CHUNK = 32  # experts quantized at a time: bounds the fp32 temporaries
+
+
+def quantize_layer(layer: DecoderLayer, weights: str) -> None:
+    """Experts (int4, fp8) and every other projection but the head gate (fp8) kept quantized, as
+    `stepflash quantize` and the FP8 release store them."""
+    if weights == "bf16":
+        return
+    with torch.no_grad():
+        for m in (layer.moe.gate_proj, layer.moe.up_proj, layer.moe.down_proj):
+            chunks = [m.weight[e:e + EXPERT_CHUNK] for e in range(0, m.weight.shape[0], EXPERT_CHUNK)]
+            if weights == "int4":
+                group = math.gcd(128, m.weight.shape[-1])  # 128 at the real shape
+                packed, scales = zip(*(quantize_int4(c, group) for c in chunks))
+                m.keep_int4(torch.cat(packed), torch.cat(scales).to(m.weight.dtype), group)
+            else:
+                fp8, scales = zip(*(quantize_fp8(c, FP8_BLOCK) for c in chunks))
+                m.keep_fp8(torch.cat(fp8), torch.cat(scales), FP8_BLOCK)
+        if weights == "fp8":
+            attn = layer.self_attn
+            for parent, name in [(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+                    [(layer.share_expert, n) for n in ("gate_proj", "up_proj", "down_proj")]:
+                linear = getattr(parent, name)
+                setattr(parent, name, Fp8Linear(*quantize_fp8(linear.weight, FP8_BLOCK), FP8_BLOCK))
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def build(cfg: ModelConfig, device, dtype, weights: str, seed: int = 0) -> list[DecoderLayer]:
     torch.manual_seed(seed)
     layers = []
     default = torch.get_default_dtype()
@@ -91,6 +121,7 @@ def build(cfg: ModelConfig, device, dtype, seed: int = 0) -> list[DecoderLayer]:
         with torch.no_grad():
             for p in layer.parameters():
                 p.normal_(0, 0.02) if p.dim() > 1 else p.zero_()
+        quantize_layer(layer, weights)
         layers.append(layer)
     return layers
 
@@ -182,14 +213,14 @@ def graphed(fn, device):
 
 
 def step_bytes(cfg: ModelConfig, layers, batch: int, context: int, rows: int, elem: int) -> float:
-    """Bytes one step reads: non-expert weights once, the routed experts that B*rows tokens select
-    (expected distinct: E(1 - (1 - k/E)^n)), and the KV each query row reads."""
+    """Bytes one step reads: non-expert weights (and scales) once as stored, the routed experts that
+    B*rows tokens select (expected distinct: E(1 - (1 - k/E)^n)), and the KV each query row reads."""
     total = 0.0
     e, k = cfg.moe_num_experts, cfg.moe_top_k
     n = batch * rows
     for spec, layer in zip(cfg.decoder_layers, layers):
-        for name, p in layer.named_parameters():
-            size = p.numel() * elem
+        for name, p in list(layer.named_parameters()) + list(layer.named_buffers()):
+            size = p.numel() * p.element_size()
             total += size * (1 - (1 - k / e) ** n) if ".moe." in name and p.dim() == 3 else size
         keys = min(context + rows, cfg.sliding_window) if spec.sliding_window else context + rows
         total += batch * keys * 2 * spec.num_kv_heads * spec.head_dim * elem
@@ -213,6 +244,9 @@ def main() -> None:
     ap.add_argument("--mtp", default="1,2,3", help="draft counts k for verify steps of 1 + k rows")
     ap.add_argument("--tau", type=float, help="tokens per verify step with MTP-3 for the projection (measured "
                     "on the bundled model or a published figure)")
+    ap.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "int4"],
+                    help="fp8: 128x128 block-scaled projections and experts (the release); int4: experts in "
+                    "INT4 groups of 128 (stepflash quantize)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the code path")
     ap.add_argument("--iters", type=int, default=20)
@@ -220,7 +254,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = ModelConfig.from_dict(real_config(args.layers, args.tiny))
-    layers = build(cfg, device, dtype)
+    layers = build(cfg, device, dtype, args.weights)
     elem = torch.empty((), dtype=dtype).element_size()
     bandwidth = copy_bandwidth(device)
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; copy bandwidth "
@@ -255,6 +289,7 @@ def main() -> None:
                     best = min(t for t in (eager, graph) if t is not None)
                     nbytes = step_bytes(cfg, layers, batch, context, rows, elem)
                     full_model_ms = best / args.layers * 45  # mean layer time x 45 (lm_head not included)
+                    label = "measured" if args.layers == 45 else "extrapolated"
                     point = {"batch": batch, "context": context, "mtp_k": k, "rows_per_seq": rows,
                              "eager_ms": eager, "graph_ms": graph, "gb_per_s": nbytes / (best / 1e3) / 1e9,
                              "fraction_of_copy_bw": nbytes / (best / 1e3) / 1e9 / bandwidth,
@@ -263,7 +298,7 @@ def main() -> None:
                     print(f"batch {batch:>3} ctx {context:>6} rows/seq {rows}: eager {eager:.2f} ms, graph "
                           f"{graph if graph is None else round(graph, 2)} ms, {point['gb_per_s']:.0f} GB/s "
                           f"({100 * point['fraction_of_copy_bw']:.0f}% of copy), 45 layers ~{full_model_ms:.1f} ms "
-                          "(extrapolated)")
+                          f"({label})")
                     del ctx
     projection = None
     if args.tau:
@@ -290,9 +325,10 @@ def main() -> None:
                             cwd=Path(__file__).parent).stdout.strip()
     record = {"benchmark": "gpu_decode", "date": datetime.date.today().isoformat(), "commit": commit,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "layers": args.layers, "tiny": args.tiny, "copy_gb_per_s": bandwidth, "results": results,
-              "projection": projection}
-    out = Path(__file__).parent / "results" / f"gpu_decode-{record['device'].replace(' ', '_')}-{record['date']}.json"
+              "layers": args.layers, "weights": args.weights, "tiny": args.tiny, "copy_gb_per_s": bandwidth,
+              "results": results, "projection": projection}
+    name = f"gpu_decode-{record['device'].replace(' ', '_')}-{args.weights}-{args.layers}l-{record['date']}.json"
+    out = Path(__file__).parent / "results" / name
     if not args.tiny:
         out.write_text(json.dumps(record, indent=1))
         print(f"wrote {out}")

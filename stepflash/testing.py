@@ -102,7 +102,7 @@ def quantize_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Te
     """Block-scaled float8_e4m3fn over the last two dims: returns (fp8 weight, fp32 scale_inv)."""
     rows, cols = weight.shape[-2:]
     br, bc = math.ceil(rows / block[0]), math.ceil(cols / block[1])
-    padded = torch.zeros(*weight.shape[:-2], br * block[0], bc * block[1])
+    padded = torch.zeros(*weight.shape[:-2], br * block[0], bc * block[1], device=weight.device)
     padded[..., :rows, :cols] = weight
     blocks = padded.unflatten(-2, (br, block[0])).unflatten(-1, (bc, block[1]))
     scale_inv = blocks.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / FP8_MAX
