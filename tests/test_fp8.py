@@ -1,6 +1,7 @@
 """FP8 block-scaled weights used as they are: the byte decode, the FP8 GEMM and fused-MoE kernels
-against their twins (TRITON_INTERPRET=1 on CPU, fp32 / fp16), and a checkpoint loaded with
-`keep_fp8` that holds the checkpoint's bytes and computes what the dequantized model computes."""
+against their twins (TRITON_INTERPRET=1 on CPU, fp32 / fp16; on a GPU when there is one, bf16 too:
+tests/kernel_env.py), and a checkpoint loaded with `keep_fp8` that holds the checkpoint's bytes and
+computes what the dequantized model computes."""
 
 import importlib.util
 import math
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from kernel_env import KERNEL_DEVICE, KERNEL_DTYPES, on_kernel_device
 from stepflash.kernels.fp8_linear import fp8_linear_ref
 from stepflash.model.linear import Fp8Linear
 from stepflash.model.loader import CheckpointError, internal_name, load_model
@@ -50,20 +52,20 @@ def test_decode_claim_holds_for_every_finite_byte():
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_kernel_decodes_every_finite_byte(dtype):
     """y = 1 * W^T with W = each byte in a row of its own: the kernel's decode, exactly."""
     from stepflash.kernels.fp8_linear import fp8_linear
 
     w = finite_fp8_bytes().view(torch.float8_e4m3fn)[:, None]  # [254, 1]
     scale_inv = torch.full((math.ceil(254 / 16), 1), 0.5)
-    y = fp8_linear(torch.ones(1, 1, dtype=dtype), w, scale_inv, (16, 16))
-    assert y.dtype == dtype
-    assert torch.equal(y[0].float(), w[:, 0].float() * 0.5)
+    y = fp8_linear(*on_kernel_device(torch.ones(1, 1, dtype=dtype), w, scale_inv), (16, 16))
+    assert y.dtype == dtype and y.device.type == KERNEL_DEVICE
+    assert torch.equal(y[0].float().cpu(), w[:, 0].float() * 0.5)
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("m, n, k, block", [
     (1, 50, 70, (16, 32)),  # decode row; N, K ragged against blocks and tiles
     (3, 33, 96, (16, 32)),
@@ -80,16 +82,20 @@ def test_fp8_linear_matches_twin(dtype, m, n, k, block):
     assert ref.dtype == dtype and ref.float().abs().max() > 1
     dense = w.float() * expand(scale_inv, block, n, k)  # the twin: dequantize, then F.linear
     torch.testing.assert_close(ref.float(), F.linear(x.float(), dense).to(dtype).float(), atol=1e-5, rtol=1e-5)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    # bf16: the weight tile is rounded to bf16 before tl.dot and the output to bf16: scaled by the output's size
+    atol, rtol = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2),
+                  torch.bfloat16: (2e-2 * float(ref.float().abs().max()), 2e-2)}[dtype]
+    x, w, scale_inv = on_kernel_device(x, w, scale_inv)
     out = fp8_linear(x, w, scale_inv, block, block_n=32, block_k=32)
-    assert out.dtype == dtype and out.shape == (m, n)
-    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    assert out.dtype == dtype and out.shape == (m, n) and out.device.type == KERNEL_DEVICE
+    torch.testing.assert_close(out.float().cpu(), ref.float(), atol=atol, rtol=rtol)
     column_major = w.T.contiguous().T  # any weight layout is read through its strides
-    torch.testing.assert_close(fp8_linear(x, column_major, scale_inv, block).float(), ref.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(fp8_linear(x, column_major, scale_inv, block).float().cpu(), ref.float(), atol=atol,
+                               rtol=rtol)
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("tokens, block", [(1, (16, 32)), (4, (128, 128))])
 def test_fused_moe_reads_fp8_experts(dtype, tokens, block):
     """FP8 experts read byte-wise by the kernel equal the twin on the dequantized weights."""
@@ -106,12 +112,16 @@ def test_fused_moe_reads_fp8_experts(dtype, tokens, block):
     dequantized = [w.float() * torch.stack([expand(s_e, block, *w.shape[1:]) for s_e in s])
                    for w, s in zip(fp8, scales)]
     ref = fused_moe_ref(x, *dequantized, ids, weights, 0.0)
-    # fp16: the grouped path rounds the SwiGLU output to fp16 before the down projection, as the model does
-    tol = 1e-4 if dtype == torch.float32 else 1e-2 * float(ref.float().abs().max())
+    # fp16 / bf16: the grouped path rounds the SwiGLU output to x's dtype before the down projection, as
+    # the model does
+    scale = float(ref.float().abs().max())
+    atol, rtol = {torch.float32: (1e-4, 1e-2), torch.float16: (1e-2 * scale, 1e-2),
+                  torch.bfloat16: (2e-2 * scale, 2e-2)}[dtype]
+    args, kernel_scales = on_kernel_device(x, *fp8, ids, weights), on_kernel_device(*scales)
     for grouped in (False, True):
-        out = fused_moe(x, *fp8, ids, weights, 0.0, block=16, fp8_scales=scales, fp8_block=block, grouped=grouped)
-        assert out.dtype == dtype
-        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=1e-2)
+        out = fused_moe(*args, 0.0, block=16, fp8_scales=kernel_scales, fp8_block=block, grouped=grouped)
+        assert out.dtype == dtype and out.device.type == KERNEL_DEVICE
+        torch.testing.assert_close(out.float().cpu(), ref.float(), atol=atol, rtol=rtol)
     assert not torch.allclose(ref.float(), fused_moe_ref(x, *dense, ids, weights, 0.0).float(), atol=1e-3)
 
 
@@ -123,9 +133,11 @@ def fp8_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def logits(model: torch.nn.Module, tokens: int = 20) -> torch.Tensor:
-    ids = torch.randint(10, 300, (tokens,), generator=torch.Generator().manual_seed(tokens))
+    """Logits (on the CPU) of a seeded prompt, run on the model's device."""
+    device = model.lm_head.weight.device
+    ids = torch.randint(10, 300, (tokens,), generator=torch.Generator().manual_seed(tokens)).to(device)
     with torch.no_grad():
-        return model.compute_logits(model(ids, torch.arange(tokens)))
+        return model.compute_logits(model(ids, torch.arange(tokens, device=device))).cpu()
 
 
 def test_kept_model_holds_the_checkpoint_bytes(fp8_ckpt: Path) -> None:
@@ -198,7 +210,9 @@ def test_kept_model_through_the_kernels(fp8_ckpt: Path, monkeypatch: pytest.Monk
 
     counted(fp8_kernels, "fp8_linear")
     counted(moe_kernels, "fused_moe")
-    kept, dequantized = load_model(fp8_ckpt, keep_fp8=True), load_model(fp8_ckpt)
+    # the kernels on their device (fp32 there too: a GPU's default is the checkpoint's bf16); the twin on the CPU
+    kept = load_model(fp8_ckpt, device=KERNEL_DEVICE, dtype="float32", keep_fp8=True)
+    dequantized = load_model(fp8_ckpt)
     for module in kept.modules():
         if isinstance(module, (Fp8Linear, MoE)):
             module.use_kernel = True
@@ -248,8 +262,9 @@ def test_engine_serves_fp8_kept_through_kernels_and_graphs(fp8_ckpt: Path) -> No
 
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=0, ignore_eos=True)
     outs = {}
-    for path, cfg in (("torch", EngineConfig(mtp=1)),
-                      ("kernels", EngineConfig(mtp=1, kernels="triton", cuda_graphs="on"))):
+    # fp32 on a GPU too (its default there is the checkpoint's bf16): the logprobs agree to 1e-4
+    for path, cfg in (("torch", EngineConfig(mtp=1, dtype="float32")),
+                      ("kernels", EngineConfig(mtp=1, kernels="triton", cuda_graphs="on", dtype="float32"))):
         engine = LLMEngine(fp8_ckpt, cfg)
         kept = [m for m in engine.model.modules() if isinstance(m, Fp8Linear)]
         assert bool(kept) == (path == "kernels") and all(m.use_kernel for m in kept)

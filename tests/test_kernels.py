@@ -1,9 +1,13 @@
-"""Triton kernels against their PyTorch twins, on the CPU under TRITON_INTERPRET=1 (fp32 / fp16), on
-random inputs of many shapes: windows crossing block boundaries, ragged batches, one and several
-query rows per sequence, GQA groups of 1 to 4 and unpadded head dims."""
+"""Triton kernels against their PyTorch twins, on the CPU under TRITON_INTERPRET=1 (fp32 / fp16) or on
+a GPU when there is one (fp32 / fp16 / bf16; tests/kernel_env.py), on random inputs of many shapes:
+windows crossing block boundaries, ragged batches, one and several query rows per sequence, GQA
+groups of 1 to 4 and unpadded head dims. Inputs are built on the CPU and moved to the kernel's
+device; the twins run on the CPU."""
 
 import pytest
 import torch
+
+from kernel_env import KERNEL_DEVICE, KERNEL_DTYPES, on_kernel_device
 
 pytest.importorskip("triton")  # TRITON_INTERPRET=1 on CPU-only machines: see conftest.py
 
@@ -34,7 +38,7 @@ def paged_batch(seq_lens: list[int], queries_per_seq: list[int], heads: int, kv_
     return q, k, v, tables, seq_of, q_pos, gate
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("case", [
     # seq lens, queries per seq, heads, kv heads, head dim, block size, window
     ([1], [1], 4, 4, 16, 16, None),
@@ -52,14 +56,15 @@ def test_paged_attention_matches_reference(dtype, case):
     seqs = seq_of.tolist()
     tilings = [(None, 1), (prefill_tiles(seqs, 4), 4), (prefill_tiles(seqs, 2), 2),
                (torch.cat([prefill_tiles(seqs, 4), torch.zeros(3, 2, dtype=torch.int32)]), 4)]
+    inputs = on_kernel_device(q, k, v, tables, seq_of, q_pos)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     for g in (None, gate):
         ref = paged_attention_ref(q, k, v, tables, seq_of, q_pos, window, g)
         for tiles, tile_rows in tilings:
-            out = paged_attention(q, k, v, tables, seq_of, q_pos, window, g, block_n=16, tiles=tiles,
+            out = paged_attention(*inputs, window, on_kernel_device(g), block_n=16, tiles=on_kernel_device(tiles),
                                   tile_rows=tile_rows)
-            tol = 1e-5 if dtype == torch.float32 else 2e-3
-            assert out.dtype == dtype and out.shape == q.shape
-            torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+            assert out.dtype == dtype and out.shape == q.shape and out.device.type == KERNEL_DEVICE
+            torch.testing.assert_close(out.float().cpu(), ref.float(), atol=tol, rtol=tol)
 
 
 def test_reference_twin_matches_dense_attention():
@@ -77,7 +82,7 @@ def test_reference_twin_matches_dense_attention():
             torch.testing.assert_close(out[t], torch.einsum("hn,nhd->hd", attn, vv))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("rows, hidden", [(1, 64), (7, 96), (33, 256)])
 def test_add_rmsnorm_matches_reference_and_the_model_norm(dtype, rows, hidden):
     from stepflash.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_ref
@@ -88,17 +93,17 @@ def test_add_rmsnorm_matches_reference_and_the_model_norm(dtype, rows, hidden):
     norm = RMSNorm(hidden, eps=1e-5)
     with torch.no_grad():
         norm.weight.copy_(0.1 * torch.randn(hidden, generator=gen))
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     for d in (delta, None):
-        res, out = add_rmsnorm(x, d, norm.weight.detach(), 1e-5)
+        res, out = add_rmsnorm(*on_kernel_device(x, d, norm.weight.detach()), 1e-5)
         ref_res, ref_out = add_rmsnorm_ref(x, d, norm.weight.detach(), 1e-5)
-        torch.testing.assert_close(res, ref_res, atol=tol, rtol=tol)
-        torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(res.cpu(), ref_res, atol=tol, rtol=tol)
+        torch.testing.assert_close(out.float().cpu(), ref_out.float(), atol=tol, rtol=tol)
         with torch.no_grad():  # the twin is the model's own norm after the residual add
             torch.testing.assert_close(ref_out.float(), norm(ref_res).float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("tokens, hidden, inter, experts, top_k, limit", [
     (1, 64, 48, 8, 2, 0.0),  # decode at batch 1; I not a multiple of the tile
     (5, 96, 64, 16, 4, 7.0),  # several tokens sharing experts, with the SwiGLU clamp
@@ -122,11 +127,15 @@ def test_fused_moe_matches_the_model_moe(dtype, tokens, hidden, inter, experts, 
     ws = [moe.gate_proj.weight, moe.up_proj.weight, moe.down_proj.weight]
     ws = [w.detach().contiguous().to(dtype) for w in ws]
     ref = fused_moe_ref(x.to(dtype), *ws, ids, weights, limit)
-    # fp16: the grouped path rounds the SwiGLU output to fp16 before the down projection, as the model does
-    tol = 1e-4 if dtype == torch.float32 else 1e-2 * float(ref.float().abs().max())
+    # fp16 / bf16: the grouped path rounds the SwiGLU output to x's dtype before the down projection, as
+    # the model does
+    scale = float(ref.float().abs().max())
+    atol, rtol = {torch.float32: (1e-4, 1e-2), torch.float16: (1e-2 * scale, 1e-2),
+                  torch.bfloat16: (2e-2 * scale, 2e-2)}[dtype]
+    args = on_kernel_device(x.to(dtype), *ws, ids, weights)
     for grouped in (False, True):  # one pair per program; per-expert blocks of pairs through tl.dot
-        out = fused_moe(x.to(dtype), *ws, ids, weights, limit, block=16, grouped=grouped)
-        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=1e-2)
+        out = fused_moe(*args, limit, block=16, grouped=grouped)
+        torch.testing.assert_close(out.float().cpu(), ref.float(), atol=atol, rtol=rtol)
     if dtype == torch.float32:  # the twin is the model's own MoE
         torch.testing.assert_close(ref, model_out, atol=1e-4, rtol=1e-4)
 
@@ -145,7 +154,8 @@ def test_engine_with_the_kernels_matches_the_torch_path(tmp_path):
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=0, ignore_eos=True)
     outputs = {}
     for kernels in ("torch", "triton"):
-        engine = LLMEngine(ckpt, EngineConfig(kernels=kernels, max_num_batched_tokens=16))
+        # fp32 on a GPU too (its default there is the checkpoint's bf16): the logprobs agree to 1e-4
+        engine = LLMEngine(ckpt, EngineConfig(kernels=kernels, max_num_batched_tokens=16, dtype="float32"))
         assert engine.runner.kernels == (kernels == "triton")
         assert engine.model.model.layers[2].moe.use_kernel == (kernels == "triton")
         for i, p in enumerate(prompts):
@@ -162,7 +172,7 @@ def test_engine_with_the_kernels_matches_the_torch_path(tmp_path):
             assert abs(la[t] - lb[t]) < 1e-4
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("heads, kv_heads, head_dim, rotary_dim", [(4, 2, 64, 32), (6, 2, 64, 64), (8, 8, 24, 12)])
 def test_rope_kv_write_matches_reference(dtype, heads, kv_heads, head_dim, rotary_dim):
     from stepflash.kernels.rope_kv import rope_kv_write, rope_kv_write_ref
@@ -176,16 +186,17 @@ def test_rope_kv_write_matches_reference(dtype, heads, kv_heads, head_dim, rotar
     cos, sin = rotary_cos_sin(positions, 1e4, rotary_dim, None)
     slots = torch.randperm(blocks * block_size, generator=gen)[:tokens]
     caches = [torch.zeros(blocks, block_size, kv_heads, head_dim, dtype=dtype) for _ in range(4)]
-    out = rope_kv_write(q, k, v, cos, sin, caches[0], caches[1], slots)
+    kernel_caches = on_kernel_device(caches[0], caches[1])  # written in place by the kernel
+    out = rope_kv_write(*on_kernel_device(q, k, v, cos, sin), *kernel_caches, on_kernel_device(slots))
     ref = rope_kv_write_ref(q, k, v, cos, sin, caches[2], caches[3], slots)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
-    torch.testing.assert_close(caches[0], caches[2], atol=tol, rtol=tol)
-    torch.testing.assert_close(caches[1], caches[3], atol=0, rtol=0)
-    assert caches[0].abs().sum() > 0
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(kernel_caches[0].cpu(), caches[2], atol=tol, rtol=tol)
+    torch.testing.assert_close(kernel_caches[1].cpu(), caches[3], atol=0, rtol=0)
+    assert kernel_caches[0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("case", [
     # seq lens, query rows per seq (the last ones), heads, kv heads, head dim, block size, window
     ([40], [40], 4, 2, 32, 16, None),  # a whole prompt
@@ -199,9 +210,10 @@ def test_prefill_attention_matches_reference(dtype, case):
     q, k, v, tables, seq_of, q_pos, _ = paged_batch(seq_lens, queries, heads, kv_heads, head_dim, block_size,
                                                     dtype, seed=head_dim + len(seq_lens))
     ref = paged_attention_ref(q, k, v, tables, seq_of, q_pos, window)
-    out = prefill_attention(q, k, v, tables, seq_of, q_pos, window)
-    tol = 1e-4 if dtype == torch.float32 else 3e-3
-    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    out = prefill_attention(*on_kernel_device(q, k, v, tables, seq_of, q_pos), window)
+    tol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    assert out.device.type == KERNEL_DEVICE
+    torch.testing.assert_close(out.float().cpu(), ref.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("tokens, group", [(1, 16), (4, 32)])
@@ -219,9 +231,10 @@ def test_fused_moe_reads_int4_experts_packed(tokens, group):
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, top_k, generator=gen)
     ref = fused_moe_ref(x, *(dequantize_int4(p, s, group) for p, s in zip(packed, scales)), ids, weights, 0.0)
+    args, kernel_scales = on_kernel_device(x, *packed, ids, weights), on_kernel_device(*scales)
     for grouped in (False, True):
-        out = fused_moe(x, *packed, ids, weights, 0.0, block=16, int4_scales=scales, group_size=group, grouped=grouped)
-        torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4)
+        out = fused_moe(*args, 0.0, block=16, int4_scales=kernel_scales, group_size=group, grouped=grouped)
+        torch.testing.assert_close(out.cpu(), ref, atol=1e-3, rtol=1e-4)
     assert not torch.allclose(ref, fused_moe_ref(x, *dense, ids, weights, 0.0), atol=1e-3)  # it is lossy
 
 
@@ -233,7 +246,7 @@ def test_expert_blocks_cover_every_pair_once(tokens, top_k, experts, block_m):
 
     gen = torch.Generator().manual_seed(tokens)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
-    order, expert, start, rows = expert_blocks(ids, experts, block_m)
+    order, expert, start, rows = (t.cpu() for t in expert_blocks(on_kernel_device(ids), experts, block_m))
     flat = ids.flatten()
     seen = []
     for e, s, r in zip(expert.tolist(), start.tolist(), rows.tolist()):
@@ -259,7 +272,7 @@ def test_engine_serves_int4_experts_packed_through_the_kernel(tmp_path):
     params = SamplingParams(temperature=0, max_tokens=5, logprobs=0, ignore_eos=True)
     outs = {}
     for kernels in ("torch", "triton"):
-        engine = LLMEngine(tmp_path / "q", EngineConfig(kernels=kernels, mtp=0))
+        engine = LLMEngine(tmp_path / "q", EngineConfig(kernels=kernels, mtp=0, dtype="float32"))
         assert (engine.model.model.layers[2].moe.gate_proj.weight.dtype == torch.uint8) == (kernels == "triton")
         engine.add_request("a", list(range(20, 32)), params)
         while engine.has_unfinished_requests():
