@@ -6,7 +6,8 @@ A step of n rows from s sequences runs in the smallest bucket N >= n. Rows n..N-
 its own attention tile): token 0 at position 0 of sequence row s, whose block table points at the
 runner's scratch blocks, so their keys, values and hidden states land there and nothing they
 compute is read back. Table columns past a sequence's own blocks keep stale values and are never
-read (a row reads only the blocks up to its position). Logits come out for every row of the bucket; the caller picks its rows.
+read (a row reads only the blocks up to its position). A graph's output is the hidden state of every row of the bucket; the
+caller applies the head to the rows it needs (a [N, vocab] output per bucket would cost gigabytes).
 
 The runner keeps one StepGraphs for the target and one per MTP module (the drafting passes: short
 chunks of the sliding layers, each row also reading the hidden state it chains on). Where CUDA
@@ -47,25 +48,28 @@ class StepGraphs:
 
     `forward(inputs)` is a kernel-path forward of the runner (the target, or one MTP module) over a
     bucket's StepInputs: it reads its inputs only from them, writes KV and hidden caches, and
-    returns logits [N, V]."""
+    returns the hidden states [N, hidden]. Graphs share the memory pool `pool` (replays are
+    sequential and each output is used before the next replay)."""
 
     def __init__(self, forward: Callable[[StepInputs], torch.Tensor], kinds: list[str], max_rows: int,
                  table_width: int, scratch: dict[str, int], block_size: int, device: torch.device,
-                 capture: bool) -> None:
+                 capture: bool, pool: tuple | None = None) -> None:
         self.forward, self.kinds, self.width = forward, kinds, table_width
         self.scratch, self.block_size, self.device, self.capture = scratch, block_size, device, capture
         self.buckets = graph_buckets(max_rows)
         self.static: dict[int, StepInputs] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.one_row_tiles: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, "torch.cuda.CUDAGraph"] = {}
-        self.pool = None
+        self.pool = pool
         self.replays = 0  # steps served from a bucket (graph replays on CUDA)
 
     def fits(self, rows: int, tables: dict[str, torch.Tensor]) -> bool:
         return rows <= self.buckets[-1] and all(t.shape[1] <= self.width for t in tables.values())
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits [n, V] of the step's n rows (a view into the bucket's output: use it before the next run)."""
+        """Hidden states [n, hidden] of the step's n rows (a view into the bucket's output: use it
+        before the next run)."""
         n = inputs.ids.shape[0]
         bucket = next(b for b in self.buckets if b >= n)
         static = self.static.get(bucket) or self._build(bucket)
@@ -73,16 +77,16 @@ class StepGraphs:
         if bucket in self.graphs:
             self.graphs[bucket].replay()
         else:
-            self.logits[bucket] = self.forward(static)
+            self.outputs[bucket] = self.forward(static)
         self.replays += 1
-        return self.logits[bucket][:n]
+        return self.outputs[bucket][:n]
 
     def _build(self, bucket: int) -> StepInputs:
         """Buffers holding a step of padding only; on CUDA, a warm-up run (kernel compilation, cached
         rotary tables) and the capture, both writing to the scratch blocks alone."""
         static = StepInputs(*(torch.zeros(bucket, dtype=dtype, device=self.device) for dtype in
                               (torch.long, torch.long, torch.int32, torch.int32)),
-                            self._padding_tiles(bucket, 0, 0),
+                            self._one_row_tiles(bucket).clone(),
                             {kind: self._scratch_slots(kind, bucket) for kind in self.kinds},
                             {kind: torch.full((bucket, self.width), block, dtype=torch.int32, device=self.device)
                              for kind, block in self.scratch.items() if kind in self.kinds},
@@ -96,20 +100,20 @@ class StepGraphs:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[bucket] = self.forward(static)
-            self.pool = graph.pool()
+                self.outputs[bucket] = self.forward(static)
             self.graphs[bucket] = graph
         return static
 
     def _scratch_slots(self, kind: str, rows: int) -> torch.Tensor:
         return torch.full((rows,), self.scratch[kind] * self.block_size, dtype=torch.long, device=self.device)
 
-    def _padding_tiles(self, bucket: int, rows: int, tiles: int) -> torch.Tensor:
-        """[bucket - tiles, 2]: a one-row tile for each padding row rows..bucket-1, then empty tiles."""
-        pad = torch.zeros(bucket - tiles, 2, dtype=torch.int32)
-        pad[:bucket - rows, 0] = torch.arange(rows, bucket)
-        pad[:bucket - rows, 1] = 1
-        return pad.to(self.device)
+    def _one_row_tiles(self, bucket: int) -> torch.Tensor:
+        """[bucket, 2]: tile i = row i alone (kept on the device, so filling padding copies nothing
+        from the host)."""
+        if bucket not in self.one_row_tiles:
+            rows = torch.arange(bucket, dtype=torch.int32)
+            self.one_row_tiles[bucket] = torch.stack([rows, torch.ones_like(rows)], 1).to(self.device)
+        return self.one_row_tiles[bucket]
 
     def _fill(self, static: StepInputs, inputs: StepInputs) -> None:
         n, bucket = inputs.ids.shape[0], static.ids.shape[0]
@@ -120,9 +124,10 @@ class StepGraphs:
         if inputs.prev_slots is not None:
             static.prev_slots[:n].copy_(inputs.prev_slots)
             static.prev_slots[n:].fill_(self.scratch[self.kinds[0]] * self.block_size)
-        tiles = inputs.tiles.shape[0]
+        tiles = inputs.tiles.shape[0]  # then one tile per padding row, then empty tiles
         static.tiles[:tiles].copy_(inputs.tiles)
-        static.tiles[tiles:].copy_(self._padding_tiles(bucket, n, tiles))
+        static.tiles[tiles:tiles + bucket - n].copy_(self._one_row_tiles(bucket)[n:])
+        static.tiles[tiles + bucket - n:].fill_(0)
         for kind in self.kinds:
             static.slots[kind][:n].copy_(inputs.slots[kind])
             static.slots[kind][n:].fill_(self.scratch[kind] * self.block_size)

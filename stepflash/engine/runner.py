@@ -176,11 +176,12 @@ class ModelRunner:
             if not kernels:
                 raise ValueError("graphed steps need the Triton kernels (the PyTorch path reads shapes on the host)")
             width = math.ceil(max_model_len / block_size) + 1
+            pool = torch.cuda.graph_pool_handle() if capture else None
             self.graphs = StepGraphs(self._graph_forward, self.kinds, graph_rows, width, self.scratch, block_size,
-                                     self.device, capture)
+                                     self.device, capture, pool)
             # a drafting pass also catches up the rows accepted at the last verify: up to twice as many
             self.mtp_graphs = [StepGraphs(partial(self._graph_mtp_forward, depth), [SLIDING], 2 * graph_rows, width,
-                                          self.scratch, block_size, self.device, capture)
+                                          self.scratch, block_size, self.device, capture, pool)
                                for depth in range(self.num_mtp)]
 
     @torch.inference_mode()
@@ -190,8 +191,10 @@ class ModelRunner:
         ids, positions, ctx = self._prepare(chunks)
         rows = self._tensor(logit_rows)
         if self.graphs and ctx.prefill is None and self.graphs.fits(len(ids), ctx.tables):
-            return self.graphs.run(_step_inputs(ids, positions, ctx)).index_select(0, rows)
-        return self.model.compute_logits(self._forward(ids, positions, ctx).index_select(0, rows))
+            hidden = self.graphs.run(_step_inputs(ids, positions, ctx))
+        else:
+            hidden = self._forward(ids, positions, ctx)
+        return self.model.compute_logits(hidden.index_select(0, rows))
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedContext | KernelPagedContext
                  ) -> torch.Tensor:
@@ -202,15 +205,13 @@ class ModelRunner:
         return hidden
 
     def _graph_forward(self, step: StepInputs) -> torch.Tensor:
-        """What a target graph captures: the target over a bucket's static inputs -> logits of every row."""
-        ctx = self._graph_context(step, self.kinds)
-        return self.model.compute_logits(self._forward(step.ids, step.positions, ctx))
+        """What a target graph captures: the target over a bucket's static inputs."""
+        return self._forward(step.ids, step.positions, self._graph_context(step, self.kinds))
 
     def _graph_mtp_forward(self, depth: int, step: StepInputs) -> torch.Tensor:
-        """What an MTP graph captures: module `depth` over a bucket's static inputs -> logits of every row."""
+        """What an MTP graph captures: module `depth` over a bucket's static inputs."""
         ctx = self._graph_context(step, [SLIDING])
-        z = self._mtp_forward(depth, step.ids, step.positions, step.prev_slots, ctx)
-        return self.model.mtp_logits(depth, z)
+        return self._mtp_forward(depth, step.ids, step.positions, step.prev_slots, ctx)
 
     def _graph_context(self, step: StepInputs, kinds: list[str]) -> KernelPagedContext:
         return KernelPagedContext(self.caches, self.kind_of, {k: step.slots[k] for k in kinds},
@@ -227,8 +228,9 @@ class ModelRunner:
         rows = self._tensor(logit_rows)
         graphs = self.mtp_graphs[depth] if self.mtp_graphs else None
         if graphs and ctx.prefill is None and graphs.fits(len(ids), ctx.tables):
-            return graphs.run(_step_inputs(ids, positions, ctx, prev_slots)).index_select(0, rows)
-        z = self._mtp_forward(depth, ids, positions, prev_slots, ctx)
+            z = graphs.run(_step_inputs(ids, positions, ctx, prev_slots))
+        else:
+            z = self._mtp_forward(depth, ids, positions, prev_slots, ctx)
         return self.model.mtp_logits(depth, z.index_select(0, rows))
 
     def _mtp_forward(self, depth: int, ids: torch.Tensor, positions: torch.Tensor, prev_slots: torch.Tensor,
