@@ -140,8 +140,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if tile_rows & (tile_rows - 1):
         raise ValueError(f"tile_rows must be a power of two, got {tile_rows}")
     if tiles is None:
-        tiles = torch.stack([torch.arange(rows), torch.ones(rows, dtype=torch.long)], 1).to(torch.int32)
-        tile_rows = 1
+        each = torch.arange(rows, dtype=torch.int32, device=q.device)
+        tiles, tile_rows = torch.stack([each, torch.ones_like(each)], 1), 1
     tiles = tiles.to(q.device)
     q = q.contiguous()
     out = torch.empty_like(q)
