@@ -60,9 +60,11 @@ def test_paged_attention_matches_reference(dtype, case):
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     for g in (None, gate):
         ref = paged_attention_ref(q, k, v, tables, seq_of, q_pos, window, g)
-        for tiles, tile_rows in tilings:
+        # key ranges whole, split into 3 or 8 runs (more runs than key tiles: some stay empty), or as
+        # kv_splits chooses
+        for (tiles, tile_rows), splits in zip(tilings, (1, 3, 8, None)):
             out = paged_attention(*inputs, window, on_kernel_device(g), block_n=16, tiles=on_kernel_device(tiles),
-                                  tile_rows=tile_rows)
+                                  tile_rows=tile_rows, splits=splits)
             assert out.dtype == dtype and out.shape == q.shape and out.device.type == KERNEL_DEVICE
             torch.testing.assert_close(out.float().cpu(), ref.float(), atol=tol, rtol=tol)
 

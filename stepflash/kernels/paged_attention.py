@@ -6,7 +6,9 @@ sequence's keys at positions lo..q_pos[t] (lo = q_pos - window + 1 with a window
 through `block_tables[seq]` in caches laid out [num_blocks, block_size, kv_heads, head_dim]. A
 verify step is just several rows of one sequence at consecutive positions (their keys are written
 to the cache before the call); the kernel takes them as one tile with the query heads of a kv head,
-so the keys are read once per step, not once per row. `paged_attention_ref` is the PyTorch twin the kernel is tested
+so the keys are read once per step, not once per row. A long key range is cut into runs that
+separate programs take (flash decoding), their partial softmax sums combined by a second kernel: at
+batch 1 a 128K-token full layer would otherwise run on 8 programs, one per kv head. `paged_attention_ref` is the PyTorch twin the kernel is tested
 against (fp32/fp16 under TRITON_INTERPRET=1 on the CPU, bf16 on a GPU).
 """
 
@@ -54,18 +56,24 @@ if triton is not None:
         return tl.load(Cache + offsets, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
 
     @triton.jit
-    def _paged_attention_kernel(Q, K, V, Gate, Out, Tables, SeqOf, QPos, Tiles, scale, window,
+    def _paged_attention_kernel(Q, K, V, Gate, Out, Tables, SeqOf, QPos, Tiles, Part, Stats, scale, window,
+                                num_rows, num_heads,
                                 stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                                 stride_vb, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb, stride_gt,
                                 BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                                 BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr):
-        """One program per (tile, kv head): the up to BLOCK_R rows of the tile (consecutive rows of one
-        sequence) times the GROUP query heads sharing the kv head are the BLOCK_R * BLOCK_G rows of one
-        matrix, so each key tile is read once for all of them; online softmax over key tiles of BLOCK_N
-        positions, tl.dot for both products. A tile of 0 rows (graph padding) computes nothing."""
+                                BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr,
+                                SPLITS: tl.constexpr):
+        """One program per (tile, kv head, split): the up to BLOCK_R rows of the tile (consecutive rows
+        of one sequence) times the GROUP query heads sharing the kv head are the BLOCK_R * BLOCK_G rows
+        of one matrix, so each key tile is read once for all of them; online softmax over key tiles
+        of BLOCK_N positions, tl.dot for both products. With SPLITS > 1 the tile's key range is cut
+        into SPLITS runs (flash decoding: long contexts keep every SM busy); each program stores its
+        unnormalised sums and (max, denominator) in Part / Stats for `_combine_kernel`. A tile of 0
+        rows (graph padding) computes nothing."""
         tile = tl.program_id(0)
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
         first = tl.load(Tiles + tile * 2)
         count = tl.load(Tiles + tile * 2 + 1)
         m_idx = tl.arange(0, BLOCK_R * BLOCK_G)
@@ -87,9 +95,12 @@ if triton is not None:
         m = tl.full([BLOCK_R * BLOCK_G], float("-inf"), tl.float32)
         denom = tl.zeros([BLOCK_R * BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_R * BLOCK_G, BLOCK_D], tl.float32)
-        for start in range(lo, last_pos + 1, BLOCK_N):
+        run = tl.cdiv(tl.cdiv(last_pos + 1 - lo, SPLITS), BLOCK_N) * BLOCK_N  # keys per split
+        run_lo = lo + split * run
+        run_hi = tl.minimum(run_lo + run, last_pos + 1)
+        for start in range(run_lo, run_hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
-            n_ok = n <= last_pos
+            n_ok = n < run_hi
             k = kv_tile(K, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_kb, stride_ks, stride_kh,
                         BLOCK_SIZE)
             if IEEE:  # fp32 stays fp32 on a GPU (not tf32)
@@ -113,22 +124,64 @@ if triton is not None:
             acc = acc * alpha[:, None] + pv.to(tl.float32)
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
-        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+        if SPLITS > 1:
+            at = (split * num_rows + rows) * num_heads + heads  # Part [SPLITS, rows, heads, HEAD_DIM]
+            tl.store(Part + at[:, None] * HEAD_DIM + d[None, :], acc, mask=m_ok[:, None] & d_ok[None, :])
+            tl.store(Stats + at * 2, m, mask=m_ok)
+            tl.store(Stats + at * 2 + 1, denom, mask=m_ok)
+        else:
+            out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+            if HAS_GATE:
+                gate = tl.load(Gate + rows * stride_gt + heads, mask=m_ok, other=0.0).to(tl.float32)
+                out = out * tl.sigmoid(gate)[:, None]
+            tl.store(Out + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                     out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _combine_kernel(Part, Stats, Gate, Out, num_rows, num_heads, stride_gt, stride_ot, stride_oh,
+                        SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        HAS_GATE: tl.constexpr):
+        """One program per (row, head): the splits' partial softmax sums rescaled to their common max."""
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        sp = tl.arange(0, BLOCK_S)
+        s_ok = sp < SPLITS
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        at = (sp * num_rows + row) * num_heads + head
+        m = tl.load(Stats + at * 2, mask=s_ok, other=float("-inf"))
+        denom = tl.load(Stats + at * 2 + 1, mask=s_ok, other=0.0)
+        top = tl.max(m, axis=0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.where(top == float("-inf"), 0.0, top)))
+        acc = tl.load(Part + at[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        total = tl.sum(w * denom, axis=0)
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
         if HAS_GATE:
-            gate = tl.load(Gate + rows * stride_gt + heads, mask=m_ok, other=0.0).to(tl.float32)
-            out = out * tl.sigmoid(gate)[:, None]
-        tl.store(Out + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+            out = out * tl.sigmoid(tl.load(Gate + row * stride_gt + head).to(tl.float32))
+        tl.store(Out + row * stride_ot + head * stride_oh + d, out.to(Out.dtype.element_ty), mask=d_ok)
+
+
+def kv_splits(programs: int, device: torch.device) -> int:
+    """Key-range splits so that about four programs per SM (eight on a CPU) run: 1 for wide batches,
+    up to MAX_SPLITS for one long sequence."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(MAX_SPLITS, -(-4 * sms // programs)))
+
+
+MAX_SPLITS = 32
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_of: torch.Tensor, q_pos: torch.Tensor, window: int | None,
                     gate: torch.Tensor | None = None, block_n: int = 32, tiles: torch.Tensor | None = None,
-                    tile_rows: int = 1) -> torch.Tensor:
+                    tile_rows: int = 1, splits: int | None = None) -> torch.Tensor:
     """The Triton kernel; same contract as `paged_attention_ref`. `tiles` [C, 2] int32 (first row, row
     count; `kernels.tiles.prefill_tiles` with `tile_rows`, a power of two) groups consecutive rows of
     one sequence at consecutive positions, so a verify step reads its keys once; without them every
-    row is its own tile (and seq_of need not be read back to the host)."""
+    row is its own tile (and seq_of need not be read back to the host). `splits` cuts each tile's key
+    range into that many runs combined afterwards (default: `kv_splits`, by the grid's size only,
+    so that it stays fixed for a CUDA graph)."""
     if triton is None:
         raise RuntimeError("paged_attention needs triton (pip install triton)")
     rows, num_heads, head_dim = q.shape
@@ -149,13 +202,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_g = max(triton.next_power_of_2(group), 16 // tile_rows, 1)  # tl.dot needs 16 rows
     tables = block_tables.to(torch.int32).contiguous()
     gate_arg = gate.contiguous() if gate is not None else q
-    _paged_attention_kernel[(tiles.shape[0], num_kv)](
+    splits = splits or kv_splits(tiles.shape[0] * num_kv, q.device)
+    part = torch.empty(splits, rows, num_heads, head_dim, dtype=torch.float32, device=q.device) if splits > 1 else q
+    stats = torch.empty(splits, rows, num_heads, 2, dtype=torch.float32, device=q.device) if splits > 1 else q
+    _paged_attention_kernel[(tiles.shape[0], num_kv, splits)](
         q, k_cache, v_cache, gate_arg, out, tables, seq_of.to(torch.int32).contiguous(),
-        q_pos.to(torch.int32).contiguous(), tiles, 1.0 / math.sqrt(head_dim), window or 0,
+        q_pos.to(torch.int32).contiguous(), tiles, part, stats, 1.0 / math.sqrt(head_dim), window or 0, rows,
+        num_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), tables.stride(0),
         gate_arg.stride(0),
         BLOCK_SIZE=k_cache.shape[1], GROUP=group, BLOCK_G=block_g, BLOCK_R=tile_rows, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n, HAS_GATE=gate is not None,
-        IEEE=q.dtype == torch.float32)
+        IEEE=q.dtype == torch.float32, SPLITS=splits)
+    if splits > 1:
+        _combine_kernel[(rows, num_heads)](
+            part, stats, gate_arg, out, rows, num_heads, gate_arg.stride(0), out.stride(0), out.stride(1),
+            SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+            BLOCK_D=triton.next_power_of_2(head_dim), HAS_GATE=gate is not None)
     return out
