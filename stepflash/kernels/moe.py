@@ -13,6 +13,8 @@ block's rows by a weight tile with tl.dot, reading each weight tile once per blo
 per pair. `fused_moe_ref` is the PyTorch twin (the model's own grouped computation, `MoE.experts`).
 """
 
+from dataclasses import dataclass
+
 import torch
 
 GROUPED_MIN_TOKENS = 16  # from this many tokens on (prefill chunks, wide verify batches) pairs go in blocks
@@ -199,8 +201,22 @@ def expert_blocks(ids: torch.Tensor, num_experts: int, block_m: int
     rows = torch.where(b < block_end[-1], rows, 0)
     return order, expert.to(torch.int32), start.to(torch.int32), rows.to(torch.int32)
 
+@dataclass
+class MoETiles:
+    rows: int  # weight rows per program of the one-pair kernels
+    inner: int  # input columns per step of their loop
+    grouped: int  # tile edge of the grouped (tl.dot) kernels
+
+
+def tile_sizes(device: torch.device) -> MoETiles:
+    """On a GPU, one-pair programs stream wide rows (16 x 256 values of gate and up per step: long
+    contiguous loads, ~600 programs for 8 pairs at the real shape); unmeasured, a starting point for
+    tuning. The interpreter on a CPU is fastest with small tiles."""
+    return MoETiles(16, 256, 64) if device.type == "cuda" else MoETiles(32, 32, 32)
+
+
 def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-              ids: torch.Tensor, weights: torch.Tensor, limit: float, block: int = 32,
+              ids: torch.Tensor, weights: torch.Tensor, limit: float, block: int | None = None,
               int4_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
               group_size: int = 128, fp8_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
               fp8_block: tuple[int, int] = (128, 128), grouped: bool | None = None,
@@ -211,7 +227,8 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     with `fp8_scales` (scale_inv [E, ceil(out / fp8_block[0]), ceil(in / fp8_block[1])]) they are
     float8_e4m3fn (or its uint8 view) [E, out, in] and are read one byte per value. `grouped`
     (default: from GROUPED_MIN_TOKENS tokens on) takes the pairs in per-expert blocks of `block_m`
-    through tl.dot instead of one pair per program."""
+    through tl.dot instead of one pair per program. `block` sets every tile edge (tests use small
+    ones); by default `tile_sizes` picks them for the device."""
     if triton is None:
         raise RuntimeError("fused_moe needs triton (pip install triton)")
     if int4_scales is not None and fp8_scales is not None:
@@ -227,6 +244,7 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     scale_block = (1, group_size) if int4_scales is not None else fp8_block
     quant = {"INT4": int4_scales is not None, "FP8": fp8_scales is not None, "SR": scale_block[0],
              "SC": scale_block[1]}
+    tiles = tile_sizes(x.device) if block is None else MoETiles(block, block, block)
     x = x.contiguous()
     flat_ids = ids.reshape(-1).to(torch.int32).contiguous()
     flat_w = weights.reshape(-1).float().contiguous()
@@ -238,16 +256,16 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
         dots = {**quant, "BLOCK_M": block_m, "IEEE": x.dtype == torch.float32}
         _grouped_gate_up_kernel[(blocks[1].numel(), triton.cdiv(inter, block))](
             x, w_gate, w_up, s_gate, s_up, *blocks, a, hidden, inter, float(limit), top_k, x.stride(0),
-            *w_gate.stride(), *s_gate.stride(), a.stride(0), BLOCK_I=block, BLOCK_H=block, **dots)
+            *w_gate.stride(), *s_gate.stride(), a.stride(0), BLOCK_I=tiles.grouped, BLOCK_H=tiles.grouped, **dots)
         _grouped_down_kernel[(blocks[1].numel(), triton.cdiv(hidden, block))](
             a, w_down, s_down, *blocks, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), *s_down.stride(),
-            y.stride(0), BLOCK_O=block, BLOCK_I=block, **dots)
+            y.stride(0), BLOCK_O=tiles.grouped, BLOCK_I=tiles.grouped, **dots)
         return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
     a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
     _gate_up_kernel[(pairs, triton.cdiv(inter, block))](
         x, w_gate, w_up, s_gate, s_up, flat_ids, a, hidden, inter, float(limit), top_k, x.stride(0), *w_gate.stride(),
-        *s_gate.stride(), a.stride(0), BLOCK_I=block, BLOCK_H=block, **quant)
+        *s_gate.stride(), a.stride(0), BLOCK_I=tiles.rows, BLOCK_H=tiles.inner, **quant)
     _down_kernel[(pairs, triton.cdiv(hidden, block))](
         a, w_down, s_down, flat_ids, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), *s_down.stride(),
-        y.stride(0), BLOCK_O=block, BLOCK_I=block, **quant)
+        y.stride(0), BLOCK_O=tiles.rows, BLOCK_I=tiles.inner, **quant)
     return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
