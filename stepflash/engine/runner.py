@@ -112,8 +112,8 @@ class KernelRows:
 class KernelPagedContext:
     """The same paged attention through the Triton kernels, reading keys through the block tables
     (no gathered copies): the rotary embedding fused with the cache write, then rows of short chunks
-    (decode, verify, MTP) with one program per row and kv head (the head gate fused), rows of long
-    chunks (prefill) in tiles of consecutive queries."""
+    (decode, verify, MTP) by the paged kernel, each chunk's rows a tile (the head gate fused), rows of
+    long chunks (prefill) by the prefill kernel in tiles of consecutive queries."""
 
     def __init__(self, caches: dict[int, tuple[torch.Tensor, torch.Tensor]], kind_of: dict[int, str],
                  slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor], decode: KernelRows | None,
@@ -146,8 +146,8 @@ class KernelPagedContext:
 class ModelRunner:
     """Each cache pool has one block more than the KV manager hands out: the scratch block, where
     the padding rows of a graphed step write (engine/graphs.py). With `graph_rows` > 0 (kernels
-    only), target steps of short chunks up to that many rows run from per-bucket CUDA graphs
-    (`capture`), or eagerly on the same static buffers where there is no CUDA."""
+    only), target steps of short chunks up to that many rows, and MTP drafting passes, run from
+    per-bucket CUDA graphs (`capture`), or eagerly on the same static buffers where there is no CUDA."""
 
     def __init__(self, model: Step3p5ForCausalLM, num_blocks: dict[str, int], block_size: int,
                  kernels: bool = False, graph_rows: int = 0, max_model_len: int = 0, capture: bool = False) -> None:
