@@ -254,18 +254,18 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
         a = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # rounded as the model's own FFN rounds
         blocks = expert_blocks(ids, w_gate.shape[0], block_m)
         dots = {**quant, "BLOCK_M": block_m, "IEEE": x.dtype == torch.float32}
-        _grouped_gate_up_kernel[(blocks[1].numel(), triton.cdiv(inter, block))](
+        _grouped_gate_up_kernel[(blocks[1].numel(), triton.cdiv(inter, tiles.grouped))](
             x, w_gate, w_up, s_gate, s_up, *blocks, a, hidden, inter, float(limit), top_k, x.stride(0),
             *w_gate.stride(), *s_gate.stride(), a.stride(0), BLOCK_I=tiles.grouped, BLOCK_H=tiles.grouped, **dots)
-        _grouped_down_kernel[(blocks[1].numel(), triton.cdiv(hidden, block))](
+        _grouped_down_kernel[(blocks[1].numel(), triton.cdiv(hidden, tiles.grouped))](
             a, w_down, s_down, *blocks, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), *s_down.stride(),
             y.stride(0), BLOCK_O=tiles.grouped, BLOCK_I=tiles.grouped, **dots)
         return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
     a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
-    _gate_up_kernel[(pairs, triton.cdiv(inter, block))](
+    _gate_up_kernel[(pairs, triton.cdiv(inter, tiles.rows))](
         x, w_gate, w_up, s_gate, s_up, flat_ids, a, hidden, inter, float(limit), top_k, x.stride(0), *w_gate.stride(),
         *s_gate.stride(), a.stride(0), BLOCK_I=tiles.rows, BLOCK_H=tiles.inner, **quant)
-    _down_kernel[(pairs, triton.cdiv(hidden, block))](
+    _down_kernel[(pairs, triton.cdiv(hidden, tiles.rows))](
         a, w_down, s_down, flat_ids, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), *s_down.stride(),
         y.stride(0), BLOCK_O=tiles.rows, BLOCK_I=tiles.inner, **quant)
     return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
