@@ -12,6 +12,7 @@ batch 1 a 128K-token full layer would otherwise run on 8 programs, one per kv he
 against (fp32/fp16 under TRITON_INTERPRET=1 on the CPU, bf16 on a GPU).
 """
 
+import functools
 import math
 
 import torch
@@ -165,8 +166,13 @@ if triton is not None:
 def kv_splits(programs: int, device: torch.device) -> int:
     """Key-range splits so that about four programs per SM (eight on a CPU) run: 1 for wide batches,
     up to MAX_SPLITS for one long sequence."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    sms = _multiprocessors(device.index or 0) if device.type == "cuda" else 2
     return max(1, min(MAX_SPLITS, -(-4 * sms // programs)))
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 MAX_SPLITS = 32
