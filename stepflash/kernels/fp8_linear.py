@@ -42,14 +42,19 @@ if triton is not None:
         return tl.where((bits & 0x80) != 0, -magnitude, magnitude)
 
     @triton.jit
-    def _fp8_linear_kernel(X, W, S, Y, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
-                           stride_ym, stride_yn, BR: tl.constexpr, BC: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_SCALE: tl.constexpr):
+    def _fp8_linear_kernel(X, W, S, Y, M, N, K, k_run, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn,
+                           stride_sk, stride_ys, stride_ym, stride_yn, BR: tl.constexpr, BC: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           ONE_SCALE: tl.constexpr, IEEE: tl.constexpr):
+        """Program (m tile, n tile, split): the inputs k_run * split .. k_run * (split + 1) (split-K:
+        at M = 1 the n tiles alone are too few programs to keep the memory system busy); with
+        several splits Y holds fp32 partial sums [splits, M, N]."""
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = m < M, n < N
+        k_lo = tl.program_id(2) * k_run
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, tl.minimum(k_lo + k_run, K), BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
             x = tl.load(X + m[:, None] * stride_xm + k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
@@ -62,16 +67,21 @@ if triton is not None:
                 scale = tl.load(S + (n // BR)[:, None] * stride_sn + (k // BC)[None, :] * stride_sk, mask=w_mask,
                                 other=0.0)
             w = (fp8_decode(byte) * scale).to(x.dtype)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        tl.store(Y + m[:, None] * stride_ym + n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+            if IEEE:  # fp32 stays fp32 on a GPU (not tf32)
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+        tl.store(Y + tl.program_id(2) * stride_ys + m[:, None] * stride_ym + n[None, :] * stride_yn,
+                 acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-               block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+               block_n: int = 64, block_k: int = 64, split_k: int | None = None) -> torch.Tensor:
     """The Triton kernel; same contract as `fp8_linear_ref` for x [M, K] (fp32, fp16 or bf16). The weight
     (float8_e4m3fn, or its uint8 view) is read as bytes in any memory layout; M is padded to a tile of
-    at least 16 rows, N and K need not be multiples of the tiles or of the scale blocks."""
+    at least 16 rows, N and K need not be multiples of the tiles or of the scale blocks. `split_k`
+    cuts K into that many runs summed afterwards (default: enough for ~2 programs per SM on a GPU,
+    1 elsewhere)."""
     if triton is None:
         raise RuntimeError("fp8_linear needs triton (pip install triton)")
     (rows, inner), (out_features, w_inner) = x.shape, weight.shape
@@ -80,11 +90,18 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
         raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, scale_inv {tuple(scale_inv.shape)}: "
                          f"expected weight [N, {inner}] and scale_inv {expected} for blocks {block}")
     w = weight.view(torch.uint8)
-    y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n))
-    _fp8_linear_kernel[grid](x, w, scale_inv, y, rows, out_features, inner, *x.stride(), *w.stride(),
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
+    if split_k is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 0
+        split_k = max(1, min(16, triton.cdiv(2 * sms, tiles), triton.cdiv(inner, block_k)))
+    k_run = triton.cdiv(triton.cdiv(inner, split_k), block_k) * block_k
+    partial = split_k > 1
+    y = torch.empty(split_k, rows, out_features, dtype=torch.float32 if partial else x.dtype, device=x.device)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n), split_k)
+    _fp8_linear_kernel[grid](x, w, scale_inv, y, rows, out_features, inner, k_run, *x.stride(), *w.stride(),
                              *scale_inv.stride(), *y.stride(), BR=block[0], BC=block[1], BLOCK_M=block_m,
                              BLOCK_N=block_n, BLOCK_K=block_k,
-                             ONE_SCALE=block[0] % block_n == 0 and block[1] % block_k == 0)
-    return y
+                             ONE_SCALE=block[0] % block_n == 0 and block[1] % block_k == 0,
+                             IEEE=x.dtype == torch.float32)
+    return y.sum(0).to(x.dtype) if partial else y[0]
