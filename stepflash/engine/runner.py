@@ -11,6 +11,7 @@ is the target's last hidden state (before the final norm), level d the output of
 copy-on-write and window release treat them exactly like KV.
 """
 
+import array
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -297,9 +298,7 @@ class ModelRunner:
         seq_of = [i for i, c in enumerate(chunks) for _ in c.ids]
         slots, tables = {}, {}
         for kind in kinds:
-            rows = [c.seq.blocks.table(kind) for c in chunks]
-            width = max(len(r) for r in rows)
-            tables[kind] = self._tensor([r + [0] * (width - len(r)) for r in rows]).clamp(min=0)  # NO_BLOCK: never read
+            tables[kind] = _block_tables([c.seq.blocks.table(kind) for c in chunks]).to(self.device)
             slots[kind] = self._tensor([s for c in chunks for s in _slots(c.seq.blocks.table(kind), c.start, c.end,
                                                                           self.block_size)])
         positions_t = self._tensor(positions)
@@ -352,6 +351,19 @@ class ModelRunner:
             return Group(rows, (len(members), q_len), rows, None, keys)
         rows = torch.where(q_valid, row0 + q_offsets, row0)
         return Group(rows, (len(members), q_len), rows[q_valid], q_valid, keys)
+
+
+def _block_tables(rows: list[list[int]]) -> torch.Tensor:
+    """Padded [len(rows), longest] int64 tables, NO_BLOCK entries as 0 (never read). Built through
+    array.array: ~4x faster than torch.tensor on nested lists, which matters at long contexts
+    (128K tokens = 8K blocks per sequence and layer kind, rebuilt every forward)."""
+    width = max(len(r) for r in rows)
+    flat = array.array("q")
+    for r in rows:
+        flat.extend(r)
+        if len(r) < width:
+            flat.extend(array.array("q", bytes(8 * (width - len(r)))))  # zeros
+    return torch.frombuffer(flat, dtype=torch.int64).view(len(rows), width).clamp(min=0)
 
 
 def _step_inputs(ids: torch.Tensor, positions: torch.Tensor, ctx: KernelPagedContext,
