@@ -40,9 +40,11 @@ def test_graphed_steps_match_the_eager_path(tmp_path, mtp):
     block only."""
     ckpt = write_checkpoint(tmp_path, tiny_config(), seed=3)
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(10, 300, (n,), generator=gen).tolist() for n in (3, 7, 2)]
+    # short prompts (their prefill is graphed too) and one past the window of 16 (sliding tables
+    # then start after block 0)
+    prompts = [torch.randint(10, 300, (n,), generator=gen).tolist() for n in (3, 7, 2, 37)]
     # requests that end at different steps: the batch shrinks through the buckets
-    params = [SamplingParams(temperature=0, max_tokens=n, logprobs=0, ignore_eos=True) for n in (9, 5, 2)]
+    params = [SamplingParams(temperature=0, max_tokens=n, logprobs=0, ignore_eos=True) for n in (9, 5, 2, 6)]
     engines, outputs = {}, {}
     for path, cfg in (("eager", EngineConfig(mtp=mtp, dtype="float32")),
                       ("graphs", EngineConfig(mtp=mtp, kernels="triton", cuda_graphs="on", dtype="float32"))):

@@ -38,6 +38,22 @@ def paged_batch(seq_lens: list[int], queries_per_seq: list[int], heads: int, kv_
     return q, k, v, tables, seq_of, q_pos, gate
 
 
+def window_tables(tables: torch.Tensor, seq_of: torch.Tensor, q_pos: torch.Tensor, window: int | None,
+                  block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables cut to the blocks the queries' windows reach (what the runner passes for sliding
+    layers): row s starts at block first[s]; the columns before are dropped, not just unused."""
+    first = [0] * tables.shape[0]
+    if window:
+        for s in range(tables.shape[0]):
+            lowest = min(int(p) for p, q in zip(q_pos, seq_of) if int(q) == s)
+            first[s] = max(0, lowest - window + 1) // block_size
+    width = tables.shape[1] - min(first)
+    cut = torch.full((tables.shape[0], width), -7, dtype=tables.dtype)  # never read
+    for s, f in enumerate(first):
+        cut[s, :tables.shape[1] - f] = tables[s, f:]
+    return cut, torch.tensor(first, dtype=torch.int32)
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("case", [
     # seq lens, queries per seq, heads, kv heads, head dim, block size, window
@@ -67,6 +83,10 @@ def test_paged_attention_matches_reference(dtype, case):
                                   tile_rows=tile_rows, splits=splits)
             assert out.dtype == dtype and out.shape == q.shape and out.device.type == KERNEL_DEVICE
             torch.testing.assert_close(out.float().cpu(), ref.float(), atol=tol, rtol=tol)
+        cut, first = window_tables(tables, seq_of, q_pos, window, block_size)  # tables starting late
+        out = paged_attention(*inputs[:3], on_kernel_device(cut), *inputs[4:], window,
+                              on_kernel_device(g), block_n=16, first_block=on_kernel_device(first))
+        torch.testing.assert_close(out.float().cpu(), ref.float(), atol=tol, rtol=tol)
 
 
 def test_reference_twin_matches_dense_attention():
@@ -215,6 +235,10 @@ def test_prefill_attention_matches_reference(dtype, case):
     out = prefill_attention(*on_kernel_device(q, k, v, tables, seq_of, q_pos), window)
     tol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
     assert out.device.type == KERNEL_DEVICE
+    torch.testing.assert_close(out.float().cpu(), ref.float(), atol=tol, rtol=tol)
+    cut, first = window_tables(tables, seq_of, q_pos, window, block_size)  # tables starting late
+    out = prefill_attention(*on_kernel_device(q, k, v, cut, seq_of, q_pos), window,
+                            first_block=on_kernel_device(first))
     torch.testing.assert_close(out.float().cpu(), ref.float(), atol=tol, rtol=tol)
 
 

@@ -34,6 +34,7 @@ class StepInputs:
     #                      one tile per padding row and empty ones
     slots: dict[str, torch.Tensor]  # kind -> [n] long: where each row's key and value are written
     tables: dict[str, torch.Tensor]  # kind -> [s, width] int32 block tables
+    first_blocks: dict[str, torch.Tensor]  # kind -> [s] int32: the block each table row starts at
     prev_slots: torch.Tensor | None = None  # [n] long, MTP passes: the hidden-cache slot each row chains on
 
 
@@ -90,6 +91,7 @@ class StepGraphs:
                             {kind: self._scratch_slots(kind, bucket) for kind in self.kinds},
                             {kind: torch.full((bucket, self.width), block, dtype=torch.int32, device=self.device)
                              for kind, block in self.scratch.items() if kind in self.kinds},
+                            {kind: torch.zeros(bucket, dtype=torch.int32, device=self.device) for kind in self.kinds},
                             self._scratch_slots(self.kinds[0], bucket))
         self.static[bucket] = static
         if self.capture:
@@ -133,5 +135,7 @@ class StepGraphs:
             static.slots[kind][n:].fill_(self.scratch[kind] * self.block_size)
             seqs, width = inputs.tables[kind].shape
             static.tables[kind][:seqs, :width].copy_(inputs.tables[kind])
+            static.first_blocks[kind][:seqs].copy_(inputs.first_blocks[kind])
+            static.first_blocks[kind][seqs:].fill_(0)  # the padding sequence's table starts at block 0
             if pad_seq < bucket:
                 static.tables[kind][pad_seq, 0] = self.scratch[kind]

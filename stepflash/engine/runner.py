@@ -117,9 +117,10 @@ class KernelPagedContext:
     long chunks (prefill) by the prefill kernel in tiles of consecutive queries."""
 
     def __init__(self, caches: dict[int, tuple[torch.Tensor, torch.Tensor]], kind_of: dict[int, str],
-                 slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor], decode: KernelRows | None,
-                 prefill: KernelRows | None) -> None:
+                 slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor],
+                 first_blocks: dict[str, torch.Tensor], decode: KernelRows | None, prefill: KernelRows | None) -> None:
         self.caches, self.kind_of, self.slots, self.tables = caches, kind_of, slots, tables
+        self.first_blocks = first_blocks  # kind -> [S]: the block each table row starts at
         self.decode, self.prefill = decode, prefill
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -130,17 +131,19 @@ class KernelPagedContext:
 
         kind = self.kind_of[layer]
         q = rope_kv_write(q, k, v, *rope, *self.caches[layer], self.slots[kind])
-        caches, table, d, p = self.caches[layer], self.tables[kind], self.decode, self.prefill
+        caches, table, first, d, p = (self.caches[layer], self.tables[kind], self.first_blocks[kind], self.decode,
+                                      self.prefill)
         if p is None:
             return paged_attention(q, *caches, table, d.seq_of, d.q_pos, window, gate, tiles=d.tiles,
-                                   tile_rows=d.tile_rows)
+                                   tile_rows=d.tile_rows, first_block=first)
         if d is None:
-            return apply_gate(prefill_attention(q, *caches, table, p.seq_of, p.q_pos, window, tiles=p.tiles), gate)
+            return apply_gate(prefill_attention(q, *caches, table, p.seq_of, p.q_pos, window, tiles=p.tiles,
+                                                first_block=first), gate)
         out = torch.empty_like(q)
         out[p.index] = apply_gate(prefill_attention(q[p.index], *caches, table, p.seq_of, p.q_pos, window,
-                                                    tiles=p.tiles), gate[p.index])
+                                                    tiles=p.tiles, first_block=first), gate[p.index])
         out[d.index] = paged_attention(q[d.index], *caches, table, d.seq_of, d.q_pos, window, gate[d.index],
-                                       tiles=d.tiles, tile_rows=d.tile_rows)
+                                       tiles=d.tiles, tile_rows=d.tile_rows, first_block=first)
         return out
 
 
@@ -216,7 +219,7 @@ class ModelRunner:
 
     def _graph_context(self, step: StepInputs, kinds: list[str]) -> KernelPagedContext:
         return KernelPagedContext(self.caches, self.kind_of, {k: step.slots[k] for k in kinds},
-                                  {k: step.tables[k] for k in kinds},
+                                  {k: step.tables[k] for k in kinds}, {k: step.first_blocks[k] for k in kinds},
                                   KernelRows(None, step.seq_of, step.q_pos, step.tiles, self.tile_rows), None)
 
     @torch.inference_mode()
@@ -296,9 +299,13 @@ class ModelRunner:
         ids = [t for c in chunks for t in c.ids]
         positions = [p for c in chunks for p in range(c.start, c.end)]
         seq_of = [i for i, c in enumerate(chunks) for _ in c.ids]
-        slots, tables = {}, {}
+        slots, tables, first_blocks = {}, {}, {}
         for kind in kinds:
-            tables[kind] = _block_tables([c.seq.blocks.table(kind) for c in chunks]).to(self.device)
+            # sliding layers: each table from the first block the chunk's window can reach
+            first = [max(0, c.start - self.window + 1) // self.block_size if kind == SLIDING else 0 for c in chunks]
+            rows = [c.seq.blocks.table(kind)[f:] for c, f in zip(chunks, first)]
+            tables[kind] = _block_tables(rows).to(self.device)
+            first_blocks[kind] = torch.tensor(first, dtype=torch.int32, device=self.device)
             slots[kind] = self._tensor([s for c in chunks for s in _slots(c.seq.blocks.table(kind), c.start, c.end,
                                                                           self.block_size)])
         positions_t = self._tensor(positions)
@@ -315,7 +322,7 @@ class ModelRunner:
                                         int32([positions[i] for i in index]),
                                         prefill_tiles(set_seq, tile_rows).to(self.device), tile_rows)
         return self._tensor(ids), positions_t, KernelPagedContext(self.caches, self.kind_of, slots, tables,
-                                                                   sets.get(False), sets.get(True))
+                                                                   first_blocks, sets.get(False), sets.get(True))
 
     def _group(self, members: list[tuple[int, Chunk]], kinds: list[str]) -> Group:
         """Padded query rows and, per layer kind, the key slots each query may read and its mask.
@@ -369,7 +376,7 @@ def _block_tables(rows: list[list[int]]) -> torch.Tensor:
 def _step_inputs(ids: torch.Tensor, positions: torch.Tensor, ctx: KernelPagedContext,
                  prev_slots: torch.Tensor | None = None) -> StepInputs:
     d = ctx.decode
-    return StepInputs(ids, positions, d.seq_of, d.q_pos, d.tiles, ctx.slots, ctx.tables, prev_slots)
+    return StepInputs(ids, positions, d.seq_of, d.q_pos, d.tiles, ctx.slots, ctx.tables, ctx.first_blocks, prev_slots)
 
 
 def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:

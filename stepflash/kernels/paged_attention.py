@@ -49,15 +49,22 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 if triton is not None:
 
     @triton.jit
-    def kv_tile(Cache, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_b, stride_s, stride_h,
-                BLOCK_SIZE: tl.constexpr):
-        """Keys (or values) at positions n of sequence `seq`, found through its block table: [len(n), len(d)]."""
-        block = tl.load(Tables + seq * stride_tb + n // BLOCK_SIZE, mask=n_ok, other=0)
+    def kv_tile(Cache, table_row, n, n_ok, d, d_ok, kv_head, stride_b, stride_s, stride_h, BLOCK_SIZE: tl.constexpr):
+        """Keys (or values) at positions n of one sequence, found through its block table (`table_row`
+        points at the entry of block 0, see `table_row`): [len(n), len(d)]."""
+        block = tl.load(table_row + n // BLOCK_SIZE, mask=n_ok, other=0)
         offsets = block[:, None] * stride_b + (n % BLOCK_SIZE)[:, None] * stride_s + kv_head * stride_h + d[None, :]
         return tl.load(Cache + offsets, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
 
     @triton.jit
-    def _paged_attention_kernel(Q, K, V, Gate, Out, Tables, SeqOf, QPos, Tiles, Part, Stats, scale, window,
+    def table_row(Tables, FirstBlock, seq, stride_tb):
+        """Where block 0 of sequence `seq` would sit in its table row: the row may start at block
+        FirstBlock[seq] (sliding layers pass only the blocks their window can reach)."""
+        return Tables + seq * stride_tb - tl.load(FirstBlock + seq)
+
+    @triton.jit
+    def _paged_attention_kernel(Q, K, V, Gate, Out, Tables, FirstBlock, SeqOf, QPos, Tiles, Part, Stats, scale,
+                                window,
                                 num_rows, num_heads,
                                 stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                                 stride_vb, stride_vs, stride_vh, stride_ot, stride_oh, stride_tb, stride_gt,
@@ -85,6 +92,7 @@ if triton is not None:
         heads = kv_head * GROUP + g
         some = count > 0
         seq = tl.load(SeqOf + first, mask=some, other=0)
+        row_of_seq = table_row(Tables, FirstBlock, seq, stride_tb)
         pos = tl.load(QPos + rows, mask=m_ok, other=0)
         first_pos = tl.load(QPos + first, mask=some, other=0)
         last_pos = tl.load(QPos + first + count - 1, mask=some, other=-1)
@@ -102,8 +110,7 @@ if triton is not None:
         for start in range(run_lo, run_hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n < run_hi
-            k = kv_tile(K, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_kb, stride_ks, stride_kh,
-                        BLOCK_SIZE)
+            k = kv_tile(K, row_of_seq, n, n_ok, d, d_ok, kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
             if IEEE:  # fp32 stays fp32 on a GPU (not tf32)
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -116,8 +123,7 @@ if triton is not None:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows see no key
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m - m_safe)
-            v = kv_tile(V, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_vb, stride_vs, stride_vh,
-                        BLOCK_SIZE)
+            v = kv_tile(V, row_of_seq, n, n_ok, d, d_ok, kv_head, stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
             if IEEE:
                 pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -163,6 +169,13 @@ if triton is not None:
         tl.store(Out + row * stride_ot + head * stride_oh + d, out.to(Out.dtype.element_ty), mask=d_ok)
 
 
+def first_blocks(first_block: torch.Tensor | None, tables: torch.Tensor) -> torch.Tensor:
+    """The kernels' FirstBlock argument: int32 on the tables' device, zeros when not given."""
+    if first_block is None:
+        return torch.zeros(tables.shape[0], dtype=torch.int32, device=tables.device)
+    return first_block.to(device=tables.device, dtype=torch.int32).contiguous()
+
+
 def kv_splits(programs: int, device: torch.device) -> int:
     """Key-range splits so that about four programs per SM (eight on a CPU) run: 1 for wide batches,
     up to MAX_SPLITS for one long sequence."""
@@ -181,13 +194,15 @@ MAX_SPLITS = 32
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_of: torch.Tensor, q_pos: torch.Tensor, window: int | None,
                     gate: torch.Tensor | None = None, block_n: int = 32, tiles: torch.Tensor | None = None,
-                    tile_rows: int = 1, splits: int | None = None) -> torch.Tensor:
+                    tile_rows: int = 1, splits: int | None = None,
+                    first_block: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel; same contract as `paged_attention_ref`. `tiles` [C, 2] int32 (first row, row
     count; `kernels.tiles.prefill_tiles` with `tile_rows`, a power of two) groups consecutive rows of
     one sequence at consecutive positions, so a verify step reads its keys once; without them every
     row is its own tile (and seq_of need not be read back to the host). `splits` cuts each tile's key
     range into that many runs combined afterwards (default: `kv_splits`, by the grid's size only,
-    so that it stays fixed for a CUDA graph)."""
+    so that it stays fixed for a CUDA graph). `first_block` [S] (int): row s of the tables holds
+    blocks first_block[s], first_block[s] + 1, ... (default 0: whole tables)."""
     if triton is None:
         raise RuntimeError("paged_attention needs triton (pip install triton)")
     rows, num_heads, head_dim = q.shape
@@ -207,12 +222,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group = num_heads // num_kv
     block_g = max(triton.next_power_of_2(group), 16 // tile_rows, 1)  # tl.dot needs 16 rows
     tables = block_tables.to(torch.int32).contiguous()
+    first_block = first_blocks(first_block, tables)
     gate_arg = gate.contiguous() if gate is not None else q
     splits = splits or kv_splits(tiles.shape[0] * num_kv, q.device)
     part = torch.empty(splits, rows, num_heads, head_dim, dtype=torch.float32, device=q.device) if splits > 1 else q
     stats = torch.empty(splits, rows, num_heads, 2, dtype=torch.float32, device=q.device) if splits > 1 else q
     _paged_attention_kernel[(tiles.shape[0], num_kv, splits)](
-        q, k_cache, v_cache, gate_arg, out, tables, seq_of.to(torch.int32).contiguous(),
+        q, k_cache, v_cache, gate_arg, out, tables, first_block, seq_of.to(torch.int32).contiguous(),
         q_pos.to(torch.int32).contiguous(), tiles, part, stats, 1.0 / math.sqrt(head_dim), window or 0, rows,
         num_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

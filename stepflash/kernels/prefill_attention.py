@@ -14,7 +14,7 @@ try:
     import triton
     import triton.language as tl
 
-    from stepflash.kernels.paged_attention import kv_tile
+    from stepflash.kernels.paged_attention import first_blocks, kv_tile, table_row
 except ImportError:
     triton = None
 
@@ -22,7 +22,7 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _prefill_kernel(Q, K, V, Out, Tables, SeqOf, QPos, Tiles, scale, window,
+    def _prefill_kernel(Q, K, V, Out, Tables, FirstBlock, SeqOf, QPos, Tiles, scale, window,
                         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                         stride_ot, stride_oh, stride_tb, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -36,6 +36,7 @@ if triton is not None:
         m_ok = m_idx < count
         rows = first + m_idx
         seq = tl.load(SeqOf + first)
+        row_of_seq = table_row(Tables, FirstBlock, seq, stride_tb)
         pos = tl.load(QPos + rows, mask=m_ok, other=0)
         first_pos = tl.load(QPos + first)
         last_pos = tl.load(QPos + first + count - 1)
@@ -50,8 +51,7 @@ if triton is not None:
         for start in range(lo, last_pos + 1, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n <= last_pos
-            k = kv_tile(K, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_kb, stride_ks, stride_kh,
-                        BLOCK_SIZE)
+            k = kv_tile(K, row_of_seq, n, n_ok, d, d_ok, kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
             if IEEE:  # fp32 stays fp32 on a GPU (not tf32)
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -64,8 +64,7 @@ if triton is not None:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m - m_safe)
-            v = kv_tile(V, Tables, seq, n, n_ok, d, d_ok, kv_head, stride_tb, stride_vb, stride_vs, stride_vh,
-                        BLOCK_SIZE)
+            v = kv_tile(V, row_of_seq, n, n_ok, d, d_ok, kv_head, stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
             if IEEE:
                 pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -80,9 +79,11 @@ if triton is not None:
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_of: torch.Tensor, q_pos: torch.Tensor, window: int | None, block_m: int = 16,
-                      block_n: int = 16, tiles: torch.Tensor | None = None) -> torch.Tensor:
+                      block_n: int = 16, tiles: torch.Tensor | None = None,
+                      first_block: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel; rows of one sequence must be consecutive with consecutive positions.
-    `tiles` (from `kernels.tiles.prefill_tiles` with block_m) saves reading seq_of back to the host."""
+    `tiles` (from `kernels.tiles.prefill_tiles` with block_m) saves reading seq_of back to the host;
+    `first_block` as in `paged_attention`."""
     if triton is None:
         raise RuntimeError("prefill_attention needs triton (pip install triton)")
     rows, num_heads, head_dim = q.shape
@@ -92,8 +93,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         tiles = prefill_tiles(seq_of.tolist(), block_m)
     tiles = tiles.to(q.device)
     tables = block_tables.to(torch.int32).contiguous()
+    first_block = first_blocks(first_block, tables)
     _prefill_kernel[(tiles.shape[0], num_heads)](
-        q, k_cache, v_cache, out, tables, seq_of.to(torch.int32).contiguous(), q_pos.to(torch.int32).contiguous(),
+        q, k_cache, v_cache, out, tables, first_block, seq_of.to(torch.int32).contiguous(),
+        q_pos.to(torch.int32).contiguous(),
         tiles, 1.0 / math.sqrt(head_dim), window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), tables.stride(0),
