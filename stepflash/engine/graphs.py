@@ -6,8 +6,9 @@ A step of n rows from s sequences runs in the smallest bucket N >= n. Rows n..N-
 its own attention tile): token 0 at position 0 of sequence row s, whose block table points at the
 runner's scratch blocks, so their keys, values and hidden states land there and nothing they
 compute is read back. Table columns past a sequence's own blocks keep stale values and are never
-read (a row reads only the blocks up to its position). A graph's output is the hidden state of every row of the bucket; the
-caller applies the head to the rows it needs (a [N, vocab] output per bucket would cost gigabytes).
+read (a row reads only the blocks up to its position). A graph's output is the hidden state of
+every row of the bucket; the caller applies the head to the rows it needs (a [N, vocab] output per
+bucket would cost gigabytes).
 
 The runner keeps one StepGraphs for the target and one per MTP module (the drafting passes: short
 chunks of the sliding layers, each row also reading the hidden state it chains on). Where CUDA

@@ -8,8 +8,9 @@ verify step is just several rows of one sequence at consecutive positions (their
 to the cache before the call); the kernel takes them as one tile with the query heads of a kv head,
 so the keys are read once per step, not once per row. A long key range is cut into runs that
 separate programs take (flash decoding), their partial softmax sums combined by a second kernel: at
-batch 1 a 128K-token full layer would otherwise run on 8 programs, one per kv head. `paged_attention_ref` is the PyTorch twin the kernel is tested
-against (fp32/fp16 under TRITON_INTERPRET=1 on the CPU, bf16 on a GPU).
+batch 1 a 128K-token full layer would otherwise run on 8 programs, one per kv head.
+`paged_attention_ref` is the PyTorch twin the kernel is tested against (fp32/fp16 under
+TRITON_INTERPRET=1 on the CPU, bf16 on a GPU).
 """
 
 import functools
@@ -49,10 +50,10 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 if triton is not None:
 
     @triton.jit
-    def kv_tile(Cache, table_row, n, n_ok, d, d_ok, kv_head, stride_b, stride_s, stride_h, BLOCK_SIZE: tl.constexpr):
-        """Keys (or values) at positions n of one sequence, found through its block table (`table_row`
-        points at the entry of block 0, see `table_row`): [len(n), len(d)]."""
-        block = tl.load(table_row + n // BLOCK_SIZE, mask=n_ok, other=0)
+    def kv_tile(Cache, row_ptr, n, n_ok, d, d_ok, kv_head, stride_b, stride_s, stride_h, BLOCK_SIZE: tl.constexpr):
+        """Keys (or values) at positions n of one sequence, found through its block table (`row_ptr`
+        points where block 0's entry would be, see `table_row`): [len(n), len(d)]."""
+        block = tl.load(row_ptr + n // BLOCK_SIZE, mask=n_ok, other=0)
         offsets = block[:, None] * stride_b + (n % BLOCK_SIZE)[:, None] * stride_s + kv_head * stride_h + d[None, :]
         return tl.load(Cache + offsets, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
 
@@ -176,6 +177,9 @@ def first_blocks(first_block: torch.Tensor | None, tables: torch.Tensor) -> torc
     return first_block.to(device=tables.device, dtype=torch.int32).contiguous()
 
 
+MAX_SPLITS = 32
+
+
 def kv_splits(programs: int, device: torch.device) -> int:
     """Key-range splits so that about four programs per SM (eight on a CPU) run: 1 for wide batches,
     up to MAX_SPLITS for one long sequence."""
@@ -187,8 +191,6 @@ def kv_splits(programs: int, device: torch.device) -> int:
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
-
-MAX_SPLITS = 32
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
