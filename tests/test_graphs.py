@@ -14,11 +14,15 @@ from stepflash.testing import tiny_config, write_checkpoint
 
 def test_graph_buckets_cover_every_row_count():
     assert graph_buckets(1) == [1]
-    assert graph_buckets(8) == [1, 2, 4, 8]
-    assert graph_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
-    for rows in range(1, 70):
-        buckets = graph_buckets(69)
-        assert any(b >= rows for b in buckets) and buckets == sorted(set(buckets))
+    assert graph_buckets(8) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert graph_buckets(30) == [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 28, 30]
+    assert graph_buckets(100)[-5:] == [56, 64, 80, 96, 100]
+    for max_rows in (1, 7, 33, 69, 256):
+        buckets = graph_buckets(max_rows)
+        assert buckets == sorted(set(buckets)) and buckets[-1] == max_rows
+        for rows in range(1, max_rows + 1):  # the bucket a step lands in wastes at most a quarter
+            bucket = next(b for b in buckets if b >= rows)
+            assert bucket - rows <= max(3, bucket // 4)
 
 
 def _run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> list:

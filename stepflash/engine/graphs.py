@@ -40,9 +40,12 @@ class StepInputs:
 
 
 def graph_buckets(max_rows: int) -> list[int]:
-    """1, 2, 4, 8, then multiples of 16 up to `max_rows` (and `max_rows` itself)."""
-    sizes = [b for b in (1, 2, 4, 8) if b < max_rows] + list(range(16, max_rows, 16))
-    return sizes + [max_rows]
+    """Every size up to 8, multiples of 4 up to 32 (verify steps with MTP-3 come in fours), of 8 up to
+    64, then of 16; capped by and ending at `max_rows`. Padding rows are not free (each routes to
+    its own top-k experts, whose weights are read), so small buckets are dense; graphs are captured
+    only when a bucket is first used."""
+    sizes = [*range(1, 9), *range(12, 33, 4), *range(40, 65, 8), *range(80, max_rows, 16)]
+    return [b for b in sizes if b < max_rows] + [max_rows]
 
 
 class StepGraphs:
