@@ -25,10 +25,13 @@ def test_graph_buckets_cover_every_row_count():
             assert bucket - rows <= max(3, bucket // 4)
 
 
-def _run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> list:
+def _run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams], late: int) -> list:
+    """The requests to completion; the last `late` of them arrive after the first step."""
+    early = len(prompts) - late
     for i, (p, sp) in enumerate(zip(prompts, params)):
+        if i == early:
+            done = {out.request_id: out.outputs[0] for out in engine.step() if out.finished}
         engine.add_request(str(i), p, sp)
-    done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
@@ -44,16 +47,17 @@ def test_graphed_steps_match_the_eager_path(tmp_path, mtp):
     block only."""
     ckpt = write_checkpoint(tmp_path, tiny_config(), seed=3)
     gen = torch.Generator().manual_seed(1)
-    # short prompts (their prefill is graphed too) and one past the window of 16 (sliding tables
-    # then start after block 0)
-    prompts = [torch.randint(10, 300, (n,), generator=gen).tolist() for n in (3, 7, 2, 37)]
+    # short prompts, prefilled in one graphed step of 17 rows (the 20-row bucket: 3 padding rows),
+    # then one past the window of 16 (its sliding tables start after block 0)
+    prompts = [torch.randint(10, 300, (n,), generator=gen).tolist() for n in (3, 7, 2, 5, 37)]
     # requests that end at different steps: the batch shrinks through the buckets
-    params = [SamplingParams(temperature=0, max_tokens=n, logprobs=0, ignore_eos=True) for n in (9, 5, 2, 6)]
+    params = [SamplingParams(temperature=0, max_tokens=n, logprobs=0, ignore_eos=True) for n in (9, 5, 2, 3, 6)]
     engines, outputs = {}, {}
-    for path, cfg in (("eager", EngineConfig(mtp=mtp, dtype="float32")),
-                      ("graphs", EngineConfig(mtp=mtp, kernels="triton", cuda_graphs="on", dtype="float32"))):
+    common = dict(mtp=mtp, dtype="float32", kv_cache_bytes=16_000_000)  # both engines number blocks alike
+    for path, cfg in (("eager", EngineConfig(**common)),
+                      ("graphs", EngineConfig(kernels="triton", cuda_graphs="on", **common))):
         engines[path] = engine = LLMEngine(ckpt, cfg)
-        outputs[path] = _run(engine, prompts, params)
+        outputs[path] = _run(engine, prompts, params, late=1)
     graphs = engines["graphs"].runner.graphs
     assert engines["eager"].runner.graphs is None
     assert graphs.replays > 0 and len(graphs.static) >= 2  # several buckets were used
@@ -63,6 +67,7 @@ def test_graphed_steps_match_the_eager_path(tmp_path, mtp):
         for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):
             assert abs(la[t] - lb[t]) < 1e-4
     eager, graphed = engines["eager"].runner, engines["graphs"].runner
+    assert eager.scratch == graphed.scratch
     for layer, (k, v) in eager.caches.items():
         managed = eager.scratch[eager.kind_of[layer]]
         torch.testing.assert_close(graphed.caches[layer][0][:managed], k[:managed], atol=1e-4, rtol=1e-4)
