@@ -6,7 +6,8 @@ MoE) with random bf16 weights, a paged KV cache already holding `context` tokens
 runs one decode step (and MTP verify steps of 1 + k rows per sequence) through the model's own layer
 code with attention = `kernels.paged_attention` and routed experts = `kernels.fused_moe`. First it
 checks the kernel path against the PyTorch path on the same inputs. Times are CUDA-event medians,
-eager and (where capture works) in a CUDA graph. Per-layer times are extrapolated to the 45 layers
+eager and (where capture works) in a CUDA graph, with the PyTorch path (the kernels' twins) timed on
+the same inputs as the peer. Per-layer times are extrapolated to the 45 layers
 (12 full, 33 sliding) plus the lm_head, and printed as an extrapolation; achieved GB/s = bytes a step
 must read (weights of the experts actually selected, KV) / time, next to the measured copy bandwidth.
 
@@ -287,16 +288,22 @@ def main() -> None:
                     replay = graphed(fn, device)
                     graph = time_ms(replay, device, args.iters) if replay else None
                     best = min(t for t in (eager, graph) if t is not None)
+                    use_kernels(layers, ctx, False)  # the peer: the same layers on their PyTorch twins
+                    torch_ms = time_ms(fn, device, max(1, args.iters // 4))
+                    use_kernels(layers, ctx, True)
                     nbytes = step_bytes(cfg, layers, batch, context, rows, elem)
                     full_model_ms = best / args.layers * 45  # mean layer time x 45 (lm_head not included)
                     label = "measured" if args.layers == 45 else "extrapolated"
                     point = {"batch": batch, "context": context, "mtp_k": k, "rows_per_seq": rows,
                              "eager_ms": eager, "graph_ms": graph, "gb_per_s": nbytes / (best / 1e3) / 1e9,
                              "fraction_of_copy_bw": nbytes / (best / 1e3) / 1e9 / bandwidth,
-                             "extrapolated_45_layer_ms": full_model_ms}
+                             "extrapolated_45_layer_ms": full_model_ms, "torch_ms": torch_ms,
+                             "speedup_vs_torch": torch_ms / best,
+                             "tokens_per_s_45_layers": batch * 1e3 / full_model_ms if k == 0 else None}
                     results.append(point)
                     print(f"batch {batch:>3} ctx {context:>6} rows/seq {rows}: eager {eager:.2f} ms, graph "
-                          f"{graph if graph is None else round(graph, 2)} ms, {point['gb_per_s']:.0f} GB/s "
+                          f"{graph if graph is None else round(graph, 2)} ms, PyTorch path {torch_ms:.2f} ms "
+                          f"({point['speedup_vs_torch']:.1f}x), {point['gb_per_s']:.0f} GB/s "
                           f"({100 * point['fraction_of_copy_bw']:.0f}% of copy), 45 layers ~{full_model_ms:.1f} ms "
                           f"({label})")
                     del ctx
