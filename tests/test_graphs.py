@@ -1,4 +1,4 @@
-"""Graphed decode/verify steps (engine/graphs.py). Without CUDA, cuda_graphs="on" runs the bucketed
+"""Graphed decode/verify steps (engine/graphs.py) and the kernel path's one-copy inputs. Without CUDA, cuda_graphs="on" runs the bucketed
 static-buffer step eagerly: these tests check its padding and buffer reuse, not the capture itself;
 with CUDA the steps are captured and replayed. The engines run in fp32 everywhere (a GPU's default
 would be the checkpoint's bf16), so the logprobs agree to 1e-4."""
@@ -85,3 +85,19 @@ def test_graph_settings_are_checked(tmp_path):
     # auto: on with the kernels on CUDA only
     graphs = LLMEngine(ckpt, EngineConfig(kernels="triton", dtype="float32")).runner.graphs
     assert (graphs is not None) == torch.cuda.is_available()
+
+
+def test_upload_round_trips_every_array():
+    """The kernel path's one-copy packing gives back each array as added: 1-D int64, int32, padded rows."""
+    from stepflash.engine.runner import Upload
+
+    up = Upload()
+    a = up.add([5, -1, 7])
+    b = up.add([3, 4], int32=True, width=2)
+    c = up.add_rows([[9, 8, 7], [6], [5, 4]])
+    d = up.add([])
+    got = up.send(torch.device("cpu"))
+    assert got(a).tolist() == [5, -1, 7] and got(a).dtype == torch.int64
+    assert got(b).tolist() == [[3, 4]] and got(b).dtype == torch.int32
+    assert got(c).tolist() == [[9, 8, 7], [6, 0, 0], [5, 4, 0]] and got(c).dtype == torch.int32
+    assert got(d).numel() == 0 and got(None) is None

@@ -13,6 +13,7 @@ copy-on-write and window release treat them exactly like KV.
 
 import array
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,7 +23,7 @@ from stepflash.config import ModelConfig
 from stepflash.engine.graphs import StepGraphs, StepInputs
 from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy
 from stepflash.engine.sequence import Sequence
-from stepflash.kernels.tiles import prefill_tiles
+from stepflash.kernels.tiles import tile_runs
 from stepflash.model.attention import apply_gate, attention, attention_mask, rotate_qk
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 
@@ -296,33 +297,37 @@ class ModelRunner:
 
     def _prepare_kernel(self, chunks: list[Chunk], kinds: list[str]
                         ) -> tuple[torch.Tensor, torch.Tensor, KernelPagedContext]:
+        """The step's integer inputs, gathered on the host and sent to the device in one copy."""
         ids = [t for c in chunks for t in c.ids]
         positions = [p for c in chunks for p in range(c.start, c.end)]
         seq_of = [i for i, c in enumerate(chunks) for _ in c.ids]
-        slots, tables, first_blocks = {}, {}, {}
+        up = Upload()
+        sent = {"ids": up.add(ids), "positions": up.add(positions)}
         for kind in kinds:
             # sliding layers: each table from the first block the chunk's window can reach
             first = [max(0, c.start - self.window + 1) // self.block_size if kind == SLIDING else 0 for c in chunks]
-            rows = [c.seq.blocks.table(kind)[f:] for c, f in zip(chunks, first)]
-            tables[kind] = _block_tables(rows).to(self.device)
-            first_blocks[kind] = torch.tensor(first, dtype=torch.int32, device=self.device)
-            slots[kind] = self._tensor([s for c in chunks for s in _slots(c.seq.blocks.table(kind), c.start, c.end,
-                                                                          self.block_size)])
-        positions_t = self._tensor(positions)
+            sent["first", kind] = up.add(first, int32=True)
+            sent["table", kind] = up.add_rows([c.seq.blocks.table(kind)[f:] for c, f in zip(chunks, first)])
+            sent["slots", kind] = up.add([s for c in chunks
+                                          for s in _slots(c.seq.blocks.table(kind), c.start, c.end, self.block_size)])
         long_rows = [len(c.ids) > SHORT_CHUNK for c in chunks for _ in c.ids]
         rows = {flag: [i for i, f in enumerate(long_rows) if f == flag] for flag in (False, True)}
-        sets = {}
         for flag, index in rows.items():
             if index:
-                int32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
-                whole = len(index) == len(ids)
                 set_seq = [seq_of[i] for i in index]
+                sent["index", flag] = up.add(index) if len(index) < len(ids) else None
+                sent["seq_of", flag] = up.add(set_seq, int32=True)
+                sent["q_pos", flag] = up.add([positions[i] for i in index], int32=True)
                 tile_rows = PREFILL_TILE if flag else self.tile_rows
-                sets[flag] = KernelRows(None if whole else self._tensor(index), int32(set_seq),
-                                        int32([positions[i] for i in index]),
-                                        prefill_tiles(set_seq, tile_rows).to(self.device), tile_rows)
-        return self._tensor(ids), positions_t, KernelPagedContext(self.caches, self.kind_of, slots, tables,
-                                                                   first_blocks, sets.get(False), sets.get(True))
+                sent["tiles", flag] = up.add(tile_runs(set_seq, tile_rows), int32=True, width=2)
+        got = up.send(self.device)
+        sets = {flag: KernelRows(got(sent["index", flag]), got(sent["seq_of", flag]), got(sent["q_pos", flag]),
+                                 got(sent["tiles", flag]), PREFILL_TILE if flag else self.tile_rows)
+                for flag, index in rows.items() if index}
+        ctx = KernelPagedContext(self.caches, self.kind_of, {k: got(sent["slots", k]) for k in kinds},
+                                 {k: got(sent["table", k]).clamp_(min=0) for k in kinds},  # NO_BLOCK: never read
+                                 {k: got(sent["first", k]) for k in kinds}, sets.get(False), sets.get(True))
+        return got(sent["ids"]), got(sent["positions"]), ctx
 
     def _group(self, members: list[tuple[int, Chunk]], kinds: list[str]) -> Group:
         """Padded query rows and, per layer kind, the key slots each query may read and its mask.
@@ -360,17 +365,49 @@ class ModelRunner:
         return Group(rows, (len(members), q_len), rows[q_valid], q_valid, keys)
 
 
-def _block_tables(rows: list[list[int]]) -> torch.Tensor:
-    """Padded [len(rows), longest] int64 tables, NO_BLOCK entries as 0 (never read). Built through
-    array.array: ~4x faster than torch.tensor on nested lists, which matters at long contexts
-    (128K tokens = 8K blocks per sequence and layer kind, rebuilt every forward)."""
-    width = max(len(r) for r in rows)
-    flat = array.array("q")
-    for r in rows:
-        flat.extend(r)
-        if len(r) < width:
-            flat.extend(array.array("q", bytes(8 * (width - len(r)))))  # zeros
-    return torch.frombuffer(flat, dtype=torch.int64).view(len(rows), width).clamp(min=0)
+class Upload:
+    """Integer arrays of one forward, packed on the host (array.array: several times faster than
+    torch.tensor on Python lists) and sent to the device in a single copy from pinned memory, instead
+    of one blocking copy per array."""
+
+    def __init__(self) -> None:
+        self.data = array.array("q")
+        self.parts: list[tuple[int, int, int, bool]] = []  # start, length, row width (0: 1-D), int32
+
+    def add(self, values: list[int], int32: bool = False, width: int = 0) -> int:
+        start = len(self.data)
+        self.data.extend(values)
+        self.parts.append((start, len(self.data) - start, width, int32))
+        return len(self.parts) - 1
+
+    def add_rows(self, rows: list[list[int]]) -> int:
+        """Rows padded with zeros to the longest, as an int32 [len(rows), longest] array."""
+        width = max(len(r) for r in rows)
+        start = len(self.data)
+        for r in rows:
+            self.data.extend(r)
+            if len(r) < width:
+                self.data.extend(array.array("q", bytes(8 * (width - len(r)))))
+        self.parts.append((start, len(self.data) - start, width, True))
+        return len(self.parts) - 1
+
+    def send(self, device: torch.device) -> Callable[[int | None], torch.Tensor | None]:
+        """One copy to `device`; returns the lookup from `add`'s handles to device tensors."""
+        flat = torch.frombuffer(self.data, dtype=torch.int64) if self.data else torch.zeros(0, dtype=torch.int64)
+        if device.type == "cuda":
+            flat = flat.pin_memory().to(device, non_blocking=True)
+        else:
+            flat = flat.clone()  # not a view of the array, which the caller may drop
+
+        def get(handle: int | None) -> torch.Tensor | None:
+            if handle is None:
+                return None
+            start, length, width, int32 = self.parts[handle]
+            part = flat[start:start + length]
+            part = part.view(-1, width) if width else part
+            return part.to(torch.int32) if int32 else part
+
+        return get
 
 
 def _step_inputs(ids: torch.Tensor, positions: torch.Tensor, ctx: KernelPagedContext,

@@ -3,12 +3,16 @@
 import torch
 
 
-def prefill_tiles(seq_of: list[int], block_m: int) -> torch.Tensor:
-    """[tiles, 2] int32 (first row, row count): runs of consecutive rows of one sequence, at most
-    block_m long."""
+def tile_runs(seq_of: list[int], block_m: int) -> list[int]:
+    """Flat (first row, row count) pairs: runs of consecutive rows of one sequence, at most block_m long."""
     tiles, start = [], 0
     for i in range(1, len(seq_of) + 1):
         if i == len(seq_of) or seq_of[i] != seq_of[start] or i - start == block_m:
-            tiles.append((start, i - start))
+            tiles += (start, i - start)
             start = i
-    return torch.tensor(tiles, dtype=torch.int32)
+    return tiles
+
+
+def prefill_tiles(seq_of: list[int], block_m: int) -> torch.Tensor:
+    """`tile_runs` as a [tiles, 2] int32 tensor."""
+    return torch.tensor(tile_runs(seq_of, block_m), dtype=torch.int32).view(-1, 2)
