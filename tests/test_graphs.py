@@ -1,7 +1,8 @@
 """Graphed decode/verify steps (engine/graphs.py) and the kernel path's one-copy inputs. Without
-CUDA, cuda_graphs="on" runs the bucketed static-buffer step eagerly: these tests check its padding and buffer reuse, not the capture itself;
-with CUDA the steps are captured and replayed. The engines run in fp32 everywhere (a GPU's default
-would be the checkpoint's bf16), so the logprobs agree to 1e-4."""
+CUDA, cuda_graphs="on" runs the bucketed static-buffer step eagerly: these tests check its padding
+and buffer reuse, not the capture itself; with CUDA the steps are captured and replayed. The engines
+run in fp32 everywhere (a GPU's default would be the checkpoint's bf16), so the logprobs agree to
+1e-4."""
 
 import pytest
 import torch
