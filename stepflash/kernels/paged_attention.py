@@ -58,6 +58,29 @@ if triton is not None:
         return tl.load(Cache + offsets, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
 
     @triton.jit
+    def softmax_step(q, k, v, n, n_ok, pos, window, scale, m, denom, acc, IEEE: tl.constexpr):
+        """One key tile of online softmax for query rows at positions `pos` (causal, and windowed when
+        window > 0): returns the updated running max, denominator and unnormalised output. Rows that
+        see no key yet keep m = -inf and add nothing. fp32 dots stay fp32 on a GPU (IEEE, not tf32)."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s.to(tl.float32) * scale
+        visible = (n[None, :] <= pos[:, None]) & n_ok[None, :]
+        visible = visible & ((window <= 0) | (pos[:, None] - n[None, :] < window))
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        return m_new, denom * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + pv.to(tl.float32)
+
+    @triton.jit
     def table_row(Tables, FirstBlock, seq, stride_tb):
         """Where block 0 of sequence `seq` would sit in its table row: the row may start at block
         FirstBlock[seq] (sliding layers pass only the blocks their window can reach)."""
@@ -112,26 +135,8 @@ if triton is not None:
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n < run_hi
             k = kv_tile(K, row_of_seq, n, n_ok, d, d_ok, kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
-            if IEEE:  # fp32 stays fp32 on a GPU (not tf32)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s.to(tl.float32) * scale
-            visible = (n[None, :] <= pos[:, None]) & n_ok[None, :]
-            visible = visible & ((window <= 0) | (pos[:, None] - n[None, :] < window))
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows see no key
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
             v = kv_tile(V, row_of_seq, n, n_ok, d, d_ok, kv_head, stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv.to(tl.float32)
-            denom = denom * alpha + tl.sum(p, axis=1)
-            m = m_new
+            m, denom, acc = softmax_step(q, k, v, n, n_ok, pos, window, scale, m, denom, acc, IEEE)
         if SPLITS > 1:
             at = (split * num_rows + rows) * num_heads + heads  # Part [SPLITS, rows, heads, HEAD_DIM]
             tl.store(Part + at[:, None] * HEAD_DIM + d[None, :], acc, mask=m_ok[:, None] & d_ok[None, :])

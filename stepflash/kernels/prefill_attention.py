@@ -14,7 +14,7 @@ try:
     import triton
     import triton.language as tl
 
-    from stepflash.kernels.paged_attention import first_blocks, kv_tile, table_row
+    from stepflash.kernels.paged_attention import first_blocks, kv_tile, softmax_step, table_row
 except ImportError:
     triton = None
 
@@ -52,26 +52,8 @@ if triton is not None:
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n <= last_pos
             k = kv_tile(K, row_of_seq, n, n_ok, d, d_ok, kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
-            if IEEE:  # fp32 stays fp32 on a GPU (not tf32)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s.to(tl.float32) * scale
-            visible = (n[None, :] <= pos[:, None]) & n_ok[None, :]
-            visible = visible & ((window <= 0) | (pos[:, None] - n[None, :] < window))
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
             v = kv_tile(V, row_of_seq, n, n_ok, d, d_ok, kv_head, stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv.to(tl.float32)
-            denom = denom * alpha + tl.sum(p, axis=1)
-            m = m_new
+            m, denom, acc = softmax_step(q, k, v, n, n_ok, pos, window, scale, m, denom, acc, IEEE)
         out = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # padded rows have no keys
         tl.store(Out + rows[:, None] * stride_ot + head * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
