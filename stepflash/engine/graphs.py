@@ -57,9 +57,9 @@ class StepGraphs:
     sequential and each output is used before the next replay)."""
 
     def __init__(self, forward: Callable[[StepInputs], torch.Tensor], kinds: list[str], max_rows: int,
-                 table_width: int, scratch: dict[str, int], block_size: int, device: torch.device,
+                 widths: dict[str, int], scratch: dict[str, int], block_size: int, device: torch.device,
                  capture: bool, pool: tuple | None = None) -> None:
-        self.forward, self.kinds, self.width = forward, kinds, table_width
+        self.forward, self.kinds, self.widths = forward, kinds, widths  # widths: table columns per kind
         self.scratch, self.block_size, self.device, self.capture = scratch, block_size, device, capture
         self.buckets = graph_buckets(max_rows)
         self.static: dict[int, StepInputs] = {}
@@ -70,7 +70,7 @@ class StepGraphs:
         self.replays = 0  # steps served from a bucket (graph replays on CUDA)
 
     def fits(self, rows: int, tables: dict[str, torch.Tensor]) -> bool:
-        return rows <= self.buckets[-1] and all(t.shape[1] <= self.width for t in tables.values())
+        return rows <= self.buckets[-1] and all(t.shape[1] <= self.widths[k] for k, t in tables.items())
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [n, hidden] of the step's n rows (a view into the bucket's output: use it
@@ -93,8 +93,8 @@ class StepGraphs:
                               (torch.long, torch.long, torch.int32, torch.int32)),
                             self._one_row_tiles(bucket).clone(),
                             {kind: self._scratch_slots(kind, bucket) for kind in self.kinds},
-                            {kind: torch.full((bucket, self.width), block, dtype=torch.int32, device=self.device)
-                             for kind, block in self.scratch.items() if kind in self.kinds},
+                            {kind: torch.full((bucket, self.widths[kind]), self.scratch[kind], dtype=torch.int32,
+                                              device=self.device) for kind in self.kinds},
                             {kind: torch.zeros(bucket, dtype=torch.int32, device=self.device) for kind in self.kinds},
                             self._scratch_slots(self.kinds[0], bucket))
         self.static[bucket] = static

@@ -180,12 +180,15 @@ class ModelRunner:
         if graph_rows:
             if not kernels:
                 raise ValueError("graphed steps need the Triton kernels (the PyTorch path reads shapes on the host)")
-            width = math.ceil(max_model_len / block_size) + 1
+            # table columns: a full layer's whole context; a sliding layer's window plus a short chunk,
+            # plus blocks appended ahead for drafts (wider tables run eagerly)
+            widths = {FULL: math.ceil(max_model_len / block_size) + 1,
+                      SLIDING: (self.window + SHORT_CHUNK) // block_size + 4}
             pool = torch.cuda.graph_pool_handle() if capture else None
-            self.graphs = StepGraphs(self._graph_forward, self.kinds, graph_rows, width, self.scratch, block_size,
+            self.graphs = StepGraphs(self._graph_forward, self.kinds, graph_rows, widths, self.scratch, block_size,
                                      self.device, capture, pool)
             # a drafting pass also catches up the rows accepted at the last verify: up to twice as many
-            self.mtp_graphs = [StepGraphs(partial(self._graph_mtp_forward, depth), [SLIDING], 2 * graph_rows, width,
+            self.mtp_graphs = [StepGraphs(partial(self._graph_mtp_forward, depth), [SLIDING], 2 * graph_rows, widths,
                                           self.scratch, block_size, self.device, capture, pool)
                                for depth in range(self.num_mtp)]
 
