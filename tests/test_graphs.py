@@ -63,6 +63,7 @@ def test_graphed_steps_match_the_eager_path(tmp_path, mtp):
     assert engines["eager"].runner.graphs is None
     assert graphs.replays > 0 and len(graphs.static) >= 2  # several buckets were used
     assert all(g.replays > 0 for g in engines["graphs"].runner.mtp_graphs)  # drafting passes too
+    assert all(g.too_big == 0 for g in [graphs, *engines["graphs"].runner.mtp_graphs])  # none fell back
     for a, b in zip(outputs["eager"], outputs["graphs"]):
         assert a.token_ids == b.token_ids
         for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):

@@ -68,9 +68,12 @@ class StepGraphs:
         self.graphs: dict[int, "torch.cuda.CUDAGraph"] = {}
         self.pool = pool
         self.replays = 0  # steps served from a bucket (graph replays on CUDA)
+        self.too_big = 0  # steps of short chunks that ran eagerly: more rows or wider tables than the buckets
 
     def fits(self, rows: int, tables: dict[str, torch.Tensor]) -> bool:
-        return rows <= self.buckets[-1] and all(t.shape[1] <= self.widths[k] for k, t in tables.items())
+        ok = rows <= self.buckets[-1] and all(t.shape[1] <= self.widths[k] for k, t in tables.items())
+        self.too_big += not ok
+        return ok
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [n, hidden] of the step's n rows (a view into the bucket's output: use it
