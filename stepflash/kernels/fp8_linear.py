@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from stepflash.kernels.tiles import multiprocessors
 from stepflash.model.quant import dequantize_fp8
 
 try:
@@ -93,8 +94,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
     if split_k is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 0
-        split_k = max(1, min(16, triton.cdiv(2 * sms, tiles), triton.cdiv(inner, block_k)))
+        split_k = max(1, min(16, triton.cdiv(2 * multiprocessors(x.device), tiles), triton.cdiv(inner, block_k)))
     k_run = triton.cdiv(triton.cdiv(inner, split_k), block_k) * block_k
     partial = split_k > 1
     y = torch.empty(split_k, rows, out_features, dtype=torch.float32 if partial else x.dtype, device=x.device)

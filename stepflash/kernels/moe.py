@@ -111,6 +111,15 @@ if triton is not None:
 
 
     @triton.jit
+    def _block_of_pairs(Sorted, BlockExpert, BlockStart, BlockRows, BLOCK_M: tl.constexpr):
+        """This program's block (`expert_blocks`): its expert, row count, row mask and pair indices."""
+        b = tl.program_id(0)
+        count = tl.load(BlockRows + b)
+        m_ok = tl.arange(0, BLOCK_M) < count
+        pair = tl.load(Sorted + tl.load(BlockStart + b) + tl.arange(0, BLOCK_M), mask=m_ok, other=0)
+        return tl.load(BlockExpert + b), count, m_ok, pair
+
+    @triton.jit
     def _grouped_gate_up_kernel(X, Wg, Wu, Sg, Su, Sorted, BlockExpert, BlockStart, BlockRows, A, H, I, limit, top_k,
                                 stride_x, stride_we, stride_wi, stride_wh, stride_se, stride_si, stride_sh, stride_a,
                                 BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -119,12 +128,7 @@ if triton is not None:
         """One program per (block of up to BLOCK_M pairs routed to one expert, tile of I): x rows
         [BLOCK_M, BLOCK_H] times the expert's weight tiles by tl.dot, so a weight tile is read once
         for the block. Blocks with no rows (the static grid's spare ones) read nothing."""
-        b = tl.program_id(0)
-        expert = tl.load(BlockExpert + b)
-        rows = tl.load(BlockRows + b)
-        m = tl.arange(0, BLOCK_M)
-        m_ok = m < rows
-        pair = tl.load(Sorted + tl.load(BlockStart + b) + m, mask=m_ok, other=0)
+        expert, rows, m_ok, pair = _block_of_pairs(Sorted, BlockExpert, BlockStart, BlockRows, BLOCK_M)
         token = pair // top_k
         i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < I
@@ -157,12 +161,7 @@ if triton is not None:
                              BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
                              INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
                              IEEE: tl.constexpr):
-        b = tl.program_id(0)
-        expert = tl.load(BlockExpert + b)
-        rows = tl.load(BlockRows + b)
-        m = tl.arange(0, BLOCK_M)
-        m_ok = m < rows
-        pair = tl.load(Sorted + tl.load(BlockStart + b) + m, mask=m_ok, other=0)
+        expert, rows, m_ok, pair = _block_of_pairs(Sorted, BlockExpert, BlockStart, BlockRows, BLOCK_M)
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         o_ok = o < H
         acc = tl.zeros([BLOCK_M, BLOCK_O], tl.float32)

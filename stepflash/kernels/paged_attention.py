@@ -13,10 +13,11 @@ batch 1 a 128K-token full layer would otherwise run on 8 programs, one per kv he
 TRITON_INTERPRET=1 on the CPU, bf16 on a GPU).
 """
 
-import functools
 import math
 
 import torch
+
+from stepflash.kernels.tiles import multiprocessors
 
 try:
     import triton
@@ -188,13 +189,8 @@ MAX_SPLITS = 32
 def kv_splits(programs: int, device: torch.device) -> int:
     """Key-range splits so that about four programs per SM (eight on a CPU) run: 1 for wide batches,
     up to MAX_SPLITS for one long sequence."""
-    sms = _multiprocessors(device.index or 0) if device.type == "cuda" else 2
+    sms = multiprocessors(device) or 2
     return max(1, min(MAX_SPLITS, -(-4 * sms // programs)))
-
-
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 

@@ -1,6 +1,18 @@
 """Host-side work plans for the kernels (plain Python: nothing is read back from the device)."""
 
+import functools
+
 import torch
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's SM count (read once per device: it sizes grids on every call); 0 off CUDA."""
+    return _sm_count(device.index or 0) if device.type == "cuda" else 0
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def tile_runs(seq_of: list[int], block_m: int) -> list[int]:
