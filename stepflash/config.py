@@ -1,20 +1,33 @@
-"""Model configuration parsed from a hub `config.json` (Step-3.5-Flash legacy field names).
+"""Configuration: the model's (parsed from a hub `config.json`) and the engine's (`EngineConfig`).
 
 The published config mixes legacy names (`num_attention_groups`, `attention_other_setting`,
 `moe_layers_enum`, ...) and per-layer lists that carry trailing entries for the MTP layers. This
 module turns it into one validated `ModelConfig` with a `LayerSpec` per layer (decoder layers first,
 then MTP layers), so the model never has to know about the file format.
+
+`EngineConfig` is the one home of engine options: `LLM(**kwargs)` and the CLI's engine flags are
+made from its fields.
 """
 
 from __future__ import annotations
 
+import enum
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("step3p5", "step3p7")
-FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+class LayerKind(str, enum.Enum):
+    """An attention layer's kind; its KV lives in the pool of that kind (MTP layers are sliding)."""
+
+    FULL = "full_attention"
+    SLIDING = "sliding_attention"
+
+
+FULL, SLIDING = LayerKind.FULL, LayerKind.SLIDING
 
 
 class ConfigError(ValueError):
@@ -36,7 +49,7 @@ class LayerSpec:
     """Everything one layer (decoder or MTP) needs to be built."""
 
     index: int
-    attention_type: str  # FULL or SLIDING
+    attention_type: LayerKind
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -239,7 +252,7 @@ def _parse(data: dict[str, Any]) -> ModelConfig:
         if rotary_dim % 2 or not 0 < rotary_dim <= d:
             raise ConfigError(f"field 'partial_rotary_factors'[{i}] gives rotary dim {rotary_dim} for head_dim {d}")
         layers.append(LayerSpec(
-            index=i, attention_type=layer_types[i], num_heads=q, num_kv_heads=kv, head_dim=d,
+            index=i, attention_type=LayerKind(layer_types[i]), num_heads=q, num_kv_heads=kv, head_dim=d,
             rope_theta=float(thetas[i]), rotary_dim=rotary_dim,
             rope_scaling=scaling if layer_types[i] in scaled_types else None,
             is_moe=i in moe_layers, swiglu_limit=limits[i], swiglu_limit_shared=limits_shared[i],
@@ -279,3 +292,65 @@ def _parse(data: dict[str, Any]) -> ModelConfig:
         quantization_config=data.get("quantization_config"),
         raw=data,
     )
+
+
+def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class EngineConfig:
+    """Engine options (vLLM's names). `None` means: chosen by the engine (see each help)."""
+
+    device: str = _option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    dtype: str = _option("auto", "compute dtype; auto: float32 on the CPU, the checkpoint's dtype on a GPU",
+                         ("auto", "float32", "float16", "bfloat16"))
+    kv_cache_bytes: int | None = _option(None, "KV cache size in bytes (default: 90%% of free GPU memory; on "
+                                               "the CPU what max_num_seqs full sequences need, at most a "
+                                               "quarter of available memory)")
+    max_num_seqs: int | None = _option(None, "sequences running at once (default 64, fewer when the KV "
+                                             "cache holds fewer)")
+    max_model_len: int | None = _option(None, "longest prompt + output (default: the model's context, or "
+                                              "what the KV cache holds)")
+    max_num_batched_tokens: int | None = _option(None, "tokens computed per step, i.e. the prefill chunk "
+                                                       "(default 1024, less when the KV cache is small)")
+    block_size: int = _option(16, "tokens per KV block (a power of two)")
+    enable_prefix_caching: bool = _option(True, "reuse the KV of earlier prompts' common prefixes")
+    seed: int = _option(0, "seeds requests that bring no seed of their own")
+    mtp: int | None = _option(None, "MTP drafts per step for speculative decoding, 0 to 3 (default: every "
+                                    "MTP module the checkpoint holds)")
+    kernels: str = _option("torch", "attention, MoE, norms and FP8 GEMMs in Triton (auto: on CUDA); torch "
+                                    "by default until the kernels have run on a GPU",
+                           ("torch", "triton", "auto"))
+    cuda_graphs: str = _option("auto", "decode/verify steps from CUDA graphs per batch bucket (auto: on "
+                                       "with the kernels on CUDA; on without CUDA runs the same bucketed "
+                                       "step eagerly)", ("auto", "on", "off"))
+    quantization: str | None = _option(None, "not supported yet (FP8/INT4 checkpoints are read as stored)")
+    tensor_parallel_size: int = _option(1, "GPUs to shard the model over (only 1 is supported yet)")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "kv_cache_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.mtp is not None and not 0 <= self.mtp:
+            raise ValueError(f"mtp must be >= 0, got {self.mtp}")
+        if self.quantization is not None:
+            raise ValueError(f"quantization={self.quantization!r} is not supported yet")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+
+    @classmethod
+    def of(cls, **options: Any) -> EngineConfig:
+        """From keyword options, naming any that is not an engine option."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**options)

@@ -4,7 +4,8 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from stepflash.engine.engine import EngineConfig, EngineStats, LLMEngine
+from stepflash.config import EngineConfig
+from stepflash.engine.engine import EngineStats, LLMEngine
 from stepflash.models import default_model_dir
 from stepflash.outputs import RequestOutput
 from stepflash.sampling import SamplingParams
@@ -13,22 +14,12 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str = "auto",
-                 mtp: int | None = None, kv_cache_bytes: int | None = None, max_num_seqs: int = 64,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 max_num_batched_tokens: int = 1024, block_size: int = 16, quantization: str | None = None,
-                 tensor_parallel_size: int = 1, seed: int = 0, kernels: str = "torch",
-                 cuda_graphs: str = "auto") -> None:
-        if quantization is not None:
-            raise ValueError(f"quantization={quantization!r} is not supported yet")
-        if tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
-        if model is None:
-            model = default_model_dir()
-        self.engine = LLMEngine(model, EngineConfig(
-            device=device, dtype=dtype, kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching, seed=seed, mtp=mtp, kernels=kernels, cuda_graphs=cuda_graphs))
+    """`LLM(model=None, **options)`: options are EngineConfig's fields (device, dtype, mtp,
+    kv_cache_bytes, max_num_seqs, max_model_len, max_num_batched_tokens, block_size,
+    enable_prefix_caching, seed, kernels, cuda_graphs, quantization, tensor_parallel_size)."""
+
+    def __init__(self, model: str | Path | None = None, **options: Any) -> None:
+        self.engine = LLMEngine(model or default_model_dir(), EngineConfig.of(**options))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
@@ -44,12 +35,14 @@ class LLM:
         requests = [self.engine.make_request(str(next(self._ids)), p, sp) for p, sp in zip(prompts, params)]
         for request in requests:
             self.engine.enqueue(request)
-        finished: dict[str, RequestOutput] = {}
+        outputs: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
-        return [finished[r.request_id] for r in requests]
+            for delta in self.engine.step():
+                if delta.request_id in outputs:
+                    outputs[delta.request_id].add(delta)
+                else:
+                    outputs[delta.request_id] = delta
+        return [outputs[r.request_id] for r in requests]
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None, tools: list[dict[str, Any]] | None = None

@@ -79,6 +79,9 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """A request's output; `LLMEngine.step` returns deltas (each field holds what is new since the
+    last step, `outputs` only the completions that changed), which `add` accumulates."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -86,3 +89,20 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(repr=False, default=None)
+
+    def add(self, delta: "RequestOutput") -> None:
+        """Append a later delta of the same request."""
+        mine = {c.index: c for c in self.outputs}
+        for c in delta.outputs:
+            if c.index not in mine:
+                mine[c.index] = CompletionOutput(c.index, "", [], [] if c.logprobs is not None else None)
+            acc = mine[c.index]
+            acc.text += c.text
+            acc.token_ids += c.token_ids
+            if c.logprobs is not None:
+                acc.logprobs = (acc.logprobs or []) + c.logprobs
+            acc.finish_reason, acc.stop_reason = c.finish_reason, c.stop_reason
+        self.outputs = sorted(mine.values(), key=lambda c: c.index)
+        if delta.prompt_logprobs:
+            self.prompt_logprobs = (self.prompt_logprobs or []) + delta.prompt_logprobs
+        self.finished, self.metrics = delta.finished, delta.metrics

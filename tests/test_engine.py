@@ -6,7 +6,7 @@ import torch
 
 from reference import reference_logits
 from stepflash import LLM, SamplingParams
-from stepflash.engine.runner import kv_bytes_per_block
+from stepflash.engine.kv_cache import KVLayout, kv_bytes_per_block
 from stepflash.testing import tiny_config, write_checkpoint
 
 MAX_TOKENS = 10
@@ -49,7 +49,7 @@ def small_budget(ckpt, full_blocks: int, max_num_seqs: int, batched: int, mtp: i
     cfg = ModelConfig.from_pretrained(ckpt)
     full = [s.index for s in cfg.decoder_layers if not s.sliding_window]
     sliding = [s.index for s in cfg.decoder_layers + cfg.mtp_layers[:mtp] if s.sliding_window]
-    sliding_blocks = max_num_seqs * (-(-(cfg.sliding_window - 1 + 2 * mtp) // 16) + 2) + -(-batched // 16)
+    sliding_blocks = KVLayout.sliding_blocks(cfg.sliding_window, mtp, 16, max_num_seqs, batched)
     return (full_blocks * kv_bytes_per_block(cfg, full, 16, torch.float32)
             + sliding_blocks * kv_bytes_per_block(cfg, sliding, 16, torch.float32, hidden_levels=mtp))
 

@@ -1,37 +1,145 @@
-"""KV block management: paged full-attention KV, windowed sliding KV, prefix cache, fork with copy-on-write.
+"""KV blocks: the layout (how many blocks of each kind), paged full-attention KV, windowed sliding
+KV, the prefix cache, fork with copy-on-write.
 
 Two pools of fixed-size blocks, one per layer kind. A sequence has one block table per pool, indexed
 by position // block_size. Full-attention tables grow with the sequence; in sliding tables, blocks
 that fall out of the window are released at once (their entry becomes NO_BLOCK), so a sequence
 never holds more than window + the tokens of one step there. MTP layers are sliding layers.
 
-Prefix caching: a full block of tokens is named by a hash chained over all tokens before it. Blocks
-keep their hash after release (in LRU order) until they are reused, so a later prompt with the same
-prefix picks them up. A hit of h blocks counts only if the full pool holds blocks 0..h-1 and the
-sliding pool holds every block the next query still needs (those covering the last window).
+Prefix caching: a full block of tokens is named by a key, a strong hash (BLAKE2b, 128 bits) of the
+key of the block before it and the block's tokens. A cached block also keeps its tokens and its
+parent's key, and a lookup compares both, so a hash collision can never serve another prefix's KV.
+Blocks keep their key after release (in LRU order) until they are reused, so a later prompt with the
+same prefix picks them up. A hit of h blocks counts only if the full pool holds blocks 0..h-1 and
+the sliding pool holds every block the next query still needs (those covering the last window).
 
 With MTP, a sequence's MTP caches (MTP layers' KV and the hidden states they chain on, all in
 sliding blocks) are filled after the target's, up to `mtp_computed`; blocks are named for the
-prefix cache, and sliding blocks released, only once both are past them. Speculative positions
-written beyond num_computed are scratch: `trim` drops blocks that hold nothing else.
+prefix cache, and sliding blocks released, only once both are past them. Positions written beyond
+num_computed are scratch (rejected drafts): `trim` drops the blocks that hold nothing else.
+
+Every change to a table is also noted for the runner's device copy of the tables: `synced[kind]`
+counts the leading entries the device already has.
 """
 
+import hashlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import torch
+
+from stepflash.config import EngineConfig, LayerKind, ModelConfig
+
 NO_BLOCK = -1
-FULL, SLIDING = "full", "sliding"
+FULL, SLIDING = LayerKind.FULL, LayerKind.SLIDING
+ROOT_KEY = b""  # the parent key of a sequence's first block
+
+
+def block_key(parent: bytes, tokens: tuple[int, ...]) -> bytes:
+    """The prefix-cache key of a block: a hash of its parent's key and its tokens."""
+    digest = hashlib.blake2b(parent, digest_size=16)
+    digest.update(b"".join(t.to_bytes(4, "little") for t in tokens))
+    return digest.digest()
+
+
+# -- layout -------------------------------------------------------------------------------------------
+def kv_bytes_per_block(cfg: ModelConfig, layer_ids: list[int], block_size: int, dtype: torch.dtype,
+                       hidden_levels: int = 0) -> int:
+    """Bytes one block takes in every layer of `layer_ids`, plus `hidden_levels` MTP hidden caches."""
+    item = torch.empty((), dtype=dtype).element_size()
+    kv = sum(2 * block_size * cfg.layers[i].num_kv_heads * cfg.layers[i].head_dim * item for i in layer_ids)
+    return kv + hidden_levels * block_size * cfg.hidden_size * item
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How the KV cache is cut: blocks per kind and the limits they were sized for. The planner,
+    the KV manager, the runner's tables and the graphs all read it from here."""
+
+    block_size: int
+    window: int  # sliding window (0: no sliding layers)
+    num_mtp: int
+    num_blocks: dict[LayerKind, int]
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+    @property
+    def kinds(self) -> list[LayerKind]:
+        return [kind for kind in (FULL, SLIDING) if self.num_blocks.get(kind, 0) > 0]
+
+    def table_width(self, kind: LayerKind) -> int:
+        """Table columns a sequence can need: max_model_len plus drafts (sliding tables too are
+        indexed by position // block_size)."""
+        return math.ceil((self.max_model_len + self.num_mtp + 1) / self.block_size)
+
+    @staticmethod
+    def sliding_blocks(window: int, num_mtp: int, block_size: int, max_num_seqs: int, chunk: int) -> int:
+        """Sliding blocks for max_num_seqs sequences: each holds its window, what its MTP caches lag
+        behind and its drafts (2 num_mtp + 1 positions at most), over partial blocks at both ends;
+        plus a prefill chunk (two with MTP, whose caches catch up a step later)."""
+        per_seq = math.ceil((window - 1 + 2 * num_mtp) / block_size) + 2
+        return max_num_seqs * per_seq + (2 if num_mtp else 1) * math.ceil(chunk / block_size)
+
+
+def plan_kv_layout(cfg: ModelConfig, ec: EngineConfig, num_mtp: int, dtype: torch.dtype, budget: int) -> KVLayout:
+    """Cut `budget` bytes into blocks: sliding layers get what max_num_seqs windows and one step's
+    tokens need, full layers all the rest, so context length is limited by the full layers alone.
+    Settings the user left open shrink to fit (concurrency first, then the prefill chunk, then the
+    context); the engine refuses only when one sequence of the context cannot fit."""
+    bs = ec.block_size
+    layers = cfg.decoder_layers + cfg.mtp_layers[:num_mtp]
+    ids = {kind: [s.index for s in layers if s.attention_type == kind] for kind in (FULL, SLIDING)}
+    bpb = {FULL: kv_bytes_per_block(cfg, ids[FULL], bs, dtype),
+           SLIDING: kv_bytes_per_block(cfg, ids[SLIDING], bs, dtype, num_mtp)}
+    window = cfg.sliding_window if ids[SLIDING] else 0
+    length = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    seqs, chunk = ec.max_num_seqs or 64, ec.max_num_batched_tokens or 1024
+
+    def full_blocks(seqs: int, chunk: int) -> int:
+        sliding = KVLayout.sliding_blocks(window, num_mtp, bs, seqs, chunk) if ids[SLIDING] else 0
+        return (budget - sliding * bpb[SLIDING]) // bpb[FULL] if ids[FULL] else 1 << 62
+
+    one_seq = math.ceil((length + num_mtp + 1) / bs) + 1  # a block of slack for copy-on-write
+    while full_blocks(seqs, chunk) < one_seq and ec.max_num_seqs is None and seqs > 1:
+        seqs //= 2
+    while full_blocks(seqs, chunk) < one_seq and ec.max_num_batched_tokens is None and chunk > bs:
+        chunk //= 2
+    full = full_blocks(seqs, chunk)
+    if full < one_seq:
+        capacity = (full - 1) * bs - num_mtp - 1
+        if ec.max_model_len is not None or capacity < bs:
+            need = budget + (one_seq - full) * bpb[FULL]
+            raise ValueError(
+                f"kv_cache_bytes={budget} holds {max(capacity, 0)} tokens of context per sequence; max_model_len="
+                f"{length} needs about {need} bytes (with max_num_seqs={seqs}, max_num_batched_tokens={chunk}): "
+                "raise kv_cache_bytes or lower max_model_len, max_num_seqs or max_num_batched_tokens")
+        length = capacity
+    num_blocks = {FULL: full if ids[FULL] else 0,
+                  SLIDING: KVLayout.sliding_blocks(window, num_mtp, bs, seqs, chunk) if ids[SLIDING] else 0}
+    return KVLayout(bs, window, num_mtp, num_blocks, length, seqs, chunk)
+
+
+# -- blocks -------------------------------------------------------------------------------------------
+@dataclass
+class CachedBlock:
+    """What a block's prefix-cache key stands for, compared on every hit."""
+
+    key: bytes
+    parent: bytes
+    tokens: tuple[int, ...]
 
 
 class BlockPool:
-    """Reference-counted blocks of one kind; free blocks in eviction order; hash <-> block map."""
+    """Reference-counted blocks of one kind; free blocks in eviction order; key <-> block map."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.ref_count = [0] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.hash_of: dict[int, int] = {}
-        self.block_of: dict[int, int] = {}
+        self.cached: dict[int, CachedBlock] = {}
+        self.block_of: dict[bytes, int] = {}
 
     @property
     def num_free(self) -> int:
@@ -41,8 +149,8 @@ class BlockPool:
         if not self.free:
             raise RuntimeError("KV block pool exhausted")  # callers check capacity first
         block, _ = self.free.popitem(last=False)
-        if block in self.hash_of:  # evict its cached content
-            del self.block_of[self.hash_of.pop(block)]
+        if block in self.cached:  # evict its cached content
+            del self.block_of[self.cached.pop(block).key]
         self.ref_count[block] = 1
         return block
 
@@ -57,16 +165,21 @@ class BlockPool:
         self.ref_count[block] -= 1
         if self.ref_count[block] == 0:
             self.free[block] = None
-            if block not in self.hash_of:  # nothing worth keeping: reuse it first
+            if block not in self.cached:  # nothing worth keeping: reuse it first
                 self.free.move_to_end(block, last=False)
 
-    def lookup(self, block_hash: int) -> int | None:
-        return self.block_of.get(block_hash)
+    def lookup(self, key: bytes, parent: bytes | None = None, tokens: tuple[int, ...] | None = None) -> int | None:
+        """The block cached under `key`; when parent and tokens are given, only if it holds exactly them."""
+        block = self.block_of.get(key)
+        if block is None or tokens is None:
+            return block
+        entry = self.cached[block]
+        return block if entry.parent == parent and entry.tokens == tokens else None
 
-    def register(self, block: int, block_hash: int) -> None:
-        if block_hash not in self.block_of and block not in self.hash_of:
-            self.block_of[block_hash] = block
-            self.hash_of[block] = block_hash
+    def register(self, block: int, entry: CachedBlock) -> None:
+        if entry.key not in self.block_of and block not in self.cached:
+            self.block_of[entry.key] = block
+            self.cached[block] = entry
 
 
 @dataclass
@@ -75,19 +188,24 @@ class BlockTables:
 
     full: list[int] = field(default_factory=list)
     sliding: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)  # hashes of its full, computed blocks
+    hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full, computed blocks
     num_computed: int = 0  # positions whose KV is in the cache
     mtp_computed: int = 0  # positions whose MTP caches are filled (when the manager tracks MTP)
+    synced: dict[LayerKind, int] = field(default_factory=dict)  # leading entries the device tables hold
 
-    def table(self, kind: str) -> list[int]:
+    def table(self, kind: LayerKind) -> list[int]:
         return self.full if kind == FULL else self.sliding
+
+    def changed(self, kind: LayerKind, index: int) -> None:
+        """Entry `index` of a table was (re)written: the device must copy it again."""
+        self.synced[kind] = min(self.synced.get(kind, 0), index)
 
 
 @dataclass(frozen=True)
 class BlockCopy:
     """Copy-on-write: the runner copies block `src` to `dst` in every layer of `kind` before the step."""
 
-    kind: str
+    kind: LayerKind
     src: int
     dst: int
 
@@ -105,12 +223,17 @@ class KVCacheManager:
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
 
+    @classmethod
+    def of(cls, layout: KVLayout, enable_prefix_caching: bool) -> "KVCacheManager":
+        return cls(layout.block_size, layout.num_blocks[FULL], layout.num_blocks[SLIDING], layout.window,
+                   enable_prefix_caching, track_mtp=layout.num_mtp > 0)
+
     # -- capacity -------------------------------------------------------------------------------
     def _first_needed_block(self, next_position: int) -> int:
         """Lowest sliding block a query at `next_position` (or later) reads."""
         return max(0, next_position - self.window + 1) // self.block_size
 
-    def blocks_needed(self, tables: BlockTables, num_new: int) -> dict[str, int]:
+    def blocks_needed(self, tables: BlockTables, num_new: int) -> dict[LayerKind, int]:
         """New blocks per pool to store `num_new` more positions (copy-on-write included)."""
         total = -(-(tables.num_computed + num_new) // self.block_size)
         partial = tables.num_computed % self.block_size != 0
@@ -138,6 +261,7 @@ class KVCacheManager:
                 copies.append(BlockCopy(kind, table[-1], new))
                 pool.release(table[-1])
                 table[-1] = new
+                tables.changed(kind, len(table) - 1)
             while len(table) < total:
                 table.append(pool.allocate())
         return copies
@@ -151,14 +275,15 @@ class KVCacheManager:
         bs = self.block_size
         while len(tables.hashes) < ready // bs:
             i = len(tables.hashes)
-            parent = tables.hashes[-1] if tables.hashes else 0
-            block_hash = hash((parent, tuple(token_ids[i * bs:(i + 1) * bs])))
-            tables.hashes.append(block_hash)
+            parent = tables.hashes[-1] if tables.hashes else ROOT_KEY
+            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
+            entry = CachedBlock(block_key(parent, tokens), parent, tokens)
+            tables.hashes.append(entry.key)
             if self.enable_prefix_caching:
                 for kind in self.kinds:
                     block = tables.table(kind)[i]
                     if block != NO_BLOCK:
-                        self.pools[kind].register(block, block_hash)
+                        self.pools[kind].register(block, entry)
         if SLIDING in self.kinds:
             pool = self.pools[SLIDING]
             for i in range(min(self._first_needed_block(ready), len(tables.sliding))):
@@ -166,15 +291,16 @@ class KVCacheManager:
                     pool.release(tables.sliding[i])
                     tables.sliding[i] = NO_BLOCK
 
-    def trim(self, tables: BlockTables) -> None:
-        """Release blocks past the last computed position (held for rejected speculative tokens)."""
-        keep = -(-tables.num_computed // self.block_size)
+    def trim(self, tables: BlockTables, keep_positions: int) -> None:
+        """Release blocks past the first `keep_positions` positions (held for rejected drafts)."""
+        keep = -(-keep_positions // self.block_size)
         for kind in self.kinds:
             table = tables.table(kind)
             while len(table) > keep:
                 block = table.pop()
                 if block != NO_BLOCK:
                     self.pools[kind].release(block)
+            tables.synced[kind] = min(tables.synced.get(kind, 0), len(table))
 
     # -- prefix cache ---------------------------------------------------------------------------
     def match_prefix(self, tables: BlockTables, token_ids: list[int]) -> int:
@@ -183,34 +309,38 @@ class KVCacheManager:
         assert not tables.full and not tables.sliding, "prefix matching needs an empty sequence"
         self.prefix_queries += len(token_ids)
         bs = self.block_size
-        hashes: list[int] = []
+        chain: list[CachedBlock] = []
         for i in range((len(token_ids) - 1) // bs):
-            block_hash = hash((hashes[-1] if hashes else 0, tuple(token_ids[i * bs:(i + 1) * bs])))
-            if FULL in self.kinds and self.pools[FULL].lookup(block_hash) is None:
+            parent = chain[-1].key if chain else ROOT_KEY
+            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
+            entry = CachedBlock(block_key(parent, tokens), parent, tokens)
+            if FULL in self.kinds and self._lookup(FULL, entry) is None:
                 break
-            hashes.append(block_hash)
-        hit = len(hashes)
-        while hit > 0 and not self._sliding_present(hashes, hit):
+            chain.append(entry)
+        hit = len(chain)
+        while hit > 0 and not self._sliding_present(chain, hit):
             hit -= 1
         for kind in self.kinds:
-            pool, table = self.pools[kind], tables.table(kind)
+            table = tables.table(kind)
             first = self._first_needed_block(hit * bs) if kind == SLIDING else 0
             table.extend([NO_BLOCK] * first)
-            for h in hashes[first:hit]:
-                block = pool.lookup(h)
-                pool.retain(block)
+            for entry in chain[first:hit]:
+                block = self._lookup(kind, entry)
+                self.pools[kind].retain(block)
                 table.append(block)
-        tables.hashes = hashes[:hit]
+        tables.hashes = [entry.key for entry in chain[:hit]]
         tables.num_computed = tables.mtp_computed = hit * bs
         self.prefix_hits += hit * bs
         return hit * bs
 
-    def _sliding_present(self, hashes: list[int], hit: int) -> bool:
+    def _lookup(self, kind: LayerKind, entry: CachedBlock) -> int | None:
+        return self.pools[kind].lookup(entry.key, entry.parent, entry.tokens)
+
+    def _sliding_present(self, chain: list[CachedBlock], hit: int) -> bool:
         if SLIDING not in self.kinds:
             return True
-        pool = self.pools[SLIDING]
         first = self._first_needed_block(hit * self.block_size)
-        return all(pool.lookup(h) is not None for h in hashes[first:hit])
+        return all(self._lookup(SLIDING, entry) is not None for entry in chain[first:hit])
 
     # -- lifetime -------------------------------------------------------------------------------
     def fork(self, parent: BlockTables) -> BlockTables:
@@ -231,8 +361,9 @@ class KVCacheManager:
                     self.pools[kind].release(block)
             table.clear()
         tables.hashes.clear()
+        tables.synced.clear()
         tables.num_computed = tables.mtp_computed = 0
 
     def usage(self) -> dict[str, dict[str, int]]:
-        return {kind: {"total": p.num_blocks, "free": p.num_free, "used": p.num_blocks - p.num_free}
+        return {kind.name.lower(): {"total": p.num_blocks, "free": p.num_free, "used": p.num_blocks - p.num_free}
                 for kind, p in self.pools.items()}

@@ -14,7 +14,7 @@ copy-on-write and window release treat them exactly like KV.
 import array
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -51,6 +51,27 @@ class Chunk:
     @property
     def end(self) -> int:
         return self.start + len(self.ids)
+
+
+@dataclass
+class Inject:
+    """Token ids that exist only on the device (MTP drafts): flat rows of a forward and the
+    positions of their ids in `source` (viewed flat), written into the ids before the forward."""
+
+    rows: list[int] = field(default_factory=list)
+    index: list[int] = field(default_factory=list)
+    source: torch.Tensor | None = None
+
+    def add(self, rows: range, first: int, source: torch.Tensor) -> None:
+        self.rows += rows
+        self.index += range(first, first + len(rows))
+        self.source = source
+
+    def apply(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.rows:
+            rows = torch.tensor(self.rows, device=ids.device)
+            ids.index_copy_(0, rows, self.source.view(-1)[torch.tensor(self.index, device=ids.device)])
+        return ids
 
 
 @dataclass
@@ -193,10 +214,12 @@ class ModelRunner:
                                for depth in range(self.num_mtp)]
 
     @torch.inference_mode()
-    def execute(self, chunks: list[Chunk], copies: list[BlockCopy], logit_rows: list[int]) -> torch.Tensor:
+    def execute(self, chunks: list[Chunk], copies: list[BlockCopy], logit_rows: list[int],
+                inject: Inject | None = None) -> torch.Tensor:
         """Run the target over `chunks`; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
         self.copy_blocks(copies)
         ids, positions, ctx = self._prepare(chunks)
+        ids = inject.apply(ids) if inject else ids
         rows = self._tensor(logit_rows)
         if self.graphs and ctx.prefill is None and self.graphs.fits(len(ids), ctx.tables):
             hidden = self.graphs.run(_step_inputs(ids, positions, ctx))
@@ -227,11 +250,13 @@ class ModelRunner:
                                   KernelRows(None, step.seq_of, step.q_pos, step.tiles, self.tile_rows), None)
 
     @torch.inference_mode()
-    def execute_mtp(self, depth: int, chunks: list[Chunk], logit_rows: list[int]) -> torch.Tensor:
+    def execute_mtp(self, depth: int, chunks: list[Chunk], logit_rows: list[int],
+                    inject: Inject | None = None) -> torch.Tensor:
         """MTP module `depth` over `chunks`: each position p chains on hidden level `depth` at p - 1
         (zeros before position 0) and the token at p; its output is stored as level depth + 1.
         Returns fp32 logits of its head for the flat rows `logit_rows`."""
         ids, positions, ctx = self._prepare(chunks, [SLIDING])  # MTP layers are sliding layers
+        ids = inject.apply(ids) if inject else ids
         prev_slots = self._tensor([slot for c in chunks for slot in self._previous_slots(c)])
         rows = self._tensor(logit_rows)
         graphs = self.mtp_graphs[depth] if self.mtp_graphs else None

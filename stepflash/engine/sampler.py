@@ -1,123 +1,378 @@
-"""Logits -> tokens: penalties, greedy or temperature with top-k / top-p / min-p, per-request seeds, logprobs.
+"""Logits -> tokens for a whole step at once: penalties, bias, min_tokens, temperature with top-k /
+top-p / min-p, greedy or seeded draws, MTP drafting and lossless verification, logprobs.
 
-Sampling draws one exponential variate per vocabulary entry from the sequence's own generator and
-takes argmax(p / E) (equivalent to sampling from p). A sequence's draws therefore depend only on its
-seed and its own step count, never on what else is in the batch.
+Random draws are a function of (seed, position, purpose, token id): a counter-based hash, not a
+generator's state. A token drawn for position p of a sequence is argmax(probs / E) with E ~ Exp(1)
+per vocabulary entry (equivalent to sampling from probs), so a sequence's draws depend only on its
+seed and positions, never on what else is in the batch, and the draws for a whole batch are a few
+tensor ops.
+
+Verification (speculative decoding): the target scores [newest token, d1, ..., dk] in one forward.
+Draft d_i is kept with probability min(1, p(d_i) / q(d_i)); the first rejected position draws from
+norm(max(0, p - q)); if all are kept, a bonus token is drawn from p. p and q are both the processed
+distributions (penalties, bias, temperature, top-k/p, min-p) given the tokens before the row, so
+the output has exactly the target's distribution. Greedy is the same with p and q one-hot: the
+longest prefix of drafts equal to the target's argmax, then the target's token.
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from stepflash.engine.runner import Chunk, Inject
+from stepflash.engine.scheduler import Sampled, ScheduledSeq, StepPlan, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.sampling import SamplingParams
 
+if TYPE_CHECKING:
+    from stepflash.engine.speculative import Drafts
+
+# purposes of the random draws, so that no two uses share numbers
+DRAW, DRAFT, ACCEPT = 1, 2, 3
+
 
 @dataclass
-class RowContext:
-    """What the logit processors need to know about the sequence a row of logits continues: its
-    tokens (`prefix` then `extra`, e.g. speculative tokens; joined only when a processor reads them)."""
+class SampleSeq:
+    """A sequence whose rows are sampled this step: the tokens before its first row (`history`,
+    not copied) and that row's position; later rows follow `extra` drafts (on the device)."""
 
     params: SamplingParams
-    prefix: list[int]
+    seed: int
+    history: list[int]
     num_prompt_tokens: int
-    generator: torch.Generator
-    extra: tuple[int, ...] = ()
+
+    @property
+    def position(self) -> int:
+        return len(self.history)
+
+
+# -- random numbers -------------------------------------------------------------------------------
+def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
+    """x * m mod 2^32 for x in [0, 2^32), without int64 overflow."""
+    return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with full avalanche (lowbias32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniforms(seeds: torch.Tensor, positions: torch.Tensor, purpose: int, width: int) -> torch.Tensor:
+    """[R, width] uniforms in (0, 1): element j of row r is a hash of (seeds[r], positions[r],
+    purpose, j). seeds/positions: int64 [R] on the device where the numbers are wanted."""
+    key = _mix32((seeds & 0xFFFFFFFF) ^ _mix32((seeds >> 32) & 0xFFFFFFFF))
+    key = _mix32(key ^ _mix32(positions & 0xFFFFFFFF))
+    key = _mix32(key ^ purpose)
+    columns = _mix32(torch.arange(width, device=seeds.device) + 0x9E3779B9)
+    bits = _mix32(key[:, None] ^ columns[None, :]) >> 8  # 24 bits: exact in fp32
+    return (bits.float() + 0.5) / float(1 << 24)
+
+
+def draw(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, purpose: int) -> torch.Tensor:
+    """One token per row of unnormalised probabilities: argmax(p / E), E ~ Exp(1)."""
+    noise = -uniforms(seeds, positions, purpose, probs.shape[-1]).log()
+    return (probs / noise).argmax(-1)
+
+
+# -- logit processing -----------------------------------------------------------------------------
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+                  ) -> torch.Tensor:
+    """Mask (to -inf) per row: tokens below the k-th largest logit (top_k [R], 0 = off; ties kept),
+    outside the smallest prefix of the sorted distribution reaching top_p [R], or below
+    min_p [R] times the most likely token's probability."""
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        values, order = logits.sort(-1, descending=True)
+        kth = values.gather(1, (top_k.clamp(min=1) - 1)[:, None])
+        logits = logits.masked_fill((top_k[:, None] > 0) & (logits < kth), float("-inf"))
+        probs = values.masked_fill((top_k[:, None] > 0) & (values < kth), float("-inf")).softmax(-1)
+        outside = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)  # the smallest prefix
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(1, order, outside), float("-inf"))  # reaching top_p
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+class RowBatch:
+    """Per-row settings of R rows, row i continuing sequence seqs[seq_of[i]] after `extra[i]` of
+    its drafts, as device tensors built once; `process` and `probs` read them."""
+
+    def __init__(self, seqs: list[SampleSeq], seq_of: list[int], extra: list[int], eos_token_ids: list[int],
+                 device: torch.device) -> None:
+        self.seqs, self.seq_of, self.extra, self.device = seqs, seq_of, extra, device
+        params = [seqs[s].params for s in seq_of]
+        self.greedy = [p.greedy for p in params]
+        self.any_sampled = not all(self.greedy)
+        f32 = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
+        self.temperature = f32([p.temperature if not p.greedy else 1.0 for p in params])
+        self.top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
+        self.top_p, self.min_p = f32([p.top_p for p in params]), f32([p.min_p for p in params])
+        self.seeds = torch.tensor([seqs[s].seed for s in seq_of], device=device)
+        self.positions = torch.tensor([seqs[s].position + e for s, e in zip(seq_of, extra)], device=device)
+        self.eos_token_ids = eos_token_ids
+
+    def process(self, logits: torch.Tensor, drafts: torch.Tensor | None) -> torch.Tensor:
+        """Penalties, logit bias, and stop tokens banned until min_tokens (a copy when any
+        applies). drafts [S, k]: the sequences' drafts, of which row i follows the first extra[i]."""
+        rows, ids, values = [], [], []
+        penalised = []
+        for i, (s, e) in enumerate(zip(self.seq_of, self.extra)):
+            seq = self.seqs[s]
+            p = seq.params
+            if p.logit_bias:
+                rows += [i] * len(p.logit_bias)
+                ids += list(p.logit_bias)
+                values += list(p.logit_bias.values())
+            if seq.position + e - seq.num_prompt_tokens < p.min_tokens:
+                banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
+                rows += [i] * len(banned)
+                ids += banned
+                values += [float("-inf")] * len(banned)
+            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                penalised.append(i)
+        if not rows and not penalised:
+            return logits
+        logits = logits.clone()
+        if penalised:
+            self._penalise(logits, penalised, drafts)
+        if rows:
+            index = (torch.tensor(rows, device=self.device), torch.tensor(ids, device=self.device))
+            logits.index_put_(index, torch.tensor(values, device=self.device), accumulate=True)
+        return logits
+
+    def _penalise(self, logits: torch.Tensor, rows: list[int], drafts: torch.Tensor | None) -> None:
+        """Repetition (prompt + output tokens), presence and frequency (output tokens) penalties;
+        a row's drafts count as output tokens."""
+        counts = torch.zeros(len(rows), logits.shape[1], device=self.device)
+        seen = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool, device=self.device)
+        out_rows, out_ids, seen_rows, seen_ids, draft_rows, draft_index = [], [], [], [], [], []
+        for j, i in enumerate(rows):
+            s = self.seq_of[i]
+            seq = self.seqs[s]
+            output = seq.history[seq.num_prompt_tokens:]
+            out_rows += [j] * len(output)
+            out_ids += output
+            seen_rows += [j] * len(seq.history)
+            seen_ids += seq.history
+            draft_rows += [j] * self.extra[i]
+            draft_index += [(s, d) for d in range(self.extra[i])]
+        t = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        counts.index_put_((t(out_rows), t(out_ids)), torch.ones(len(out_ids), device=self.device), accumulate=True)
+        seen[t(seen_rows), t(seen_ids)] = True
+        if draft_rows:
+            index = t(draft_index)
+            tokens = drafts[index[:, 0], index[:, 1]]
+            counts.index_put_((t(draft_rows), tokens), torch.ones(len(draft_rows), device=self.device),
+                              accumulate=True)
+            seen[t(draft_rows), tokens] = True
+        params = [self.seqs[self.seq_of[i]].params for i in rows]
+        f32 = lambda xs: torch.tensor(xs, dtype=torch.float32, device=self.device)[:, None]  # noqa: E731
+        rep = f32([p.repetition_penalty for p in params])
+        vals = logits[rows]
+        vals = torch.where(seen, torch.where(vals > 0, vals / rep, vals * rep), vals)
+        vals -= f32([p.frequency_penalty for p in params]) * counts
+        vals -= f32([p.presence_penalty for p in params]) * (counts > 0).float()
+        logits[rows] = vals
+
+    def probs(self, processed: torch.Tensor) -> torch.Tensor:
+        """The distributions sampled rows draw from: temperature, then top-k / top-p / min-p."""
+        return filter_logits(processed / self.temperature[:, None], self.top_k, self.top_p, self.min_p).softmax(-1)
+
+    def greedy_mask(self) -> torch.Tensor:
+        return torch.tensor(self.greedy, device=self.device)
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """For rows of raw logprobs [..., V]: the chosen tokens' logprobs, and the k best (ids, values)."""
+    values, ids = logprobs.topk(k, dim=-1)
+    return logprobs.gather(-1, chosen[..., None])[..., 0], ids, values
+
+
+# -- drafting and verification ----------------------------------------------------------------------
+def draft_tokens(batch: RowBatch, logits: torch.Tensor, drafts: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One draft per row (processed argmax, or a draw from q when sampling) and the q of the
+    sampled rows ([R, V], None when all are greedy)."""
+    processed = batch.process(logits, drafts)
+    tokens = processed.argmax(-1)
+    if not batch.any_sampled:
+        return tokens, None
+    q = batch.probs(processed)
+    drawn = draw(q, batch.seeds, batch.positions, DRAFT)
+    return torch.where(batch.greedy_mask(), tokens, drawn), q
+
+
+def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor, drafts: torch.Tensor | None,
+           q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [S, K + 1] (sequence s: its newest token, then K drafts, of which the first num_drafts[s]
+    are real) -> (tokens [S, K + 1], accepted [S]): sequence s emits tokens[s, :accepted[s] + 1].
+    drafts [S, K]; q [S, K, V] (the draft distributions, sampled sequences; None when all greedy)."""
+    S, width, V = logits.shape
+    K = width - 1
+    processed = batch.process(logits.view(S * width, V), drafts).view(S, width, V)
+    target = processed.argmax(-1)
+    real = torch.arange(K, device=logits.device)[None, :] < num_drafts[:, None]
+    if K == 0:
+        match = real
+    else:
+        match = real & (target[:, :K] == drafts)
+    accepted = match.long().cumprod(-1).sum(-1)
+    if not batch.any_sampled:
+        return target, accepted
+    p = batch.probs(processed.view(S * width, V)).view(S, width, V)
+    seeds, positions = batch.seeds.view(S, width), batch.positions.view(S, width)
+    if K:
+        d = drafts[..., None]
+        p_d, q_d = p[:, :K].gather(-1, d)[..., 0], q.gather(-1, d)[..., 0]
+        u = uniforms(seeds[:, :K].reshape(-1), positions[:, :K].reshape(-1), ACCEPT, 1).view(S, K)
+        kept = (real & (u * q_d <= p_d)).long().cumprod(-1).sum(-1)
+    else:
+        kept = torch.zeros(S, dtype=torch.long, device=logits.device)
+    rows = torch.arange(S, device=logits.device)
+    final = p[rows, kept]
+    if K:  # a rejection at position kept < num_drafts: draw from the residual there
+        rejected = kept < num_drafts
+        q_at = q[rows, kept.clamp(max=K - 1)]
+        residual = (final - q_at).clamp(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, final)
+        final = torch.where(rejected[:, None], residual, final)
+    token = draw(final, seeds[rows, kept], positions[rows, kept], DRAW)
+    sampled = torch.cat([drafts, token[:, None]], 1) if K else token[:, None]
+    sampled = sampled.scatter(1, kept[:, None], token[:, None])
+    greedy = batch.greedy_mask().view(S, width)[:, 0]
+    return torch.where(greedy[:, None], target, sampled), torch.where(greedy, accepted, kept)
+
+
+# -- a step's rows ---------------------------------------------------------------------------------
+@dataclass
+class StepRows:
+    """The target's inputs for a plan and where the sampler finds its logits: `logit_rows` lists
+    width = K + 1 rows per sampling member (its newest token and drafts, padded by repeating the
+    last), then one row per scored prompt position."""
+
+    chunks: list[Chunk]
+    inject: Inject
+    logit_rows: list[int]
+    members: list[tuple[ScheduledSeq, Sequence]]  # who samples (n > 1 forks share their parent's rows)
+    width: int
+    prompt: list[tuple[Sequence, int]]  # (sequence, position p): scores the prompt token at p + 1
 
     @classmethod
-    def of(cls, seq: Sequence, extra: list[int] | None = None) -> "RowContext":
-        """The row after `seq`'s tokens, followed by `extra` when given."""
-        return cls(seq.params, seq.token_ids, seq.num_prompt_tokens, seq.generator, tuple(extra or ()))
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prefix + list(self.extra) if self.extra else self.prefix
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.prefix) + len(self.extra) - self.num_prompt_tokens
-
-
-def apply_penalties(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
-    """Repetition (prompt + output tokens), presence and frequency (output tokens) penalties."""
-    for row, ctx in enumerate(rows):
-        p = ctx.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(ctx.token_ids)), device=logits.device)
-            vals = logits[row, seen]
-            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if p.presence_penalty or p.frequency_penalty:
-            out = torch.tensor(ctx.token_ids[ctx.num_prompt_tokens:], dtype=torch.long, device=logits.device)
-            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
-            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
-
-
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Mask (to -inf) tokens outside top-k, outside the top-p nucleus, or below min_p * max prob."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        probs, order = logits.softmax(-1).sort(descending=True)
-        outside = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), float("-inf"))
-    if min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
-    return logits
+    def of(cls, plan: StepPlan, drafts: "Drafts | None") -> "StepRows":
+        width = 1 + max((s.num_drafts for s in plan.seqs), default=0)
+        rows = cls([], Inject(), [], [], width, [])
+        prompt_rows, row = [], 0
+        for s in plan.seqs:
+            if not s.num_new:
+                continue  # draining: MTP catch-up only
+            seq = s.seq
+            rows.chunks.append(Chunk(seq, s.start, seq.token_ids[s.start:s.end] + [0] * s.num_drafts))
+            if s.num_drafts:
+                rows.inject.add(range(row + s.num_new, row + s.num_new + s.num_drafts),
+                                drafts.row(s) * (width - 1), drafts.tokens)
+            if s.samples:
+                last = row + s.num_new - 1
+                own = [last + min(j, s.num_drafts) for j in range(width)]
+                for member in [seq, *s.forks]:
+                    rows.logit_rows += own
+                    rows.members.append((s, member))
+            if seq.params.prompt_logprobs is not None:
+                for p in range(max(s.start, seq.num_prompt_scored), min(s.end, seq.num_prompt_tokens - 1)):
+                    rows.prompt.append((seq, p))
+                    prompt_rows.append(row + p - s.start)
+            row += s.num_new + s.num_drafts
+        rows.logit_rows += prompt_rows
+        return rows
 
 
-def top_logprobs(logprobs: torch.Tensor, k: int, chosen: int) -> dict[int, float]:
-    """The k most likely tokens and the chosen one, id -> log-probability."""
-    result = {}
-    if k > 0:
-        vals, ids = logprobs.topk(k)
-        result = dict(zip(ids.tolist(), vals.tolist()))
-    result[chosen] = float(logprobs[chosen])
-    return result
+class Readback:
+    """Device tensors a step reports, brought to the host in a single copy."""
 
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
 
-def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """One draw from unnormalised probabilities: argmax(p / E) with E ~ Exp(1) from `generator`."""
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return int((probs / noise).argmax())
+    def add(self, tensor: torch.Tensor) -> int:
+        self.parts.append(tensor)
+        return len(self.parts) - 1
+
+    def fetch(self) -> list[list]:
+        """Each added tensor as (nested) Python lists, in the order added."""
+        if not self.parts:
+            return []
+        flat = torch.cat([p.reshape(-1).double() for p in self.parts]).cpu()
+        out, start = [], 0
+        for p in self.parts:
+            out.append(flat[start:start + p.numel()].view(p.shape).tolist())
+            start += p.numel()
+        return out
 
 
 class Sampler:
+    """Logits of a step -> each member's tokens (drafts verified) and logprobs, and the scored prompt
+    positions' logprobs, with one device-to-host copy."""
+
     def __init__(self, eos_token_ids: list[int]) -> None:
         self.eos_token_ids = eos_token_ids
 
-    def __call__(self, logits: torch.Tensor, rows: list[RowContext]) -> tuple[list[int], list[dict[int, float] | None]]:
-        """logits [B, V] fp32, one row per sequence -> (tokens, logprobs dict or None per row)."""
-        raw_logprobs = logits.log_softmax(-1) if any(r.params.logprobs is not None for r in rows) else None
-        logits = self.processed(logits, rows)
-        greedy = logits.argmax(-1).tolist()  # one op for all rows; sampled rows are redone below
-        tokens, logprobs = [], []
-        for row, ctx in enumerate(rows):
-            p = ctx.params
-            token = greedy[row] if p.greedy else sample(self.probs(logits[row], p), ctx.generator)
-            tokens.append(token)
-            logprobs.append(None if p.logprobs is None else top_logprobs(raw_logprobs[row], p.logprobs, token))
-        return tokens, logprobs
+    def __call__(self, rows: StepRows, logits: torch.Tensor, drafts: "Drafts | None") -> StepResult:
+        device, width = logits.device, rows.width
+        S, V = len(rows.members), logits.shape[-1]
+        seqs = [SampleSeq(m.params, m.seed, m.token_ids, m.num_prompt_tokens) for _, m in rows.members]
+        batch = RowBatch(seqs, [i for i in range(S) for _ in range(width)], list(range(width)) * S,
+                         self.eos_token_ids, device)
+        sample_logits = logits[:S * width].view(S, width, V)
+        num_drafts = torch.tensor([s.num_drafts for s, _ in rows.members], device=device)
+        tokens_in, probs_in = None, None
+        if width > 1:  # each member's drafts (zeros where it has none: never compared)
+            index = torch.tensor([drafts.row(s) if s.num_drafts else len(drafts.seqs) for s, _ in rows.members],
+                                 device=device)
+            tokens_in = torch.cat([drafts.tokens, drafts.tokens.new_zeros(1, width - 1)]).index_select(0, index)
+            if drafts.probs is not None:
+                probs_in = torch.cat([drafts.probs, drafts.probs.new_zeros(1, width - 1, V)]).index_select(0, index)
+        tokens, accepted = verify(batch, sample_logits, num_drafts, tokens_in, probs_in)
+        back = Readback()
+        got = {"tokens": back.add(tokens), "accepted": back.add(accepted)}
+        k = max((m.params.logprobs for _, m in rows.members if m.params.logprobs is not None), default=None)
+        if k is not None:
+            got["logprobs"] = [back.add(t) for t in top_logprobs(sample_logits.log_softmax(-1), tokens, k)]
+        if rows.prompt:
+            k_prompt = max(seq.params.prompt_logprobs for seq, _ in rows.prompt)
+            chosen = torch.tensor([seq.token_ids[p + 1] for seq, p in rows.prompt], device=device)
+            raw = logits[S * width:].log_softmax(-1)
+            got["prompt"] = [back.add(t) for t in top_logprobs(raw, chosen, k_prompt)]
+        fetched = back.fetch()
+        return StepResult(self._sampled(rows, fetched, got), self._prompt_logprobs(rows, fetched, got))
 
     @staticmethod
-    def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-        """The distribution a sampled (temperature > 0) row draws from, after top-k / top-p / min-p."""
-        return filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
+    def _sampled(rows: StepRows, fetched: list[list], got: dict) -> dict[Sequence, Sampled]:
+        tokens, accepted = fetched[got["tokens"]], fetched[got["accepted"]]
+        sampled = {}
+        for i, (s, member) in enumerate(rows.members):
+            n = int(accepted[i]) + 1
+            ids = [int(t) for t in tokens[i][:n]]
+            k = member.params.logprobs
+            lps = None
+            if k is not None:
+                chosen, top_ids, top_vals = (fetched[h][i] for h in got["logprobs"])
+                lps = [{**{int(t): v for t, v in zip(top_ids[j][:k], top_vals[j][:k])}, ids[j]: chosen[j]}
+                       for j in range(n)]
+            sampled[member] = Sampled(ids, lps, s.num_drafts)
+        return sampled
 
-    def processed(self, logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
-        """Penalties, logit bias, and stop tokens banned until min_tokens; a copy only when something applies."""
-        banned = {row: r.params.stop_token_ids + ([] if r.params.ignore_eos else self.eos_token_ids)
-                  for row, r in enumerate(rows) if r.num_output_tokens < r.params.min_tokens}
-        penalised = any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
-                        for r in rows)
-        biased = {row: r.params.logit_bias for row, r in enumerate(rows) if r.params.logit_bias}
-        if not banned and not penalised and not biased:
-            return logits
-        logits = apply_penalties(logits.clone(), rows) if penalised else logits.clone()
-        for row, bias in biased.items():
-            logits[row, list(bias)] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
-        for row, ids in banned.items():
-            logits[row, ids] = float("-inf")
-        return logits
+    @staticmethod
+    def _prompt_logprobs(rows: StepRows, fetched: list[list], got: dict) -> dict[Sequence, list[dict[int, float]]]:
+        out: dict[Sequence, list[dict[int, float]]] = {}
+        if not rows.prompt:
+            return out
+        chosen, top_ids, top_vals = (fetched[h] for h in got["prompt"])
+        for i, (seq, p) in enumerate(rows.prompt):
+            k = seq.params.prompt_logprobs
+            entry = {int(t): v for t, v in zip(top_ids[i][:k], top_vals[i][:k])}
+            entry[seq.token_ids[p + 1]] = chosen[i]
+            out.setdefault(seq, []).append(entry)
+        return out

@@ -1,18 +1,17 @@
-"""One generated sequence: its tokens, KV blocks, sampling state and streamed text."""
+"""One generated sequence: its tokens, KV blocks and sampling identity. The scheduler is its only
+writer; text, stop strings and logprobs are the output processor's (engine/output.py)."""
 
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from stepflash.engine.kv_cache import BlockTables
 from stepflash.sampling import SamplingParams
-from stepflash.tokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    DRAINING = "draining"  # finished; its MTP caches catch up one more step before its blocks are freed
     FINISHED = "finished"
 
 
@@ -24,37 +23,22 @@ class Sequence:
     token_ids: list[int]  # prompt, then generated tokens
     num_prompt_tokens: int
     params: SamplingParams
-    generator: torch.Generator
-    detokenizer: IncrementalDetokenizer
+    seed: int  # the sampler's random draws are a function of (seed, position): see engine/sampler.py
     blocks: BlockTables = field(default_factory=BlockTables)
     status: Status = Status.WAITING
-    logprobs: list[dict[int, float]] = field(default_factory=list)
-    text: str = ""  # decoded output, up to what is safe to show (stop strings may still cut it)
-    pending_text: str = ""  # decoded but held back: it might be the start of a stop string
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    num_prompt_scored: int = 0  # prompt positions whose logprobs were reported (prompt_logprobs)
+    num_forks: int = 0  # n > 1: siblings still to fork off this sequence once its prompt is computed
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    draft_ids: list[int] = field(default_factory=list)  # MTP drafts for the next verify step
-    draft_probs: torch.Tensor | None = None  # [len(draft_ids), vocab]: the q they were sampled from (None: greedy)
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
-    def tokens(self, start: int, end: int) -> list[int]:
-        """Positions start..end-1 of the token ids followed by the drafts (no copy of the rest)."""
-        n = len(self.token_ids)
-        if end <= n:
-            return self.token_ids[start:end]
-        return self.token_ids[start:] + self.draft_ids[max(start - n, 0):end - n]
-
     @property
     def num_computed(self) -> int:
         return self.blocks.num_computed
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def num_output_tokens(self) -> int:
@@ -67,4 +51,24 @@ class Sequence:
 
     @property
     def finished(self) -> bool:
-        return self.status == Status.FINISHED
+        return self.status in (Status.DRAINING, Status.FINISHED)
+
+    def tokens_left(self, max_model_len: int) -> int:
+        """Tokens it may still generate (max_tokens and the context both bound it)."""
+        left = max_model_len - self.num_tokens
+        if self.params.max_tokens is not None:
+            left = min(left, self.params.max_tokens - self.num_output_tokens)
+        return left
+
+    def stop_reason_for(self, token: int, eos_token_ids: frozenset[int], max_model_len: int
+                        ) -> tuple[str, int | None] | None:
+        """(finish reason, stop reason) if `token`, just appended, ends the sequence."""
+        p = self.params
+        may_stop = self.num_output_tokens >= p.min_tokens
+        if may_stop and token in p.stop_token_ids:
+            return "stop", token
+        if may_stop and token in eos_token_ids and not p.ignore_eos:
+            return "stop", None
+        if self.tokens_left(max_model_len) <= 0:
+            return "length", None
+        return None
