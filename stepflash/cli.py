@@ -1,19 +1,41 @@
 """`stepflash` command line: `generate` and `chat` stream through the engine and report speed."""
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 
-from stepflash.config import ConfigError
-from stepflash.engine.engine import EngineConfig, LLMEngine
+from stepflash.config import ConfigError, EngineConfig
+from stepflash.engine.engine import LLMEngine
 from stepflash.model.loader import CheckpointError
 from stepflash.model.step3p5 import active_weight_bytes
 from stepflash.models import default_model_dir
 from stepflash.sampling import SamplingParams
+from stepflash.server.parsers import split_reasoning
 
-MTP_HELP = "MTP drafts per step for speculative decoding, 0 to 3 (default: every MTP module of the checkpoint)"
+
+def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), **defaults) -> None:
+    """One flag per EngineConfig field (`--max-num-seqs`, `--enable-prefix-caching/--no-...`),
+    with the field's help and choices; `defaults` overrides a field's default for this command."""
+    hints = typing.get_type_hints(EngineConfig)
+    fields = [f for f in dataclasses.fields(EngineConfig) if f.name not in skip]
+    parser.set_defaults(engine_options=[f.name for f in fields])
+    for f in fields:
+        flag, default = "--" + f.name.replace("_", "-"), defaults.get(f.name, f.default)
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not types.NoneType)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
+                                help=f.metadata["help"])
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{name: getattr(args, name) for name in args.engine_options})
 
 
 def stream_completion(engine: LLMEngine, prompt: str | list[int], params: SamplingParams,
@@ -24,17 +46,17 @@ def stream_completion(engine: LLMEngine, prompt: str | list[int], params: Sampli
     sys.stdout.write(echo)
     text, count, start = "", 0, time.perf_counter()
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            new = out.outputs[0].text
-            sys.stdout.write(new[len(text):])
+        for delta in engine.step():
+            for c in delta.outputs:
+                sys.stdout.write(c.text)
+                text, count = text + c.text, count + len(c.token_ids)
             sys.stdout.flush()
-            text, count = new, len(out.outputs[0].token_ids)
     return text, time.perf_counter() - start, count
 
 
 def report_speed(engine: LLMEngine, seconds: float, count: int) -> None:
     """Tokens/s, and the weight bandwidth it amounts to (per target forward, so MTP steps count once)."""
-    spec = engine.spec
+    spec = engine.output.spec
     forwards = count - spec.num_accepted_tokens
     gbps = active_weight_bytes(engine.model) * forwards / seconds / 1e9 if seconds > 0 else 0.0
     mtp = (f", MTP-{engine.num_mtp}: {spec.mean_accepted_length:.2f} tokens per step, "
@@ -47,8 +69,7 @@ def make_engine(args: argparse.Namespace) -> LLMEngine:
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
-    return LLMEngine(model_dir, EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=1, mtp=args.mtp,
-                                             kernels=args.kernels, cuda_graphs=args.cuda_graphs))
+    return LLMEngine(model_dir, engine_config(args))
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -77,9 +98,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         reply, seconds, count = stream_completion(engine, prompt, params, echo="assistant: ")
         sys.stdout.write("\n")
         report_speed(engine, seconds, count)
-        reasoning, _, content = reply.rpartition("</think>")
-        messages.append({"role": "assistant", "content": content.lstrip("\n"),
-                         "reasoning_content": reasoning.strip("\n")})
+        reasoning, content = split_reasoning(reply)
+        messages.append({"role": "assistant", "content": content, "reasoning_content": (reasoning or "").strip("\n")})
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -91,14 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from stepflash.engine.engine import AsyncLLMEngine
     from stepflash.server.app import create_app
 
+    engine = make_engine(args)
     model_dir = Path(args.model) if args.model else default_model_dir()
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory not found: {model_dir}")
-    engine = LLMEngine(model_dir, EngineConfig(
-        device=args.device, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=not args.no_prefix_caching, mtp=args.mtp, kernels=args.kernels,
-        cuda_graphs=args.cuda_graphs))
     api_key = args.api_key or os.environ.get("STEPFLASH_API_KEY")
     app = create_app(AsyncLLMEngine(engine), args.served_model_name or model_dir.name, api_key, args.max_queue)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -253,19 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require this bearer token on /v1 (or set STEPFLASH_API_KEY)")
     serve.add_argument("--served-model-name", help="model id clients use (default: the directory name)")
-    for p in (gen, chat, serve):
-        p.add_argument("--device", default="auto")
-        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-        p.add_argument("--mtp", type=int, help=MTP_HELP)
-        p.add_argument("--kernels", default="torch", choices=["torch", "triton", "auto"],
-                       help="Triton kernels for attention, MoE, norms and FP8/INT4 weights (auto: on CUDA)")
-        p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
-                       help="decode/verify steps from CUDA graphs (auto: with the kernels on CUDA)")
-    serve.add_argument("--kv-cache-bytes", type=int)
-    serve.add_argument("--max-num-seqs", type=int, default=64)
-    serve.add_argument("--max-model-len", type=int)
-    serve.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    serve.add_argument("--no-prefix-caching", action="store_true")
+    for p in (gen, chat):  # one request at a time; --seed is the request's
+        add_engine_args(p, skip=("seed",), max_num_seqs=1)
+    add_engine_args(serve)
     serve.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
     serve.set_defaults(func=cmd_serve)
     tt = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with the Step-3.5 special tokens")

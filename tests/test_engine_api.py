@@ -79,17 +79,21 @@ def test_unsupported_options_are_refused(tmp_path):
             LLM(str(ckpt), **kwargs)
 
 
-def test_async_stream_concatenates_to_the_final_text(llm):
-    async def run() -> tuple[list[str], str]:
+def test_async_stream_deltas_concatenate_to_the_final_output(llm):
+    async def run() -> list:
         engine = AsyncLLMEngine(llm.engine)
-        texts = []
-        async for out in engine.generate(PROMPT, greedy(skip_special_tokens=False, stop=["zz"])):
-            texts.append(out.outputs[0].text)
-        return texts, out.outputs[0].text
+        return [out async for out in engine.generate(PROMPT, greedy(skip_special_tokens=False, stop=["zz"],
+                                                                        logprobs=2))]
 
-    texts, final = asyncio.run(run())
-    assert len(texts) > 1 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # only ever appended
-    assert final == llm.generate([PROMPT], greedy(skip_special_tokens=False, stop=["zz"]))[0].outputs[0].text
+    deltas = asyncio.run(run())
+    final = llm.generate([PROMPT], greedy(skip_special_tokens=False, stop=["zz"], logprobs=2))[0].outputs[0]
+    assert len(deltas) > 1 and [d.finished for d in deltas] == [False] * (len(deltas) - 1) + [True]
+    completions = [c for d in deltas for c in d.outputs]
+    assert sum(len(c.token_ids) for c in completions[:-1]) < len(final.token_ids)  # each delta only what is new
+    assert "".join(c.text for c in completions) == final.text
+    assert [t for c in completions for t in c.token_ids] == final.token_ids
+    assert [lp for c in completions for lp in c.logprobs] == final.logprobs
+    assert completions[-1].finish_reason == final.finish_reason == "length"
 
 
 def test_async_abort_frees_blocks_and_spares_other_requests(llm):
@@ -99,7 +103,7 @@ def test_async_abort_frees_blocks_and_spares_other_requests(llm):
         async def consume(params: SamplingParams, stop_after: int | None) -> list[int]:
             tokens: list[int] = []
             async for out in engine.generate(PROMPT, params):
-                tokens = out.outputs[0].token_ids
+                tokens += out.outputs[0].token_ids if out.outputs else []
                 if stop_after is not None and len(tokens) >= stop_after:
                     break  # a client going away mid-stream
             return tokens

@@ -271,8 +271,8 @@ class KVCacheMachine(RuleBasedStateMachine):
         kv = self.kv
         if kv is None:
             return
-        usage = kv.usage()
         for kind, pool in kv.pools.items():
+            usage = kv.usage()[kind.name.lower()]
             refs = [0] * pool.num_blocks
             for seq in self.running.values():
                 table = seq.tables.table(kind)
@@ -283,9 +283,9 @@ class KVCacheMachine(RuleBasedStateMachine):
             assert pool.ref_count == refs
             assert list(pool.free) == list(dict.fromkeys(pool.free))
             assert set(pool.free) == {b for b in range(pool.num_blocks) if refs[b] == 0}
-            assert usage[kind]["free"] == pool.num_free == len(pool.free)
-            assert usage[kind]["free"] + usage[kind]["used"] == usage[kind]["total"] == pool.num_blocks
-            assert {b: h for h, b in pool.block_of.items()} == pool.hash_of
+            assert usage["free"] == pool.num_free == len(pool.free)
+            assert usage["free"] + usage["used"] == usage["total"] == pool.num_blocks
+            assert {b: h for h, b in pool.block_of.items()} == {b: e.key for b, e in pool.cached.items()}
             if not kv.enable_prefix_caching:
                 assert not pool.block_of
 
@@ -348,7 +348,7 @@ def test_prefix_hit_after_free_reattaches_window_only() -> None:
     kv.free(a)
     sliding_pool = kv.pools[SLIDING]
     # released sliding blocks keep their hash: a later prompt can still use them
-    cached_sliding = [sliding_pool.lookup(h) for h in kv.pools[FULL].hash_of.values()]
+    cached_sliding = [sliding_pool.lookup(h) for h in (e.key for e in kv.pools[FULL].cached.values())]
     assert None not in cached_sliding
 
     b = BlockTables()
@@ -429,7 +429,7 @@ def test_evicting_oldest_sliding_block_keeps_full_hit() -> None:
     kv.free(a)
     pool = kv.pools[SLIDING]
     # free order: unhashed blocks first, then cached blocks 0, 1, 2 (oldest first)
-    uncached = sum(1 for b in pool.free if b not in pool.hash_of)
+    uncached = sum(1 for b in pool.free if b not in pool.cached)
     filler = run(kv, [300 + i for i in range((uncached + 1) * 4)])
     assert pool.lookup(hashes[0]) is None and pool.lookup(hashes[1]) is not None
     tables = BlockTables()
@@ -510,3 +510,23 @@ def test_block_size_must_be_power_of_two(block_size: int) -> None:
 @pytest.mark.parametrize("block_size", [1, 2, 16])
 def test_power_of_two_block_size_accepted(block_size: int) -> None:
     assert KVCacheManager(block_size, 8, 8, window=6).block_size == block_size
+
+
+def test_colliding_keys_never_serve_another_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every block key forced equal (a total hash collision), a hit is still only a block that
+    holds exactly the same tokens after exactly the same parent."""
+    import stepflash.engine.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "block_key", lambda parent, tokens: b"same")
+    kv = KVCacheManager(4, 20, 0, 64)
+    a = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    tables = BlockTables()
+    kv.append(tables, len(a))
+    kv.commit(tables, a, len(a))  # caches block 0 ([1, 2, 3, 4]) under the one key
+    kv.free(tables)
+    for tokens, expected in [([9, 2, 3, 4, 5], 0),  # another first block
+                             ([1, 2, 3, 4, 1, 2, 3, 4, 0], 4),  # block 1 has block 0's tokens, not its parent
+                             ([1, 2, 3, 4, 5, 6, 7, 8, 0], 4)]:  # block 1 was never cached (key taken)
+        probe = BlockTables()
+        assert kv.match_prefix(probe, tokens) == expected, tokens
+        kv.free(probe)

@@ -212,7 +212,7 @@ class Scheduler:
         the drafts' rows are scratch."""
         seq.blocks.mtp_computed = s.start if self.num_mtp else 0
         self.kv.commit(seq.blocks, seq.token_ids, min(num_computed, seq.num_tokens))
-        self.kv.trim(seq.blocks, seq.num_tokens)
+        self.kv.trim(seq.blocks, seq.num_computed)
 
     # -- ending -----------------------------------------------------------------------------------
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:

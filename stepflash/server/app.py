@@ -202,12 +202,12 @@ def _submit(engine: AsyncLLMEngine, prompt: str | list[int], params, prefix: str
 
 async def _collect(stream: AsyncIterator[RequestOutput], request: Request, engine: AsyncLLMEngine,
                    request_id: str) -> RequestOutput:
-    """Wait for the final output; a client that disconnects meanwhile aborts its request."""
+    """Wait for the whole output; a client that disconnects meanwhile aborts its request."""
     final = None
     try:
-        async for out in stream:
-            final = out
-            if not out.finished and await request.is_disconnected():
+        async for delta in stream:
+            final = _accumulate(final, delta)
+            if not final.finished and await request.is_disconnected():
                 break
     finally:
         if final is None or not final.finished:
@@ -215,6 +215,13 @@ async def _collect(stream: AsyncIterator[RequestOutput], request: Request, engin
     if final is None or not final.finished:
         raise ApiError(499, "client disconnected")
     return final
+
+
+def _accumulate(total: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    if total is None:
+        return delta
+    total.add(delta)
+    return total
 
 
 async def _sse(chunks: AsyncIterator[dict], engine: AsyncLLMEngine, request_id: str) -> StreamingResponse:
@@ -288,7 +295,7 @@ def _finish_reason(c: CompletionOutput, has_calls: bool = False) -> str | None:
     return "tool_calls" if has_calls else c.finish_reason
 
 
-def _chat_logprobs(c: CompletionOutput, engine: AsyncLLMEngine, start: int = 0) -> dict | None:
+def _chat_logprobs(c: CompletionOutput, engine: AsyncLLMEngine) -> dict | None:
     if c.logprobs is None:
         return None
     decode = engine.engine.tokenizer.decode
@@ -298,7 +305,7 @@ def _chat_logprobs(c: CompletionOutput, engine: AsyncLLMEngine, start: int = 0) 
         return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
 
     content = []
-    for token_id, lps in zip(c.token_ids[start:], c.logprobs[start:]):
+    for token_id, lps in zip(c.token_ids, c.logprobs):
         top = sorted(lps.items(), key=lambda kv: -kv[1])
         content.append({**entry(token_id, lps[token_id]), "top_logprobs": [entry(t, lp) for t, lp in top]})
     return {"content": content}
@@ -329,25 +336,19 @@ async def _chat_chunks(stream: AsyncIterator[RequestOutput], request_id: str, mo
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
     parsers: dict[int, StreamingParser] = {}
-    sent_text: dict[int, int] = {}
-    sent_tokens: dict[int, int] = {}
     calls: dict[int, int] = {}
     final = None
     async for out in stream:
-        final = out
+        final = _accumulate(final, out)
         for c in out.outputs:
             if c.index not in parsers:
                 parsers[c.index] = StreamingParser(tools)
-                sent_text[c.index] = sent_tokens[c.index] = calls[c.index] = 0
+                calls[c.index] = 0
                 yield chunk(c.index, {"role": "assistant", "content": ""})
                 for d in parsers[c.index].feed(prefill):
                     yield chunk(c.index, _delta_json(d, calls, c.index))
-            if sent_tokens[c.index] == len(c.token_ids) and not c.finished:
-                continue
-            new_text = c.text[sent_text[c.index]:]
-            logprobs = _chat_logprobs(c, engine, sent_tokens[c.index])
-            sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
-            deltas = parsers[c.index].feed(new_text) + (parsers[c.index].finish() if c.finished else [])
+            logprobs = _chat_logprobs(c, engine) if c.token_ids else None
+            deltas = parsers[c.index].feed(c.text) + (parsers[c.index].finish() if c.finished else [])
             for d in deltas:
                 yield chunk(c.index, _delta_json(d, calls, c.index), logprobs=logprobs)
                 logprobs = None
@@ -393,16 +394,13 @@ def _completion_logprobs(c: CompletionOutput, engine: AsyncLLMEngine) -> dict | 
 async def _completion_chunks(stream: AsyncIterator[RequestOutput], request_id: str, model: str,
                              body: CompletionRequest, metrics: ServerMetrics) -> AsyncIterator[dict]:
     created = int(time.time())
-    sent: dict[int, int] = {}
     final = None
     async for out in stream:
-        final = out
+        final = _accumulate(final, out)
         for c in out.outputs:
-            new = c.text[sent.get(c.index, 0):]
-            sent[c.index] = len(c.text)
-            if new or c.finished:
+            if c.text or c.finished:
                 yield {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [{"index": c.index, "text": new, "logprobs": None,
+                       "choices": [{"index": c.index, "text": c.text, "logprobs": None,
                                     "finish_reason": c.finish_reason}]}
     if final is None:
         return
