@@ -191,7 +191,7 @@ class BlockTables:
     hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full, computed blocks
     num_computed: int = 0  # positions whose KV is in the cache
     mtp_computed: int = 0  # positions whose MTP caches are filled (when the manager tracks MTP)
-    synced: dict[LayerKind, int] = field(default_factory=dict)  # leading entries the device tables hold
+    synced: dict[LayerKind, int] = field(default_factory=dict, compare=False)  # entries the device holds
 
     def table(self, kind: LayerKind) -> list[int]:
         return self.full if kind == FULL else self.sliding
