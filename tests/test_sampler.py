@@ -3,40 +3,54 @@
 import math
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stepflash.engine.sampler import Sampler, apply_penalties, filter_logits, top_logprobs
-from stepflash.engine.sequence import Sequence
+from stepflash.engine import sampler as sampling
+from stepflash.engine.sampler import RowBatch, SampleSeq, top_logprobs, verify
 from stepflash.sampling import SamplingParams
-from stepflash.tokenizer import IncrementalDetokenizer, Tokenizer, write_byte_level_tokenizer
 
 EOS = 1
-MakeSeq = Callable[..., Sequence]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    path: Path = tmp_path_factory.mktemp("tokenizer")
-    write_byte_level_tokenizer(path, 320)
-    return Tokenizer.from_pretrained(path)
+MakeSeq = Callable[..., SampleSeq]
 
 
 @pytest.fixture
-def make_seq(tokenizer: Tokenizer) -> MakeSeq:
-    counter = iter(range(1 << 30))
-
+def make_seq() -> MakeSeq:
     def make(prompt: Seq[int], output: Seq[int] = (), params: SamplingParams | None = None,
-             seed: int = 0) -> Sequence:
-        seq_id = next(counter)
-        return Sequence(seq_id, f"req-{seq_id}", 0, [*prompt, *output], len(prompt), params or SamplingParams(),
-                        torch.Generator().manual_seed(seed), IncrementalDetokenizer(tokenizer))
+             seed: int = 0) -> SampleSeq:
+        return SampleSeq(params or SamplingParams(), seed, [*prompt, *output], len(prompt))
 
     return make
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """The batched filter on one row."""
+    row = lambda x: torch.tensor([x])  # noqa: E731
+    return sampling.filter_logits(logits[None], row(max(top_k, 0)), row(top_p), row(min_p))[0]
+
+
+def batch_of(seqs: list[SampleSeq]) -> RowBatch:
+    return RowBatch(seqs, list(range(len(seqs))), [0] * len(seqs), [EOS], torch.device("cpu"))
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[SampleSeq]) -> torch.Tensor:
+    return batch_of(seqs).process(logits, None)
+
+
+def sample(logits: torch.Tensor, seqs: list[SampleSeq]) -> tuple[list[int], list[dict[int, float] | None]]:
+    """One token per row (a verify step without drafts), with the requested logprobs."""
+    tokens, _ = verify(batch_of(seqs), logits[:, None], torch.zeros(len(seqs), dtype=torch.long), None, None)
+    chosen, ids, values = top_logprobs(logits.log_softmax(-1), tokens[:, 0], 20)
+    out = []
+    for i, seq in enumerate(seqs):
+        k = seq.params.logprobs
+        lp = None if k is None else {**dict(zip(ids[i, :k].tolist(), values[i, :k].tolist())),
+                                     int(tokens[i, 0]): float(chosen[i])}
+        out.append(lp)
+    return tokens[:, 0].tolist(), out
 
 
 def kept(logits: torch.Tensor) -> set[int]:
@@ -178,26 +192,22 @@ def test_penalties_per_row_and_default_noop(make_seq: MakeSeq) -> None:
 # -- Sampler --------------------------------------------------------------------------------------
 
 def test_greedy_is_argmax_after_penalties(make_seq: MakeSeq) -> None:
-    sampler = Sampler([EOS])
     logits = torch.tensor([[3.0, 0.0, 2.9, 1.0, -1.0]])
     plain = make_seq([4], [], SamplingParams(temperature=0.0))
     penalized = make_seq([0], [], SamplingParams(temperature=0.0, repetition_penalty=1.2))
-    state = penalized.generator.get_state()
-    tokens, logprobs = sampler(logits.repeat(2, 1), [plain, penalized])
+    tokens, logprobs = sample(logits.repeat(2, 1), [plain, penalized])
     assert tokens == [0, 2] and logprobs == [None, None]
-    assert torch.equal(penalized.generator.get_state(), state), "greedy draws no random numbers"
 
 
 def test_sampler_does_not_modify_logits(make_seq: MakeSeq) -> None:
     logits = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
     before = logits.clone()
     params = SamplingParams(temperature=0.7, top_k=4, repetition_penalty=1.3, presence_penalty=1.0, min_tokens=2)
-    Sampler([EOS])(logits, [make_seq([2, 3], [4], params, seed=1), make_seq([5], [], params, seed=2)])
+    sample(logits, [make_seq([2, 3], [4], params, seed=1), make_seq([5], [], params, seed=2)])
     assert torch.equal(logits, before)
 
 
-def _run(sampler: Sampler, target: Sequence, others: list[Sequence], steps: int, position: int,
-         vocab: int) -> list[int]:
+def _run(target: SampleSeq, others: list[SampleSeq], steps: int, position: int, vocab: int) -> list[int]:
     """`steps` decode steps of `target` at `position` in a batch with `others`; tokens appended."""
     logit_rng = torch.Generator().manual_seed(99)  # the target's logits are the same in every run
     other_rng = torch.Generator().manual_seed(position + len(others))  # the others' differ per run
@@ -208,35 +218,32 @@ def _run(sampler: Sampler, target: Sequence, others: list[Sequence], steps: int,
         rows.insert(position, target_logits)
         batch = [*others]
         batch.insert(position, target)
-        tokens, _ = sampler(torch.stack(rows), batch)
+        tokens, _ = sample(torch.stack(rows), batch)
         for seq, token in zip(batch, tokens):
-            seq.token_ids.append(token)
+            seq.history.append(token)
         out.append(tokens[position])
     return out
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(make_seq: MakeSeq) -> None:
-    sampler, vocab = Sampler([EOS]), 64
+    vocab = 64
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
-    alone = _run(sampler, make_seq([2], [], params, seed=1234), [], 20, 0, vocab)
-    again = _run(sampler, make_seq([2], [], params, seed=1234), [], 20, 0, vocab)
+    alone = _run(make_seq([2], [], params, seed=1234), [], 20, 0, vocab)
+    again = _run(make_seq([2], [], params, seed=1234), [], 20, 0, vocab)
     assert alone == again
     others = [make_seq([2], [], SamplingParams(temperature=t, top_k=k, repetition_penalty=r), seed=s)
               for t, k, r, s in [(1.0, -1, 1.0, 1), (0.0, -1, 1.0, 2), (0.5, 5, 1.3, 3), (1.5, -1, 1.0, 1234),
                                  (0.8, 10, 1.0, 5)]]
-    in_batch = _run(sampler, make_seq([2], [], params, seed=1234), others, 20, 3, vocab)
+    in_batch = _run(make_seq([2], [], params, seed=1234), others, 20, 3, vocab)
     assert in_batch == alone
-    other_seed = _run(sampler, make_seq([2], [], params, seed=4321), [], 20, 0, vocab)
+    other_seed = _run(make_seq([2], [], params, seed=4321), [], 20, 0, vocab)
     assert other_seed != alone
 
 
 def _sample_counts(make_seq: MakeSeq, logits: torch.Tensor, params: SamplingParams, n: int, seed: int) -> list[int]:
-    sampler, seq = Sampler([EOS]), make_seq([0], [], params, seed=seed)
-    counts = [0] * logits.numel()
-    for _ in range(n):
-        tokens, _ = sampler(logits[None], [seq])
-        counts[tokens[0]] += 1
-    return counts
+    """n draws from one row: n sequences with consecutive seeds, sampled as one batch."""
+    tokens, _ = sample(logits[None].repeat(n, 1), [make_seq([0], [], params, seed=seed * n + i) for i in range(n)])
+    return torch.bincount(torch.tensor(tokens), minlength=logits.numel()).tolist()
 
 
 LOGITS = torch.tensor([1.0, 0.0, 2.0, -1.0, 0.5, 1.5, -0.5, 0.2])
@@ -273,52 +280,49 @@ def test_sampling_respects_filters(make_seq: MakeSeq) -> None:
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_min_tokens_bans_eos_and_stop_tokens(make_seq: MakeSeq, temperature: float) -> None:
-    sampler = Sampler([EOS])
     logits = torch.zeros(1, 10)
     logits[0, EOS], logits[0, 7], logits[0, 4] = 50.0, 40.0, 5.0
     params = SamplingParams(temperature=temperature, min_tokens=3, stop_token_ids=[7], seed=0)
     seq = make_seq([2, 3], [], params)
     produced = []
     for _ in range(3):
-        (token,), _ = sampler(logits.clone(), [seq])
+        (token,), _ = sample(logits.clone(), [seq])
         assert token not in (EOS, 7)
         produced.append(token)
-        seq.token_ids.append(token)
+        seq.history.append(token)
     if temperature == 0.0:
         assert produced == [4, 4, 4]
-    (token,), _ = sampler(logits.clone(), [seq])
+    (token,), _ = sample(logits.clone(), [seq])
     assert token == EOS  # min_tokens reached
 
 
 def test_logprobs_are_raw_log_softmax(make_seq: MakeSeq) -> None:
-    sampler = Sampler([EOS])
     logits = torch.tensor([[4.0, 3.5, 1.0, 0.0, -1.0, 2.0]])
     raw = logits.log_softmax(-1)[0]
     # the penalty moves the greedy choice to token 1, outside the raw top-1
     params = SamplingParams(temperature=0.0, repetition_penalty=2.0, logprobs=1)
-    (token,), (lp,) = sampler(logits.clone(), [make_seq([0], [], params)])
+    (token,), (lp,) = sample(logits.clone(), [make_seq([0], [], params)])
     assert token == 1
     assert lp is not None and set(lp) == {0, 1}
     for i, v in lp.items():
         assert v == pytest.approx(float(raw[i]), abs=1e-6)
 
     params = SamplingParams(temperature=0.3, presence_penalty=2.0, logprobs=3, seed=5)
-    (token,), (lp,) = sampler(logits.clone(), [make_seq([0], [0, 5], params, seed=5)])
+    (token,), (lp,) = sample(logits.clone(), [make_seq([0], [0, 5], params, seed=5)])
     assert lp is not None
     assert set(lp) == {0, 1, 5} | {token}
     for i, v in lp.items():
         assert v == pytest.approx(float(raw[i]), abs=1e-6)
 
-    (token,), (lp,) = sampler(logits.clone(), [make_seq([0], [], SamplingParams(temperature=0.0, logprobs=0))])
+    (token,), (lp,) = sample(logits.clone(), [make_seq([0], [], SamplingParams(temperature=0.0, logprobs=0))])
     assert lp == pytest.approx({0: float(raw[0])})
 
 
 def test_top_logprobs_includes_chosen() -> None:
-    lp = torch.tensor([-0.5, -1.0, -3.0, -2.0]).log_softmax(-1)
-    result = top_logprobs(lp, 2, 2)
-    assert list(result)[:2] == [0, 1] and set(result) == {0, 1, 2}
-    assert result[2] == pytest.approx(float(lp[2]))
-    assert top_logprobs(lp, 2, 0) == pytest.approx({0: float(lp[0]), 1: float(lp[1])})
+    lp = torch.tensor([[-0.5, -1.0, -3.0, -2.0], [-3.0, -2.0, -1.0, -0.5]]).log_softmax(-1)
+    chosen, ids, values = top_logprobs(lp, torch.tensor([2, 0]), 2)
+    assert ids.tolist() == [[0, 1], [3, 2]] and torch.equal(values, lp.gather(1, ids))
+    assert chosen.tolist() == [float(lp[0, 2]), float(lp[1, 0])]
 
 
 # -- SamplingParams -------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ whose drafts are rejected leaves the caches as if the drafts had never been seen
 import math
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +12,8 @@ from test_trainer import SNIPPETS
 
 from stepflash import LLM, SamplingParams
 from stepflash.engine.kv_cache import FULL, SLIDING
-from stepflash.engine.sampler import Sampler
-from stepflash.engine.speculative import verify
+from stepflash.engine.sampler import RowBatch, SampleSeq, verify
+from stepflash.engine.scheduler import ScheduledSeq, StepPlan
 from stepflash.testing import tiny_config, write_checkpoint
 from stepflash.tokenizer import Tokenizer, write_byte_level_tokenizer
 from stepflash.train.trainer import TrainConfig, train
@@ -126,57 +125,65 @@ def test_prefix_hit_serves_mtp_caches_too(trained):
     assert warm_out.metrics.spec.accepted_per_position == cold_out.metrics.spec.accepted_per_position
 
 
-def _cache_view(llm: LLM, seq) -> dict:
-    """Everything the caches hold for `seq` at computed positions still in use."""
+def _cache_view(llm: LLM, seq, mtp_end: int | None = None) -> dict:
+    """Everything the caches hold for `seq` at positions still in use: the target's (its layers'
+    KV, hidden level 0) up to num_computed, the MTP modules' (their KV, hidden levels 1..) up to
+    mtp_end (default: the sequence's mtp_computed)."""
     engine, bs = llm.engine, llm.engine.config.block_size
     runner, tables = engine.runner, seq.blocks
+    mtp_end = tables.mtp_computed if mtp_end is None else mtp_end
     first_sliding = max(0, tables.num_computed - engine.model_config.sliding_window + 1)
+    mtp_layers = {s.index for s in engine.model_config.mtp_layers}
     view = {}
     for kind, lo in ((FULL, 0), (SLIDING, first_sliding)):
         table = tables.table(kind)
-        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(lo, tables.num_computed)])
+        slots = {end: torch.tensor([table[p // bs] * bs + p % bs for p in range(lo, end)])
+                 for end in (tables.num_computed, mtp_end)}
         for layer, (k, v) in runner.caches.items():
             if runner.kind_of[layer] == kind:
-                view[(layer, "k")] = k.flatten(0, 1)[slots]
-                view[(layer, "v")] = v.flatten(0, 1)[slots]
+                at = slots[mtp_end if layer in mtp_layers else tables.num_computed]
+                view[(layer, "k")] = k.flatten(0, 1)[at]
+                view[(layer, "v")] = v.flatten(0, 1)[at]
         if kind == SLIDING:
             for level, hidden in enumerate(runner.hidden):
-                view[("hidden", level)] = hidden[slots]
+                view[("hidden", level)] = hidden[slots[mtp_end if level else tables.num_computed]]
     return view
 
 
 def test_rejected_drafts_leave_no_trace(trained):
     """Step until a verify step rejects a draft; the caches then equal those of an engine that
-    computed the same accepted tokens as a prompt and never saw a draft (to float rounding)."""
+    computed the same accepted tokens as a prompt and never saw a draft (to float rounding): the
+    target's at every computed position, the MTP modules' up to where they have caught up."""
     llm = LLM(str(trained), mtp=3, enable_prefix_caching=False)
     engine = llm.engine
     for i, prompt in enumerate(code_prompts(trained)):
         engine.add_request(str(i), prompt, greedy(40))
-        seq = engine.requests[str(i)].seqs[0]
+        (seq,) = engine.scheduler.sequences_of(str(i))
         rejected = False
         while not seq.finished and not rejected:
-            drafted, accepted = engine.spec.num_draft_tokens, engine.spec.num_accepted_tokens
+            drafted, accepted = engine.output.spec.num_draft_tokens, engine.output.spec.num_accepted_tokens
             engine.step()
-            rejected = engine.spec.num_draft_tokens - drafted > engine.spec.num_accepted_tokens - accepted
+            spec = engine.output.spec
+            rejected = spec.num_draft_tokens - drafted > spec.num_accepted_tokens - accepted
         if rejected and not seq.finished:
             break
     else:
         pytest.fail("no draft was rejected")
-    assert seq.num_computed == seq.num_tokens - 1 == seq.blocks.mtp_computed
+    assert seq.num_computed == seq.num_tokens - 1 > seq.blocks.mtp_computed
     fresh = LLM(str(trained), mtp=3, enable_prefix_caching=False)
     fresh.engine.add_request("b", seq.token_ids[:-1], greedy(40))
-    other = fresh.engine.requests["b"].seqs[0]
+    (other,) = fresh.engine.scheduler.sequences_of("b")
     fresh.engine.step()  # the prompt in one chunk, then the first token: the same as seq's newest
-    assert other.token_ids == seq.token_ids
-    assert other.num_computed == seq.num_computed and other.blocks.mtp_computed == seq.blocks.mtp_computed
-    for kind in (FULL, SLIDING):  # no block kept for rejected positions beyond the next drafts' room
+    assert other.token_ids == seq.token_ids and other.num_computed == seq.num_computed
+    catch_up = ScheduledSeq(other, other.num_computed, 0, mtp_start=0)  # its MTP caches, as far as seq's
+    fresh.engine.drafter.propose(StepPlan([catch_up], []))
+    for kind in (FULL, SLIDING):  # no block kept for rejected positions
         assert len(seq.blocks.table(kind)) == len(other.blocks.table(kind))
     assert seq.blocks.hashes == other.blocks.hashes
-    ours, theirs = _cache_view(llm, seq), _cache_view(fresh, other)
+    ours, theirs = _cache_view(llm, seq), _cache_view(fresh, other, mtp_end=seq.blocks.mtp_computed)
     assert ours.keys() == theirs.keys() and len(ours) > 0
     for key in ours:
         assert torch.allclose(ours[key], theirs[key], atol=1e-5), key
-    assert seq.draft_ids == other.draft_ids
 
 
 def _chi_square_bound(df: int, z: float = 3.29) -> float:
@@ -200,18 +207,20 @@ def test_rejection_sampling_emits_the_target_distribution(top_k):
                              [1.0, 1.0, 1.0, 1.0, 1.0, 3.0]])
     q = torch.tensor([[0.05, 0.1, 0.2, 0.3, 0.3, 0.05], [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]])
     params = SamplingParams(temperature=1.0, top_k=top_k)
-    sampler = Sampler([])
-    expected = torch.stack([Sampler.probs(row, params) for row in p_logits])
-    trials = 12000
+    kept = p_logits if top_k < 0 else p_logits.masked_fill(p_logits < p_logits.topk(top_k).values[:, -1:], -math.inf)
+    expected = kept.softmax(-1)
+    trials = 12000  # one sequence per trial, all verified in one batch
+    gen = torch.Generator().manual_seed(0)
+    drafts = torch.stack([torch.multinomial(q[r], trials, replacement=True, generator=gen) for r in range(2)], 1)
+    seqs = [SampleSeq(params, seed, [0], 1) for seed in range(trials)]
+    batch = RowBatch(seqs, [i for i in range(trials) for _ in range(3)], [0, 1, 2] * trials, [], torch.device("cpu"))
+    tokens, accepted = verify(batch, p_logits.expand(trials, 3, 6), torch.full((trials,), 2), drafts,
+                              q.expand(trials, 2, 6))
     counts = torch.zeros(3, 6)
-    for i in range(trials):
-        gen = torch.Generator().manual_seed(i)
-        seq = SimpleNamespace(params=params, token_ids=[0], num_prompt_tokens=1, generator=gen)
-        drafts = [int(torch.multinomial(q[r], 1, generator=gen)) for r in range(2)]
-        tokens = verify(sampler, p_logits, seq, drafts, q)
-        assert 1 <= len(tokens) <= 3 and tokens[:-1] == drafts[: len(tokens) - 1]
-        for position, token in enumerate(tokens):
+    for row, n in zip(tokens.tolist(), accepted.tolist()):
+        for position, token in enumerate(row[:n + 1]):
             counts[position, token] += 1
+    assert (tokens[:, :2] == drafts).long().cumprod(1).sum(1).ge(accepted).all()  # what it kept are the drafts
     assert counts[1].sum() > 0.2 * trials and counts[2].sum() > 0.05 * trials  # every path is taken
     for position in range(3):
         stat, df = _goodness_of_fit(counts[position], expected[position])

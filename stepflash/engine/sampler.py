@@ -87,7 +87,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     min_p [R] times the most likely token's probability."""
     if bool((top_k > 0).any()) or bool((top_p < 1).any()):
         values, order = logits.sort(-1, descending=True)
-        kth = values.gather(1, (top_k.clamp(min=1) - 1)[:, None])
+        kth = values.gather(1, (top_k.clamp(1, logits.shape[-1]) - 1)[:, None])
         logits = logits.masked_fill((top_k[:, None] > 0) & (logits < kth), float("-inf"))
         probs = values.masked_fill((top_k[:, None] > 0) & (values < kth), float("-inf")).softmax(-1)
         outside = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)  # the smallest prefix
@@ -189,7 +189,7 @@ class RowBatch:
 
 def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """For rows of raw logprobs [..., V]: the chosen tokens' logprobs, and the k best (ids, values)."""
-    values, ids = logprobs.topk(k, dim=-1)
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
     return logprobs.gather(-1, chosen[..., None])[..., 0], ids, values
 
 
@@ -214,7 +214,7 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor, draf
     drafts [S, K]; q [S, K, V] (the draft distributions, sampled sequences; None when all greedy)."""
     S, width, V = logits.shape
     K = width - 1
-    processed = batch.process(logits.view(S * width, V), drafts).view(S, width, V)
+    processed = batch.process(logits.reshape(S * width, V), drafts).view(S, width, V)
     target = processed.argmax(-1)
     real = torch.arange(K, device=logits.device)[None, :] < num_drafts[:, None]
     if K == 0:
