@@ -28,16 +28,22 @@ def test_graph_buckets_cover_every_row_count():
 
 def _run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams], late: int) -> list:
     """The requests to completion; the last `late` of them arrive after the first step."""
-    early = len(prompts) - late
+    early, outputs = len(prompts) - late, {}
+
+    def step() -> None:
+        for delta in engine.step():
+            if delta.request_id in outputs:
+                outputs[delta.request_id].add(delta)
+            else:
+                outputs[delta.request_id] = delta
+
     for i, (p, sp) in enumerate(zip(prompts, params)):
         if i == early:
-            done = {out.request_id: out.outputs[0] for out in engine.step() if out.finished}
+            step()
         engine.add_request(str(i), p, sp)
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0]
-    return [done[str(i)] for i in range(len(prompts))]
+        step()
+    return [outputs[str(i)].outputs[0] for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("mtp", [0, 3])
