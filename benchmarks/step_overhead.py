@@ -1,0 +1,118 @@
+"""Host time per engine step: the whole step, the model's forwards inside it, and the rest (planning,
+inputs, sampling, the readback, updates, detokenization), on the bundled model on the CPU.
+
+Grid: batch 1/16/64 x MTP 0/3 x context 256/4K (the bundled model's longest). The prompts of a point
+share all but their last 16 tokens (so one prefill serves them: the prefix cache), then every
+sequence decodes `--steps` steps; only those decode steps are timed. Forward time is wall time
+inside the model's forward calls (target, MTP modules, heads), which on the CPU run synchronously.
+Targets (issue 14): host time <= 10% of the step everywhere, and within 10% between 256 and 4K.
+
+    python benchmarks/step_overhead.py [--steps 24] [--batches 1,16,64] [--contexts 256,4096] [--threads 1]
+"""
+
+import argparse
+import datetime
+import functools
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from stepflash import LLM, SamplingParams
+
+
+class ForwardClock:
+    """Wall time spent inside the model's forward calls (patched on the instance)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.seconds = 0.0
+        for name in ("forward", "mtp_hidden", "compute_logits", "mtp_logits"):
+            setattr(model, name, self._timed(getattr(model, name)))
+
+    def _timed(self, fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return run
+
+
+def stdlib_tokens(llm: LLM, count: int) -> list[int]:
+    text = "".join(p.read_text(errors="replace") for p in sorted(Path(json.__file__).parent.glob("*.py")))
+    text += "".join(p.read_text(errors="replace") for p in sorted(Path(argparse.__file__).parent.glob("a*.py")))
+    ids = llm.tokenizer.encode(text)
+    return (ids * (count // len(ids) + 1))[:count]
+
+
+def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int]) -> dict:
+    llm = LLM(mtp=mtp, max_num_seqs=max(batch, 1), max_model_len=context + steps * 4 + 8,
+              max_num_batched_tokens=max(1024, 16 * batch))
+    engine = llm.engine
+    shared = tokens[:context - 16]
+    prompts = [shared + tokens[context + 16 * i: context + 16 * (i + 1)] for i in range(batch)]
+    params = SamplingParams(temperature=0.0, max_tokens=steps * (1 + mtp) + 4, ignore_eos=True)
+    llm.generate([shared + [tokens[0]]], SamplingParams(temperature=0.0, max_tokens=2))  # prefill the shared part
+    for i, p in enumerate(prompts):
+        engine.add_request(f"p{i}", p, params)
+    while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
+        engine.step()
+    clock = ForwardClock(engine.model)
+    engine.step()  # one decode step untimed (first verify shapes)
+    step_times, forward_times = [], []
+    for _ in range(steps):
+        clock.seconds = 0.0
+        start = time.perf_counter()
+        engine.step()
+        step_times.append(time.perf_counter() - start)
+        forward_times.append(clock.seconds)
+    running = len(engine.scheduler.running)
+    for i in range(batch):
+        engine.abort_request(f"p{i}")
+    step, forward = statistics.median(step_times), statistics.median(forward_times)
+    return {"mtp": mtp, "batch": batch, "context": context, "running": running,
+            "step_ms": round(step * 1e3, 3), "forward_ms": round(forward * 1e3, 3),
+            "host_ms": round((step - forward) * 1e3, 3), "host_share": round((step - forward) / step, 4),
+            "tau": round(engine.output.spec.mean_accepted_length, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--contexts", default="256,4096")
+    ap.add_argument("--mtp", default="0,3")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    tokens = stdlib_tokens(LLM(mtp=0, max_num_seqs=1), max(contexts) + 16 * 70)
+    rows = []
+    print(f"{'mtp':>3} {'batch':>5} {'ctx':>5} {'step ms':>8} {'fwd ms':>8} {'host ms':>8} {'host %':>6} {'tau':>5}")
+    for mtp in (int(m) for m in args.mtp.split(",")):
+        for batch in (int(b) for b in args.batches.split(",")):
+            for context in contexts:
+                r = measure(mtp, batch, context, args.steps, tokens)
+                rows.append(r)
+                print(f"{mtp:>3} {batch:>5} {context:>5} {r['step_ms']:>8.2f} {r['forward_ms']:>8.2f} "
+                      f"{r['host_ms']:>8.2f} {100 * r['host_share']:>5.1f}% {r['tau']:>5.2f}", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"benchmark": "step_overhead", "date": datetime.date.today().isoformat(), "commit": commit,
+              "machine": platform.processor() or platform.machine(), "threads": args.threads,
+              "torch": torch.__version__, "steps": args.steps, "command": " ".join(sys.argv), "points": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"step_overhead-tiny-t{args.threads}-{result['date']}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
