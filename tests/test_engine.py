@@ -88,6 +88,21 @@ def test_prefix_cache_hit_is_reported_and_exact(ckpt):
     assert_matches_reference(ckpt, [prompt, prompt[:64] + [99, 98]], [first, second])
 
 
+def test_prefix_cache_key_collisions_serve_no_wrong_kv(ckpt, monkeypatch):
+    """Every block key forced equal (as a crafted collision of a weaker hash would): a prompt whose
+    second block repeats a cached first block must not get that block's KV (computed at other
+    positions); it hits its real shared prefix only, and its output is the reference's."""
+    import stepflash.engine.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "block_key", lambda parent, tokens: b"collide")
+    llm = LLM(str(ckpt))
+    cached = mixed_prompts()[5]
+    repeat = cached[:16] + cached[:16] + [7, 8]
+    outputs = [llm.generate([prompt], greedy())[0] for prompt in (cached, repeat)]
+    assert outputs[1].metrics.num_cached_tokens == 16
+    assert_matches_reference(ckpt, [cached, repeat], outputs)
+
+
 def test_long_prompt_fits_a_budget_no_full_cache_could(tmp_path):
     """1 full layer in 4, a prompt of 16 windows: served within a budget below what keeping every
     layer's whole history would take."""
