@@ -79,6 +79,20 @@ def test_unsupported_options_are_refused(tmp_path):
             LLM(str(ckpt), **kwargs)
 
 
+def test_small_kv_cache_lowers_concurrency_and_chunk_to_fit(tmp_path):
+    """Settings left open shrink until one sequence of the whole context fits; settings given are kept,
+    and a budget they cannot fit is refused naming what to change."""
+    ckpt = write_checkpoint(tmp_path, seed=8)
+    budget = 4_000_000  # one 4096-token sequence, but not 64 sliding windows and a 1024-token chunk
+    llm = LLM(str(ckpt), kv_cache_bytes=budget)
+    layout = llm.engine.layout
+    assert layout.max_model_len == 4096 and layout.max_num_seqs < 64 and layout.max_num_batched_tokens < 1024
+    outs = llm.generate([PROMPT, PROMPT[:5], PROMPT[3:]], greedy(max_tokens=4))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4, 4]
+    with pytest.raises(ValueError, match="raise kv_cache_bytes or lower max_model_len, max_num_seqs"):
+        LLM(str(ckpt), kv_cache_bytes=budget, max_num_seqs=64)
+
+
 def test_async_stream_deltas_concatenate_to_the_final_output(llm):
     async def run() -> list:
         engine = AsyncLLMEngine(llm.engine)

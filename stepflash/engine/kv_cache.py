@@ -104,7 +104,7 @@ def plan_kv_layout(cfg: ModelConfig, ec: EngineConfig, num_mtp: int, dtype: torc
     one_seq = math.ceil((length + num_mtp + 1) / bs) + 1  # a block of slack for copy-on-write
     while full_blocks(seqs, chunk) < one_seq and ec.max_num_seqs is None and seqs > 1:
         seqs //= 2
-    while full_blocks(seqs, chunk) < one_seq and ec.max_num_batched_tokens is None and chunk > bs:
+    while full_blocks(seqs, chunk) < one_seq and ec.max_num_batched_tokens is None and chunk > max(64, bs):
         chunk //= 2
     full = full_blocks(seqs, chunk)
     if full < one_seq:
