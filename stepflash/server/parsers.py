@@ -30,6 +30,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from stepflash.engine.output import partial_suffix
+
 THINK_END = "</think>"
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
@@ -215,7 +217,7 @@ class StreamingParser:
 
     def _release(self, tag: str) -> str:
         """Take the buffer except a trailing partial `tag`, which stays buffered."""
-        keep = _partial_tag_length(self._buffer, tag)
+        keep = partial_suffix(self._buffer, [tag])
         cut = len(self._buffer) - keep
         text, self._buffer = self._buffer[:cut], self._buffer[cut:]
         return text
@@ -234,14 +236,6 @@ class StreamingParser:
             self._pending_whitespace = ""
             self._content_started = True
         self._pending_whitespace += text[len(body) :]
-
-
-def _partial_tag_length(text: str, tag: str) -> int:
-    """Length of the longest proper prefix of `tag` that `text` ends with."""
-    for length in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:length]):
-            return length
-    return 0
 
 
 def _tool_schemas(tools: list[dict] | None) -> Schemas | None:
