@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import triton
+from torch import nn
 
 from stepflash.config import ModelConfig
 from stepflash.kernels.rope_kv import rope_kv_write, rope_kv_write_ref
@@ -94,28 +95,30 @@ EXPERT_CHUNK = 32  # experts quantized at a time: bounds the fp32 temporaries
 
 
 def quantize_layer(layer: DecoderLayer, weights: str) -> None:
-    """Experts (int4, fp8) and every other projection but the head gate (fp8) kept quantized, as
-    `stepflash quantize` and the FP8 release store them."""
+    """Routed experts kept in INT4 (groups of 128, as `stepflash quantize` stores them) or FP8; with
+    fp8, every other projection but the router too (the release keeps the small head gate in bf16:
+    here it goes to FP8 with the rest, which is what lets a packed q/k/v/g GEMM stay one GEMM)."""
     if weights == "bf16":
         return
     moe = getattr(layer, "moe", None)  # dense layers (0-2 of the release) have an MLP instead
+    experts = (moe.gate_proj, moe.up_proj, moe.down_proj) if moe else ()
+    group = math.gcd(128, *(m.weight.shape[-1] for m in experts)) if experts else 0  # one size, as on disk
     with torch.no_grad():
-        for m in (moe.gate_proj, moe.up_proj, moe.down_proj) if moe else ():
+        for m in experts:
             chunks = [m.weight[e:e + EXPERT_CHUNK] for e in range(0, m.weight.shape[0], EXPERT_CHUNK)]
             if weights == "int4":
-                group = math.gcd(128, m.weight.shape[-1])  # 128 at the real shape
                 packed, scales = zip(*(quantize_int4(c, group) for c in chunks))
                 m.keep_int4(torch.cat(packed), torch.cat(scales).to(m.weight.dtype), group)
             else:
                 fp8, scales = zip(*(quantize_fp8(c, FP8_BLOCK) for c in chunks))
                 m.keep_fp8(torch.cat(fp8), torch.cat(scales), FP8_BLOCK)
         if weights == "fp8":
-            attn, mlp = layer.self_attn, layer.share_expert if moe else layer.mlp
-            for parent, name in [(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
-                    [(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]:
-                linear = getattr(parent, name)
-                setattr(parent, name, Fp8Linear(*quantize_fp8(linear.weight, FP8_BLOCK), FP8_BLOCK))
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            for parent in list(layer.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear) and not (moe and child is moe.gate):
+                        setattr(parent, name, Fp8Linear(*quantize_fp8(child.weight, FP8_BLOCK), FP8_BLOCK))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def build(cfg: ModelConfig, device, dtype, weights: str, seed: int = 0) -> list[DecoderLayer]:
