@@ -19,7 +19,9 @@
 #   run(command="STEPFLASH_COMMIT=<git rev-parse --short HEAD, run here> bash benchmarks/gpu_check.sh",
 #       carry=[".whl"], timeout_s=540)
 # (the tree travels without .git, hence the commit by hand; 540 s leaves a second call room to run).
-# A second call can rerun a part with more time, e.g. STEPS="tests-engine e2e" T_TESTS_ENGINE=300.
+# Knobs: STEPS (the steps to run, by name), T_TESTS_KERNELS, T_TESTS_GRAPHS, T_TESTS_ENGINE, T_DECODE_FP8,
+# T_DECODE_INT4, T_DECODE_BF16, T_E2E (each step's seconds), TOTAL (the whole script's, 470): a second
+# call can rerun a part with more time, e.g. STEPS="tests-engine e2e" T_TESTS_ENGINE=300.
 # Dry run on a CPU (tests/test_gpu_check.py): GPU_CHECK_DRY=1 OUT=/tmp/gc bash benchmarks/gpu_check.sh
 # (Triton's interpreter, tiny shapes, a few tests per group).
 set -uo pipefail
@@ -59,7 +61,7 @@ step() {
 
 say "=== setup: commit $STEPFLASH_COMMIT, $(date -u +%FT%TZ), dry run: $DRY"
 if compgen -G ".whl/*.whl" >/dev/null; then  # transformers >= 5.23 for the oracle tests
-    timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    PIP_ROOT_USER_ACTION=ignore timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$WORK/site" .whl/*.whl 2>&1 | tee -a "$LOG" && export PYTHONPATH=$WORK/site:$PYTHONPATH
 else
     say "no .whl/ (benchmarks/gpu_wheels.sh): the image's own transformers serves the oracle tests"
@@ -101,7 +103,7 @@ step e2e "${T_E2E:-90}" "${E2E[@]}" --out "$OUT/e2e.json"
 # The summary: steps, test counts (read off the log, so a step stopped at its limit still counts),
 # batch-1..32 decode figures and the projection, the end-to-end check.
 python3 - "$OUT" "$WORK/steps.tsv" <<'EOF' 2>&1 | tee "$OUT/summary.md"
-import json, re, sys
+import datetime, json, os, re, sys
 from pathlib import Path
 
 out, steps = Path(sys.argv[1]), Path(sys.argv[2])
@@ -129,7 +131,7 @@ decode = {w: load(f"decode-{w}.json") for w in ("fp8", "int4", "bf16")}
 e2e = load("e2e.json")
 head = next((d for d in [*decode.values(), e2e] if d), {})
 bw = next((d["copy_gb_per_s"] for d in decode.values() if d and d.get("copy_gb_per_s")), None)
-print(f"# gpu_check: {head.get('device', '?')}, {head.get('date', '?')}, commit {head.get('commit', '?')}; "
+print(f"# gpu_check: {head.get('device', '?')}, {datetime.date.today()}, commit {os.environ['STEPFLASH_COMMIT']}; "
       f"copy bandwidth {num(bw, 0)} GB/s\n")
 print("| step | status | s | detail |\n| --- | --- | --- | --- |")
 failed_tests = []
@@ -138,11 +140,12 @@ for name, status, seconds in rows:
     if name.startswith("tests-"):
         results = re.findall(r"^(tests/\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", log, re.M)
         counts = {r: sum(1 for _, x in results if x == r) for r in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
-        detail = ", ".join(f"{n} {r.lower()}" for r, n in counts.items() if n)
+        parts = [f"{n} {r.lower()}" for r, n in counts.items() if n]
         failed_tests += [t for t, r in results if r in ("FAILED", "ERROR")]
-        running = re.findall(r"^(tests/\S+::\S+) *$", log, re.M)
+        running = re.findall(r"^(tests/\S+::\S+) *(?:=== .*)?$", log, re.M)  # no result: cut off
         if status == "timed out" and running:
-            detail += f"; running at the limit: {running[-1]}"
+            parts.append(f"running at the limit: {running[-1]}")
+        detail = ", ".join(parts)
     elif name.startswith("decode-") and (d := decode[name.removeprefix("decode-")]):
         err = d.get("kernel_vs_torch_max_rel_diff")
         detail = f"{d['layers']} layers, {len(d['results'])} points, kernels vs torch {err and f'{err:.1e}'}"
