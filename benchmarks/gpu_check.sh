@@ -61,8 +61,9 @@ step() {
 
 say "=== setup: commit $STEPFLASH_COMMIT, $(date -u +%FT%TZ), dry run: $DRY"
 if compgen -G ".whl/*.whl" >/dev/null; then  # transformers >= 5.23 for the oracle tests
-    PIP_ROOT_USER_ACTION=ignore timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$WORK/site" .whl/*.whl 2>&1 | tee -a "$LOG" && export PYTHONPATH=$WORK/site:$PYTHONPATH
+    PIP_ROOT_USER_ACTION=ignore timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl 2>&1 | tee -a "$LOG" &&
+        export PYTHONPATH=$WORK/site:$PYTHONPATH
 else
     say "no .whl/ (benchmarks/gpu_wheels.sh): the image's own transformers serves the oracle tests"
 fi
@@ -148,7 +149,8 @@ for name, status, seconds in rows:
         detail = ", ".join(parts)
     elif name.startswith("decode-") and (d := decode[name.removeprefix("decode-")]):
         err = d.get("kernel_vs_torch_max_rel_diff")
-        detail = f"{d['layers']} layers, {len(d['results'])} points, kernels vs torch {err and f'{err:.1e}'}"
+        detail = (f"{d['layers']} layers, {len(d['results'])} points, {len(d.get('errors', []))} errors, "
+                  f"kernels vs torch {err and f'{err:.1e}'}")
         if p := next((r for r in d["results"] if r["batch"] == 1 and r["mtp_k"] == 0), None):
             detail += f"; batch 1, context {p['context']}: roofline_fraction {num(p['roofline_fraction'])}"
     elif name == "e2e" and e2e:
@@ -173,8 +175,8 @@ for w, d in decode.items():
 if e2e:
     print(f"\ne2e, {e2e['label']}:")
     for r in e2e["runs"]:
-        print(f"- {r['dtype']} kernels={r['kernels']} cuda_graphs={r['cuda_graphs']} mtp=3: "
-              f"{num(r['tokens_per_s'], 1)} tokens/s, tau {num(r['tau'])}")
+        print(f"- {r['dtype']} kernels={r['kernels']}: " + (r.get("error") or f"cuda_graphs={r['cuda_graphs']} "
+              f"mtp=3, {num(r['tokens_per_s'], 1)} tokens/s, tau {num(r['tau'])}"))
 EOF
 failed=$(awk -F'\t' '$2 != "ok"' "$WORK/steps.tsv" 2>/dev/null | wc -l)
 echo "gpu_check: $failed step(s) not ok, $((SECONDS - START))s" | tee -a "$LOG"

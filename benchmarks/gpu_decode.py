@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -302,7 +303,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", default="1,8,32")
@@ -330,9 +331,10 @@ def main() -> None:
     print(f"device {name}; copy bandwidth {bandwidth or float('nan'):.0f} GB/s; {args.layers} layers at "
           f"{'tiny' if args.tiny else 'real'} shape, {args.weights} weights")
     results: list[dict] = []
+    errors: list[dict] = []
     record = {"benchmark": "gpu_decode", "date": datetime.date.today().isoformat(), "commit": git_commit(),
               "device": name, "layers": args.layers, "weights": args.weights, "tiny": args.tiny,
-              "copy_gb_per_s": bandwidth, "results": results, "projection": None}
+              "copy_gb_per_s": bandwidth, "results": results, "errors": errors, "projection": None}
     out = args.out or (None if args.tiny else Path(__file__).parent / "results" / (
         f"gpu_decode-{name.replace(' ', '_')}-{args.weights}-{args.layers}l-{record['date']}.json"))
 
@@ -364,6 +366,11 @@ def main() -> None:
                         print(f"batch {batch} context {context} rows/seq {rows}: out of memory, skipped")
                         torch.cuda.empty_cache()
                         break
+                    except Exception as e:  # recorded; the other points still measure
+                        traceback.print_exc()
+                        errors.append({"batch": batch, "context": context, "mtp_k": k, "error": repr(e)})
+                        save()
+                        continue
                     best = min(t for t in (times["eager_ms"], times["graph_ms"]) if t is not None)
                     gb_per_s = step_bytes(cfg, layers, batch, context, rows, elem) / (best / 1e3) / 1e9
                     full_model_ms = best / args.layers * 45  # mean layer time x 45 (lm_head not included)
@@ -389,7 +396,8 @@ def main() -> None:
     save()
     if out:
         print(f"wrote {out}")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -12,7 +12,7 @@ bfloat16 the two paths round differently and a near-tie may flip, so agreement t
 required. tokens/s = generated tokens / wall time of `generate` (prefill included) after the same
 `generate` as a warm-up (on CUDA); random MTP modules
 draft almost nothing acceptable, so this is the mechanism's cost, not a trained model's speed.
-Exit status 1 if float32 tokens differ.
+Exit status 1 if float32 tokens differ or a run failed (the others still run).
 
     python benchmarks/gpu_e2e.py --out e2e.json
     TRITON_INTERPRET=1 python benchmarks/gpu_e2e.py --device cpu --tiny --dtypes float32   # dry run
@@ -26,6 +26,7 @@ import os
 import subprocess
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -144,6 +145,11 @@ def main() -> int:
                        "random weights", "prompt_lengths": list(d["prompts"]), "max_tokens": d["max_tokens"],
               "runs": [], "checks": {}}
     failed = False
+
+    def save() -> None:
+        if args.out:
+            args.out.write_text(json.dumps(record, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         ckpt = write_random(Path(tmp), config(d), torch.bfloat16 if device.type == "cuda" else torch.float32, device)
@@ -152,13 +158,21 @@ def main() -> int:
         for dtype in args.dtypes.split(","):
             runs = {}
             for kernels in ("torch", "triton"):
-                runs[kernels] = r = run(ckpt, prompts, d["max_tokens"], device.type, dtype, kernels)
+                try:
+                    runs[kernels] = r = run(ckpt, prompts, d["max_tokens"], device.type, dtype, kernels)
+                except Exception as e:  # recorded; the other runs still give their numbers
+                    traceback.print_exc()
+                    record["runs"].append({"dtype": dtype, "kernels": kernels, "error": repr(e)})
+                    save()
+                    failed = True
+                    continue
                 record["runs"].append({k: v for k, v in r.items() if k != "token_ids"})
                 print(f"{dtype:>8} {kernels:>6}{' + graphs' if kernels == 'triton' else '         '} mtp=3: "
                       f"{r['tokens_per_s']:.1f} tokens/s ({r['generated']} tokens in {r['seconds']:.2f} s, "
                       f"load {r['load_s']:.1f} s, tau {r['tau'] or float('nan'):.2f})")
-                if args.out:
-                    args.out.write_text(json.dumps(record, indent=1))
+                save()
+            if len(runs) < 2:
+                continue
             check = compare(runs["torch"]["token_ids"], runs["triton"]["token_ids"])
             check["required"] = dtype == "float32"
             check["speedup"] = runs["triton"]["tokens_per_s"] / runs["torch"]["tokens_per_s"]
@@ -166,8 +180,7 @@ def main() -> int:
             failed |= check["required"] and not check["tokens_equal"]
             print(f"{dtype:>8} greedy tokens equal: {check['tokens_equal']} (first divergence per prompt "
                   f"{check['first_divergence']}); kernels + graphs {check['speedup']:.2f}x the PyTorch path")
-            if args.out:
-                args.out.write_text(json.dumps(record, indent=1))
+            save()
     return 1 if failed else 0
 
 
