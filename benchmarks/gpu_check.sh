@@ -17,8 +17,10 @@
 # The device machine is offline (Python 3.12, its own torch/triton, transformers 5.17): run
 # benchmarks/gpu_wheels.sh here first (fills the git-ignored .whl/), then make this call:
 #   run(command="STEPFLASH_COMMIT=<git rev-parse --short HEAD, run here> bash benchmarks/gpu_check.sh",
-#       carry=[".whl"], timeout_s=540)
-# (the tree travels without .git, hence the commit by hand; 540 s leaves a second call room to run).
+#       carry=[".whl"], timeout_s=540, kind="nvidia-h200")
+# (the tree travels without .git, hence the commit by hand; 540 s leaves a second call room to run;
+# the H200 holds all 45 int4 layers, which the single-stream projection wants: where none is lent,
+# leave kind out and int4 is measured on 4 layers and extrapolated, like fp8 and bf16).
 # Knobs: STEPS (the steps to run, by name), T_TESTS_KERNELS, T_TESTS_GRAPHS, T_TESTS_ENGINE, T_DECODE_FP8,
 # T_DECODE_INT4, T_DECODE_BF16, T_E2E (each step's seconds), TOTAL (the whole script's, 470): a second
 # call can rerun a part with more time, e.g. STEPS="tests-engine e2e" T_TESTS_ENGINE=300.
