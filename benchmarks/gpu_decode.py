@@ -97,8 +97,8 @@ EXPERT_CHUNK = 32  # experts quantized at a time: bounds the fp32 temporaries
 
 def quantize_layer(layer: DecoderLayer, weights: str) -> None:
     """Routed experts kept in INT4 (groups of 128, as `stepflash quantize` stores them) or FP8; with
-    fp8, every other projection but the router too (the release keeps the small head gate in bf16:
-    here it goes to FP8 with the rest, which is what lets a packed q/k/v/g GEMM stay one GEMM)."""
+    fp8, every other nn.Linear but the router too (the release keeps the small head gate in bf16:
+    here it goes to FP8 with the rest, packed with q/k/v or not; a negligible difference in bytes)."""
     if weights == "bf16":
         return
     moe = getattr(layer, "moe", None)  # dense layers (0-2 of the release) have an MLP instead
