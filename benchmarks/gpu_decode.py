@@ -1,17 +1,21 @@
 """Decode step time at the real Step-3.5-Flash shape on one GPU, with the Triton kernels.
 
 Builds the first N decoder layers at the published shape (hidden 4096, 288 experts top-8 of 1280,
-64/96 query heads, 8 KV heads of 128, window 512; layer 0 full attention, then sliding, every layer
-MoE) with random bf16 weights, a paged KV cache already holding `context` tokens per sequence, and
-runs one decode step (and MTP verify steps of 1 + k rows per sequence) through the model's own layer
-code with attention = `kernels.paged_attention` and routed experts = `kernels.fused_moe`. First it
-checks the kernel path against the PyTorch path on the same inputs. Times are CUDA-event medians,
-eager and (where capture works) in a CUDA graph, with the PyTorch path (the kernels' twins) timed on
-the same inputs as the peer. Per-layer times are extrapolated to the 45 layers
-(12 full, 33 sliding) plus the lm_head, and printed as an extrapolation; achieved GB/s = bytes a step
-must read (weights of the experts actually selected, KV) / time, next to the measured copy bandwidth.
+64/96 query heads, 8 KV heads of 128, window 512; full attention on every 4th layer from 0, the rest
+sliding; every layer MoE, except with all 45 layers, which take the release's layout: dense FFNs on
+layers 0-2, clamps on 43-44) with random bf16 weights, a paged KV cache already holding `context`
+tokens per sequence, and runs one decode step (and MTP verify steps of 1 + k rows per sequence)
+through the model's own layer code with attention = `kernels.paged_attention` and routed experts =
+`kernels.fused_moe`. First it checks the kernel path against the PyTorch path on the same inputs.
+Times are CUDA-event medians, eager and (where capture works) in a CUDA graph, with the PyTorch path
+(the kernels' twins) timed on the same inputs as the peer at the first context only (it is slow).
+Per-layer times are extrapolated to the 45 layers (12 full, 33 sliding; the lm_head is timed for the
+MTP projection only), printed as an extrapolation unless all 45 were built; achieved GB/s = bytes a
+step must read (weights of the experts actually selected, KV) / time, next to the measured copy
+bandwidth: `roofline_fraction` = achieved / copy GB/s. The JSON is rewritten after every point, so a
+run stopped at its time limit keeps what it measured.
 
-    python benchmarks/gpu_decode.py [--layers 4] [--batch 1,8,32] [--context 1024,32768,131072] [--tau 2.6]
+    python benchmarks/gpu_decode.py [--layers 4] [--batch 1,8,32] [--context 1024,32768,131072] [--tau 3.5]
     TRITON_INTERPRET=1 python benchmarks/gpu_decode.py --device cpu --tiny   # a dry run of the code path
 """
 
@@ -19,13 +23,16 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import subprocess
 import time
+import traceback
 from pathlib import Path
 
 import torch
 import triton
+from torch import nn
 
 from stepflash.config import ModelConfig
 from stepflash.kernels.rope_kv import rope_kv_write, rope_kv_write_ref
@@ -41,7 +48,10 @@ BLOCK = 16
 
 
 def real_config(layers: int, tiny: bool) -> dict:
-    types = ["full_attention"] + ["sliding_attention"] * (layers - 1)
+    types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(layers)]
+    release = layers == 45  # the whole model: dense layers 0-2 and the clamps of layers 43-44
+    moe = range(3, layers) if release else range(layers)
+    limits = [7.0 if release and i >= 43 else 0.0 for i in range(layers)]
     if tiny:
         dims = dict(hidden_size=64, head_dim=16, num_attention_heads=8, other_heads=12, experts=16, top_k=4,
                     moe_inter=32, dense_inter=96, vocab=512, window=16)
@@ -54,11 +64,12 @@ def real_config(layers: int, tiny: bool) -> dict:
         num_attention_groups=8 if not tiny else 4,
         attention_other_setting={"attention_type": "sliding_attention", "num_attention_heads": dims["other_heads"],
                                  "num_attention_groups": 8 if not tiny else 4, "head_dim": dims["head_dim"]},
-        layer_types=types, sliding_window=dims["window"], rope_theta=[5e6] + [1e4] * (layers - 1),
-        partial_rotary_factors=[0.5] + [1.0] * (layers - 1), rope_scaling=None, moe_num_experts=dims["experts"],
-        moe_top_k=dims["top_k"], moe_intermediate_size=dims["moe_inter"], share_expert_dim=dims["moe_inter"],
-        moe_layers_enum=",".join(str(i) for i in range(layers)), swiglu_limits=[0.0] * layers,
-        swiglu_limits_shared=[0.0] * layers, num_nextn_predict_layers=0)
+        layer_types=types, sliding_window=dims["window"],
+        rope_theta=[5e6 if t == "full_attention" else 1e4 for t in types],
+        partial_rotary_factors=[0.5 if t == "full_attention" else 1.0 for t in types], rope_scaling=None,
+        moe_num_experts=dims["experts"], moe_top_k=dims["top_k"], moe_intermediate_size=dims["moe_inter"],
+        share_expert_dim=dims["moe_inter"], moe_layers_enum=",".join(map(str, moe)), swiglu_limits=limits,
+        swiglu_limits_shared=[16.0 if x else 0.0 for x in limits], num_nextn_predict_layers=0)
 
 
 class KernelContext:
@@ -85,27 +96,30 @@ EXPERT_CHUNK = 32  # experts quantized at a time: bounds the fp32 temporaries
 
 
 def quantize_layer(layer: DecoderLayer, weights: str) -> None:
-    """Experts (int4, fp8) and every other projection but the head gate (fp8) kept quantized, as
-    `stepflash quantize` and the FP8 release store them."""
+    """Routed experts kept in INT4 (groups of 128, as `stepflash quantize` stores them) or FP8; with
+    fp8, every other nn.Linear but the router too (the release keeps the small head gate in bf16:
+    here it goes to FP8 with the rest, packed with q/k/v or not; a negligible difference in bytes)."""
     if weights == "bf16":
         return
+    moe = getattr(layer, "moe", None)  # dense layers (0-2 of the release) have an MLP instead
+    experts = (moe.gate_proj, moe.up_proj, moe.down_proj) if moe else ()
+    group = math.gcd(128, *(m.weight.shape[-1] for m in experts)) if experts else 0  # one size, as on disk
     with torch.no_grad():
-        for m in (layer.moe.gate_proj, layer.moe.up_proj, layer.moe.down_proj):
+        for m in experts:
             chunks = [m.weight[e:e + EXPERT_CHUNK] for e in range(0, m.weight.shape[0], EXPERT_CHUNK)]
             if weights == "int4":
-                group = math.gcd(128, m.weight.shape[-1])  # 128 at the real shape
                 packed, scales = zip(*(quantize_int4(c, group) for c in chunks))
                 m.keep_int4(torch.cat(packed), torch.cat(scales).to(m.weight.dtype), group)
             else:
                 fp8, scales = zip(*(quantize_fp8(c, FP8_BLOCK) for c in chunks))
                 m.keep_fp8(torch.cat(fp8), torch.cat(scales), FP8_BLOCK)
         if weights == "fp8":
-            attn = layer.self_attn
-            for parent, name in [(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
-                    [(layer.share_expert, n) for n in ("gate_proj", "up_proj", "down_proj")]:
-                linear = getattr(parent, name)
-                setattr(parent, name, Fp8Linear(*quantize_fp8(linear.weight, FP8_BLOCK), FP8_BLOCK))
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            for parent in list(layer.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear) and not (moe and child is moe.gate):
+                        setattr(parent, name, Fp8Linear(*quantize_fp8(child.weight, FP8_BLOCK), FP8_BLOCK))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def build(cfg: ModelConfig, device, dtype, weights: str, seed: int = 0) -> list[DecoderLayer]:
@@ -228,16 +242,68 @@ def step_bytes(cfg: ModelConfig, layers, batch: int, context: int, rows: int, el
     return total
 
 
-def copy_bandwidth(device) -> float:
+def copy_bandwidth(device) -> float | None:
+    """GB/s of a 1 GiB device-to-device copy, bytes read + written (None off CUDA)."""
     if device.type != "cuda":
-        return float("nan")
+        return None
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, 10)
-    return 2 * src.numel() / (ms / 1e3) / 1e9
+    del src, dst
+    return 2 * (1 << 30) / (ms / 1e3) / 1e9
 
 
-def main() -> None:
+def measure(layers, cfg, device, dtype, batch: int, context: int, rows: int, iters: int, peer: bool) -> dict:
+    """One step of `rows` query rows per sequence: kernels eager and graphed, and (peer) the PyTorch path."""
+    ctx = make_context(cfg, batch, context, rows, device, dtype)
+    use_kernels(layers, ctx, True)
+    x = torch.randn(batch * rows, cfg.hidden_size, device=device, dtype=dtype)
+    fn = step_fn(layers, cfg, ctx, x)
+    eager = time_ms(fn, device, iters)
+    replay = graphed(fn, device)
+    graph = time_ms(replay, device, iters) if replay else None
+    torch_ms = None
+    if peer:  # the same layers on their PyTorch twins
+        use_kernels(layers, ctx, False)
+        torch_ms = time_ms(fn, device, max(1, iters // 4))
+        use_kernels(layers, ctx, True)
+    return {"eager_ms": eager, "graph_ms": graph, "torch_ms": torch_ms}
+
+
+def projection(results: list[dict], cfg, device, dtype, args) -> dict | None:
+    """Single-stream tokens/s with MTP-3: tau tokens per step of (verify of 4 rows over 45 layers +
+    head) + 3 drafts (an MTP module costs about one layer + one head)."""
+    base = next((r for r in results if r["batch"] == 1 and r["mtp_k"] == 3), None)  # the first context
+    single = base and next((r for r in results if r["batch"] == 1 and r["mtp_k"] == 0
+                            and r["context"] == base["context"]), None)
+    if not single:
+        return None
+    with torch.inference_mode():
+        head = torch.randn(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        rows = torch.randn(4, cfg.hidden_size, device=device, dtype=dtype)
+        head_ms = time_ms(lambda: rows @ head.T, device, args.iters)
+    layer_ms = single["extrapolated_45_layer_ms"] / 45
+    step_ms = base["extrapolated_45_layer_ms"] + head_ms + 3 * (layer_ms + head_ms)
+    measured = "measured on all 45 layers" if args.layers == 45 else f"extrapolated from {args.layers} layers"
+    return {"tau": args.tau, "tau_source": args.tau_source, "context": base["context"],
+            "verify_45_layers_ms": base["extrapolated_45_layer_ms"], "lm_head_ms": head_ms,
+            "mtp_draft_ms_estimate": 3 * (layer_ms + head_ms), "step_ms": step_ms,
+            "tokens_per_s": args.tau / (step_ms / 1e3),
+            "note": f"step times {measured} ({args.weights} weights, random); tau: {args.tau_source}"}
+
+
+def git_commit() -> str:
+    """STEPFLASH_COMMIT (set by gpu_check.sh: the device's copy of the tree has no .git), else git's."""
+    if os.environ.get("STEPFLASH_COMMIT"):
+        return os.environ["STEPFLASH_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", default="1,8,32")
@@ -245,12 +311,15 @@ def main() -> None:
     ap.add_argument("--mtp", default="1,2,3", help="draft counts k for verify steps of 1 + k rows")
     ap.add_argument("--tau", type=float, help="tokens per verify step with MTP-3 for the projection (measured "
                     "on the bundled model or a published figure)")
+    ap.add_argument("--tau-source", default="as given (--tau)", help="where --tau comes from, for the label")
     ap.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "int4"],
                     help="fp8: 128x128 block-scaled projections and experts (the release); int4: experts in "
                     "INT4 groups of 128 (stepflash quantize)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the code path")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/gpu_decode-...json; "
+                    "none with --tiny)")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -258,88 +327,77 @@ def main() -> None:
     layers = build(cfg, device, dtype, args.weights)
     elem = torch.empty((), dtype=dtype).element_size()
     bandwidth = copy_bandwidth(device)
-    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; copy bandwidth "
-          f"{bandwidth:.0f} GB/s; {args.layers} layers at {'tiny' if args.tiny else 'real'} shape")
-    results = []
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}; copy bandwidth {bandwidth or float('nan'):.0f} GB/s; {args.layers} layers at "
+          f"{'tiny' if args.tiny else 'real'} shape, {args.weights} weights")
+    results: list[dict] = []
+    errors: list[dict] = []
+    record = {"benchmark": "gpu_decode", "date": datetime.date.today().isoformat(), "commit": git_commit(),
+              "device": name, "layers": args.layers, "weights": args.weights, "tiny": args.tiny,
+              "copy_gb_per_s": bandwidth, "results": results, "errors": errors, "projection": None}
+    out = args.out or (None if args.tiny else Path(__file__).parent / "results" / (
+        f"gpu_decode-{name.replace(' ', '_')}-{args.weights}-{args.layers}l-{record['date']}.json"))
+
+    def save() -> None:
+        if out:
+            out.write_text(json.dumps(record, indent=1))
+
     with torch.inference_mode():
         ctx = make_context(cfg, 2, 40, 2, device, dtype)  # correctness: kernels vs PyTorch twins
         x = torch.randn(4, cfg.hidden_size, device=device, dtype=dtype)
         use_kernels(layers, ctx, True)
-        out = step_fn(layers, cfg, ctx, x)()
+        got = step_fn(layers, cfg, ctx, x)()
         use_kernels(layers, ctx, False)
         ref = step_fn(layers, cfg, ctx, x)()
-        err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
+        del ctx
+        err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+        record["kernel_vs_torch_max_rel_diff"] = err
         print(f"kernel path vs PyTorch path: max relative difference {err:.2e}")
+        save()
+        contexts = [min(int(c), 64) if args.tiny else int(c) for c in args.context.split(",")]
         for batch in [int(b) for b in args.batch.split(",")]:
-            for context in [int(c) for c in args.context.split(",")]:
-                if args.tiny:
-                    context = min(context, 64)
+            for context in contexts:
                 for k in [0] + [int(m) for m in args.mtp.split(",")]:
                     rows = 1 + k
                     try:
-                        ctx = make_context(cfg, batch, context, rows, device, dtype)
+                        times = measure(layers, cfg, device, dtype, batch, context, rows, args.iters,
+                                        peer=context == contexts[0])
                     except torch.OutOfMemoryError:
-                        print(f"batch {batch} context {context}: KV does not fit, skipped")
+                        print(f"batch {batch} context {context} rows/seq {rows}: out of memory, skipped")
+                        torch.cuda.empty_cache()
                         break
-                    use_kernels(layers, ctx, True)
-                    x = torch.randn(batch * rows, cfg.hidden_size, device=device, dtype=dtype)
-                    fn = step_fn(layers, cfg, ctx, x)
-                    eager = time_ms(fn, device, args.iters)
-                    replay = graphed(fn, device)
-                    graph = time_ms(replay, device, args.iters) if replay else None
-                    best = min(t for t in (eager, graph) if t is not None)
-                    use_kernels(layers, ctx, False)  # the peer: the same layers on their PyTorch twins
-                    torch_ms = time_ms(fn, device, max(1, args.iters // 4))
-                    use_kernels(layers, ctx, True)
-                    nbytes = step_bytes(cfg, layers, batch, context, rows, elem)
+                    except Exception as e:  # recorded; the other points still measure
+                        traceback.print_exc()
+                        errors.append({"batch": batch, "context": context, "mtp_k": k, "error": repr(e)})
+                        save()
+                        continue
+                    best = min(t for t in (times["eager_ms"], times["graph_ms"]) if t is not None)
+                    gb_per_s = step_bytes(cfg, layers, batch, context, rows, elem) / (best / 1e3) / 1e9
                     full_model_ms = best / args.layers * 45  # mean layer time x 45 (lm_head not included)
-                    label = "measured" if args.layers == 45 else "extrapolated"
-                    point = {"batch": batch, "context": context, "mtp_k": k, "rows_per_seq": rows,
-                             "eager_ms": eager, "graph_ms": graph, "gb_per_s": nbytes / (best / 1e3) / 1e9,
-                             "fraction_of_copy_bw": nbytes / (best / 1e3) / 1e9 / bandwidth,
-                             "extrapolated_45_layer_ms": full_model_ms, "torch_ms": torch_ms,
-                             "speedup_vs_torch": torch_ms / best,
+                    point = {"batch": batch, "context": context, "mtp_k": k, "rows_per_seq": rows, **times,
+                             "gb_per_s": gb_per_s, "roofline_fraction": gb_per_s / bandwidth if bandwidth else None,
+                             "extrapolated_45_layer_ms": full_model_ms,
+                             "speedup_vs_torch": times["torch_ms"] / best if times["torch_ms"] else None,
                              "tokens_per_s_45_layers": batch * 1e3 / full_model_ms if k == 0 else None}
                     results.append(point)
-                    print(f"batch {batch:>3} ctx {context:>6} rows/seq {rows}: eager {eager:.2f} ms, graph "
-                          f"{graph if graph is None else round(graph, 2)} ms, PyTorch path {torch_ms:.2f} ms "
-                          f"({point['speedup_vs_torch']:.1f}x), {point['gb_per_s']:.0f} GB/s "
-                          f"({100 * point['fraction_of_copy_bw']:.0f}% of copy), 45 layers ~{full_model_ms:.1f} ms "
-                          f"({label})")
-                    del ctx
-    projection = None
+                    save()
+                    graph, torch_ms = times["graph_ms"], times["torch_ms"]
+                    print(f"batch {batch:>3} ctx {context:>6} rows/seq {rows}: eager {times['eager_ms']:.2f} ms, "
+                          f"graph {'-' if graph is None else f'{graph:.2f}'} ms, PyTorch path "
+                          f"{'-' if torch_ms is None else f'{torch_ms:.2f} ms ({torch_ms / best:.1f}x)'}, "
+                          f"{gb_per_s:.0f} GB/s ({100 * (point['roofline_fraction'] or float('nan')):.0f}% of copy), "
+                          f"45 layers ~{full_model_ms:.1f} ms "
+                          f"({'measured' if args.layers == 45 else 'extrapolated'})")
     if args.tau:
-        base = next((r for r in results if r["batch"] == 1 and r["mtp_k"] == 3 and r["context"] == min(
-            x["context"] for x in results)), None)
-        single = next((r for r in results if r["batch"] == 1 and r["mtp_k"] == 0 and r["context"] == base["context"]),
-                      None) if base else None
-        if base and single:
-            with torch.inference_mode():
-                head = torch.randn(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
-                rows = torch.randn(4, cfg.hidden_size, device=device, dtype=dtype)
-                head_ms = time_ms(lambda: rows @ head.T, device, args.iters)
-            layer_ms = single["extrapolated_45_layer_ms"] / 45
-            # per step: the target over 45 layers with 4 rows + its head; 3 MTP modules of about one
-            # layer and one head each (their dense FFN is wider than an expert: an estimate)
-            step_ms = base["extrapolated_45_layer_ms"] + head_ms + 3 * (layer_ms + head_ms)
-            projection = {"tau": args.tau, "context": base["context"], "verify_45_layers_ms": base["extrapolated_45_layer_ms"],
-                          "lm_head_ms": head_ms, "mtp_draft_ms_estimate": 3 * (layer_ms + head_ms),
-                          "step_ms": step_ms, "tokens_per_s": args.tau / (step_ms / 1e3),
-                          "note": "extrapolated from the measured layers; tau as given (--tau)"}
-            print(f"projection, single stream with MTP-3 (tau {args.tau}): {projection['tokens_per_s']:.0f} tokens/s "
-                  f"from a {step_ms:.1f} ms step (extrapolated)")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    record = {"benchmark": "gpu_decode", "date": datetime.date.today().isoformat(), "commit": commit,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "layers": args.layers, "weights": args.weights, "tiny": args.tiny, "copy_gb_per_s": bandwidth,
-              "results": results, "projection": projection}
-    name = f"gpu_decode-{record['device'].replace(' ', '_')}-{args.weights}-{args.layers}l-{record['date']}.json"
-    out = Path(__file__).parent / "results" / name
-    if not args.tiny:
-        out.write_text(json.dumps(record, indent=1))
+        record["projection"] = p = projection(results, cfg, device, dtype, args)
+        if p:
+            print(f"projection, single stream with MTP-3 (tau {args.tau}, {args.tau_source}): "
+                  f"{p['tokens_per_s']:.0f} tokens/s from a {p['step_ms']:.1f} ms step ({p['note']})")
+    save()
+    if out:
         print(f"wrote {out}")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

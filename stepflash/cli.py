@@ -206,7 +206,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     endpoint = _endpoint(args)
     if args.task == "humaneval" and not args.chat:
         endpoint.chat = False  # code continuation
-    result = run_eval(endpoint, args.task, args.data, args.max_tokens, args.limit, args.concurrency)
+    result = run_eval(endpoint, args.task, args.data, args.max_tokens, args.limit, args.concurrency,
+                      args.unsafe_no_sandbox)
     _tag([result], args)
     _write([result], args.output_dir, f"eval-{args.task}")
 
@@ -328,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=512)
     ev.add_argument("--concurrency", type=int, default=1)
     ev.add_argument("--chat", action="store_true", help="humaneval through chat (default: completions)")
+    ev.add_argument("--unsafe-no-sandbox", action="store_true",
+                    help="run model-written code (humaneval) without the bubblewrap sandbox: unsafe, warns")
     ev.set_defaults(func=cmd_eval)
     quant = sub.add_parser("quantize", help="write a copy of a model with its routed experts in INT4")
     quant.add_argument("--model", required=True, help="hub-format model directory")

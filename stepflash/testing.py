@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from stepflash.config import ModelConfig
-from stepflash.model.loader import hub_name, mtp_depth
+from stepflash.model.loader import hub_state_dict, mtp_depth
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 from stepflash.tokenizer import EOS_TOKEN, write_byte_level_tokenizer
 
@@ -83,7 +83,9 @@ def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Hub-named fp32 tensors with scales that keep activations O(1) through the network."""
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        shapes = {name: p.shape for name, p in Step3p5ForCausalLM(cfg).named_parameters()}
+        shapes = {name: t.shape for name, t in hub_state_dict(Step3p5ForCausalLM(cfg)).items()}
+    if cfg.tie_word_embeddings:
+        del shapes["lm_head.weight"]
     weights = {}
     for name, shape in shapes.items():
         if name.endswith("norm.weight"):
@@ -94,7 +96,7 @@ def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
             std = 1.0
         else:
             std = 1.0 / math.sqrt(shape[-1])
-        weights[hub_name(name, cfg.num_hidden_layers)] = torch.randn(shape, generator=gen) * std
+        weights[name] = torch.randn(shape, generator=gen) * std
     return weights
 
 

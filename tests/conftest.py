@@ -1,11 +1,31 @@
 """Triton kernels run in its interpreter on machines without a GPU. Triton reads TRITON_INTERPRET when
 its own library functions (tl.sum, tl.sigmoid, ...) are defined, i.e. at its first import, which some
 other import may trigger before tests/test_kernels.py runs: so it is set here, before any test module.
-With CUDA the kernels are compiled and run on the GPU: tests/kernel_env.py says where and in which dtypes."""
+With CUDA the kernels are compiled and run on the GPU: tests/kernel_env.py says where and in which dtypes.
+
+STEPFLASH_TEST_KERNELS=triton (set by benchmarks/gpu_check.sh) runs every `LLM` a test builds without
+naming `kernels` on the Triton kernels with CUDA graphs, so the engine tests check that path."""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _engine_kernels(monkeypatch):
+    if os.environ.get("STEPFLASH_TEST_KERNELS") != "triton":
+        return
+    from stepflash import LLM
+
+    init = LLM.__init__
+
+    def with_kernels(self, *args, kernels: str = "triton", **kwargs):
+        if kernels == "triton":
+            kwargs.setdefault("cuda_graphs", "on")
+        init(self, *args, kernels=kernels, **kwargs)
+
+    monkeypatch.setattr(LLM, "__init__", with_kernels)

@@ -1,5 +1,5 @@
 """The benchmark client: chunk timestamps and usage from SSE, failures reported (never hung), and
-the eval scorers and sandbox."""
+the eval scorers (the sandbox that runs programs: test_sandbox.py)."""
 
 import asyncio
 import json
@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from stepflash.bench.client import Endpoint, request_body, spec_delta, stream_request
-from stepflash.bench.evals import Item, cut_completion, last_number, load_items, run_program, score
+from stepflash.bench.evals import Item, cut_completion, last_number, load_items, score
 
 ENDPOINT = Endpoint("http://test", "m", timeout=5.0)
 
@@ -87,17 +87,6 @@ def test_scorers():
     assert score(Item("5", "q", "    return x", "prefix"), "    return x\n")[0]
     assert not score(Item("6", "q", "    return x", "prefix"), "return x")[0]
     assert cut_completion("    return x\n\ndef other():\n    pass") == "    return x\n"
-
-
-def test_program_sandbox():
-    assert run_program("assert 1 + 1 == 2") == (True, "passed")
-    assert run_program("assert 1 + 1 == 3")[1] == "AssertionError"
-    assert run_program("import socket; socket.create_connection(('127.0.0.1', 9))")[1].startswith("OSError: network")
-    assert run_program("while True: pass", timeout=2) == (False, "timeout")
-    assert not run_program("open('out.txt', 'w').write('y' * (4 << 20))")[0]  # file size limit
-    item = Item("t", "def inc(x):\n", "", "program", "def check(f):\n    assert f(1) == 2\n", "inc")
-    assert score(item, "    return x + 1\n\nprint('trailing junk')") == (True, "passed")
-    assert not score(item, "    return x\n")[0]
 
 
 def test_task_files_are_validated(tmp_path):

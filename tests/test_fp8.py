@@ -16,12 +16,11 @@ from safetensors.torch import load_file, save_file
 from kernel_env import KERNEL_DEVICE, KERNEL_DTYPES, on_kernel_device
 from stepflash.kernels.fp8_linear import fp8_linear_ref
 from stepflash.model.linear import Fp8Linear
-from stepflash.model.loader import CheckpointError, internal_name, load_model
+from stepflash.model.loader import CheckpointError, hub_state_dict, load_model
 from stepflash.model.moe import MoE
 from stepflash.testing import quantize_fp8, write_checkpoint
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-N = 5  # decoder layers of tiny_config
 BLOCK = (24, 40)  # divides none of the tiny model's 64, 96 and 32: every matrix has partial blocks
 K_PROJ = "model.layers.1.self_attn.k_proj.weight"
 EXPERTS = "model.layers.3.moe.up_proj.weight"
@@ -82,9 +81,11 @@ def test_fp8_linear_matches_twin(dtype, m, n, k, block):
     assert ref.dtype == dtype and ref.float().abs().max() > 1
     dense = w.float() * expand(scale_inv, block, n, k)  # the twin: dequantize, then F.linear
     torch.testing.assert_close(ref.float(), F.linear(x.float(), dense).to(dtype).float(), atol=1e-5, rtol=1e-5)
-    # bf16: the weight tile is rounded to bf16 before tl.dot and the output to bf16: scaled by the output's size
-    atol, rtol = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2),
-                  torch.bfloat16: (2e-2 * float(ref.float().abs().max()), 2e-2)}[dtype]
+    # errors scale with the output's size: fp32 sums in another order (split-K, tiles), bf16 rounds the
+    # weight tile to bf16 before tl.dot and the output to bf16
+    scale = float(ref.float().abs().max())
+    atol, rtol = {torch.float32: (1e-5 * scale, 1e-5), torch.float16: (1e-2, 1e-2),
+                  torch.bfloat16: (2e-2 * scale, 2e-2)}[dtype]
     x, w, scale_inv = on_kernel_device(x, w, scale_inv)
     out = fp8_linear(x, w, scale_inv, block, block_n=32, block_k=32, split_k=3)  # K in 3 runs, some empty
     assert out.dtype == dtype and out.shape == (m, n) and out.device.type == KERNEL_DEVICE
@@ -145,15 +146,18 @@ def test_kept_model_holds_the_checkpoint_bytes(fp8_ckpt: Path) -> None:
     is stored, so parameter + buffer bytes are what the checkpoint's layout implies."""
     stored = load_file(fp8_ckpt / "model.safetensors")
     kept = load_model(fp8_ckpt, keep_fp8=True)
-    state = kept.state_dict()
+    state = hub_state_dict(kept)
     fp8_names = [k for k, t in stored.items() if t.dtype == torch.float8_e4m3fn]
     assert K_PROJ in fp8_names and EXPERTS in fp8_names and "model.layers.5.eh_proj.weight" in fp8_names
     for name in fp8_names:
-        ours = internal_name(name, N)
-        assert state[ours].dtype == torch.float8_e4m3fn, name
-        assert torch.equal(state[ours].view(torch.uint8), stored[name].view(torch.uint8)), name
-        assert torch.equal(state[ours + "_scale_inv"], stored[name + "_scale_inv"]), name
-    assert isinstance(kept.model.layers[1].self_attn.k_proj, Fp8Linear)
+        assert state[name].dtype == torch.float8_e4m3fn, name
+        assert torch.equal(state[name].view(torch.uint8), stored[name].view(torch.uint8)), name
+        assert torch.equal(state[name + "_scale_inv"], stored[name + "_scale_inv"]), name
+    # q/k/v pack where a part fills whole 24-row blocks (q of sliding layers: 96 rows; not the 64 of
+    # full layers nor k and v's 32); g_proj stays dense in this checkpoint (testing.FP8_KEEP)
+    assert runs(kept.model.layers[0].self_attn.qkvg_proj) == [("fp8", 64), ("fp8", 32), ("fp8", 32), ("dense", 4)]
+    assert runs(kept.model.layers[1].self_attn.qkvg_proj) == [("fp8", 96 + 32), ("fp8", 32), ("dense", 6)]
+    assert runs(kept.model.layers[0].mlp.gate_up_proj) == [("fp8", 2 * 96)]
     assert isinstance(kept.mtp[0].eh_proj, Fp8Linear)
     assert type(kept.lm_head) is torch.nn.Linear and kept.lm_head.weight.dtype == torch.float32
     assert kept.model.layers[3].moe.gate.weight.dtype == torch.float32  # the router stays fp32
@@ -168,6 +172,29 @@ def test_kept_model_holds_the_checkpoint_bytes(fp8_ckpt: Path) -> None:
     dequantized = load_model(fp8_ckpt)
     assert nbytes(dequantized.parameters()) == 4 * sum(t.numel() for t in weights.values())
     assert nbytes(kept.parameters()) < 0.5 * nbytes(dequantized.parameters())
+
+
+def runs(packed: torch.nn.Module) -> list[tuple[str, int]]:
+    """A PackedLinear's weights: (format, rows) of each run."""
+    return [("fp8" if isinstance(r, Fp8Linear) else "dense", r.weight.shape[0]) for r in packed.runs]
+
+
+def test_kept_fp8_packs_q_k_v_g_when_their_blocks_stack(tmp_path: Path) -> None:
+    """With 16-row blocks every part of q/k/v fills whole blocks, and g_proj (stored in FP8 here too)
+    comes last, so its partial block ends the weight: one FP8 GEMM for all four, holding the
+    checkpoint's bytes and computing what the dequantized model computes."""
+    ckpt = write_checkpoint(tmp_path / "src", fp8_block=(16, 32), seed=7)
+    tensors = load_file(ckpt / "model.safetensors")
+    for name in [k for k in tensors if k.endswith("g_proj.weight")]:
+        tensors[name], tensors[name + "_scale_inv"] = quantize_fp8(tensors[name], (16, 32))
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    kept = load_model(ckpt, keep_fp8=True)
+    assert runs(kept.model.layers[0].self_attn.qkvg_proj) == [("fp8", 64 + 32 + 32 + 4)]
+    assert runs(kept.model.layers[1].self_attn.qkvg_proj) == [("fp8", 96 + 32 + 32 + 6)]
+    state = hub_state_dict(kept)
+    for name in [k for k in tensors if ".self_attn." in k]:
+        assert torch.equal(state[name].view(torch.uint8), tensors[name].view(torch.uint8)), name
+    torch.testing.assert_close(logits(kept), logits(load_model(ckpt)), atol=1e-5, rtol=1e-5)
 
 
 def test_kept_model_computes_what_the_dequantized_model_computes(fp8_ckpt: Path) -> None:
@@ -194,8 +221,8 @@ def test_kept_model_in_bf16(fp8_ckpt: Path) -> None:
 def test_kept_model_through_the_kernels(fp8_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With use_kernel on, every Fp8Linear and MoE runs its Triton kernel on the FP8 bytes and the
     logits equal the dequantized model's (PyTorch path)."""
-    import stepflash.kernels.fp8_linear as fp8_kernels
-    import stepflash.kernels.moe as moe_kernels
+    import stepflash.model.linear as fp8_kernels  # where the model looks the kernels up
+    import stepflash.model.moe as moe_kernels
 
     calls = {"fp8_linear": 0, "fused_moe": 0}
 
@@ -217,8 +244,10 @@ def test_kept_model_through_the_kernels(fp8_ckpt: Path, monkeypatch: pytest.Monk
         if isinstance(module, (Fp8Linear, MoE)):
             module.use_kernel = True
     a = logits(kept, 12)
-    # q, k, v, o of 5 layers; gate, up, down of the dense MLPs (layers 0-1) and the shared experts (2-4)
-    assert calls["fp8_linear"] == 4 * N + 3 * N
+    # one call per FP8 run of the 5 layers: q/k/v in 3 or 2 runs (test above) and o; gate/up in 1 run
+    # (dense MLPs of layers 0-1, 96 rows) or 2 (shared experts of layers 2-4, 32 rows) and down
+    assert calls["fp8_linear"] == (3 + 1) * 2 + (2 + 1) * 3 + 2 * (1 + 1) + 3 * (2 + 1)
+    assert calls["fp8_linear"] == sum(isinstance(m, Fp8Linear) for m in kept.model.modules())
     assert calls["fused_moe"] == 3  # MoE layers 2-4
     torch.testing.assert_close(a, logits(dequantized, 12), atol=1e-4, rtol=1e-4)
 

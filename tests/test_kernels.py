@@ -89,19 +89,54 @@ def test_paged_attention_matches_reference(dtype, case):
         torch.testing.assert_close(out.float().cpu(), ref.float(), atol=tol, rtol=tol)
 
 
-def test_reference_twin_matches_dense_attention():
-    """The twin itself: equal to softmax attention over the sequence's visible keys laid out densely."""
-    q, k, v, tables, seq_of, q_pos, _ = paged_batch([40], [3], 4, 2, 16, 8, torch.float32, seed=0)
-    keys = torch.cat([k[b] for b in tables[0].tolist()])[:40]
-    values = torch.cat([v[b] for b in tables[0].tolist()])[:40]
-    for window in (None, 10):
-        out = paged_attention_ref(q, k, v, tables, seq_of, q_pos, window)
-        for t, pos in enumerate(q_pos.tolist()):
-            lo = max(0, pos - window + 1) if window else 0
-            kk = keys[lo:pos + 1].repeat_interleave(2, dim=1)
-            vv = values[lo:pos + 1].repeat_interleave(2, dim=1)
-            attn = (torch.einsum("hd,nhd->hn", q[t], kk) / 4.0).softmax(-1)
-            torch.testing.assert_close(out[t], torch.einsum("hn,nhd->hd", attn, vv))
+def dense_attention(q, k, v, tables, seq_of, q_pos, window, gate=None) -> torch.Tensor:
+    """Softmax attention of each query row over its sequence's visible keys laid out densely, in fp32."""
+    out = torch.empty(q.shape)
+    group = q.shape[1] // k.shape[2]
+    for t, (s, pos) in enumerate(zip(seq_of.tolist(), q_pos.tolist())):
+        keys, values = (torch.cat([c[b] for b in tables[s].tolist()[:pos // k.shape[1] + 1]])[:pos + 1].float()
+                        for c in (k, v))
+        lo = max(0, pos - window + 1) if window else 0
+        kk, vv = keys[lo:].repeat_interleave(group, dim=1), values[lo:].repeat_interleave(group, dim=1)
+        attn = (torch.einsum("hd,nhd->hn", q[t].float(), kk) / q.shape[-1] ** 0.5).softmax(-1)
+        out[t] = torch.einsum("hn,nhd->hd", attn, vv)
+        if gate is not None:
+            out[t] *= torch.sigmoid(gate[t].float())[:, None]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [
+    ([37, 5, 64], [4, 2, 4], 8, 2, 32, 16, 16),  # verify rows, window 16 crossing blocks
+    ([17, 33], [1, 4], 4, 1, 64, 4, 7),  # MQA, tiny blocks, odd window
+    ([70, 23], [50, 23], 4, 2, 32, 8, None),  # prefill chunks
+])
+def test_attention_twins_match_dense_attention(dtype, case):
+    """The twins themselves (what the CPU engine runs), on every way the engine calls them: rows one
+    by one or in tiles (some padded, some of graph padding's 0 rows), whole tables or cut to the
+    window; the prefill twin a sequence's rows at once."""
+    from stepflash.kernels.prefill_attention import prefill_attention_ref
+
+    seq_lens, queries, heads, kv_heads, head_dim, block_size, window = case
+    q, k, v, tables, seq_of, q_pos, gate = paged_batch(seq_lens, queries, heads, kv_heads, head_dim, block_size,
+                                                       dtype, seed=1)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    cut, first = window_tables(tables, seq_of, q_pos, window, block_size)
+    seqs = seq_of.tolist()
+    for g in (None, gate):
+        expected = dense_attention(q, k, v, tables, seq_of, q_pos, window, g)
+        for tiles, tile_rows in [(None, 1), (prefill_tiles(seqs, 4), 4), (prefill_tiles(seqs, 2), 2),
+                                 (torch.cat([prefill_tiles(seqs, 4), torch.zeros(3, 2, dtype=torch.int32)]), 4)]:
+            out = paged_attention_ref(q, k, v, tables, seq_of, q_pos, window, g, tiles=tiles, tile_rows=tile_rows)
+            assert out.dtype == dtype
+            torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+        out = paged_attention_ref(q, k, v, cut, seq_of, q_pos, window, g, first_block=first)
+        torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+    expected = dense_attention(q, k, v, tables, seq_of, q_pos, window)
+    for t, f in ((tables, None), (cut, first)):
+        out = prefill_attention_ref(q, k, v, t, seq_of, q_pos, window, prefill_tiles(seqs, 16), first_block=f)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
@@ -121,8 +156,11 @@ def test_add_rmsnorm_matches_reference_and_the_model_norm(dtype, rows, hidden):
         ref_res, ref_out = add_rmsnorm_ref(x, d, norm.weight.detach(), 1e-5)
         torch.testing.assert_close(res.cpu(), ref_res, atol=tol, rtol=tol)
         torch.testing.assert_close(out.float().cpu(), ref_out.float(), atol=tol, rtol=tol)
-        with torch.no_grad():  # the twin is the model's own norm after the residual add
-            torch.testing.assert_close(ref_out.float(), norm(ref_res).float(), atol=tol, rtol=tol)
+        r = ref_res.float()  # the twin is the formula, and the model's own norm
+        expected = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-5) * (1 + norm.weight.detach())
+        torch.testing.assert_close(ref_out.float(), expected, atol=tol, rtol=tol)
+        with torch.no_grad():
+            assert torch.equal(norm(ref_res), ref_out)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
@@ -145,7 +183,7 @@ def test_fused_moe_matches_the_model_moe(dtype, tokens, hidden, inter, experts, 
     x = torch.randn(tokens, hidden, generator=gen)
     with torch.no_grad():
         ids, weights = moe.route(x)
-        model_out = moe.experts(x, ids, weights)
+        model_out = moe(x)
     ws = [moe.gate_proj.weight, moe.up_proj.weight, moe.down_proj.weight]
     ws = [w.detach().contiguous().to(dtype) for w in ws]
     ref = fused_moe_ref(x.to(dtype), *ws, ids, weights, limit)
@@ -158,8 +196,57 @@ def test_fused_moe_matches_the_model_moe(dtype, tokens, hidden, inter, experts, 
     for grouped in (False, True):  # one pair per program; per-expert blocks of pairs through tl.dot
         out = fused_moe(*args, limit, block=16, grouped=grouped)
         torch.testing.assert_close(out.float().cpu(), ref.float(), atol=atol, rtol=rtol)
-    if dtype == torch.float32:  # the twin is the model's own MoE
-        torch.testing.assert_close(ref, model_out, atol=1e-4, rtol=1e-4)
+    if dtype == torch.float32:  # the twin is the model's own MoE, and a loop over tokens and experts
+        assert torch.equal(ref, model_out)
+        torch.testing.assert_close(ref, moe_loop(x, *ws, ids, weights, limit), atol=1e-4, rtol=1e-4)
+
+
+def moe_loop(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
+             weights: torch.Tensor, limit: float) -> torch.Tensor:
+    """The routed experts written out, token by token and expert by expert, in fp32."""
+    out = torch.zeros(x.shape)
+    for t in range(x.shape[0]):
+        for e, w in zip(ids[t].tolist(), weights[t].float()):
+            g, u = x[t].float() @ w_gate[e].float().T, x[t].float() @ w_up[e].float().T
+            act = torch.nn.functional.silu(g)
+            if limit > 0:
+                act, u = act.clamp(max=limit), u.clamp(-limit, limit)
+            out[t] += (act * u) @ w_down[e].float().T * w
+    return out
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 40])  # up to 4 tokens at most one pair per expert, then grouped
+@pytest.mark.parametrize("weights_as", ["dense", "column-major", "int4", "fp8"])
+def test_fused_moe_twin_matches_the_loop(tokens, weights_as):
+    """The twin (the CPU engine's MoE) on each path and weight format, against `moe_loop` on the
+    weights it stands for: experts gathered per pair for a few tokens, grouped by expert beyond."""
+    from stepflash.kernels.fp8_linear import dequantize_fp8
+    from stepflash.kernels.moe import dequantize_int4, fused_moe_ref
+    from stepflash.model.quant import quantize_int4
+    from stepflash.testing import quantize_fp8
+
+    gen = torch.Generator().manual_seed(tokens)
+    experts, hidden, inter, top_k, limit = 8, 64, 32, 2, 1.5
+    dense = [torch.randn(experts, inter, hidden, generator=gen) / 8 for _ in range(2)]
+    dense.append(torch.randn(experts, hidden, inter, generator=gen) / 6)
+    x = torch.randn(tokens, hidden, generator=gen)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=gen)
+    kwargs = {}
+    if weights_as == "column-major":  # the loader's CPU layout
+        stored = [w.mT.contiguous().mT for w in dense]
+    elif weights_as == "int4":
+        stored, scales = zip(*(quantize_int4(w, 16) for w in dense))
+        dense = [dequantize_int4(w, s, 16) for w, s in zip(stored, scales)]
+        kwargs = {"int4_scales": scales, "group_size": 16}
+    elif weights_as == "fp8":
+        stored, scales = zip(*(quantize_fp8(w, (16, 32)) for w in dense))
+        dense = [dequantize_fp8(w, s, (16, 32)) for w, s in zip(stored, scales)]
+        kwargs = {"fp8_scales": scales, "fp8_block": (16, 32)}
+    else:
+        stored = dense
+    out = fused_moe_ref(x, *stored, ids, weights, limit, **kwargs)
+    torch.testing.assert_close(out, moe_loop(x, *dense, ids, weights, limit), atol=1e-5, rtol=1e-5)
 
 
 def test_engine_with_the_kernels_matches_the_torch_path(tmp_path):
@@ -226,12 +313,12 @@ def test_rope_kv_write_matches_reference(dtype, heads, kv_heads, head_dim, rotar
     ([100], [37], 6, 3, 24, 16, 20),  # head dim padded to 32, window across block boundaries
 ])
 def test_prefill_attention_matches_reference(dtype, case):
-    from stepflash.kernels.prefill_attention import prefill_attention
+    from stepflash.kernels.prefill_attention import prefill_attention, prefill_attention_ref
 
     seq_lens, queries, heads, kv_heads, head_dim, block_size, window = case
     q, k, v, tables, seq_of, q_pos, _ = paged_batch(seq_lens, queries, heads, kv_heads, head_dim, block_size,
                                                     dtype, seed=head_dim + len(seq_lens))
-    ref = paged_attention_ref(q, k, v, tables, seq_of, q_pos, window)
+    ref = prefill_attention_ref(q, k, v, tables, seq_of, q_pos, window)
     out = prefill_attention(*on_kernel_device(q, k, v, tables, seq_of, q_pos), window)
     tol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
     assert out.device.type == KERNEL_DEVICE
@@ -245,8 +332,8 @@ def test_prefill_attention_matches_reference(dtype, case):
 @pytest.mark.parametrize("tokens, group", [(1, 16), (4, 32)])
 def test_fused_moe_reads_int4_experts_packed(tokens, group):
     """INT4 experts used packed inside the kernel equal the twin on the dequantized weights."""
-    from stepflash.kernels.moe import fused_moe, fused_moe_ref
-    from stepflash.model.quant import dequantize_int4, quantize_int4
+    from stepflash.kernels.moe import dequantize_int4, fused_moe, fused_moe_ref
+    from stepflash.model.quant import quantize_int4
 
     gen = torch.Generator().manual_seed(tokens)
     experts, hidden, inter, top_k = 8, 64, 32, 2
@@ -257,6 +344,7 @@ def test_fused_moe_reads_int4_experts_packed(tokens, group):
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, top_k, generator=gen)
     ref = fused_moe_ref(x, *(dequantize_int4(p, s, group) for p, s in zip(packed, scales)), ids, weights, 0.0)
+    assert torch.equal(fused_moe_ref(x, *packed, ids, weights, 0.0, int4_scales=scales, group_size=group), ref)
     args, kernel_scales = on_kernel_device(x, *packed, ids, weights), on_kernel_device(*scales)
     for grouped in (False, True):
         out = fused_moe(*args, 0.0, block=16, int4_scales=kernel_scales, group_size=group, grouped=grouped)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stepflash.model.loader import CheckpointError, internal_name, load_model
+from stepflash.model.loader import CheckpointError, hub_state_dict, load_model
 from stepflash.testing import tiny_config, write_checkpoint
 
 N = 5  # decoder layers of tiny_config
@@ -34,7 +34,8 @@ def fp8_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def params(model: torch.nn.Module) -> Tensors:
-    return dict(model.named_parameters())
+    """The model's tensors by hub name (packed q/k/v/g and gate/up cut into their parts)."""
+    return hub_state_dict(model)
 
 
 def edited_copy(src: Path, dst: Path, edit: Callable[[Tensors], None]) -> Path:
@@ -64,7 +65,7 @@ def test_single_file_and_sharded_load_identically(fp32_ckpt: Path, tmp_path: Pat
     stored = load_file(fp32_ckpt / "model.safetensors")
     assert len(stored) == len(single)
     for name, tensor in stored.items():
-        assert torch.equal(single[internal_name(name, N)], tensor), name
+        assert torch.equal(single[name], tensor), name
 
 
 def test_bf16_storage(tmp_path: Path) -> None:
@@ -73,7 +74,7 @@ def test_bf16_storage(tmp_path: Path) -> None:
     assert stored[K_PROJ].dtype == torch.bfloat16
     bf16 = params(load_model(ckpt, dtype=torch.bfloat16))
     assert bf16[K_PROJ].dtype == torch.bfloat16 and torch.equal(bf16[K_PROJ], stored[K_PROJ])
-    assert bf16["mtp.0.eh_proj.weight"].dtype == torch.bfloat16
+    assert bf16["model.layers.5.eh_proj.weight"].dtype == torch.bfloat16
     assert bf16[ROUTER].dtype == bf16[ROUTER_BIAS].dtype == torch.float32
     auto = params(load_model(ckpt, dtype="auto"))  # 'auto' on CPU computes in fp32
     assert auto[K_PROJ].dtype == torch.float32 and torch.equal(auto[K_PROJ], stored[K_PROJ].float())
@@ -119,7 +120,7 @@ def test_fp8_dequantized_blockwise(block: tuple[int, int], fp8_ckpt: Path, tmp_p
         scale = stored[name + "_scale_inv"]
         assert scale.shape[-2:] == tuple(math.ceil(s / b) for s, b in zip(stored[name].shape[-2:], block))
         expected = blockwise_dequant(stored[name], scale, block)
-        assert torch.equal(loaded[internal_name(name, N)], expected), name
+        assert torch.equal(loaded[name], expected), name
     assert torch.equal(loaded["model.embed_tokens.weight"], stored["model.embed_tokens.weight"])
 
 
@@ -143,7 +144,7 @@ def test_mtp_modules_absent(tmp_path: Path) -> None:
 def test_num_mtp_limits_modules(fp32_ckpt: Path) -> None:
     model = load_model(fp32_ckpt, num_mtp=1)
     assert len(model.mtp) == 1
-    assert not any(name.startswith("mtp.1.") for name in params(model))
+    assert not any(name.startswith("model.layers.6.") for name in params(model))
     assert len(load_model(fp32_ckpt, num_mtp=0).mtp) == 0
 
 

@@ -8,7 +8,8 @@ from safetensors import safe_open
 
 from stepflash.cli import main
 from stepflash.model.loader import load_model
-from stepflash.model.quant import INT4_SCALE_SUFFIX, dequantize_int4, quantize_int4
+from stepflash.kernels.moe import dequantize_int4
+from stepflash.model.quant import INT4_SCALE_SUFFIX, quantize_int4
 from stepflash.testing import tiny_config, write_checkpoint
 
 

@@ -4,19 +4,15 @@ Tasks (JSONL, one item per line):
 - gsm8k: {"question", "answer" ending in "#### N"}; correct when the last number of the reply equals N.
 - humaneval: {"task_id", "prompt", "test", "entry_point"}; the completion is cut at the first
   top-level statement after the function, then prompt + completion + test + check(entry_point) runs
-  in a subprocess (see `run_program`); pass@1 over greedy samples.
+  in a bubblewrap sandbox (see `sandbox.py`); pass@1 over greedy samples.
 - jsonl: {"prompt", "answer", "scorer"?}; scorer "exact" (default, stripped), "contains", "prefix" (the
   reply starts with the answer, e.g. the next line of code) or "number".
 """
 
 import asyncio
 import json
-import os
 import re
-import resource
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +28,12 @@ from stepflash.bench.client import (
 )
 from stepflash.bench.metrics import aggregate
 from stepflash.bench.progress import Progress
+from stepflash.bench.sandbox import UNCONFINED, Limits, Sandbox, bubblewrap
 
 TASKS = ("gsm8k", "humaneval", "jsonl")
 CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
-NO_NETWORK = ("import socket\n"
-              "def _no_network(*a, **k):\n    raise OSError('network access is disabled in stepflash eval')\n"
-              "socket.socket = _no_network\nsocket.create_connection = _no_network\n")
+UNSAFE_WARNING = ("model-written code runs WITHOUT a sandbox (--unsafe-no-sandbox): it can read and write your "
+                  "files, use the network and leave processes running")
 
 
 @dataclass
@@ -96,37 +92,21 @@ def cut_completion(completion: str) -> str:
     return completion[:cut]
 
 
-def _limits(seconds: int, memory_bytes: int) -> None:
-    resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds))
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-    os.setsid()
-
-
-def run_program(source: str, timeout: float = 10.0, memory_bytes: int = 1 << 30) -> tuple[bool, str]:
-    """Run untrusted `source` in a fresh interpreter (isolated mode, empty environment, its own
-    temporary directory, CPU / memory / file-size / open-file limits, sockets disabled) and report
-    (passed, reason)."""
-    with tempfile.TemporaryDirectory(prefix="stepflash-eval-") as work:
-        program = Path(work) / "program.py"
-        program.write_text(NO_NETWORK + source, encoding="utf-8")
-        try:
-            proc = subprocess.run([sys.executable, "-I", str(program)], cwd=work, capture_output=True,
-                                  timeout=timeout, env={"PATH": "/usr/bin:/bin"},
-                                  preexec_fn=lambda: _limits(int(timeout) + 1, memory_bytes))
-        except subprocess.TimeoutExpired:
-            return False, "timeout"
-    if proc.returncode == 0:
+def run_program(source: str, sandbox: Sandbox | None = None, limits: Limits = Limits()) -> tuple[bool, str]:
+    """Run untrusted `source` in `sandbox` (default: bubblewrap) and report (passed, reason)."""
+    outcome = (sandbox or bubblewrap()).run(source, limits)
+    if outcome.returncode is None:
+        return False, "timeout"
+    if outcome.returncode == 0:
         return True, "passed"
-    lines = proc.stderr.decode(errors="replace").strip().splitlines()
-    return False, lines[-1][:200] if lines else f"exit code {proc.returncode}"
+    lines = outcome.stderr.strip().splitlines()
+    return False, lines[-1][:200] if lines else f"exit code {outcome.returncode}"
 
 
-def score(item: Item, text: str) -> tuple[bool, str]:
+def score(item: Item, text: str, sandbox: Sandbox | None = None) -> tuple[bool, str]:
     if item.scorer == "program":
         body = cut_completion(text)
-        return run_program(f"{item.prompt}{body}\n\n{item.test}\n\ncheck({item.entry_point})\n")
+        return run_program(f"{item.prompt}{body}\n\n{item.test}\n\ncheck({item.entry_point})\n", sandbox)
     if item.scorer == "number":
         got = last_number(text)
         return got == last_number(item.reference), f"got {got}"
@@ -139,7 +119,8 @@ def score(item: Item, text: str) -> tuple[bool, str]:
     raise ValueError(f"unknown scorer {item.scorer!r} (exact, contains, prefix, number)")
 
 
-async def evaluate(endpoint: Endpoint, items: list[Item], max_tokens: int, concurrency: int = 1) -> dict:
+async def evaluate(endpoint: Endpoint, items: list[Item], max_tokens: int, concurrency: int = 1,
+                   sandbox: Sandbox | None = None) -> dict:
     """Greedy answers for every item, scored, with the speed of the same requests."""
     semaphore = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient() as client:
@@ -159,7 +140,7 @@ async def evaluate(endpoint: Endpoint, items: list[Item], max_tokens: int, concu
     rows = []
     for item, trace in zip(items, traces):
         text = "".join(c.content for c in trace.chunks)
-        correct, detail = score(item, text) if trace.ok else (False, f"request failed: {trace.error}")
+        correct, detail = score(item, text, sandbox) if trace.ok else (False, f"request failed: {trace.error}")
         rows.append({"id": item.item_id, "correct": correct, "detail": detail, "output": text[:300],
                      "output_tokens": trace.completion_tokens, "seconds": trace.e2el if trace.chunks else None,
                      "failed": not trace.ok})
@@ -175,11 +156,25 @@ async def evaluate(endpoint: Endpoint, items: list[Item], max_tokens: int, concu
     }
 
 
-def run_eval(endpoint: Endpoint, task: str, data: Path, max_tokens: int, limit: int | None, concurrency: int) -> dict:
+def code_sandbox(items: list[Item], unsafe_no_sandbox: bool) -> Sandbox | None:
+    """Where the items' code runs (None: they run none); SandboxUnavailable before any request is sent."""
+    if not any(item.scorer == "program" for item in items):
+        return None
+    if unsafe_no_sandbox:
+        print(f"stepflash: warning: {UNSAFE_WARNING}", file=sys.stderr)
+        return UNCONFINED
+    return bubblewrap()
+
+
+def run_eval(endpoint: Endpoint, task: str, data: Path, max_tokens: int, limit: int | None, concurrency: int,
+             unsafe_no_sandbox: bool = False) -> dict:
     items = load_items(task, data, limit)
-    result = asyncio.run(evaluate(endpoint, items, max_tokens, concurrency))
+    sandbox = code_sandbox(items, unsafe_no_sandbox)
+    result = asyncio.run(evaluate(endpoint, items, max_tokens, concurrency, sandbox))
     result.update(task=task, data=str(data), max_tokens=max_tokens, concurrency=concurrency,
                   endpoint={"base_url": endpoint.base_url, "model": endpoint.model, "chat": endpoint.chat},
+                  sandbox=sandbox.name if sandbox else None,
+                  warnings=[UNSAFE_WARNING] if sandbox is UNCONFINED else [],
                   date=time.strftime("%Y-%m-%dT%H:%M:%S"))
     speed = result["speed"].get("output_speed_tok_s") or {}
     print(f"{task}: {result['correct']}/{result['items']} correct ({100 * result['accuracy']:.1f}%), "

@@ -1,9 +1,10 @@
 """Model runner: owns the KV cache tensors, flattens a scheduled step into one batch, runs the model.
 
-`PagedContext` is attention over the paged cache in plain PyTorch, the reference twin for the GPU
-kernels: each layer writes this step's keys/values at their slots, then gathers every key a query
-may see through the sequence's block table. Short chunks (decodes, verify steps, MTP drafting rows)
-are gathered as one padded batch; each longer chunk (a prefill) is its own group.
+A step's integer inputs (ids, positions, per layer kind the cache slots and block tables, the rows
+and tiles of each attention op) are built on the host and sent in one copy; attention reads them
+through `PagedAttention` (model/attention.py) with the Triton kernels or their PyTorch twins, the
+same inputs either way. Short chunks (decodes, verify steps, MTP drafting rows) go to the paged
+op, longer ones (prefill) to the prefill op.
 
 With MTP, the runner also keeps, per position, the hidden state each MTP module chains on: level 0
 is the target's last hidden state (before the final norm), level d the output of MTP module d. These
@@ -19,25 +20,16 @@ from functools import partial
 
 import torch
 
-from stepflash.config import ModelConfig
 from stepflash.engine.graphs import StepGraphs, StepInputs
 from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy
 from stepflash.engine.sequence import Sequence
 from stepflash.kernels.tiles import tile_runs
-from stepflash.model.attention import apply_gate, attention, attention_mask, rotate_qk
+from stepflash.model.attention import ATTENTION_OPS, AttentionRows, PagedAttention
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 
 
-def kv_bytes_per_block(cfg: ModelConfig, layer_ids: list[int], block_size: int, dtype: torch.dtype,
-                       hidden_levels: int = 0) -> int:
-    """Bytes one block takes in every layer of `layer_ids`, plus `hidden_levels` MTP hidden caches."""
-    item = torch.empty((), dtype=dtype).element_size()
-    kv = sum(2 * block_size * cfg.layers[i].num_kv_heads * cfg.layers[i].head_dim * item for i in layer_ids)
-    return kv + hidden_levels * block_size * cfg.hidden_size * item
-
-
 PREFILL_TILE = 16  # query rows per program of the prefill kernel
-SHORT_CHUNK = 8  # chunks up to this many tokens (decodes, verify steps, MTP drafting) share one padded group
+SHORT_CHUNK = 8  # chunks up to this many tokens (decodes, verify steps, MTP drafting) go to the paged op
 
 
 @dataclass
@@ -74,101 +66,6 @@ class Inject:
         return ids
 
 
-@dataclass
-class Group:
-    """Sequences attended together: query rows [B, Q] of the flat batch, padded with each sequence's
-    first row. Per layer kind, the cache slots [B, K] its queries read and the mask (None when every
-    gathered key is visible to every query, as for unpadded decodes)."""
-
-    rows: torch.Tensor | slice  # a slice when the rows are a contiguous, unpadded run
-    shape: tuple[int, int]  # (B, Q)
-    valid_rows: torch.Tensor | slice  # flat rows of the real (unpadded) queries
-    q_valid: torch.Tensor | None  # [B, Q], None when nothing is padded
-    keys: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
-
-
-class PagedContext:
-    def __init__(self, caches: dict[int, tuple[torch.Tensor, torch.Tensor]], kind_of: dict[int, str],
-                 slots: dict[str, torch.Tensor], groups: list[Group]) -> None:
-        self.caches, self.kind_of, self.slots, self.groups = caches, kind_of, slots, groups
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
-        q, k = rotate_qk(q, k, *rope)
-        kind = self.kind_of[layer]
-        k_cache, v_cache = write_kv(self.caches[layer], self.slots[kind], k, v)
-        out = torch.empty_like(q)
-        for g in self.groups:
-            slots, mask = g.keys[kind]
-            # index_select: several times faster on CPU than advanced indexing for these row gathers
-            keys, values = (c.index_select(0, slots.flatten()).view(*slots.shape, *c.shape[1:])
-                            for c in (k_cache, v_cache))
-            queries = q[g.rows] if isinstance(g.rows, slice) else q.index_select(0, g.rows.flatten())
-            o = attention(queries.view(*g.shape, *q.shape[1:]), keys, values, mask)
-            out[g.valid_rows] = o.flatten(0, 1) if g.q_valid is None else o[g.q_valid]
-        return apply_gate(out, gate)
-
-
-def write_kv(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Store this step's keys/values at their slots; returns the caches as [blocks * block_size, kvh, d]."""
-    k_cache, v_cache = (c.flatten(0, 1) for c in cache)
-    k_cache.index_copy_(0, slots, k)
-    v_cache.index_copy_(0, slots, v)
-    return k_cache, v_cache
-
-
-@dataclass
-class KernelRows:
-    """Query rows that one attention kernel takes: their flat indices (None: every row), sequence
-    index and position (int32), and its tiles: runs of at most `tile_rows` consecutive rows of one
-    sequence that the kernel takes together (kernels/tiles.py). Built once per step on
-    the host, so no layer has to read anything back from the device."""
-
-    index: torch.Tensor | None
-    seq_of: torch.Tensor
-    q_pos: torch.Tensor
-    tiles: torch.Tensor
-    tile_rows: int
-
-
-class KernelPagedContext:
-    """The same paged attention through the Triton kernels, reading keys through the block tables
-    (no gathered copies): the rotary embedding fused with the cache write, then rows of short chunks
-    (decode, verify, MTP) by the paged kernel, each chunk's rows a tile (the head gate fused), rows of
-    long chunks (prefill) by the prefill kernel in tiles of consecutive queries."""
-
-    def __init__(self, caches: dict[int, tuple[torch.Tensor, torch.Tensor]], kind_of: dict[int, str],
-                 slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor],
-                 first_blocks: dict[str, torch.Tensor], decode: KernelRows | None, prefill: KernelRows | None) -> None:
-        self.caches, self.kind_of, self.slots, self.tables = caches, kind_of, slots, tables
-        self.first_blocks = first_blocks  # kind -> [S]: the block each table row starts at
-        self.decode, self.prefill = decode, prefill
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
-        from stepflash.kernels.paged_attention import paged_attention
-        from stepflash.kernels.prefill_attention import prefill_attention
-        from stepflash.kernels.rope_kv import rope_kv_write
-
-        kind = self.kind_of[layer]
-        q = rope_kv_write(q, k, v, *rope, *self.caches[layer], self.slots[kind])
-        caches, table, first, d, p = (self.caches[layer], self.tables[kind], self.first_blocks[kind], self.decode,
-                                      self.prefill)
-        if p is None:
-            return paged_attention(q, *caches, table, d.seq_of, d.q_pos, window, gate, tiles=d.tiles,
-                                   tile_rows=d.tile_rows, first_block=first)
-        if d is None:
-            return apply_gate(prefill_attention(q, *caches, table, p.seq_of, p.q_pos, window, tiles=p.tiles,
-                                                first_block=first), gate)
-        out = torch.empty_like(q)
-        out[p.index] = apply_gate(prefill_attention(q[p.index], *caches, table, p.seq_of, p.q_pos, window,
-                                                    tiles=p.tiles, first_block=first), gate[p.index])
-        out[d.index] = paged_attention(q[d.index], *caches, table, d.seq_of, d.q_pos, window, gate[d.index],
-                                       tiles=d.tiles, tile_rows=d.tile_rows, first_block=first)
-        return out
-
-
 class ModelRunner:
     """Each cache pool has one block more than the KV manager hands out: the scratch block, where
     the padding rows of a graphed step write (engine/graphs.py). With `graph_rows` > 0 (kernels
@@ -178,6 +75,7 @@ class ModelRunner:
     def __init__(self, model: Step3p5ForCausalLM, num_blocks: dict[str, int], block_size: int,
                  kernels: bool = False, graph_rows: int = 0, max_model_len: int = 0, capture: bool = False) -> None:
         self.model, self.block_size, self.kernels = model, block_size, kernels
+        self.ops = ATTENTION_OPS["triton" if kernels else "torch"]
         cfg = model.config
         self.window = cfg.sliding_window
         param = model.lm_head.weight
@@ -200,7 +98,7 @@ class ModelRunner:
         self.graphs, self.mtp_graphs = None, []
         if graph_rows:
             if not kernels:
-                raise ValueError("graphed steps need the Triton kernels (the PyTorch path reads shapes on the host)")
+                raise ValueError("graphed steps need the Triton kernels (the PyTorch MoE reads shapes on the host)")
             # table columns: a full layer's whole context; a sliding layer's window plus a short chunk,
             # plus blocks appended ahead for drafts (wider tables run eagerly)
             widths = {FULL: math.ceil(max_model_len / block_size) + 1,
@@ -227,8 +125,7 @@ class ModelRunner:
             hidden = self._forward(ids, positions, ctx)
         return self.model.compute_logits(hidden.index_select(0, rows))
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedContext | KernelPagedContext
-                 ) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention) -> torch.Tensor:
         """The target's pre-norm hidden states, stored as MTP hidden level 0 at the rows' slots."""
         hidden = self.model(ids, positions, ctx)
         if self.hidden:
@@ -244,10 +141,10 @@ class ModelRunner:
         ctx = self._graph_context(step, [SLIDING])
         return self._mtp_forward(depth, step.ids, step.positions, step.prev_slots, ctx)
 
-    def _graph_context(self, step: StepInputs, kinds: list[str]) -> KernelPagedContext:
-        return KernelPagedContext(self.caches, self.kind_of, {k: step.slots[k] for k in kinds},
-                                  {k: step.tables[k] for k in kinds}, {k: step.first_blocks[k] for k in kinds},
-                                  KernelRows(None, step.seq_of, step.q_pos, step.tiles, self.tile_rows), None)
+    def _graph_context(self, step: StepInputs, kinds: list[str]) -> PagedAttention:
+        return PagedAttention(self.ops, self.caches, self.kind_of, {k: step.slots[k] for k in kinds},
+                              {k: step.tables[k] for k in kinds}, {k: step.first_blocks[k] for k in kinds},
+                              AttentionRows(None, step.seq_of, step.q_pos, step.tiles, self.tile_rows), None)
 
     @torch.inference_mode()
     def execute_mtp(self, depth: int, chunks: list[Chunk], logit_rows: list[int],
@@ -267,7 +164,7 @@ class ModelRunner:
         return self.model.mtp_logits(depth, z.index_select(0, rows))
 
     def _mtp_forward(self, depth: int, ids: torch.Tensor, positions: torch.Tensor, prev_slots: torch.Tensor,
-                     ctx: PagedContext | KernelPagedContext) -> torch.Tensor:
+                     ctx: PagedAttention) -> torch.Tensor:
         """MTP module `depth`'s output, stored as hidden level depth + 1 at the rows' slots."""
         prev = self.hidden[depth].index_select(0, prev_slots)
         prev = prev.masked_fill((positions == 0)[:, None], 0.0)
@@ -299,33 +196,10 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _prepare(self, chunks: list[Chunk], kinds: list[str] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, PagedContext | KernelPagedContext]:
-        """Flat ids and positions, and the paged context for layers of `kinds` (default: all)."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, PagedAttention]:
+        """Flat ids and positions, and the attention context for layers of `kinds` (default: all): the
+        step's integer inputs, gathered on the host and sent to the device in one copy."""
         kinds = kinds or self.kinds
-        if self.kernels:
-            return self._prepare_kernel(chunks, kinds)
-        ids, positions = [], []
-        slots: dict[str, list[int]] = {kind: [] for kind in kinds}
-        short, groups = [], []
-        bs = self.block_size
-        for chunk in chunks:
-            member = (len(ids), chunk)
-            ids += chunk.ids
-            positions += range(chunk.start, chunk.end)
-            for kind in kinds:
-                slots[kind] += _slots(chunk.seq.blocks.table(kind), chunk.start, chunk.end, bs)
-            if len(chunk.ids) <= SHORT_CHUNK:
-                short.append(member)
-            else:
-                groups.append(self._group([member], kinds))
-        if short:
-            groups.append(self._group(short, kinds))
-        ctx = PagedContext(self.caches, self.kind_of, {k: self._tensor(v) for k, v in slots.items()}, groups)
-        return self._tensor(ids), self._tensor(positions), ctx
-
-    def _prepare_kernel(self, chunks: list[Chunk], kinds: list[str]
-                        ) -> tuple[torch.Tensor, torch.Tensor, KernelPagedContext]:
-        """The step's integer inputs, gathered on the host and sent to the device in one copy."""
         ids = [t for c in chunks for t in c.ids]
         positions = [p for c in chunks for p in range(c.start, c.end)]
         seq_of = [i for i, c in enumerate(chunks) for _ in c.ids]
@@ -349,48 +223,13 @@ class ModelRunner:
                 tile_rows = PREFILL_TILE if flag else self.tile_rows
                 sent["tiles", flag] = up.add(tile_runs(set_seq, tile_rows), int32=True, width=2)
         got = up.send(self.device)
-        sets = {flag: KernelRows(got(sent["index", flag]), got(sent["seq_of", flag]), got(sent["q_pos", flag]),
-                                 got(sent["tiles", flag]), PREFILL_TILE if flag else self.tile_rows)
+        sets = {flag: AttentionRows(got(sent["index", flag]), got(sent["seq_of", flag]), got(sent["q_pos", flag]),
+                                    got(sent["tiles", flag]), PREFILL_TILE if flag else self.tile_rows)
                 for flag, index in rows.items() if index}
-        ctx = KernelPagedContext(self.caches, self.kind_of, {k: got(sent["slots", k]) for k in kinds},
-                                 {k: got(sent["table", k]).clamp_(min=0) for k in kinds},  # NO_BLOCK: never read
-                                 {k: got(sent["first", k]) for k in kinds}, sets.get(False), sets.get(True))
+        ctx = PagedAttention(self.ops, self.caches, self.kind_of, {k: got(sent["slots", k]) for k in kinds},
+                             {k: got(sent["table", k]).clamp_(min=0) for k in kinds},  # NO_BLOCK: never read
+                             {k: got(sent["first", k]) for k in kinds}, sets.get(False), sets.get(True))
         return got(sent["ids"]), got(sent["positions"]), ctx
-
-    def _group(self, members: list[tuple[int, Chunk]], kinds: list[str]) -> Group:
-        """Padded query rows and, per layer kind, the key slots each query may read and its mask.
-        Built once per step and shared by every layer of a kind."""
-        t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        row0 = t([r for r, _ in members])[:, None]
-        num_new = t([len(c.ids) for _, c in members])[:, None]
-        start = t([c.start for _, c in members])[:, None]
-        end = start + num_new
-        q_len = max(len(c.ids) for _, c in members)
-        q_offsets = torch.arange(q_len, device=self.device)[None, :]
-        padded = any(len(c.ids) != q_len for _, c in members)
-        q_valid = q_offsets < num_new
-        q_pos = start + torch.where(q_valid, q_offsets, 0)
-        keys = {}
-        for kind in kinds:
-            lo = torch.zeros_like(start) if kind == FULL else (start - self.window + 1).clamp(min=0)
-            k_pos = lo + torch.arange(int((end - lo).max()), device=self.device)[None, :]
-            k_valid = k_pos < end
-            k_pos = torch.where(k_valid, k_pos, lo)
-            tables = [c.seq.blocks.table(kind) for _, c in members]
-            width = max(len(x) for x in tables)
-            table = t([x + [0] * (width - len(x)) for x in tables]).clamp(min=0)  # NO_BLOCK never read
-            slots = table.gather(1, k_pos // self.block_size) * self.block_size + k_pos % self.block_size
-            # one query per sequence over exactly its window/context: every valid key is visible
-            needs_mask = q_len > 1 or not bool(k_valid.all())
-            keys[kind] = (slots, attention_mask(q_pos, k_pos, self.window if kind == SLIDING else None, k_valid)
-                          if needs_mask else None)
-        first = members[0][0]
-        contiguous = not padded and [r for r, _ in members] == list(range(first, first + q_len * len(members), q_len))
-        if contiguous:
-            rows = slice(first, first + q_len * len(members))
-            return Group(rows, (len(members), q_len), rows, None, keys)
-        rows = torch.where(q_valid, row0 + q_offsets, row0)
-        return Group(rows, (len(members), q_len), rows[q_valid], q_valid, keys)
 
 
 class Upload:
@@ -438,7 +277,7 @@ class Upload:
         return get
 
 
-def _step_inputs(ids: torch.Tensor, positions: torch.Tensor, ctx: KernelPagedContext,
+def _step_inputs(ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention,
                  prev_slots: torch.Tensor | None = None) -> StepInputs:
     d = ctx.decode
     return StepInputs(ids, positions, d.seq_of, d.q_pos, d.tiles, ctx.slots, ctx.tables, ctx.first_blocks, prev_slots)

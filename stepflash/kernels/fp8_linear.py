@@ -8,7 +8,7 @@ accumulator: tensor cores for fp16 / bf16, IEEE fp32 (no TF32) for fp32. The dec
 hardware's float8 type: the magnitude bits of an e4m3fn byte, `(b & 0x7F) << 7`, read as an fp16 are
 |value| / 256 for every finite value, subnormals included (same 3 mantissa bits on top; exponent bias
 7 vs 15 -> 2^-8), so |value| = that * 256 and the sign is bit 7. Bytes 0x7F / 0xFF (NaN) do not occur in weights.
-`fp8_linear_ref` is the PyTorch twin: dequantize in fp32, then F.linear.
+`fp8_linear_ref` is the PyTorch twin: dequantize in fp32 (`dequantize_fp8`, also the loader's), then F.linear.
 """
 
 import math
@@ -17,13 +17,19 @@ import torch
 import torch.nn.functional as F
 
 from stepflash.kernels.tiles import multiprocessors
-from stepflash.model.quant import dequantize_fp8
 
 try:
     import triton
     import triton.language as tl
 except ImportError:
     triton = None
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """fp8 [..., R, C] * scale_inv[..., r // block[0], c // block[1]] -> fp32 [..., R, C]."""
+    rows, cols = weight.shape[-2:]
+    scale = scale_inv.float().repeat_interleave(block[0], -2)[..., :rows, :]
+    return weight.float() * scale.repeat_interleave(block[1], -1)[..., :cols]
 
 
 def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,

@@ -10,34 +10,107 @@ times the pair's routing weight; the k pairs of a token are summed in fp32. For 
 each program takes one pair (a matrix-vector product); for many (prefill), the pairs are sorted by
 expert and cut into blocks of one expert's pairs (`expert_blocks`), and each program multiplies a
 block's rows by a weight tile with tl.dot, reading each weight tile once per block rather than once
-per pair. `fused_moe_ref` is the PyTorch twin (the model's own grouped computation, `MoE.experts`).
+per pair. `fused_moe_ref` is the PyTorch twin, and the model's own MoE where the kernels are off.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from stepflash.kernels.fp8_linear import dequantize_fp8
 
 GROUPED_MIN_TOKENS = 16  # from this many tokens on (prefill chunks, wide verify batches) pairs go in blocks
 
 try:
     import triton
     import triton.language as tl
-except ImportError:
+except ImportError:  # the CPU engine never needs the kernels
     triton = None
+
+Scales = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(gate) * up; with limit L > 0: min(silu(gate), L) * clamp(up, -L, L)."""
+    act = F.silu(gate)
+    if limit > 0:
+        act = act.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+    return act * up
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """INT4 as `model.quant.quantize_int4` packs it -> fp32: w = (nibble - 8) * scale of its group."""
+    low = (packed & 0x0F).to(torch.int16) - 8
+    high = (packed >> 4).to(torch.int16) - 8
+    q = torch.stack([low, high], dim=-1).flatten(-2).float()
+    return q * scales.float().repeat_interleave(group_size, dim=-1)
 
 
 def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  ids: torch.Tensor, weights: torch.Tensor, limit: float) -> torch.Tensor:
-    """x [T, H], w_gate/w_up [E, I, H], w_down [E, H, I], ids/weights [T, k] -> [T, H] in x's dtype."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for t in range(x.shape[0]):
-        for e, w in zip(ids[t].tolist(), weights[t].float()):
-            g, u = x[t].float() @ w_gate[e].float().T, x[t].float() @ w_up[e].float().T
-            act = torch.nn.functional.silu(g)
-            if limit > 0:
-                act, u = act.clamp(max=limit), u.clamp(-limit, limit)
-            out[t] += (act * u) @ w_down[e].float().T * w
-    return out.to(x.dtype)
+                  ids: torch.Tensor, weights: torch.Tensor, limit: float, int4_scales: Scales | None = None,
+                  group_size: int = 128, fp8_scales: Scales | None = None,
+                  fp8_block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """x [T, H], w_gate/w_up [E, I, H], w_down [E, H, I] (or quantized, as `fused_moe` takes them),
+    ids/weights [T, k] -> [T, H] in x's dtype: matmuls in x's dtype (only the selected experts
+    dequantized, to it), the k pairs of a token summed in fp32. At most one pair per expert (decode):
+    each pair's expert gathered and all pairs multiplied batched, nothing read back to the host. More
+    pairs: grouped by expert (`_grouped`)."""
+    def experts(w: torch.Tensor, scale: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor:
+        """Experts `index` (None: all) of one projection, [n, out, in] in x's dtype."""
+        w, scale = _take(w, index), None if scale is None else _take(scale, index)
+        if int4_scales is not None:
+            return dequantize_int4(w, scale, group_size).to(x.dtype)
+        if fp8_scales is not None:
+            return dequantize_fp8(w, scale, fp8_block).to(x.dtype)
+        return w.to(x.dtype)
+
+    scales = int4_scales or fp8_scales or (None, None, None)
+    take = [lambda index, w=w, s=s: experts(w, s, index) for w, s in zip((w_gate, w_up, w_down), scales)]
+    tokens, top_k = ids.shape
+    pair_route = weights.reshape(-1, 1).float()
+    if ids.numel() > w_gate.shape[0]:
+        return _grouped(x, ids, pair_route, take, w_gate.shape[0], limit)
+    flat = ids.reshape(-1)
+    y = _expert_ffn(x.repeat_interleave(top_k, 0)[:, None], *(t(flat) for t in take), limit)[:, 0]
+    return (y.float() * pair_route).view(tokens, top_k, -1).sum(1).to(x.dtype)
+
+
+def _grouped(x: torch.Tensor, ids: torch.Tensor, pair_route: torch.Tensor,
+             take: list[Callable[[torch.Tensor | None], torch.Tensor]], num_experts: int, limit: float) -> torch.Tensor:
+    """`fused_moe_ref` for many pairs: sorted by expert into the rows of [U, C, H] (the U experts used,
+    C = the most pairs of one expert, zero-padded; both read to the host), one bmm per projection."""
+    flat = ids.reshape(-1)
+    counts = torch.bincount(flat, minlength=num_experts)
+    used, capacity = counts.nonzero()[:, 0], int(counts.max())
+    order = flat.argsort(stable=True)
+    expert = flat[order]
+    rank = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
+    row = ((counts > 0).cumsum(0) - 1)[expert] * capacity + rank  # each sorted pair's row of [U * C]
+    token = order // ids.shape[1]
+    rows = x.new_zeros(used.numel() * capacity, x.shape[1]).index_copy(0, row, x.index_select(0, token))
+    index = None if used.numel() == num_experts else used
+    y = _expert_ffn(rows.view(used.numel(), capacity, -1), *(t(index) for t in take), limit)
+    y = y.flatten(0, 1).index_select(0, row).float() * pair_route.index_select(0, order)
+    return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y).to(x.dtype)
+
+
+def _expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, limit: float
+                ) -> torch.Tensor:
+    """Batched SwiGLU FFNs: x [n, rows, H] through expert weights [n, out, in] -> [n, rows, H]."""
+    return torch.bmm(swiglu(torch.bmm(x, gate.mT), torch.bmm(x, up.mT), limit), down.mT)
+
+
+def _take(w: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """w[index] along the first dim, copied in w's own layout (the loader keeps CPU weights
+    column-major, which a gather of rows would transpose on the way)."""
+    if index is None:
+        return w
+    if w.stride(-1) != 1:
+        return w.mT.index_select(0, index).mT
+    return w.index_select(0, index)
 
 
 if triton is not None:

@@ -10,12 +10,13 @@ so the keys are read once per step, not once per row. A long key range is cut in
 separate programs take (flash decoding), their partial softmax sums combined by a second kernel: at
 batch 1 a 128K-token full layer would otherwise run on 8 programs, one per kv head.
 `paged_attention_ref` is the PyTorch twin the kernel is tested against (fp32/fp16 under
-TRITON_INTERPRET=1 on the CPU, bf16 on a GPU).
+TRITON_INTERPRET=1 on the CPU, bf16 on a GPU) and the engine runs where the kernels are off.
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 from stepflash.kernels.tiles import multiprocessors
 
@@ -26,26 +27,55 @@ except ImportError:  # the CPU engine never needs the kernels
     triton = None
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                     window: int | None) -> torch.Tensor:
+    """Softmax attention of B padded groups of queries, q [B, Q, H, D] at positions q_pos [B, Q], over
+    keys/values [B, K, KVH, D] (GQA) at k_pos [B, K], in q's dtype: a query sees the keys at positions
+    <= its own, and with a window only those with q_pos - k_pos < window (512 keys for window 512,
+    its own included). Every query must see at least one key. The math of every PyTorch path of
+    attention: the twins below and the model without a cache."""
+    visible = k_pos[:, None, :] <= q_pos[:, :, None]
+    if window:
+        visible &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=visible[:, None], enable_gqa=True)
+    return o.transpose(1, 2)
+
+
+def paged_keys(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+               first_block: torch.Tensor, q_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """`masked_attention` of query groups q [B, Q, H, D] at q_pos [B, Q] over every key their table rows
+    [B, W] reach (blocks first_block[b] .. + W - 1), gathered from the caches; positions a query may
+    not see (or whose table entry is unused) are masked. Static shapes: nothing is read back."""
+    block_size = k_cache.shape[1]
+    column = torch.arange(tables.shape[1] * block_size, device=q.device)
+    k_pos = first_block.long()[:, None] * block_size + column  # [B, W * block_size]
+    blocks = tables.long().clamp(0, k_cache.shape[0] - 1).repeat_interleave(block_size, 1)
+    slots = (blocks * block_size + column % block_size).flatten()
+    keys, values = (c.flatten(0, 1).index_select(0, slots).view(*k_pos.shape, *c.shape[2:]) for c in (k_cache, v_cache))
+    return masked_attention(q, keys, values, q_pos, k_pos, window)
+
+
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                         seq_of: torch.Tensor, q_pos: torch.Tensor, window: int | None,
-                        gate: torch.Tensor | None = None) -> torch.Tensor:
+                        gate: torch.Tensor | None = None, tiles: torch.Tensor | None = None, tile_rows: int = 1,
+                        first_block: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D], caches [blocks, block_size, KVH, D], block_tables [S, max_blocks] (int),
-    seq_of / q_pos [T], gate [T, H] (pre-sigmoid) -> [T, H, D] in q's dtype (math in fp32)."""
-    num_heads, block_size, num_kv = q.shape[1], k_cache.shape[1], k_cache.shape[2]
-    out = torch.empty_like(q)
-    for t in range(q.shape[0]):
-        pos, table = int(q_pos[t]), block_tables[int(seq_of[t])]
-        lo = max(0, pos - window + 1) if window else 0
-        positions = torch.arange(lo, pos + 1, device=q.device)
-        blocks = table[positions // block_size].long()
-        keys = k_cache[blocks, positions % block_size].float().repeat_interleave(num_heads // num_kv, dim=1)
-        values = v_cache[blocks, positions % block_size].float().repeat_interleave(num_heads // num_kv, dim=1)
-        scores = torch.einsum("hd,nhd->hn", q[t].float(), keys) / math.sqrt(q.shape[-1])
-        o = torch.einsum("hn,nhd->hd", scores.softmax(-1), values)
-        if gate is not None:
-            o = o * torch.sigmoid(gate[t].float())[:, None]
-        out[t] = o.to(q.dtype)
-    return out
+    seq_of / q_pos [T], gate [T, H] (pre-sigmoid) -> [T, H, D] in q's dtype; `tiles`, `tile_rows` and
+    `first_block` as `paged_attention` takes them. All tiles at once: each tile's rows (padded to
+    tile_rows with its first row) against the keys its sequence's table row reaches."""
+    if tiles is None:
+        each = torch.arange(q.shape[0], device=q.device)
+        tiles = torch.stack([each, torch.ones_like(each)], 1)
+    first, count = tiles.long().unbind(1)
+    offsets = torch.arange(tile_rows, device=q.device)
+    rows = torch.where(offsets < count[:, None], first[:, None] + offsets, first[:, None])  # [C, R]
+    seq = seq_of.long()[first]
+    out = paged_keys(q[rows], k_cache, v_cache, block_tables[seq], first_blocks(first_block, block_tables)[seq],
+                     q_pos.long()[rows], window)
+    if gate is not None:
+        out = (out.float() * torch.sigmoid(gate[rows].float())[..., None]).to(q.dtype)
+    return torch.empty_like(q).index_copy_(0, rows.flatten(), out.flatten(0, 1))  # a padded row rewrites its first
 
 
 if triton is not None:

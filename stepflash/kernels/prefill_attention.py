@@ -2,21 +2,38 @@
 BLOCK_M consecutive query rows of one sequence against tiles of BLOCK_N keys, causal and optionally
 windowed, online softmax, tl.dot for both products. Same contract as `paged_attention_ref` (the
 rows' keys are already in the cache); `kernels.tiles.prefill_tiles` cuts the rows into per-sequence tiles.
+`prefill_attention_ref` is its PyTorch twin.
 """
 
 import math
 
 import torch
 
-from stepflash.kernels.tiles import prefill_tiles
+from stepflash.kernels.paged_attention import first_blocks, paged_keys
+from stepflash.kernels.tiles import prefill_tiles, tile_runs
 
 try:
     import triton
     import triton.language as tl
 
-    from stepflash.kernels.paged_attention import first_blocks, kv_tile, softmax_step, table_row
+    from stepflash.kernels.paged_attention import kv_tile, softmax_step, table_row
 except ImportError:
     triton = None
+
+
+def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                          seq_of: torch.Tensor, q_pos: torch.Tensor, window: int | None,
+                          tiles: torch.Tensor | None = None, first_block: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `prefill_attention`, one sequence's rows at a time (`paged_attention_ref`'s
+    math); the runs of rows come from seq_of read to the host (a prefill step, not the decode path),
+    so `tiles` is not needed."""
+    first_block, out = first_blocks(first_block, block_tables), torch.empty_like(q)
+    runs = tile_runs(seq_of.tolist(), q.shape[0])
+    for start, count in zip(runs[::2], runs[1::2]):
+        rows, seq = slice(start, start + count), slice(int(seq_of[start]), int(seq_of[start]) + 1)
+        out[rows] = paged_keys(q[None, rows], k_cache, v_cache, block_tables[seq], first_block[seq],
+                               q_pos[None, rows].long(), window)[0]
+    return out
 
 
 if triton is not None:

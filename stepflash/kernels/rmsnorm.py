@@ -2,10 +2,11 @@
 
 One read of x and delta and one write of x and h per row instead of four passes; the sum is taken
 in fp32 and stored back in x's dtype (as the eager `x + delta` would), then normalised from it.
-`add_rmsnorm_ref` is the PyTorch twin.
+`add_rmsnorm_ref` is the PyTorch twin, and the model's every RMSNorm where the kernels are off.
 """
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -16,10 +17,9 @@ except ImportError:
 
 def add_rmsnorm_ref(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(new residual, normalised) for x, delta [T, H] and the stored offset weight [H]."""
+    """(new residual, normalised) for x, delta [..., H] and the stored offset weight [H]."""
     residual = x if delta is None else (x.float() + delta.float()).to(x.dtype)
-    r = residual.float()
-    normed = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())
+    normed = F.rms_norm(residual.float(), weight.shape, 1.0 + weight.float(), eps)
     return residual, normed.to(x.dtype)
 
 

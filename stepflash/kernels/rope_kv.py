@@ -2,13 +2,11 @@
 and the cos/sin rows, returns rotated q and stores rotated k and v at their cache slots.
 
 The first `rotary_dim` dims of each head rotate (x1, x2 halves: x1 cos - x2 sin, x2 cos + x1 sin);
-the tail passes through. `rope_kv_write_ref` is the PyTorch twin (the model's `apply_rotary` and
-the runner's cache write).
+the tail passes through. `rope_kv_write_ref` is the PyTorch twin; `apply_rotary` is also the model's
+rotary embedding where there is no cache (model/attention.py).
 """
 
 import torch
-
-from stepflash.model.rope import apply_rotary
 
 try:
     import triton
@@ -17,13 +15,25 @@ except ImportError:
     triton = None
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim dims of each head of x [T, heads, head_dim]; the tail passes."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd].float(), x[..., rd:]
+    x1, x2 = rot[..., : rd // 2], rot[..., rd // 2 :]
+    out = rot * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
+    if rd == x.shape[-1]:
+        return out.to(x.dtype)
+    return torch.cat((out.to(x.dtype), rest), dim=-1)
+
+
 def rope_kv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D], cos/sin [T, rotary_dim] fp32, caches [blocks, block_size, KVH, D],
     slots [T] -> rotated q; rotated k and v are written to the caches."""
-    k_cache.flatten(0, 1).index_copy_(0, slots, apply_rotary(k, cos, sin))
+    q, k = apply_rotary(torch.cat([q, k], dim=1), cos, sin).split([q.shape[1], k.shape[1]], dim=1)
+    k_cache.flatten(0, 1).index_copy_(0, slots, k)
     v_cache.flatten(0, 1).index_copy_(0, slots, v)
-    return apply_rotary(q, cos, sin)
+    return q
 
 
 if triton is not None:

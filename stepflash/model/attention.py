@@ -1,19 +1,25 @@
-"""Gated GQA attention (full or sliding window) over a flat batch of tokens from several sequences."""
+"""Gated GQA attention (full or sliding window) over a flat batch of tokens from several sequences,
+and where it finds its keys: the batch itself (`BatchLayout`, no cache) or the paged KV cache
+(`PagedAttention`, the engine's). Both run the kernels' math (kernels/): the paged cache through
+the Triton kernels or their PyTorch twins, chosen once by the engine; the batch through the twins'
+`masked_attention`."""
 
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stepflash.config import LayerSpec
+from stepflash.kernels.paged_attention import masked_attention, paged_attention, paged_attention_ref
+from stepflash.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from stepflash.kernels.rope_kv import apply_rotary, rope_kv_write, rope_kv_write_ref
+from stepflash.model.linear import PackedLinear
 from stepflash.model.norm import RMSNorm
-from stepflash.model.rope import apply_rotary
 
 
 class AttentionContext(Protocol):
-    """Where attention finds keys and values: the batch alone (`BatchLayout`) or a paged KV cache."""
+    """Where attention finds keys and values: the batch alone (`BatchLayout`) or the paged KV cache."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
@@ -23,9 +29,15 @@ class AttentionContext(Protocol):
         ...
 
 
+def apply_gate(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Head-wise output gate: o [T, heads, d] * sigmoid(gate [T, heads])."""
+    return o * torch.sigmoid(gate).unsqueeze(-1)
+
+
 @dataclass
 class BatchLayout:
-    """No cache: a flat batch of T tokens that splits into whole sequences, runs of `seq_lens` tokens."""
+    """No cache (training, model tests): a flat batch of T tokens that splits into whole sequences,
+    runs of `seq_lens` tokens."""
 
     seq_lens: list[int]
 
@@ -35,67 +47,87 @@ class BatchLayout:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
-        q, k = rotate_qk(q, k, *rope)
+        q, k = apply_rotary(torch.cat([q, k], dim=1), *rope).split([q.shape[1], k.shape[1]], dim=1)
+        out = []
+        for q_s, k_s, v_s, pos in zip(q.split(self.seq_lens), k.split(self.seq_lens), v.split(self.seq_lens),
+                                      positions.split(self.seq_lens)):
+            out.append(masked_attention(q_s[None], k_s[None], v_s[None], pos[None], pos[None], window)[0])
+        return apply_gate(torch.cat(out), gate)
+
+
+@dataclass
+class AttentionRows:
+    """Query rows that one attention op takes: their flat indices (None: every row), sequence
+    index and position (int32), and its tiles: runs of at most `tile_rows` consecutive rows of one
+    sequence that the op takes together (kernels/tiles.py). Built once per step on the host, so no
+    layer reads anything back from the device."""
+
+    index: torch.Tensor | None
+    seq_of: torch.Tensor
+    q_pos: torch.Tensor
+    tiles: torch.Tensor
+    tile_rows: int
+
+
+ATTENTION_OPS = {"torch": (rope_kv_write_ref, paged_attention_ref, prefill_attention_ref),
+                 "triton": (rope_kv_write, paged_attention, prefill_attention)}
+
+
+class PagedAttention:
+    """Attention over the paged KV cache, reading keys through block tables: the rotary embedding
+    with the cache write, then rows of short chunks (decode, verify, MTP drafting) by the paged op
+    in tiles of a chunk's rows (the head gate fused), rows of long chunks (prefill) by the prefill op.
+    `ops` are the Triton kernels or their PyTorch twins (ATTENTION_OPS), called alike."""
+
+    def __init__(self, ops: tuple, caches: dict[int, tuple[torch.Tensor, torch.Tensor]], kind_of: dict[int, str],
+                 slots: dict[str, torch.Tensor], tables: dict[str, torch.Tensor], first_blocks: dict[str, torch.Tensor],
+                 decode: AttentionRows | None, prefill: AttentionRows | None) -> None:
+        self.ops, self.caches, self.kind_of, self.slots, self.tables = ops, caches, kind_of, slots, tables
+        self.first_blocks = first_blocks  # kind -> [S]: the block each table row starts at
+        self.decode, self.prefill = decode, prefill
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
+        write, paged, prefill = self.ops
+        kind = self.kind_of[layer]
+        q = write(q, k, v, *rope, *self.caches[layer], self.slots[kind])
+        caches, table, first, d, p = (self.caches[layer], self.tables[kind], self.first_blocks[kind], self.decode,
+                                      self.prefill)
+        if p is None:
+            return paged(q, *caches, table, d.seq_of, d.q_pos, window, gate, tiles=d.tiles, tile_rows=d.tile_rows,
+                         first_block=first)
+        if d is None:
+            return apply_gate(prefill(q, *caches, table, p.seq_of, p.q_pos, window, tiles=p.tiles, first_block=first),
+                              gate)
         out = torch.empty_like(q)
-        start = 0
-        for n in self.seq_lens:
-            sl = slice(start, start + n)
-            pos = positions[sl][None]
-            out[sl] = attention(q[sl][None], k[sl][None], v[sl][None], attention_mask(pos, pos, window))[0]
-            start += n
-        return apply_gate(out, gate)
-
-
-def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotary embedding of queries and keys in one call."""
-    return apply_rotary(torch.cat([q, k], dim=1), cos, sin).split([q.shape[1], k.shape[1]], dim=1)
-
-
-def apply_gate(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """Head-wise output gate: o [T, heads, d] * sigmoid(gate [T, heads])."""
-    return o * torch.sigmoid(gate).unsqueeze(-1)
-
-
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
-                   k_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, 1, Q, K] bool for positions [B, Q] / [B, K]: a query sees keys at positions <= its own,
-    and with a window only those with q_pos - k_pos < window (512 keys for window 512, the current
-    token included)."""
-    allowed = k_pos[:, None, :] <= q_pos[:, :, None]
-    if window is not None:
-        allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
-    if k_valid is not None:
-        allowed &= k_valid[:, None, :]
-    return allowed[:, None]
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax attention for B padded sequences: q [B, Q, h, d], k/v [B, K, kvh, d] (GQA) -> [B, Q, h, d]."""
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask, enable_gqa=True)
-    return o.transpose(1, 2)
+        out[p.index] = apply_gate(prefill(q[p.index], *caches, table, p.seq_of, p.q_pos, window, tiles=p.tiles,
+                                          first_block=first), gate[p.index])
+        out[d.index] = paged(q[d.index], *caches, table, d.seq_of, d.q_pos, window, gate[d.index], tiles=d.tiles,
+                             tile_rows=d.tile_rows, first_block=first)
+        return out
 
 
 class Attention(nn.Module):
+    """q/k/v/g (hub names) packed as one GEMM, `qkvg_proj`."""
+
     def __init__(self, spec: LayerSpec, hidden_size: int, sliding_window: int, eps: float) -> None:
         super().__init__()
         self.layer = spec.index
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.window = sliding_window if spec.sliding_window else None
-        self.q_proj = nn.Linear(hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=False)
-        self.g_proj = nn.Linear(hidden_size, self.num_heads, bias=False)  # one sigmoid gate per head
+        q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # g: one sigmoid gate per head
+        self.qkvg_proj = PackedLinear(hidden_size, {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows,
+                                                    "g_proj": self.num_heads})
+        self.o_proj = nn.Linear(q_rows, hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 ctx: AttentionContext) -> torch.Tensor:
         t = h.shape[0]
-        q = self.q_norm(self.q_proj(h).view(t, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(h).view(t, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(h).view(t, self.num_kv_heads, self.head_dim)
-        o = ctx.attend(self.layer, q, k, v, positions, rope, self.window, self.g_proj(h))  # gated per head
+        q, k, v, g = self.qkvg_proj(h)
+        q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))
+        o = ctx.attend(self.layer, q, k, v.view(t, self.num_kv_heads, self.head_dim), positions, rope, self.window, g)
         return self.o_proj(o.reshape(t, -1))

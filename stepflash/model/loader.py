@@ -13,6 +13,7 @@ tables such as the embeddings are dequantized either way.
 import json
 import math
 import re
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from safetensors import safe_open
 from torch import nn
 
 from stepflash.config import ModelConfig
-from stepflash.model.linear import Fp8Linear, StackedLinear
-from stepflash.model.quant import INT4_METHOD, INT4_SCALE_SUFFIX, dequantize_fp8, dequantize_int4
+from stepflash.kernels.fp8_linear import dequantize_fp8
+from stepflash.kernels.moe import dequantize_int4
+from stepflash.model.linear import Fp8Linear, PackedLinear, StackedLinear
+from stepflash.model.quant import INT4_METHOD, INT4_SCALE_SUFFIX
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 
 SCALE_SUFFIX = "_scale_inv"
@@ -55,17 +58,8 @@ def checkpoint_index(model_dir: Path) -> dict[str, Path]:
     return index
 
 
-def internal_name(hub_name: str, num_hidden_layers: int) -> str:
-    """Hub tensor name -> parameter name of Step3p5ForCausalLM (MTP layer n+k becomes `mtp.k`)."""
-    m = _LAYER.match(hub_name)
-    if m is None or int(m.group(1)) < num_hidden_layers:
-        return hub_name
-    rest = m.group(2).replace("transformer.shared_head.", "shared_head.")
-    return f"mtp.{int(m.group(1)) - num_hidden_layers}.{rest}"
-
-
 def hub_name(name: str, num_hidden_layers: int) -> str:
-    """Inverse of `internal_name`."""
+    """Hub name of a tensor of Step3p5ForCausalLM named `name` (MTP module k becomes layer n + k)."""
     if not name.startswith("mtp."):
         return name
     _, depth, rest = name.split(".", 2)
@@ -126,12 +120,14 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     target_dtype = resolve_dtype(dtype, device, cfg)
     with torch.device("meta"):
         model = Step3p5ForCausalLM(cfg, num_mtp=num_mtp)
-    expected = dict(model.named_parameters())
+    tied = "lm_head.weight" if cfg.tie_word_embeddings else None
+    expected = {hub: (name, part, t.shape) for hub, name, part, t in _hub_entries(model) if hub != tied}
     quant = cfg.quantization_config or {}
     block = tuple(quant.get("weight_block_size", (128, 128)))
     int4_group = quant.get("group_size") if quant.get("quant_method") == INT4_METHOD else None
 
     loaded, unexpected = set(), []
+    packed: dict[str, tuple[dict, dict]] = {}  # PackedLinear name -> its parts' weights, FP8 parts' scales
     with ExitStack() as stack:
         handles: dict[Path, object] = {}
 
@@ -146,41 +142,73 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
             if key.endswith((SCALE_SUFFIX, INT4_SCALE_SUFFIX)) or key.startswith(IGNORED_PREFIXES):
                 continue
             skipped_mtp = depth is not None and num_mtp <= depth < cfg.num_mtp_layers
-            if skipped_mtp or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+            if skipped_mtp or key == tied:
                 continue
-            name = internal_name(key, n)
-            if name not in expected:
+            if key not in expected:
                 unexpected.append(key)
                 continue
-            tensor, param = read(key), expected[name]
+            (name, part, shape), tensor = expected[key], read(key)
+            loaded.add(key)
             if keep_int4 and int4_group and tensor.dtype == torch.uint8:
-                _keep_int4(model, name, key, tensor, read, index, param, int4_group, device, target_dtype)
-                loaded.add(name)
+                _keep_int4(model, name, key, tensor, read, index, shape, int4_group, device, target_dtype)
                 continue
-            if keep_fp8 and tensor.dtype == torch.float8_e4m3fn and _keeps_fp8(model, name):
-                _check_shape(key, tensor, param)
-                _keep_fp8(model, name, tensor, _fp8_scale(key, tensor, read, index, block), block, device)
-                loaded.add(name)
+            if keep_fp8 and tensor.dtype == torch.float8_e4m3fn and (part or _keeps_fp8(model, name)):
+                _check_shape(key, tensor, shape)
+                scale_inv = _fp8_scale(key, tensor, read, index, block).to(device)
+                if part:
+                    weights, scales = packed.setdefault(name, ({}, {}))
+                    weights[part], scales[part] = tensor.to(device), scale_inv
+                else:
+                    _keep_fp8(model, name, tensor.to(device), scale_inv, block)
                 continue
             tensor = _read_weight(key, tensor, read, index, block, int4_group)
-            _check_shape(key, tensor, param)
-            wanted = torch.float32 if name.endswith(FP32_PARAMS) else target_dtype
-            _assign(model, name, tensor.to(device=device, dtype=wanted))
-            loaded.add(name)
+            _check_shape(key, tensor, shape)
+            tensor = tensor.to(device=device, dtype=torch.float32 if name.endswith(FP32_PARAMS) else target_dtype)
+            if part:
+                packed.setdefault(name, ({}, {}))[0][part] = tensor
+            else:
+                _assign(model, name, tensor)
     if unexpected:
         raise CheckpointError(f"unexpected tensors in checkpoint: {_preview(unexpected)}")
-    missing = [hub_name(name, n) for name in expected if name not in loaded]  # as named in the checkpoint
+    missing = [hub for hub in expected if hub not in loaded]
     if missing:
         raise CheckpointError(f"missing tensors in checkpoint: {_preview(missing)}")
+    for name, (weights, scales) in packed.items():
+        module = model.get_submodule(name)
+        module.fill(weights, scales, block)
+        for run in module.runs:
+            if isinstance(run, nn.Linear):
+                run.weight = nn.Parameter(_layout(run.weight), requires_grad=False)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
 
 
-def _check_shape(hub_name: str, tensor: torch.Tensor, param: torch.Tensor) -> None:
-    if tuple(tensor.shape) != tuple(param.shape):
+def hub_state_dict(model: Step3p5ForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's tensors under their hub names, packed weights cut into their parts: what a
+    checkpoint of it holds (lm_head included even when tied)."""
+    return {hub: t for hub, _, _, t in _hub_entries(model)}
+
+
+def _hub_entries(model: Step3p5ForCausalLM) -> Iterator[tuple[str, str, str | None, torch.Tensor]]:
+    """(hub name, parameter or buffer name, None) for each tensor of the model, or (hub name, name of its
+    PackedLinear, part) for each tensor of a packed part."""
+    n = model.config.num_hidden_layers
+    packed = {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    for name, t in model.state_dict().items():
+        module = packed.pop(name.split(".runs.")[0], None)  # a packed module's parts once, in its place
+        if module is not None:
+            owner = name.split(".runs.")[0]
+            for key, part in module.hub_tensors().items():
+                yield hub_name(f"{owner.rpartition('.')[0]}.{key}", n), owner, key.partition(".")[0], part
+        elif ".runs." not in name:
+            yield hub_name(name, n), name, None, t
+
+
+def _check_shape(hub_name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
+    if tuple(tensor.shape) != tuple(shape):
         raise CheckpointError(f"tensor {hub_name}: checkpoint shape {tuple(tensor.shape)}, "
-                              f"model expects {tuple(param.shape)}")
+                              f"model expects {tuple(shape)}")
 
 
 def _read_weight(hub_name: str, tensor: torch.Tensor, read, index: dict[str, Path], block: tuple[int, int],
@@ -209,10 +237,9 @@ def _keeps_fp8(model: nn.Module, name: str) -> bool:
 
 
 def _keep_fp8(model: nn.Module, name: str, weight: torch.Tensor, scale_inv: torch.Tensor,
-              block: tuple[int, int], device: torch.device) -> None:
+              block: tuple[int, int]) -> None:
     module_name = name.rpartition(".")[0]
     module = model.get_submodule(module_name)
-    weight, scale_inv = weight.to(device), scale_inv.to(device)
     if isinstance(module, StackedLinear):
         module.keep_fp8(weight, scale_inv, block)
     else:
@@ -220,8 +247,8 @@ def _keep_fp8(model: nn.Module, name: str, weight: torch.Tensor, scale_inv: torc
 
 
 def _keep_int4(model: nn.Module, name: str, key: str, packed: torch.Tensor, read, index: dict[str, Path],
-               param: torch.Tensor, group: int, device: torch.device, dtype: torch.dtype) -> None:
-    expected = (*param.shape[:-1], param.shape[-1] // 2)
+               shape: torch.Size, group: int, device: torch.device, dtype: torch.dtype) -> None:
+    expected = (*shape[:-1], shape[-1] // 2)
     scale_name = key + INT4_SCALE_SUFFIX
     if tuple(packed.shape) != expected or scale_name not in index:
         raise CheckpointError(f"tensor {key}: int4 shape {tuple(packed.shape)} (expected {expected}) or "
@@ -247,11 +274,15 @@ def _mtp_modules_present(index: dict[str, Path], cfg: ModelConfig) -> int:
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    if tensor.device.type == "cpu" and isinstance(module, (nn.Linear, StackedLinear)):
-        # Same shape, column-major storage: CPU BLAS streams x @ W^T from [in, out] memory up to
-        # ~1.8x faster at decode batch sizes (benchmarks/cpu_decode.py).
-        tensor = tensor.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if isinstance(module, (nn.Linear, StackedLinear)):
+        tensor = _layout(tensor)
     setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _layout(weight: torch.Tensor) -> torch.Tensor:
+    """A linear map's weight on the CPU: same shape, column-major storage. CPU BLAS streams x @ W^T
+    from [in, out] memory up to ~1.8x faster at decode batch sizes (benchmarks/cpu_decode.py)."""
+    return weight.transpose(-1, -2).contiguous().transpose(-1, -2) if weight.device.type == "cpu" else weight
 
 
 def _preview(names: list[str], limit: int = 8) -> str:

@@ -1,4 +1,4 @@
-"""Quantized weight formats and their reference (PyTorch) dequantization.
+"""Quantized weight formats, INT4 quantization and `stepflash quantize`.
 
 FP8, as published (Step-3.5-Flash-FP8): a float8_e4m3fn weight beside `<name>_scale_inv` (fp32), one
 scale per block of the last two dims (config `weight_block_size`, 128 x 128 in the release):
@@ -11,7 +11,8 @@ q = clamp(round(w / s), -8, 7) with s = max|w| / 7 over each group of `group_siz
 values per byte (q + 8; low nibble = even column). In a checkpoint, an expert weight
 `...moe.{gate,up,down}_proj.weight` becomes uint8 [E, out, in / 2] beside `<name>_int4_scale`
 [E, out, in / group_size], and config.json gets quantization_config = {"quant_method":
-"stepflash-int4", "group_size": g}. `dequantize_int4` is the reference twin the loader uses on CPU.
+"stepflash-int4", "group_size": g}. The dequantizations are the kernels' own (`dequantize_fp8` in
+kernels/fp8_linear.py, `dequantize_int4` in kernels/moe.py).
 """
 
 import json
@@ -27,13 +28,6 @@ INT4_METHOD = "stepflash-int4"
 EXPERT_SUFFIXES = (".moe.gate_proj.weight", ".moe.up_proj.weight", ".moe.down_proj.weight")
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """fp8 [..., R, C] * scale_inv[..., r // block[0], c // block[1]] -> fp32 [..., R, C]."""
-    rows, cols = weight.shape[-2:]
-    scale = scale_inv.float().repeat_interleave(block[0], -2)[..., :rows, :]
-    return weight.float() * scale.repeat_interleave(block[1], -1)[..., :cols]
-
-
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [..., out, in] -> (packed uint8 [..., out, in / 2], scales [..., out, in / group_size] fp32)."""
     rows, cols = weight.shape[-2:]
@@ -44,14 +38,6 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     q = torch.clamp(torch.round(groups / scales[..., None]), -8, 7).to(torch.int16).reshape(weight.shape) + 8
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).to(torch.uint8)
     return packed, scales
-
-
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The inverse map (fp32): w = (nibble - 8) * scale of its group."""
-    low = (packed & 0x0F).to(torch.int16) - 8
-    high = (packed >> 4).to(torch.int16) - 8
-    q = torch.stack([low, high], dim=-1).flatten(-2).float()
-    return q * scales.float().repeat_interleave(group_size, dim=-1)
 
 
 def quantize_checkpoint(src: Path, dst: Path, group_size: int = 128) -> int:

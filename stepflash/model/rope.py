@@ -37,14 +37,3 @@ def rotary_cos_sin(positions: torch.Tensor, theta: float, rotary_dim: int,
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rotary_dim dims of each head of x [T, heads, head_dim]; the tail passes."""
-    rd = cos.shape[-1]
-    rot, rest = x[..., :rd].float(), x[..., rd:]
-    x1, x2 = rot[..., : rd // 2], rot[..., rd // 2 :]
-    out = rot * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
-    if rd == x.shape[-1]:
-        return out.to(x.dtype)
-    return torch.cat((out.to(x.dtype), rest), dim=-1)

@@ -1,8 +1,9 @@
 """The Step-3.5-Flash network: decoder, MTP modules and the LM head, over a flat batch of tokens.
 
-Module names mirror the hub checkpoint (`model.layers.N.self_attn.q_proj`, `...moe.gate_proj`,
-`...share_expert.up_proj`), so the loader maps tensors one to one. MTP layer k of the checkpoint
-(`model.layers.{num_hidden_layers + k}`) is `mtp.k` here.
+Module names mirror the hub checkpoint (`model.layers.N.self_attn.o_proj`, `...moe.gate_proj`), except
+that q/k/v/g (`self_attn.qkvg_proj`) and the dense gate/up (`mlp.gate_up_proj`, `share_expert.gate_up_proj`)
+are packed into one GEMM each, whose parts keep their hub names (model/linear.py PackedLinear). MTP
+layer k of the checkpoint (`model.layers.{num_hidden_layers + k}`) is `mtp.k` here.
 """
 
 import torch

@@ -27,7 +27,7 @@ from torch import nn
 from stepflash.config import ModelConfig
 from stepflash.model.attention import BatchLayout
 from stepflash.model.linear import StackedLinear
-from stepflash.model.loader import hub_name
+from stepflash.model.loader import hub_state_dict
 from stepflash.model.moe import MoE
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 
@@ -240,9 +240,9 @@ def export_model(model: Step3p5ForCausalLM, hub_config: dict[str, Any], tokenize
     """config.json, model.safetensors (hub tensor names, in `save_dtype`) and the tokenizer files into out_dir."""
     if save_dtype not in SAVE_DTYPES:
         raise ValueError(f"save dtype must be one of {sorted(SAVE_DTYPES)}, got {save_dtype!r}")
-    n, tied = model.config.num_hidden_layers, model.config.tie_word_embeddings
-    tensors = {hub_name(name, n): t.detach().to(SAVE_DTYPES[save_dtype]).cpu().contiguous()
-               for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
+    tied = model.config.tie_word_embeddings
+    tensors = {name: t.detach().to(SAVE_DTYPES[save_dtype]).cpu().contiguous()
+               for name, t in hub_state_dict(model).items() if not (tied and name == "lm_head.weight")}
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps({**hub_config, "torch_dtype": save_dtype}, indent=2))
     if not (tokenizer_dir / "tokenizer.json").is_file():

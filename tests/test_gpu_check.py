@@ -1,0 +1,37 @@
+"""benchmarks/gpu_check.sh, the one device call that runs every GPU check, dry-run end to end on the
+CPU (Triton's interpreter, tiny shapes, a few tests per group), so that it cannot rot while no GPU is
+lent: every step runs, writes its results under $OUT and the summary reads them."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["tests-kernels", "tests-graphs", "tests-engine", "decode-fp8", "decode-int4", "decode-bf16", "e2e"]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("STEPS", "TOTAL", "STEPFLASH_TEST_KERNELS")}
+    env.update(GPU_CHECK_DRY="1", OUT=str(tmp_path))
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "decode-bf16.json", "decode-fp8.json", "decode-int4.json", "e2e.json", "log.txt", "summary.md"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.strip() in proc.stdout  # printed, last but one line (the count of steps not ok)
+    lines = {line.split(" | ")[0].removeprefix("| "): line for line in summary.splitlines() if line.startswith("| ")}
+    for step in STEPS:
+        assert lines[step].startswith(f"| {step} | ok |"), lines[step]
+    for step in STEPS[:3]:  # tests ran, and none failed
+        assert " passed" in lines[step] and "failed" not in lines[step] and "error" not in lines[step]
+    for weights in ("fp8", "int4", "bf16"):
+        record = json.loads((tmp_path / f"decode-{weights}.json").read_text())
+        assert [r["mtp_k"] for r in record["results"]] == [0, 3]
+        assert all("roofline_fraction" in r for r in record["results"])
+        assert record["projection"]["tau"] == 3.5
+    e2e = json.loads((tmp_path / "e2e.json").read_text())
+    assert e2e["checks"]["float32"]["tokens_equal"]
+    runs = [(r["kernels"], r["cuda_graphs"], r["mtp"]) for r in e2e["runs"]]
+    assert runs == [("torch", "off", 3), ("triton", "on", 3)]
