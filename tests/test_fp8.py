@@ -285,7 +285,8 @@ def test_kept_fp8_weight_of_wrong_shape(fp8_ckpt: Path, tmp_path: Path) -> None:
 def test_engine_serves_fp8_kept_through_kernels_and_graphs(fp8_ckpt: Path) -> None:
     """The engine with kernels keeps the FP8 weights and, with graphed steps and MTP drafts, gives the
     greedy tokens of the PyTorch path on the dequantized weights."""
-    from stepflash.engine.engine import EngineConfig, LLMEngine
+    from stepflash.config import EngineConfig
+    from stepflash.engine.engine import LLMEngine
     from stepflash.model.linear import Fp8Linear
     from stepflash.sampling import SamplingParams
 

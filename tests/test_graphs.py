@@ -7,7 +7,8 @@ run in fp32 everywhere (a GPU's default would be the checkpoint's bf16), so the 
 import pytest
 import torch
 
-from stepflash.engine.engine import EngineConfig, LLMEngine
+from stepflash.config import EngineConfig
+from stepflash.engine.engine import LLMEngine
 from stepflash.engine.graphs import graph_buckets
 from stepflash.sampling import SamplingParams
 from stepflash.testing import tiny_config, write_checkpoint

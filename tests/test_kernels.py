@@ -253,7 +253,8 @@ def test_engine_with_the_kernels_matches_the_torch_path(tmp_path):
     """Greedy tokens and logprobs through the engine are the same with attention (prefill and paged
     kernels) and routed experts in the Triton kernels (interpreted) as in PyTorch: prefill chunks,
     decodes, MTP verify rows, sliding windows, CPU weights in their column-major layout."""
-    from stepflash.engine.engine import EngineConfig, LLMEngine
+    from stepflash.config import EngineConfig
+    from stepflash.engine.engine import LLMEngine
     from stepflash.sampling import SamplingParams
     from stepflash.testing import tiny_config, write_checkpoint
 
@@ -377,7 +378,8 @@ def test_engine_serves_int4_experts_packed_through_the_kernel(tmp_path):
     """An INT4 checkpoint: kept packed and run by the fused-MoE kernel, the engine gives the greedy
     tokens it gives with the experts dequantized on load."""
     from stepflash.cli import main
-    from stepflash.engine.engine import EngineConfig, LLMEngine
+    from stepflash.config import EngineConfig
+    from stepflash.engine.engine import LLMEngine
     from stepflash.sampling import SamplingParams
     from stepflash.testing import tiny_config, write_checkpoint
 
