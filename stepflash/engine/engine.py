@@ -125,8 +125,7 @@ class LLMEngine:
                                    self.num_mtp, self.eos_token_ids, self._fork,
                                    watermark_blocks=layout.num_blocks[FULL] // 100)
         graph_rows = min(layout.max_num_seqs * (1 + self.num_mtp), layout.max_num_batched_tokens) if graphs else 0
-        self.runner = ModelRunner(self.model, layout.num_blocks, ec.block_size, kernels, graph_rows,
-                                  layout.max_model_len, capture=graphs and device.type == "cuda")
+        self.runner = ModelRunner(self.model, layout, kernels, graph_rows, capture=graphs and device.type == "cuda")
         use_kernels(self.model, kernels)
         self.sampler = Sampler(self.eos_token_ids)
         self.drafter = MTPDrafter(self.runner, self.eos_token_ids) if self.num_mtp else None

@@ -18,8 +18,9 @@ sliding blocks) are filled after the target's, up to `mtp_computed`; blocks are 
 prefix cache, and sliding blocks released, only once both are past them. Positions written beyond
 num_computed are scratch (rejected drafts): `trim` drops the blocks that hold nothing else.
 
-Every change to a table is also noted for the runner's device copy of the tables: `synced[kind]`
-counts the leading entries the device already has.
+A sequence holding blocks also holds a row of the runner's device copy of the tables, and every
+change to its tables is noted there: `synced[kind]` counts the leading entries the device already
+has, so a step uploads only new entries.
 """
 
 import hashlib
@@ -192,6 +193,7 @@ class BlockTables:
     num_computed: int = 0  # positions whose KV is in the cache
     mtp_computed: int = 0  # positions whose MTP caches are filled (when the manager tracks MTP)
     synced: dict[LayerKind, int] = field(default_factory=dict, compare=False)  # entries the device holds
+    row: int = field(default=-1, compare=False)  # its row of the runner's device tables (-1: none yet)
 
     def table(self, kind: LayerKind) -> list[int]:
         return self.full if kind == FULL else self.sliding
@@ -222,6 +224,8 @@ class KVCacheManager:
         self.track_mtp = track_mtp
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
+        self.num_rows = 0  # device table rows handed out so far (a sequence holds one while it holds blocks)
+        self._free_rows: list[int] = []
 
     @classmethod
     def of(cls, layout: KVLayout, enable_prefix_caching: bool) -> "KVCacheManager":
@@ -252,6 +256,7 @@ class KVCacheManager:
     def append(self, tables: BlockTables, num_new: int) -> list[BlockCopy]:
         """Make room for `num_new` positions after num_computed; returns copies the runner must do."""
         copies = []
+        self._claim_row(tables)
         total = -(-(tables.num_computed + num_new) // self.block_size)
         for kind in self.kinds:
             pool, table = self.pools[kind], tables.table(kind)
@@ -330,6 +335,7 @@ class KVCacheManager:
                 table.append(block)
         tables.hashes = [entry.key for entry in chain[:hit]]
         tables.num_computed = tables.mtp_computed = hit * bs
+        self._claim_row(tables)
         self.prefix_hits += hit * bs
         return hit * bs
 
@@ -351,7 +357,14 @@ class KVCacheManager:
             for block in child.table(kind):
                 if block != NO_BLOCK:
                     self.pools[kind].retain(block)
+        self._claim_row(child)
         return child
+
+    def _claim_row(self, tables: BlockTables) -> None:
+        if tables.row < 0:
+            tables.row = self._free_rows.pop() if self._free_rows else self.num_rows
+            self.num_rows = max(self.num_rows, tables.row + 1)
+            tables.synced.clear()
 
     def free(self, tables: BlockTables) -> None:
         for kind in self.kinds:
@@ -363,6 +376,9 @@ class KVCacheManager:
         tables.hashes.clear()
         tables.synced.clear()
         tables.num_computed = tables.mtp_computed = 0
+        if tables.row >= 0:
+            self._free_rows.append(tables.row)
+            tables.row = -1
 
     def usage(self) -> dict[str, dict[str, int]]:
         return {kind.name.lower(): {"total": p.num_blocks, "free": p.num_free, "used": p.num_blocks - p.num_free}

@@ -21,7 +21,8 @@ from functools import partial
 import torch
 
 from stepflash.engine.graphs import StepGraphs, StepInputs
-from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy
+from stepflash.config import LayerKind
+from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy, KVLayout
 from stepflash.engine.sequence import Sequence
 from stepflash.kernels.tiles import tile_runs
 from stepflash.model.attention import ATTENTION_OPS, AttentionRows, PagedAttention
@@ -59,11 +60,17 @@ class Inject:
         self.index += range(first, first + len(rows))
         self.source = source
 
-    def apply(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.rows:
-            rows = torch.tensor(self.rows, device=ids.device)
-            ids.index_copy_(0, rows, self.source.view(-1)[torch.tensor(self.index, device=ids.device)])
-        return ids
+
+@dataclass
+class Inputs:
+    """A forward's tensors: ids and positions, the attention context, the rows whose output is
+    wanted and, for an MTP pass, the hidden-cache slots each row chains on."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    ctx: PagedAttention
+    logit_rows: torch.Tensor
+    prev_slots: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -72,23 +79,27 @@ class ModelRunner:
     only), target steps of short chunks up to that many rows, and MTP drafting passes, run from
     per-bucket CUDA graphs (`capture`), or eagerly on the same static buffers where there is no CUDA."""
 
-    def __init__(self, model: Step3p5ForCausalLM, num_blocks: dict[str, int], block_size: int,
-                 kernels: bool = False, graph_rows: int = 0, max_model_len: int = 0, capture: bool = False) -> None:
-        self.model, self.block_size, self.kernels = model, block_size, kernels
+    def __init__(self, model: Step3p5ForCausalLM, layout: KVLayout, kernels: bool = False, graph_rows: int = 0,
+                 capture: bool = False) -> None:
+        self.model, self.block_size, self.kernels = model, layout.block_size, kernels
         self.ops = ATTENTION_OPS["triton" if kernels else "torch"]
         cfg = model.config
         self.window = cfg.sliding_window
         param = model.lm_head.weight
         self.device, self.dtype = param.device, param.dtype
         layers = cfg.decoder_layers + cfg.mtp_layers[: len(model.mtp)]
-        self.kind_of = {s.index: SLIDING if s.sliding_window else FULL for s in layers}
-        self.kinds = sorted(set(self.kind_of.values()))
+        self.kind_of = {s.index: s.attention_type for s in layers}
+        self.kinds = [kind for kind in layout.kinds if kind in self.kind_of.values()]
+        num_blocks, block_size = layout.num_blocks, layout.block_size
         self.scratch = {kind: num_blocks[kind] for kind in self.kinds}  # the block past the managed ones
         self.caches = {
             s.index: tuple(torch.zeros(num_blocks[self.kind_of[s.index]] + 1, block_size, s.num_kv_heads, s.head_dim,
                                        dtype=self.dtype, device=self.device) for _ in range(2))
             for s in layers
         }
+        # the block tables, one row per sequence holding blocks (BlockTables.row), updated with new entries only
+        self.tables = {kind: torch.zeros(layout.max_num_seqs + 1, layout.table_width(kind), dtype=torch.int32,
+                                         device=self.device) for kind in self.kinds}
         self.num_mtp = len(model.mtp)
         hidden_rows = (num_blocks.get(SLIDING, 0) + 1) * block_size
         self.hidden = [torch.zeros(hidden_rows, cfg.hidden_size, dtype=self.dtype, device=self.device)
@@ -101,8 +112,7 @@ class ModelRunner:
                 raise ValueError("graphed steps need the Triton kernels (the PyTorch MoE reads shapes on the host)")
             # table columns: a full layer's whole context; a sliding layer's window plus a short chunk,
             # plus blocks appended ahead for drafts (wider tables run eagerly)
-            widths = {FULL: math.ceil(max_model_len / block_size) + 1,
-                      SLIDING: (self.window + SHORT_CHUNK) // block_size + 4}
+            widths = {FULL: layout.table_width(FULL), SLIDING: (self.window + SHORT_CHUNK) // block_size + 4}
             pool = torch.cuda.graph_pool_handle() if capture else None
             self.graphs = StepGraphs(self._graph_forward, self.kinds, graph_rows, widths, self.scratch, block_size,
                                      self.device, capture, pool)
@@ -116,14 +126,12 @@ class ModelRunner:
                 inject: Inject | None = None) -> torch.Tensor:
         """Run the target over `chunks`; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
         self.copy_blocks(copies)
-        ids, positions, ctx = self._prepare(chunks)
-        ids = inject.apply(ids) if inject else ids
-        rows = self._tensor(logit_rows)
-        if self.graphs and ctx.prefill is None and self.graphs.fits(len(ids), ctx.tables):
-            hidden = self.graphs.run(_step_inputs(ids, positions, ctx))
+        x = self._prepare(chunks, self.kinds, logit_rows, inject)
+        if self.graphs and x.ctx.prefill is None and self.graphs.fits(len(x.ids), x.ctx.tables):
+            hidden = self.graphs.run(_step_inputs(x))
         else:
-            hidden = self._forward(ids, positions, ctx)
-        return self.model.compute_logits(hidden.index_select(0, rows))
+            hidden = self._forward(x.ids, x.positions, x.ctx)
+        return self.model.compute_logits(hidden.index_select(0, x.logit_rows))
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention) -> torch.Tensor:
         """The target's pre-norm hidden states, stored as MTP hidden level 0 at the rows' slots."""
@@ -152,16 +160,13 @@ class ModelRunner:
         """MTP module `depth` over `chunks`: each position p chains on hidden level `depth` at p - 1
         (zeros before position 0) and the token at p; its output is stored as level depth + 1.
         Returns fp32 logits of its head for the flat rows `logit_rows`."""
-        ids, positions, ctx = self._prepare(chunks, [SLIDING])  # MTP layers are sliding layers
-        ids = inject.apply(ids) if inject else ids
-        prev_slots = self._tensor([slot for c in chunks for slot in self._previous_slots(c)])
-        rows = self._tensor(logit_rows)
+        x = self._prepare(chunks, [SLIDING], logit_rows, inject, mtp=True)  # MTP layers are sliding layers
         graphs = self.mtp_graphs[depth] if self.mtp_graphs else None
-        if graphs and ctx.prefill is None and graphs.fits(len(ids), ctx.tables):
-            z = graphs.run(_step_inputs(ids, positions, ctx, prev_slots))
+        if graphs and x.ctx.prefill is None and graphs.fits(len(x.ids), x.ctx.tables):
+            z = graphs.run(_step_inputs(x))
         else:
-            z = self._mtp_forward(depth, ids, positions, prev_slots, ctx)
-        return self.model.mtp_logits(depth, z.index_select(0, rows))
+            z = self._mtp_forward(depth, x.ids, x.positions, x.prev_slots, x.ctx)
+        return self.model.mtp_logits(depth, z.index_select(0, x.logit_rows))
 
     def _mtp_forward(self, depth: int, ids: torch.Tensor, positions: torch.Tensor, prev_slots: torch.Tensor,
                      ctx: PagedAttention) -> torch.Tensor:
@@ -192,24 +197,28 @@ class ModelRunner:
                 for level in self.hidden:
                     level[c.dst * bs:(c.dst + 1) * bs] = level[c.src * bs:(c.src + 1) * bs]
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
-
-    def _prepare(self, chunks: list[Chunk], kinds: list[str] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, PagedAttention]:
-        """Flat ids and positions, and the attention context for layers of `kinds` (default: all): the
-        step's integer inputs, gathered on the host and sent to the device in one copy."""
-        kinds = kinds or self.kinds
+    def _prepare(self, chunks: list[Chunk], kinds: list[LayerKind], logit_rows: list[int], inject: Inject | None,
+                 mtp: bool = False) -> Inputs:
+        """The forward's integer inputs, gathered on the host and sent to the device in one copy: ids
+        and positions, per layer kind the cache slots, the new block-table entries and each row's
+        table, and the rows and tiles of each attention op."""
         ids = [t for c in chunks for t in c.ids]
         positions = [p for c in chunks for p in range(c.start, c.end)]
         seq_of = [i for i, c in enumerate(chunks) for _ in c.ids]
         up = Upload()
-        sent = {"ids": up.add(ids), "positions": up.add(positions)}
+        sent = {"ids": up.add(ids), "positions": up.add(positions), "logit_rows": up.add(logit_rows),
+                "rows": up.add([c.seq.blocks.row for c in chunks])}
+        if inject and inject.rows:
+            sent["inject"] = up.add(inject.rows), up.add(inject.index)
+        if mtp:
+            sent["prev"] = up.add([slot for c in chunks for slot in self._previous_slots(c)])
+        widths = {}
         for kind in kinds:
             # sliding layers: each table from the first block the chunk's window can reach
             first = [max(0, c.start - self.window + 1) // self.block_size if kind == SLIDING else 0 for c in chunks]
+            widths[kind] = max(len(c.seq.blocks.table(kind)) - f for c, f in zip(chunks, first))
             sent["first", kind] = up.add(first, int32=True)
-            sent["table", kind] = up.add_rows([c.seq.blocks.table(kind)[f:] for c, f in zip(chunks, first)])
+            sent["new", kind] = up.add(self._new_entries(chunks, kind), width=3)
             sent["slots", kind] = up.add([s for c in chunks
                                           for s in _slots(c.seq.blocks.table(kind), c.start, c.end, self.block_size)])
         long_rows = [len(c.ids) > SHORT_CHUNK for c in chunks for _ in c.ids]
@@ -223,13 +232,45 @@ class ModelRunner:
                 tile_rows = PREFILL_TILE if flag else self.tile_rows
                 sent["tiles", flag] = up.add(tile_runs(set_seq, tile_rows), int32=True, width=2)
         got = up.send(self.device)
+        ids_t = got(sent["ids"])
+        if "inject" in sent:
+            ids_t.index_copy_(0, got(sent["inject"][0]), inject.source.view(-1)[got(sent["inject"][1])])
+        tables = {}
+        for kind in kinds:
+            new = got(sent["new", kind])
+            self.tables[kind][new[:, 0], new[:, 1]] = new[:, 2].to(torch.int32)
+            tables[kind] = self._step_table(kind, got(sent["rows"]), got(sent["first", kind]), widths[kind])
         sets = {flag: AttentionRows(got(sent["index", flag]), got(sent["seq_of", flag]), got(sent["q_pos", flag]),
                                     got(sent["tiles", flag]), PREFILL_TILE if flag else self.tile_rows)
                 for flag, index in rows.items() if index}
-        ctx = PagedAttention(self.ops, self.caches, self.kind_of, {k: got(sent["slots", k]) for k in kinds},
-                             {k: got(sent["table", k]).clamp_(min=0) for k in kinds},  # NO_BLOCK: never read
+        ctx = PagedAttention(self.ops, self.caches, self.kind_of, {k: got(sent["slots", k]) for k in kinds}, tables,
                              {k: got(sent["first", k]) for k in kinds}, sets.get(False), sets.get(True))
-        return got(sent["ids"]), got(sent["positions"]), ctx
+        return Inputs(ids_t, got(sent["positions"]), ctx, got(sent["logit_rows"]), got(sent.get("prev")))
+
+    def _new_entries(self, chunks: list[Chunk], kind: LayerKind) -> list[int]:
+        """(row, column, block) of every table entry the device does not have yet, flat; the
+        tables grow when a row lies past them."""
+        out: list[int] = []
+        for c in chunks:
+            tables = c.seq.blocks
+            table, done = tables.table(kind), tables.synced.get(kind, 0)
+            for column in range(done, len(table)):
+                out += (tables.row, column, max(table[column], 0))  # NO_BLOCK (left the window): never read
+            tables.synced[kind] = len(table)
+        rows = max((c.seq.blocks.row for c in chunks), default=0) + 1
+        if rows > self.tables[kind].shape[0]:
+            grown = self.tables[kind].new_zeros(2 * rows, self.tables[kind].shape[1])
+            grown[:self.tables[kind].shape[0]] = self.tables[kind]
+            self.tables[kind] = grown
+        return out
+
+    def _step_table(self, kind: LayerKind, rows: torch.Tensor, first: torch.Tensor, width: int) -> torch.Tensor:
+        """[sequences, width]: each row's table from its first block on (a gather on the device)."""
+        table = self.tables[kind].index_select(0, rows)
+        if kind == FULL:
+            return table[:, :width]
+        columns = (first.long()[:, None] + torch.arange(width, device=self.device)).clamp_(max=table.shape[1] - 1)
+        return table.gather(1, columns)
 
 
 class Upload:
@@ -277,10 +318,10 @@ class Upload:
         return get
 
 
-def _step_inputs(ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention,
-                 prev_slots: torch.Tensor | None = None) -> StepInputs:
-    d = ctx.decode
-    return StepInputs(ids, positions, d.seq_of, d.q_pos, d.tiles, ctx.slots, ctx.tables, ctx.first_blocks, prev_slots)
+def _step_inputs(x: Inputs) -> StepInputs:
+    ctx, d = x.ctx, x.ctx.decode
+    return StepInputs(x.ids, x.positions, d.seq_of, d.q_pos, d.tiles, ctx.slots, ctx.tables, ctx.first_blocks,
+                      x.prev_slots)
 
 
 def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
