@@ -53,12 +53,13 @@ def stdlib_tokens(llm: LLM, count: int) -> list[int]:
 
 
 def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int]) -> dict:
-    llm = LLM(mtp=mtp, max_num_seqs=max(batch, 1), max_model_len=context + steps * 4 + 8,
-              max_num_batched_tokens=max(1024, 16 * batch))
+    llm = LLM(mtp=mtp, max_num_seqs=max(batch, 1), max_num_batched_tokens=max(1024, 16 * batch))
     engine = llm.engine
-    shared = tokens[:context - 16]
+    max_tokens = (steps + 2) * (1 + mtp) + 4
+    length = min(context, engine.max_model_len - max_tokens)  # the context reached by the timed steps
+    shared = tokens[:length - 16]
     prompts = [shared + tokens[context + 16 * i: context + 16 * (i + 1)] for i in range(batch)]
-    params = SamplingParams(temperature=0.0, max_tokens=steps * (1 + mtp) + 4, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate([shared + [tokens[0]]], SamplingParams(temperature=0.0, max_tokens=2))  # prefill the shared part
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", p, params)
