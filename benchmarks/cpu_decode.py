@@ -14,6 +14,7 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +23,11 @@ import torch
 
 from stepflash import LLM, SamplingParams
 from stepflash.model.step3p5 import active_weight_bytes
-from stepflash.testing import transformers_causal_lm, write_checkpoint
+from stepflash.testing import write_checkpoint
 from stepflash.train.configs import small_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import transformers_causal_lm  # noqa: E402  (the transformers peer, shared with the tests)
 
 
 def prompts_from_text(llm: LLM, count: int, length: int) -> list[list[int]]:

@@ -42,7 +42,8 @@ from stepflash.model.linear import Fp8Linear
 from stepflash.model.quant import quantize_int4
 from stepflash.model.step3p5 import DecoderLayer, rope_tables
 from stepflash.model.step3p5 import use_kernels as set_kernels
-from stepflash.testing import quantize_fp8, tiny_config
+from stepflash.testing import tiny_config
+from stepflash.model.quant import quantize_fp8
 
 BLOCK = 16
 

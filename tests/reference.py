@@ -1,17 +1,20 @@
 """The oracle for tests: Hugging Face transformers' step3p5 text decoder (models/step3p7), fed the
-same checkpoint through `stepflash.testing` (which reads it without stepflash's loader)."""
+same checkpoint, read here without stepflash's loader: tensors with safetensors, FP8 blocks
+dequantized here, names converted to transformers' layout here."""
 
 import functools
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
 
 transformers = __import__("pytest").importorskip("transformers")
-from transformers.models.step3p7.configuration_step3p7 import Step3p7TextConfig  # noqa: E402,F401
+from transformers.models.step3p7.configuration_step3p7 import Step3p7TextConfig  # noqa: E402
 from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel  # noqa: E402
 
-from stepflash.testing import transformers_text_model  # noqa: E402
 
 
 @functools.lru_cache(maxsize=4)
@@ -25,3 +28,85 @@ def reference_logits(ckpt: Path, token_ids: list[int], config_overrides: dict | 
     model, lm_head = _cached_model(str(ckpt), json.dumps(config_overrides or {}, sort_keys=True))
     hidden = model(input_ids=torch.tensor([token_ids])).last_hidden_state[0]
     return hidden @ lm_head.T
+
+
+
+def read_fp32_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """All checkpoint tensors in fp32, FP8 weights multiplied by their per-block scale_inv."""
+    raw = {}
+    for file in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            raw.update({k: f.get_tensor(k) for k in f.keys()})
+    config = json.loads((ckpt / "config.json").read_text())
+    br, bc = (config.get("quantization_config") or {}).get("weight_block_size", (128, 128))
+    out = {}
+    for name, t in raw.items():
+        if name.endswith("_scale_inv"):
+            continue
+        t = t.float()
+        if name + "_scale_inv" in raw:
+            s = raw[name + "_scale_inv"]
+            rows, cols = t.shape[-2:]
+            for i in range(math.ceil(rows / br)):
+                for j in range(math.ceil(cols / bc)):
+                    t[..., i * br:(i + 1) * br, j * bc:(j + 1) * bc] *= s[..., i, j, None, None]
+        out[name] = t
+    return out
+
+
+def to_transformers_names(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Hub names -> Step3p7TextModel state dict (MTP layers and lm_head dropped)."""
+    sd = {}
+    for name, t in tensors.items():
+        if not name.startswith("model."):
+            continue
+        parts = name.split(".")
+        if parts[1] == "layers" and int(parts[2]) >= num_layers:
+            continue
+        name = name.removeprefix("model.")
+        if ".moe.up_proj." in name:
+            continue
+        if ".moe.gate_proj." in name:
+            up = tensors["model." + name.replace(".moe.gate_proj.", ".moe.up_proj.")]
+            sd[name.replace(".moe.gate_proj.weight", ".mlp.experts.gate_up_proj")] = torch.cat([t, up], dim=1)
+            continue
+        name = (name.replace(".moe.gate.weight", ".mlp.gate.weight")
+                .replace(".moe.router_bias", ".mlp.gate.e_score_correction_bias")
+                .replace(".moe.down_proj.weight", ".mlp.experts.down_proj")
+                .replace(".share_expert.", ".mlp.shared_experts."))
+        sd[name] = t
+    return sd
+
+
+def transformers_text_model(ckpt: Path, config_overrides: dict | None = None) -> tuple[Any, torch.Tensor]:
+    """(transformers' step3p5 text decoder in fp32, lm_head weight) for the checkpoint in `ckpt`:
+    the oracle; reads the files without stepflash's loader."""
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(config_overrides or {})
+    config.pop("model_type", None)
+    tf_cfg = Step3p7TextConfig(**config)
+    tf_cfg._attn_implementation = "eager"
+    model = Step3p7TextModel(tf_cfg).float().eval()
+    tensors = read_fp32_tensors(ckpt)
+    model.load_state_dict(to_transformers_names(tensors, tf_cfg.num_hidden_layers), strict=True)
+    return model, tensors["lm_head.weight"]
+
+
+def transformers_causal_lm(ckpt: Path) -> Any:
+    """transformers' Step3p7ForConditionalGeneration (a minimal vision tower that text never uses)
+    holding the checkpoint's text decoder and lm_head, in fp32: the peer for `generate` benchmarks."""
+    from transformers import Step3p7Config, Step3p7ForConditionalGeneration
+
+    text = json.loads((ckpt / "config.json").read_text())
+    text.pop("model_type", None)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    model = Step3p7ForConditionalGeneration(Step3p7Config(text_config=text, vision_config=vision)).float().eval()
+    tensors = read_fp32_tensors(ckpt)
+    state = {"model.language_model." + k: v
+             for k, v in to_transformers_names(tensors, model.config.text_config.num_hidden_layers).items()}
+    state["lm_head.weight"] = tensors["lm_head.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any("language_model" in k or k == "lm_head.weight" for k in missing):
+        raise RuntimeError(f"transformers model does not fit the checkpoint: {missing} {unexpected}")
+    return model

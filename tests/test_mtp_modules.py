@@ -12,10 +12,10 @@ import json
 import pytest
 import torch
 
-from reference import Step3p7TextConfig, Step3p7TextModel
+from reference import Step3p7TextConfig, Step3p7TextModel, read_fp32_tensors, transformers_text_model
 from stepflash.model.attention import BatchLayout
 from stepflash.model.loader import load_model
-from stepflash.testing import read_fp32_tensors, tiny_config, transformers_text_model, write_checkpoint
+from stepflash.testing import tiny_config, write_checkpoint
 
 LENGTHS = [40, 23]  # longer than the sliding window (16) of the MTP blocks
 

@@ -8,7 +8,8 @@ import torch
 
 from stepflash import LLM, SamplingParams
 from stepflash.model.loader import load_model
-from stepflash.testing import tiny_config, write_scripted_checkpoint
+from stepflash.testing import tiny_config
+from scripted import write_scripted_checkpoint
 from stepflash.tokenizer import MARKUP_TOKENS
 
 SCRIPT = ["Let me check the weather.", "</think>", "\n\n", "<tool_call>",

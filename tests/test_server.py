@@ -14,7 +14,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from stepflash import LLM, SamplingParams  # noqa: E402
-from stepflash.testing import write_scripted_checkpoint  # noqa: E402
+from scripted import write_scripted_checkpoint  # noqa: E402
 
 KEY = "test-key-123"
 MODEL = "scripted"
