@@ -23,11 +23,11 @@ import torch
 
 from stepflash import LLM, SamplingParams
 from stepflash.model.step3p5 import active_weight_bytes
-from stepflash.testing import write_checkpoint
 from stepflash.train.configs import small_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference import transformers_causal_lm  # noqa: E402  (the transformers peer, shared with the tests)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # random checkpoints, the oracle
+from checkpoints import write_checkpoint  # noqa: E402
+from reference import transformers_causal_lm  # noqa: E402
 
 
 def prompts_from_text(llm: LLM, count: int, length: int) -> list[list[int]]:

@@ -39,11 +39,10 @@ from stepflash.kernels.rope_kv import rope_kv_write, rope_kv_write_ref
 from stepflash.kernels.tiles import prefill_tiles
 from stepflash.kernels.paged_attention import paged_attention, paged_attention_ref
 from stepflash.model.linear import Fp8Linear
-from stepflash.model.quant import quantize_int4
+from stepflash.model.quant import quantize_fp8, quantize_int4
 from stepflash.model.step3p5 import DecoderLayer, rope_tables
 from stepflash.model.step3p5 import use_kernels as set_kernels
-from stepflash.testing import tiny_config
-from stepflash.model.quant import quantize_fp8
+from stepflash.train.configs import tiny_config
 
 BLOCK = 16
 

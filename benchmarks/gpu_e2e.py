@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -34,8 +35,11 @@ from safetensors.torch import save_file
 
 from stepflash import LLM, SamplingParams
 from stepflash.config import ModelConfig
-from stepflash.testing import random_weights, tiny_config
 from stepflash.tokenizer import write_byte_level_tokenizer
+from stepflash.train.configs import tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # random checkpoints
+from checkpoints import random_weights  # noqa: E402
 
 REAL = dict(hidden_size=4096, head_dim=128, heads=64, other_heads=96, groups=8, experts=16, top_k=8,
             moe_inter=1280, dense_inter=11264, vocab=16384, window=512, prompts=(5, 200, 700, 1500), max_tokens=32)
@@ -60,7 +64,7 @@ def config(d: dict) -> dict:
 
 
 def write_random(out: Path, cfg_dict: dict, dtype: torch.dtype, device: torch.device) -> Path:
-    """A random hub-format checkpoint: `stepflash.testing.random_weights`' tensors (names and shapes
+    """A random hub-format checkpoint: `tests/checkpoints.random_weights`' tensors (names and shapes
     taken from it on the meta device, its scales restated here) drawn on `device` in `dtype`, the
     router in fp32 as released."""
     cfg = ModelConfig.from_dict(cfg_dict)

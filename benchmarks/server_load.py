@@ -420,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.model:
                 model_dir = Path(args.model)
             else:
-                from stepflash.testing import tiny_config, write_checkpoint
+                sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+                from checkpoints import write_checkpoint
+                from stepflash.train.configs import tiny_config
 
                 model_dir = write_checkpoint(Path(tmp) / "tiny", tiny_config())
             api_key, model = secrets.token_hex(16), args.served_model_name or "tiny"

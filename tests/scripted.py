@@ -9,7 +9,8 @@ import tokenizers
 import torch
 
 from stepflash.config import ModelConfig
-from stepflash.testing import random_weights, save_shards, tiny_config
+from checkpoints import random_weights, save_shards
+from stepflash.train.configs import tiny_config
 from stepflash.tokenizer import EOS_TOKEN, write_byte_level_tokenizer
 
 _BLOCK_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight", "moe.down_proj.weight",

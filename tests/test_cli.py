@@ -4,7 +4,8 @@ import io
 
 from reference import reference_logits
 from stepflash.cli import main
-from stepflash.testing import tiny_config, write_checkpoint
+from checkpoints import write_checkpoint
+from stepflash.train.configs import tiny_config
 from stepflash.tokenizer import Tokenizer
 
 PROMPT = "def fib(n):"

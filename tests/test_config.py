@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from stepflash.config import FULL, SLIDING, ConfigError, ModelConfig, RopeScaling
-from stepflash.testing import tiny_config
+from stepflash.train.configs import tiny_config
 
 N = 5  # decoder layers in tiny_config (full, sliding x3, full) + 3 MTP layers
 

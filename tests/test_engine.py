@@ -7,7 +7,8 @@ import torch
 from reference import reference_logits
 from stepflash import LLM, SamplingParams
 from stepflash.engine.kv_cache import KVLayout, kv_bytes_per_block
-from stepflash.testing import tiny_config, write_checkpoint
+from checkpoints import write_checkpoint
+from stepflash.train.configs import tiny_config
 
 MAX_TOKENS = 10
 

@@ -6,7 +6,7 @@ import pytest
 
 from stepflash import LLM, SamplingParams
 from stepflash.engine.engine import AsyncLLMEngine
-from stepflash.testing import write_checkpoint
+from checkpoints import write_checkpoint
 
 PROMPT = [5, 17, 42, 99, 7, 250, 31, 64, 12, 200]
 

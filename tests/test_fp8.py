@@ -18,7 +18,7 @@ from stepflash.kernels.fp8_linear import fp8_linear_ref
 from stepflash.model.linear import Fp8Linear
 from stepflash.model.loader import CheckpointError, hub_state_dict, load_model
 from stepflash.model.moe import MoE
-from stepflash.testing import write_checkpoint
+from checkpoints import write_checkpoint
 from stepflash.model.quant import quantize_fp8
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")

@@ -11,7 +11,8 @@ from stepflash.config import EngineConfig
 from stepflash.engine.engine import LLMEngine
 from stepflash.engine.graphs import graph_buckets
 from stepflash.sampling import SamplingParams
-from stepflash.testing import tiny_config, write_checkpoint
+from checkpoints import write_checkpoint
+from stepflash.train.configs import tiny_config
 
 
 def test_graph_buckets_cover_every_row_count():
@@ -97,16 +98,18 @@ def test_graph_settings_are_checked(tmp_path):
 
 
 def test_upload_round_trips_every_array():
-    """The kernel path's one-copy packing gives back each array as added: 1-D int64, int32, padded rows."""
+    """The one-copy packing gives back each array as added: int64, int32 rows, floats, bools."""
     from stepflash.engine.runner import Upload
 
     up = Upload()
     a = up.add([5, -1, 7])
-    b = up.add([3, 4], int32=True, width=2)
-    c = up.add_rows([[9, 8, 7], [6], [5, 4]])
+    b = up.add([3, 4, 5, 6], dtype=torch.int32, width=2)
+    c = up.add([0.5, -float("inf"), 1e-30], dtype=torch.float32)
     d = up.add([])
+    e = up.add([1, 0, 1], dtype=torch.bool)
     got = up.send(torch.device("cpu"))
     assert got(a).tolist() == [5, -1, 7] and got(a).dtype == torch.int64
-    assert got(b).tolist() == [[3, 4]] and got(b).dtype == torch.int32
-    assert got(c).tolist() == [[9, 8, 7], [6, 0, 0], [5, 4, 0]] and got(c).dtype == torch.int32
+    assert got(b).tolist() == [[3, 4], [5, 6]] and got(b).dtype == torch.int32
+    assert got(c).tolist() == [0.5, -float("inf"), torch.tensor(1e-30).item()] and got(c).dtype == torch.float32
     assert got(d).numel() == 0 and got(None) is None
+    assert got(e).tolist() == [True, False, True]

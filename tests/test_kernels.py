@@ -256,7 +256,8 @@ def test_engine_with_the_kernels_matches_the_torch_path(tmp_path):
     from stepflash.config import EngineConfig
     from stepflash.engine.engine import LLMEngine
     from stepflash.sampling import SamplingParams
-    from stepflash.testing import tiny_config, write_checkpoint
+    from checkpoints import write_checkpoint
+    from stepflash.train.configs import tiny_config
 
     ckpt = write_checkpoint(tmp_path, tiny_config(), seed=2)
     gen = torch.Generator().manual_seed(0)
@@ -381,7 +382,8 @@ def test_engine_serves_int4_experts_packed_through_the_kernel(tmp_path):
     from stepflash.config import EngineConfig
     from stepflash.engine.engine import LLMEngine
     from stepflash.sampling import SamplingParams
-    from stepflash.testing import tiny_config, write_checkpoint
+    from checkpoints import write_checkpoint
+    from stepflash.train.configs import tiny_config
 
     src = write_checkpoint(tmp_path / "src", tiny_config(), seed=6)
     assert main(["quantize", "--model", str(src), "--out", str(tmp_path / "q"), "--group-size", "16"]) == 0

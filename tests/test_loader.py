@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stepflash.model.loader import CheckpointError, hub_state_dict, load_model
-from stepflash.testing import tiny_config, write_checkpoint
+from checkpoints import write_checkpoint
+from stepflash.train.configs import tiny_config
 
 N = 5  # decoder layers of tiny_config
 ROUTER = "model.layers.2.moe.gate.weight"

@@ -6,7 +6,8 @@ import torch
 from reference import reference_logits
 from stepflash.model.attention import BatchLayout
 from stepflash.model.loader import load_model
-from stepflash.testing import tiny_config, write_checkpoint
+from checkpoints import write_checkpoint
+from stepflash.train.configs import tiny_config
 
 TOL = 1e-3
 SEQ_LENS = [70, 37, 5]  # the longest spans 4+ sliding windows of 16 and passes the llama3 original length 64

@@ -15,7 +15,8 @@ import torch
 from reference import Step3p7TextConfig, Step3p7TextModel, read_fp32_tensors, transformers_text_model
 from stepflash.model.attention import BatchLayout
 from stepflash.model.loader import load_model
-from stepflash.testing import tiny_config, write_checkpoint
+from checkpoints import write_checkpoint
+from stepflash.train.configs import tiny_config
 
 LENGTHS = [40, 23]  # longer than the sliding window (16) of the MTP blocks
 

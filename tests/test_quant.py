@@ -10,7 +10,8 @@ from stepflash.cli import main
 from stepflash.model.loader import load_model
 from stepflash.kernels.moe import dequantize_int4
 from stepflash.model.quant import INT4_SCALE_SUFFIX, quantize_int4
-from stepflash.testing import tiny_config, write_checkpoint
+from checkpoints import write_checkpoint
+from stepflash.train.configs import tiny_config
 
 
 def test_packing_by_hand():

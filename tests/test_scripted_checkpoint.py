@@ -8,7 +8,7 @@ import torch
 
 from stepflash import LLM, SamplingParams
 from stepflash.model.loader import load_model
-from stepflash.testing import tiny_config
+from stepflash.train.configs import tiny_config
 from scripted import write_scripted_checkpoint
 from stepflash.tokenizer import MARKUP_TOKENS
 

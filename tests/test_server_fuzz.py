@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis import BaseSchema, Case  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
-from stepflash.testing import tiny_config, write_checkpoint  # noqa: E402
+from checkpoints import write_checkpoint  # noqa: E402
+from stepflash.train.configs import tiny_config
 
 KEY = "fuzz-key-456"
 MODEL = "tiny"

@@ -14,7 +14,8 @@ from stepflash import LLM, SamplingParams
 from stepflash.engine.kv_cache import FULL, SLIDING
 from stepflash.engine.sampler import RowBatch, SampleSeq, verify
 from stepflash.engine.scheduler import ScheduledSeq, StepPlan
-from stepflash.testing import tiny_config, write_checkpoint
+from checkpoints import write_checkpoint
+from stepflash.train.configs import tiny_config
 from stepflash.tokenizer import Tokenizer, write_byte_level_tokenizer
 from stepflash.train.trainer import TrainConfig, train
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from stepflash.model.loader import load_model
 from stepflash.model.moe import MoE
-from stepflash.testing import tiny_config
+from stepflash.train.configs import tiny_config
 from stepflash.tokenizer import Tokenizer, write_byte_level_tokenizer
 from stepflash.train.trainer import (
     STATE_FILE,

@@ -13,7 +13,6 @@ copy-on-write and window release treat them exactly like KV.
 """
 
 import array
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -217,7 +216,7 @@ class ModelRunner:
             # sliding layers: each table from the first block the chunk's window can reach
             first = [max(0, c.start - self.window + 1) // self.block_size if kind == SLIDING else 0 for c in chunks]
             widths[kind] = max(len(c.seq.blocks.table(kind)) - f for c, f in zip(chunks, first))
-            sent["first", kind] = up.add(first, int32=True)
+            sent["first", kind] = up.add(first, dtype=torch.int32)
             sent["new", kind] = up.add(self._new_entries(chunks, kind), width=3)
             sent["slots", kind] = up.add([s for c in chunks
                                           for s in _slots(c.seq.blocks.table(kind), c.start, c.end, self.block_size)])
@@ -227,10 +226,10 @@ class ModelRunner:
             if index:
                 set_seq = [seq_of[i] for i in index]
                 sent["index", flag] = up.add(index) if len(index) < len(ids) else None
-                sent["seq_of", flag] = up.add(set_seq, int32=True)
-                sent["q_pos", flag] = up.add([positions[i] for i in index], int32=True)
+                sent["seq_of", flag] = up.add(set_seq, dtype=torch.int32)
+                sent["q_pos", flag] = up.add([positions[i] for i in index], dtype=torch.int32)
                 tile_rows = PREFILL_TILE if flag else self.tile_rows
-                sent["tiles", flag] = up.add(tile_runs(set_seq, tile_rows), int32=True, width=2)
+                sent["tiles", flag] = up.add(tile_runs(set_seq, tile_rows), dtype=torch.int32, width=2)
         got = up.send(self.device)
         ids_t = got(sent["ids"])
         if "inject" in sent:
@@ -274,29 +273,21 @@ class ModelRunner:
 
 
 class Upload:
-    """Integer arrays of one forward, packed on the host (array.array: several times faster than
-    torch.tensor on Python lists) and sent to the device in a single copy from pinned memory, instead
-    of one blocking copy per array."""
+    """Host arrays bound for the device, packed (array.array: several times faster than torch.tensor
+    on Python lists) and sent in a single non-blocking copy from pinned memory, instead of one
+    blocking copy (a wait for the device) per array. Floats travel as float64 bit patterns."""
 
     def __init__(self) -> None:
         self.data = array.array("q")
-        self.parts: list[tuple[int, int, int, bool]] = []  # start, length, row width (0: 1-D), int32
+        self.parts: list[tuple[int, int, int, torch.dtype]] = []  # start, length, row width (0: 1-D), dtype
 
-    def add(self, values: list[int], int32: bool = False, width: int = 0) -> int:
+    def add(self, values: list, dtype: torch.dtype = torch.int64, width: int = 0) -> int:
         start = len(self.data)
-        self.data.extend(values)
-        self.parts.append((start, len(self.data) - start, width, int32))
-        return len(self.parts) - 1
-
-    def add_rows(self, rows: list[list[int]]) -> int:
-        """Rows padded with zeros to the longest, as an int32 [len(rows), longest] array."""
-        width = max(len(r) for r in rows)
-        start = len(self.data)
-        for r in rows:
-            self.data.extend(r)
-            if len(r) < width:
-                self.data.extend(array.array("q", bytes(8 * (width - len(r)))))
-        self.parts.append((start, len(self.data) - start, width, True))
+        if dtype.is_floating_point:
+            self.data.frombytes(array.array("d", values).tobytes())
+        else:
+            self.data.extend(values)
+        self.parts.append((start, len(self.data) - start, width, dtype))
         return len(self.parts) - 1
 
     def send(self, device: torch.device) -> Callable[[int | None], torch.Tensor | None]:
@@ -310,10 +301,11 @@ class Upload:
         def get(handle: int | None) -> torch.Tensor | None:
             if handle is None:
                 return None
-            start, length, width, int32 = self.parts[handle]
+            start, length, width, dtype = self.parts[handle]
             part = flat[start:start + length]
+            part = part.view(torch.float64) if dtype.is_floating_point else part
             part = part.view(-1, width) if width else part
-            return part.to(torch.int32) if int32 else part
+            return part.to(dtype)
 
         return get
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stepflash.engine.runner import Chunk, Inject
+from stepflash.engine.runner import Chunk, Inject, Upload
 from stepflash.engine.scheduler import Sampled, ScheduledSeq, StepPlan, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.sampling import SamplingParams
@@ -80,111 +80,127 @@ def draw(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, purp
 
 
 # -- logit processing -----------------------------------------------------------------------------
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
-                  ) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                  sort: bool = True, floor: bool = True) -> torch.Tensor:
     """Mask (to -inf) per row: tokens below the k-th largest logit (top_k [R], 0 = off; ties kept),
     outside the smallest prefix of the sorted distribution reaching top_p [R], or below
-    min_p [R] times the most likely token's probability."""
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+    min_p [R] times the most likely token's probability. `sort` / `floor` False: the caller knows
+    that no row uses top-k/top-p / min-p (so nothing is read back from the device to find out)."""
+    if sort:
         values, order = logits.sort(-1, descending=True)
         kth = values.gather(1, (top_k.clamp(1, logits.shape[-1]) - 1)[:, None])
         logits = logits.masked_fill((top_k[:, None] > 0) & (logits < kth), float("-inf"))
         probs = values.masked_fill((top_k[:, None] > 0) & (values < kth), float("-inf")).softmax(-1)
         outside = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)  # the smallest prefix
         logits = logits.masked_fill(torch.zeros_like(outside).scatter(1, order, outside), float("-inf"))  # reaching top_p
-    if bool((min_p > 0).any()):
+    if floor:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
 
 
 class RowBatch:
-    """Per-row settings of R rows, row i continuing sequence seqs[seq_of[i]] after `extra[i]` of
-    its drafts, as device tensors built once; `process` and `probs` read them."""
+    """R rows of logits to process: row i continues sequence seqs[seq_of[i]] after `extra[i]` of its
+    drafts. Everything the rows' settings ask for (sampling parameters, seeds and positions, logit
+    bias, bans, the tokens penalties count) is gathered on the host here and sent in one
+    non-blocking copy; `process` and `probs` then run on the device without reading anything back."""
 
     def __init__(self, seqs: list[SampleSeq], seq_of: list[int], extra: list[int], eos_token_ids: list[int],
                  device: torch.device) -> None:
-        self.seqs, self.seq_of, self.extra, self.device = seqs, seq_of, extra, device
+        self.seq_of, self.extra = seq_of, extra
         params = [seqs[s].params for s in seq_of]
-        self.greedy = [p.greedy for p in params]
-        self.any_sampled = not all(self.greedy)
-        f32 = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
-        self.temperature = f32([p.temperature if not p.greedy else 1.0 for p in params])
-        self.top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
-        self.top_p, self.min_p = f32([p.top_p for p in params]), f32([p.min_p for p in params])
-        self.seeds = torch.tensor([seqs[s].seed for s in seq_of], device=device)
-        self.positions = torch.tensor([seqs[s].position + e for s, e in zip(seq_of, extra)], device=device)
-        self.eos_token_ids = eos_token_ids
+        sampled = [p for p in params if not p.greedy]
+        self.any_sampled = bool(sampled)
+        self.sort = any(p.top_k > 0 or p.top_p < 1 for p in sampled)
+        self.floor = any(p.min_p > 0 for p in sampled)
+        up, f32 = Upload(), torch.float32
+        sent = {"greedy": up.add([p.greedy for p in params], torch.bool)}
+        if self.any_sampled:
+            sent.update(temperature=up.add([p.temperature or 1.0 for p in params], f32),
+                        top_k=up.add([max(p.top_k, 0) for p in params]), top_p=up.add([p.top_p for p in params], f32),
+                        min_p=up.add([p.min_p for p in params], f32), seeds=up.add([seqs[s].seed for s in seq_of]),
+                        positions=up.add([seqs[s].position + e for s, e in zip(seq_of, extra)]))
+        added = self._added(seqs, params, eos_token_ids)
+        self.penalised = [i for i, p in enumerate(params)
+                          if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty]
+        if added[0]:
+            sent.update(add_rows=up.add(added[0]), add_ids=up.add(added[1]), add_values=up.add(added[2], f32))
+        if self.penalised:
+            sent.update(self._penalty_inputs(seqs, params, up))
+        got = up.send(device)
+        self.add_rows = None
+        for name, handle in sent.items():
+            setattr(self, name, got(handle))
+
+    def _added(self, seqs: list[SampleSeq], params: list[SamplingParams], eos_token_ids: list[int]
+               ) -> tuple[list[int], list[int], list[float]]:
+        """(row, token, value) added to logits: each row's logit bias, and -inf on stop tokens while
+        the row is below min_tokens."""
+        rows, ids, values = [], [], []
+        for i, (s, e, p) in enumerate(zip(self.seq_of, self.extra, params)):
+            bias = dict(p.logit_bias or {})
+            if seqs[s].position + e - seqs[s].num_prompt_tokens < p.min_tokens:
+                bias.update(dict.fromkeys(p.stop_token_ids + ([] if p.ignore_eos else eos_token_ids), float("-inf")))
+            rows += [i] * len(bias)
+            ids += bias
+            values += bias.values()
+        return rows, ids, values
+
+    def _penalty_inputs(self, seqs: list[SampleSeq], params: list[SamplingParams], up: Upload) -> dict[str, int]:
+        """Per penalised row: its output tokens (counted), every token it has seen, and which
+        drafts precede it (as (sequence, draft) pairs, read from the device drafts)."""
+        out, seen, drafts = ([], []), ([], []), ([], [], [])
+        for j, i in enumerate(self.penalised):
+            seq = seqs[self.seq_of[i]]
+            output = seq.history[seq.num_prompt_tokens:]
+            out[0].extend([j] * len(output))
+            out[1].extend(output)
+            seen[0].extend([j] * len(seq.history))
+            seen[1].extend(seq.history)
+            drafts[0].extend([j] * self.extra[i])
+            drafts[1].extend([self.seq_of[i]] * self.extra[i])
+            drafts[2].extend(range(self.extra[i]))
+        names = ("out_rows", "out_ids", "seen_rows", "seen_ids", "draft_rows", "draft_seqs", "draft_index")
+        handles = {name: up.add(values) for name, values in zip(names, (*out, *seen, *drafts))}
+        handles["penalised_rows"] = up.add(self.penalised)
+        for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"):
+            handles[name] = up.add([getattr(params[i], name) for i in self.penalised], torch.float32)
+        return handles
 
     def process(self, logits: torch.Tensor, drafts: torch.Tensor | None) -> torch.Tensor:
         """Penalties, logit bias, and stop tokens banned until min_tokens (a copy when any
         applies). drafts [S, k]: the sequences' drafts, of which row i follows the first extra[i]."""
-        rows, ids, values = [], [], []
-        penalised = []
-        for i, (s, e) in enumerate(zip(self.seq_of, self.extra)):
-            seq = self.seqs[s]
-            p = seq.params
-            if p.logit_bias:
-                rows += [i] * len(p.logit_bias)
-                ids += list(p.logit_bias)
-                values += list(p.logit_bias.values())
-            if seq.position + e - seq.num_prompt_tokens < p.min_tokens:
-                banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
-                rows += [i] * len(banned)
-                ids += banned
-                values += [float("-inf")] * len(banned)
-            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-                penalised.append(i)
-        if not rows and not penalised:
+        if not self.penalised and self.add_rows is None:
             return logits
         logits = logits.clone()
-        if penalised:
-            self._penalise(logits, penalised, drafts)
-        if rows:
-            index = (torch.tensor(rows, device=self.device), torch.tensor(ids, device=self.device))
-            logits.index_put_(index, torch.tensor(values, device=self.device), accumulate=True)
+        if self.penalised:
+            self._penalise(logits, drafts)
+        if self.add_rows is not None:
+            logits.index_put_((self.add_rows, self.add_ids), self.add_values, accumulate=True)
         return logits
 
-    def _penalise(self, logits: torch.Tensor, rows: list[int], drafts: torch.Tensor | None) -> None:
+    def _penalise(self, logits: torch.Tensor, drafts: torch.Tensor | None) -> None:
         """Repetition (prompt + output tokens), presence and frequency (output tokens) penalties;
         a row's drafts count as output tokens."""
-        counts = torch.zeros(len(rows), logits.shape[1], device=self.device)
-        seen = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool, device=self.device)
-        out_rows, out_ids, seen_rows, seen_ids, draft_rows, draft_index = [], [], [], [], [], []
-        for j, i in enumerate(rows):
-            s = self.seq_of[i]
-            seq = self.seqs[s]
-            output = seq.history[seq.num_prompt_tokens:]
-            out_rows += [j] * len(output)
-            out_ids += output
-            seen_rows += [j] * len(seq.history)
-            seen_ids += seq.history
-            draft_rows += [j] * self.extra[i]
-            draft_index += [(s, d) for d in range(self.extra[i])]
-        t = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        counts.index_put_((t(out_rows), t(out_ids)), torch.ones(len(out_ids), device=self.device), accumulate=True)
-        seen[t(seen_rows), t(seen_ids)] = True
-        if draft_rows:
-            index = t(draft_index)
-            tokens = drafts[index[:, 0], index[:, 1]]
-            counts.index_put_((t(draft_rows), tokens), torch.ones(len(draft_rows), device=self.device),
-                              accumulate=True)
-            seen[t(draft_rows), tokens] = True
-        params = [self.seqs[self.seq_of[i]].params for i in rows]
-        f32 = lambda xs: torch.tensor(xs, dtype=torch.float32, device=self.device)[:, None]  # noqa: E731
-        rep = f32([p.repetition_penalty for p in params])
+        rows = self.penalised_rows
+        counts = logits.new_zeros(len(rows), logits.shape[1])
+        seen = torch.zeros_like(counts, dtype=torch.bool)
+        counts.index_put_((self.out_rows, self.out_ids), counts.new_ones(self.out_ids.shape), accumulate=True)
+        seen[self.seen_rows, self.seen_ids] = True
+        if drafts is not None and self.draft_rows.numel():
+            tokens = drafts[self.draft_seqs, self.draft_index]
+            counts.index_put_((self.draft_rows, tokens), counts.new_ones(tokens.shape), accumulate=True)
+            seen[self.draft_rows, tokens] = True
+        rep = self.repetition_penalty[:, None]
         vals = logits[rows]
         vals = torch.where(seen, torch.where(vals > 0, vals / rep, vals * rep), vals)
-        vals -= f32([p.frequency_penalty for p in params]) * counts
-        vals -= f32([p.presence_penalty for p in params]) * (counts > 0).float()
+        vals -= self.frequency_penalty[:, None] * counts + self.presence_penalty[:, None] * (counts > 0).float()
         logits[rows] = vals
 
     def probs(self, processed: torch.Tensor) -> torch.Tensor:
         """The distributions sampled rows draw from: temperature, then top-k / top-p / min-p."""
-        return filter_logits(processed / self.temperature[:, None], self.top_k, self.top_p, self.min_p).softmax(-1)
-
-    def greedy_mask(self) -> torch.Tensor:
-        return torch.tensor(self.greedy, device=self.device)
+        return filter_logits(processed / self.temperature[:, None], self.top_k, self.top_p, self.min_p,
+                             self.sort, self.floor).softmax(-1)
 
 
 def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -204,7 +220,7 @@ def draft_tokens(batch: RowBatch, logits: torch.Tensor, drafts: torch.Tensor | N
         return tokens, None
     q = batch.probs(processed)
     drawn = draw(q, batch.seeds, batch.positions, DRAFT)
-    return torch.where(batch.greedy_mask(), tokens, drawn), q
+    return torch.where(batch.greedy, tokens, drawn), q
 
 
 def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor, drafts: torch.Tensor | None,
@@ -244,7 +260,7 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor, draf
     token = draw(final, seeds[rows, kept], positions[rows, kept], DRAW)
     sampled = torch.cat([drafts, token[:, None]], 1) if K else token[:, None]
     sampled = sampled.scatter(1, kept[:, None], token[:, None])
-    greedy = batch.greedy_mask().view(S, width)[:, 0]
+    greedy = batch.greedy.view(S, width)[:, 0]
     return torch.where(greedy[:, None], target, sampled), torch.where(greedy, accepted, kept)
 
 
@@ -326,27 +342,31 @@ class Sampler:
         batch = RowBatch(seqs, [i for i in range(S) for _ in range(width)], list(range(width)) * S,
                          self.eos_token_ids, device)
         sample_logits = logits[:S * width].view(S, width, V)
-        num_drafts = torch.tensor([s.num_drafts for s, _ in rows.members], device=device)
+        up = Upload()
+        sent = {"num_drafts": up.add([s.num_drafts for s, _ in rows.members]),
+                "drafts": up.add([drafts.row(s) if s.num_drafts else len(drafts.seqs) for s, _ in rows.members]
+                                 if width > 1 else []),
+                "chosen": up.add([seq.token_ids[p + 1] for seq, p in rows.prompt])}
+        got = up.send(device)
+        num_drafts = got(sent["num_drafts"])
         tokens_in, probs_in = None, None
         if width > 1:  # each member's drafts (zeros where it has none: never compared)
-            index = torch.tensor([drafts.row(s) if s.num_drafts else len(drafts.seqs) for s, _ in rows.members],
-                                 device=device)
+            index = got(sent["drafts"])
             tokens_in = torch.cat([drafts.tokens, drafts.tokens.new_zeros(1, width - 1)]).index_select(0, index)
             if drafts.probs is not None:
                 probs_in = torch.cat([drafts.probs, drafts.probs.new_zeros(1, width - 1, V)]).index_select(0, index)
         tokens, accepted = verify(batch, sample_logits, num_drafts, tokens_in, probs_in)
         back = Readback()
-        got = {"tokens": back.add(tokens), "accepted": back.add(accepted)}
+        handles = {"tokens": back.add(tokens), "accepted": back.add(accepted)}
         k = max((m.params.logprobs for _, m in rows.members if m.params.logprobs is not None), default=None)
         if k is not None:
-            got["logprobs"] = [back.add(t) for t in top_logprobs(sample_logits.log_softmax(-1), tokens, k)]
+            handles["logprobs"] = [back.add(t) for t in top_logprobs(sample_logits.log_softmax(-1), tokens, k)]
         if rows.prompt:
             k_prompt = max(seq.params.prompt_logprobs for seq, _ in rows.prompt)
-            chosen = torch.tensor([seq.token_ids[p + 1] for seq, p in rows.prompt], device=device)
             raw = logits[S * width:].log_softmax(-1)
-            got["prompt"] = [back.add(t) for t in top_logprobs(raw, chosen, k_prompt)]
+            handles["prompt"] = [back.add(t) for t in top_logprobs(raw, got(sent["chosen"]), k_prompt)]
         fetched = back.fetch()
-        return StepResult(self._sampled(rows, fetched, got), self._prompt_logprobs(rows, fetched, got))
+        return StepResult(self._sampled(rows, fetched, handles), self._prompt_logprobs(rows, fetched, handles))
 
     @staticmethod
     def _sampled(rows: StepRows, fetched: list[list], got: dict) -> dict[Sequence, Sampled]:

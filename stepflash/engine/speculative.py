@@ -45,15 +45,15 @@ class MTPDrafter:
         self.runner, self.eos_token_ids = runner, eos_token_ids
 
     def propose(self, plan: StepPlan) -> Drafts:
-        """Catch up every scheduled sequence's MTP caches and draft for those that verify this step."""
-        drafting = [s for s in plan.seqs if s.num_drafts]
-        width = max((s.num_drafts for s in drafting), default=0)
+        """Catch up every scheduled sequence's MTP caches and draft for those that verify this step.
+        Drafting sequences are ordered by their draft count, so those that draft at a depth are a
+        prefix of the rows (no index lists on the device)."""
+        drafting = sorted((s for s in plan.seqs if s.num_drafts), key=lambda s: -s.num_drafts)
+        width = drafting[0].num_drafts if drafting else 0
         tokens = torch.zeros(len(drafting), width, dtype=torch.long, device=self.runner.device)
         drafts = Drafts(drafting, tokens, None)
-        probs = []
         for depth in range(self.runner.num_mtp):
-            chunks, logit_rows, inject, row = [], [], Inject(), 0
-            members = [s for s in drafting if s.num_drafts > depth]
+            chunks, last_row, inject, row = [], {}, Inject(), 0
             for s in plan.seqs:
                 drafts_here = s.num_drafts > depth
                 end = s.start + (depth + 1 if drafts_here else 0)
@@ -64,23 +64,22 @@ class MTPDrafter:
                 if drafts_here:
                     first = row + s.start + 1 - s.mtp_start  # row of the first draft
                     inject.add(range(first, first + depth), drafts.row(s) * width, tokens)
-                    logit_rows.append(row + end - 1 - s.mtp_start)
+                    last_row[s.seq.seq_id] = row + end - 1 - s.mtp_start
                 row += end - s.mtp_start
             if not chunks:
                 break
-            logits = self.runner.execute_mtp(depth, chunks, logit_rows, inject)
+            members = [s for s in drafting if s.num_drafts > depth]  # in drafting order
+            logits = self.runner.execute_mtp(depth, chunks, [last_row[s.seq.seq_id] for s in members], inject)
             if not members:
                 continue
             batch = RowBatch([_sample_seq(s) for s in members], list(range(len(members))), [depth] * len(members),
                              self.eos_token_ids, self.runner.device)
-            new, q = draft_tokens(batch, logits, tokens[[drafts.row(s) for s in members]])
-            tokens[[drafts.row(s) for s in members], depth] = new
+            new, q = draft_tokens(batch, logits, tokens[:len(members)])
+            tokens[:len(members), depth] = new
             if q is not None:
-                probs.append((depth, [drafts.row(s) for s in members], q))
-        if probs:
-            drafts.probs = torch.zeros(len(drafting), width, probs[0][2].shape[-1], device=self.runner.device)
-            for depth, rows, q in probs:
-                drafts.probs[rows, depth] = q
+                if drafts.probs is None:
+                    drafts.probs = q.new_zeros(len(drafting), width, q.shape[-1])
+                drafts.probs[:len(members), depth] = q
         return drafts
 
 

@@ -1,4 +1,4 @@
-"""Random hub-format checkpoints for tests and benchmarks.
+"""Random hub-format checkpoints for tests and benchmarks (which import this file from tests/).
 
 `write_checkpoint(dir, tiny_config(...))` writes what a published Step-3.5-Flash repository holds, at
 a small size, so that nothing needs a download. Options cover bf16 storage, shards with an index,
@@ -18,63 +18,10 @@ from stepflash.model.loader import hub_state_dict, mtp_depth
 from stepflash.model.quant import quantize_fp8
 from stepflash.model.step3p5 import Step3p5ForCausalLM
 from stepflash.tokenizer import write_byte_level_tokenizer
+from stepflash.train.configs import tiny_config
 
 # Small modules that stay in high precision in FP8 checkpoints.
 FP8_KEEP = ("embed_tokens", "lm_head", "shared_head.output", ".moe.gate.", "g_proj", "norm")
-
-
-def tiny_config(**overrides: Any) -> dict[str, Any]:
-    """A small config.json in the Step-3.5-Flash layout and legacy field names.
-
-    5 decoder layers (full, 3 sliding, full), dense layers 0-1 then MoE (8 experts, top 2, shared
-    expert), 4 query heads on full layers and 6 on sliding ones, partial RoPE on full layers with a
-    llama3 remap that matters at short positions, clamps on the last layer, 3 MTP modules.
-    """
-    n, n_mtp = 5, 3
-    types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
-    cfg: dict[str, Any] = {
-        "architectures": ["Step3p5ForCausalLM"],
-        "model_type": "step3p5",
-        "vocab_size": 320,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": n,
-        "num_attention_heads": 4,
-        "num_attention_groups": 2,
-        "head_dim": 16,
-        "attention_other_setting": {"attention_type": "sliding_attention", "num_attention_heads": 6,
-                                    "num_attention_groups": 2, "head_dim": 16},
-        "layer_types": types + ["sliding_attention"] * n_mtp,
-        "sliding_window": 16,
-        "rope_theta": [5e6 if t == "full_attention" else 1e4 for t in types] + [1e4] * n_mtp,
-        "partial_rotary_factors": [0.5 if t == "full_attention" else 1.0 for t in types] + [1.0] * n_mtp,
-        "rope_scaling": {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 64,
-                         "low_freq_factor": 1.0, "high_freq_factor": 8.0},
-        "yarn_only_types": ["full_attention"],
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "moe_num_experts": 8,
-        "moe_top_k": 2,
-        "moe_intermediate_size": 32,
-        "share_expert_dim": 32,
-        "moe_layers_enum": ",".join(str(i) for i in range(2, n)),
-        "moe_router_activation": "sigmoid",
-        "use_moe_router_bias": True,
-        "norm_expert_weight": True,
-        "moe_router_scaling_factor": 3.0,
-        "need_fp32_gate": True,
-        "swiglu_limits": [0.0] * (n - 1) + [0.5],
-        "swiglu_limits_shared": [0.0] * (n - 1) + [0.8],
-        "num_nextn_predict_layers": n_mtp,
-        "use_qk_norm": True,
-        "use_head_wise_attn_gate": True,
-        "tie_word_embeddings": False,
-        "bos_token_id": 0,
-        "eos_token_id": [1, 3],
-        "torch_dtype": "float32",
-    }
-    cfg.update(overrides)
-    return cfg
 
 
 def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
