@@ -13,7 +13,6 @@ block's rows by a weight tile with tl.dot, reading each weight tile once per blo
 per pair. `fused_moe_ref` is the PyTorch twin, and the model's own MoE where the kernels are off.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,63 +53,56 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
                   group_size: int = 128, fp8_scales: Scales | None = None,
                   fp8_block: tuple[int, int] = (128, 128)) -> torch.Tensor:
     """x [T, H], w_gate/w_up [E, I, H], w_down [E, H, I] (or quantized, as `fused_moe` takes them),
-    ids/weights [T, k] -> [T, H] in x's dtype: matmuls in x's dtype (only the selected experts
-    dequantized, to it), the k pairs of a token summed in fp32. At most one pair per expert (decode):
-    each pair's expert gathered and all pairs multiplied batched, nothing read back to the host. More
-    pairs: grouped by expert (`_grouped`)."""
-    def experts(w: torch.Tensor, scale: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor:
-        """Experts `index` (None: all) of one projection, [n, out, in] in x's dtype."""
-        w, scale = _take(w, index), None if scale is None else _take(scale, index)
-        if int4_scales is not None:
-            return dequantize_int4(w, scale, group_size).to(x.dtype)
-        if fp8_scales is not None:
-            return dequantize_fp8(w, scale, fp8_block).to(x.dtype)
-        return w.to(x.dtype)
-
-    scales = int4_scales or fp8_scales or (None, None, None)
-    take = [lambda index, w=w, s=s: experts(w, s, index) for w, s in zip((w_gate, w_up, w_down), scales)]
-    tokens, top_k = ids.shape
-    pair_route = weights.reshape(-1, 1).float()
-    if ids.numel() > w_gate.shape[0]:
-        return _grouped(x, ids, pair_route, take, w_gate.shape[0], limit)
+    ids/weights [T, k] -> [T, H] in x's dtype; matmuls in x's dtype, a token's k pairs summed in fp32.
+    The (token, expert) pairs sorted by expert and each projection one grouped GEMM over them, every
+    selected expert's weight read once where it lies; a single token's k experts are gathered into one
+    batched GEMM instead (fewer calls). Nothing is read back to the host, except how many experts
+    are selected when they are quantized: those are dequantized, once each."""
     flat = ids.reshape(-1)
-    y = _expert_ffn(x.repeat_interleave(top_k, 0)[:, None], *(t(flat) for t in take), limit)[:, 0]
-    return (y.float() * pair_route).view(tokens, top_k, -1).sum(1).to(x.dtype)
+    if int4_scales is None and fp8_scales is None:
+        experts, mats = flat, (w_gate, w_up, w_down)
+    else:
+        used, experts = flat.unique(return_inverse=True)
+        mats = [dequantize_int4(w[used], s[used], group_size) if int4_scales is not None
+                else dequantize_fp8(w[used], s[used], fp8_block)
+                for w, s in zip((w_gate, w_up, w_down), int4_scales or fp8_scales)]
+    gate, up, down = (m.to(x.dtype) for m in mats)
+    if ids.shape[0] == 1:
+        gate, up, down = (_take(m, experts) for m in (gate, up, down))
+        rows = x.expand(flat.numel(), -1)[:, None]
+        y = torch.bmm(swiglu(torch.bmm(rows, gate.mT), torch.bmm(rows, up.mT), limit), down.mT)[:, 0]
+        return (y.float() * weights.reshape(-1, 1)).sum(0, keepdim=True).to(x.dtype)
+    order = experts.argsort(stable=True)
+    ends = torch.searchsorted(experts[order], torch.arange(gate.shape[0], device=x.device), right=True)
+    token, ends = order // ids.shape[1], ends.to(torch.int32)
+    rows = x.index_select(0, token)
 
+    def linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _GroupedLinear.apply(a, w, ends) if torch.is_grad_enabled() else F.grouped_mm(a, w.mT, offs=ends)
 
-def _grouped(x: torch.Tensor, ids: torch.Tensor, pair_route: torch.Tensor,
-             take: list[Callable[[torch.Tensor | None], torch.Tensor]], num_experts: int, limit: float) -> torch.Tensor:
-    """`fused_moe_ref` for many pairs: sorted by expert into the rows of [U, C, H] (the U experts used,
-    C = the most pairs of one expert, zero-padded; both read to the host), one bmm per projection."""
-    flat = ids.reshape(-1)
-    counts = torch.bincount(flat, minlength=num_experts)
-    used, capacity = counts.nonzero()[:, 0], int(counts.max())
-    order = flat.argsort(stable=True)
-    expert = flat[order]
-    rank = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
-    row = ((counts > 0).cumsum(0) - 1)[expert] * capacity + rank  # each sorted pair's row of [U * C]
-    token = order // ids.shape[1]
-    rows = x.new_zeros(used.numel() * capacity, x.shape[1]).index_copy(0, row, x.index_select(0, token))
-    index = None if used.numel() == num_experts else used
-    y = _expert_ffn(rows.view(used.numel(), capacity, -1), *(t(index) for t in take), limit)
-    y = y.flatten(0, 1).index_select(0, row).float() * pair_route.index_select(0, order)
+    y = linear(swiglu(linear(rows, gate), linear(rows, up), limit), down).float() * weights.reshape(-1, 1)[order]
     return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y).to(x.dtype)
 
 
-def _expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, limit: float
-                ) -> torch.Tensor:
-    """Batched SwiGLU FFNs: x [n, rows, H] through expert weights [n, out, in] -> [n, rows, H]."""
-    return torch.bmm(swiglu(torch.bmm(x, gate.mT), torch.bmm(x, up.mT), limit), down.mT)
-
-
-def _take(w: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+def _take(w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """w[index] along the first dim, copied in w's own layout (the loader keeps CPU weights
     column-major, which a gather of rows would transpose on the way)."""
-    if index is None:
-        return w
-    if w.stride(-1) != 1:
-        return w.mT.index_select(0, index).mT
-    return w.index_select(0, index)
+    return w.mT.index_select(0, index).mT if w.stride(-1) != 1 else w.index_select(0, index)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y = x W_g^T for the rows of each group g (rows of group g end at ends[g]): F.grouped_mm, with
+    the backward written out (PyTorch's fails on the CPU for 3-D weights)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w, ends)
+        return F.grouped_mm(x, w.mT, offs=ends)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, w, ends = ctx.saved_tensors
+        return F.grouped_mm(dy, w, offs=ends), F.grouped_mm(dy.T, x, offs=ends), None
 
 
 if triton is not None:

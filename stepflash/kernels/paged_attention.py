@@ -34,11 +34,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     <= its own, and with a window only those with q_pos - k_pos < window (512 keys for window 512,
     its own included). Every query must see at least one key. The math of every PyTorch path of
     attention: the twins below and the model without a cache."""
-    visible = k_pos[:, None, :] <= q_pos[:, :, None]
-    if window:
-        visible &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    behind = q_pos[:, None, :, None] - k_pos[:, None, None, :]  # [B, 1, Q, K]
+    visible = behind >= 0 if not window else (behind >= 0) & (behind < window)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=visible[:, None], enable_gqa=True)
+                                       attn_mask=visible, enable_gqa=True)
     return o.transpose(1, 2)
 
 
@@ -48,11 +47,11 @@ def paged_keys(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ta
     [B, W] reach (blocks first_block[b] .. + W - 1), gathered from the caches; positions a query may
     not see (or whose table entry is unused) are masked. Static shapes: nothing is read back."""
     block_size = k_cache.shape[1]
-    column = torch.arange(tables.shape[1] * block_size, device=q.device)
-    k_pos = first_block.long()[:, None] * block_size + column  # [B, W * block_size]
-    blocks = tables.long().clamp(0, k_cache.shape[0] - 1).repeat_interleave(block_size, 1)
-    slots = (blocks * block_size + column % block_size).flatten()
-    keys, values = (c.flatten(0, 1).index_select(0, slots).view(*k_pos.shape, *c.shape[2:]) for c in (k_cache, v_cache))
+    offsets = torch.arange(block_size, dtype=tables.dtype, device=q.device)
+    slots = ((tables.clamp(0, k_cache.shape[0] - 1) * block_size)[:, :, None] + offsets).flatten(1)  # [B, W * bs]
+    k_pos = first_block[:, None] * block_size + torch.arange(slots.shape[1], dtype=tables.dtype, device=q.device)
+    keys, values = (c.flatten(0, 1).index_select(0, slots.flatten()).view(*slots.shape, *c.shape[2:])
+                    for c in (k_cache, v_cache))
     return masked_attention(q, keys, values, q_pos, k_pos, window)
 
 
@@ -63,19 +62,20 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     """q [T, H, D], caches [blocks, block_size, KVH, D], block_tables [S, max_blocks] (int),
     seq_of / q_pos [T], gate [T, H] (pre-sigmoid) -> [T, H, D] in q's dtype; `tiles`, `tile_rows` and
     `first_block` as `paged_attention` takes them. All tiles at once: each tile's rows (padded to
-    tile_rows with its first row) against the keys its sequence's table row reaches."""
+    tile_rows by repeating its last) against the keys its sequence's table row reaches."""
     if tiles is None:
-        each = torch.arange(q.shape[0], device=q.device)
-        tiles = torch.stack([each, torch.ones_like(each)], 1)
-    first, count = tiles.long().unbind(1)
-    offsets = torch.arange(tile_rows, device=q.device)
-    rows = torch.where(offsets < count[:, None], first[:, None] + offsets, first[:, None])  # [C, R]
-    seq = seq_of.long()[first]
+        rows = torch.arange(q.shape[0], device=q.device)[:, None]
+    else:
+        last = (tiles[:, 1:] - 1).clamp(min=0)  # a tile of 0 rows (graph padding) repeats its first
+        rows = tiles[:, :1] + torch.arange(tile_rows, dtype=tiles.dtype, device=q.device).minimum(last)  # [C, R]
+    seq = seq_of[rows[:, 0]]
     out = paged_keys(q[rows], k_cache, v_cache, block_tables[seq], first_blocks(first_block, block_tables)[seq],
-                     q_pos.long()[rows], window)
+                     q_pos[rows], window)
     if gate is not None:
         out = (out.float() * torch.sigmoid(gate[rows].float())[..., None]).to(q.dtype)
-    return torch.empty_like(q).index_copy_(0, rows.flatten(), out.flatten(0, 1))  # a padded row rewrites its first
+    result = torch.empty_like(q)
+    result[rows] = out  # a padding row writes what the row it repeats wrote
+    return result
 
 
 if triton is not None:

@@ -32,7 +32,7 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     for start, count in zip(runs[::2], runs[1::2]):
         rows, seq = slice(start, start + count), slice(int(seq_of[start]), int(seq_of[start]) + 1)
         out[rows] = paged_keys(q[None, rows], k_cache, v_cache, block_tables[seq], first_block[seq],
-                               q_pos[None, rows].long(), window)[0]
+                               q_pos[None, rows], window)[0]
     return out
 
 
