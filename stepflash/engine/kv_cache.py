@@ -70,9 +70,12 @@ class KVLayout:
     def kinds(self) -> list[LayerKind]:
         return [kind for kind in (FULL, SLIDING) if self.num_blocks.get(kind, 0) > 0]
 
-    def table_width(self, kind: LayerKind) -> int:
+    def table_width(self, kind: LayerKind, rows: int | None = None) -> int:
         """Table columns a sequence can need: max_model_len plus drafts (sliding tables too are
-        indexed by position // block_size)."""
+        indexed by position // block_size); with `rows`, those a step's table needs for chunks of up
+        to that many rows (a sliding layer's reads from the window on, plus the drafts reserved)."""
+        if kind == SLIDING and rows is not None:
+            return math.ceil((self.window + rows + self.num_mtp) / self.block_size) + 2
         return math.ceil((self.max_model_len + self.num_mtp + 1) / self.block_size)
 
     @staticmethod

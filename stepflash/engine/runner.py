@@ -109,9 +109,7 @@ class ModelRunner:
         if graph_rows:
             if not kernels:
                 raise ValueError("graphed steps need the Triton kernels (the PyTorch MoE reads shapes on the host)")
-            # table columns: a full layer's whole context; a sliding layer's window plus a short chunk,
-            # plus blocks appended ahead for drafts (wider tables run eagerly)
-            widths = {FULL: layout.table_width(FULL), SLIDING: (self.window + SHORT_CHUNK) // block_size + 4}
+            widths = {kind: layout.table_width(kind, SHORT_CHUNK) for kind in self.kinds}  # wider tables: eager
             pool = torch.cuda.graph_pool_handle() if capture else None
             self.graphs = StepGraphs(self._graph_forward, self.kinds, graph_rows, widths, self.scratch, block_size,
                                      self.device, capture, pool)
