@@ -26,7 +26,7 @@ from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy
 from stepflash.engine.sequence import Sequence
 from stepflash.kernels.tiles import tile_runs
 from stepflash.model.attention import ATTENTION_OPS, AttentionRows, PagedAttention
-from stepflash.model.step3p5 import Step3p5ForCausalLM
+from stepflash.model.step3p5 import Step3p5ForCausalLM, use_kernels
 
 
 def kv_bytes_per_block(cfg: ModelConfig, layer_ids: list[int], block_size: int, dtype: torch.dtype,
@@ -63,6 +63,7 @@ class ModelRunner:
     def __init__(self, model: Step3p5ForCausalLM, num_blocks: dict[str, int], block_size: int,
                  kernels: bool = False, graph_rows: int = 0, max_model_len: int = 0, capture: bool = False) -> None:
         self.model, self.block_size, self.kernels = model, block_size, kernels
+        use_kernels(model, kernels)  # the backend, chosen once: the modules' kernels and the attention ops
         self.ops = ATTENTION_OPS["triton" if kernels else "torch"]
         cfg = model.config
         self.window = cfg.sliding_window
