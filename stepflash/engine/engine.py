@@ -25,7 +25,6 @@ from stepflash.engine.scheduler import Scheduler, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.speculative import MTPDrafter
 from stepflash.model.loader import load_model, mtp_modules_in
-from stepflash.model.step3p5 import use_kernels
 from stepflash.outputs import RequestOutput, SpecStats
 from stepflash.sampling import SamplingParams
 from stepflash.tokenizer import Tokenizer
@@ -126,7 +125,6 @@ class LLMEngine:
                                    watermark_blocks=layout.num_blocks[FULL] // 100)
         graph_rows = min(layout.max_num_seqs * (1 + self.num_mtp), layout.max_num_batched_tokens) if graphs else 0
         self.runner = ModelRunner(self.model, layout, kernels, graph_rows, capture=graphs and device.type == "cuda")
-        use_kernels(self.model, kernels)
         self.sampler = Sampler(self.eos_token_ids)
         self.drafter = MTPDrafter(self.runner, self.eos_token_ids) if self.num_mtp else None
         self.output = OutputProcessor(self.tokenizer)

@@ -25,7 +25,7 @@ from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy, KVLayout
 from stepflash.engine.sequence import Sequence
 from stepflash.kernels.tiles import tile_runs
 from stepflash.model.attention import ATTENTION_OPS, AttentionRows, PagedAttention
-from stepflash.model.step3p5 import Step3p5ForCausalLM
+from stepflash.model.step3p5 import Step3p5ForCausalLM, use_kernels
 
 
 PREFILL_TILE = 16  # query rows per program of the prefill kernel
@@ -81,6 +81,7 @@ class ModelRunner:
     def __init__(self, model: Step3p5ForCausalLM, layout: KVLayout, kernels: bool = False, graph_rows: int = 0,
                  capture: bool = False) -> None:
         self.model, self.block_size, self.kernels = model, layout.block_size, kernels
+        use_kernels(model, kernels)  # the backend, chosen once: the modules' kernels and the attention ops
         self.ops = ATTENTION_OPS["triton" if kernels else "torch"]
         cfg = model.config
         self.window = cfg.sliding_window

@@ -84,13 +84,14 @@ if triton is not None:
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                block_n: int = 64, block_k: int = 64, split_k: int | None = None) -> torch.Tensor:
-    """The Triton kernel; same contract as `fp8_linear_ref` for x [M, K] (fp32, fp16 or bf16). The weight
+    """The Triton kernel; same contract as `fp8_linear_ref` (x fp32, fp16 or bf16, rows M). The weight
     (float8_e4m3fn, or its uint8 view) is read as bytes in any memory layout; M is padded to a tile of
     at least 16 rows, N and K need not be multiples of the tiles or of the scale blocks. `split_k`
     cuts K into that many runs summed afterwards (default: enough for ~2 programs per SM on a GPU,
     1 elsewhere)."""
     if triton is None:
         raise RuntimeError("fp8_linear needs triton (pip install triton)")
+    lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
     (rows, inner), (out_features, w_inner) = x.shape, weight.shape
     expected = (math.ceil(out_features / block[0]), math.ceil(inner / block[1]))
     if w_inner != inner or tuple(scale_inv.shape) != expected:
@@ -110,4 +111,4 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
                              BLOCK_N=block_n, BLOCK_K=block_k,
                              ONE_SCALE=block[0] % block_n == 0 and block[1] % block_k == 0,
                              IEEE=x.dtype == torch.float32)
-    return y.sum(0).to(x.dtype) if partial else y[0]
+    return (y.sum(0).to(x.dtype) if partial else y[0]).view(*lead, out_features)

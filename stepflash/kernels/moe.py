@@ -63,8 +63,8 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         experts, mats = flat, (w_gate, w_up, w_down)
     else:
         used, experts = flat.unique(return_inverse=True)
-        mats = [dequantize_int4(w[used], s[used], group_size) if int4_scales is not None
-                else dequantize_fp8(w[used], s[used], fp8_block)
+        mats = [(dequantize_int4(w[used], s[used], group_size) if int4_scales is not None
+                 else dequantize_fp8(w[used], s[used], fp8_block)).to(x.dtype)
                 for w, s in zip((w_gate, w_up, w_down), int4_scales or fp8_scales)]
     gate, up, down = (m.to(x.dtype) for m in mats)
     if ids.shape[0] == 1:

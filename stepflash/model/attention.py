@@ -41,17 +41,11 @@ class BatchLayout:
 
     seq_lens: list[int]
 
-    @classmethod
-    def single(cls, num_tokens: int) -> "BatchLayout":
-        return cls([num_tokens])
-
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
         q, k = apply_rotary(torch.cat([q, k], dim=1), *rope).split([q.shape[1], k.shape[1]], dim=1)
-        out = []
-        for q_s, k_s, v_s, pos in zip(q.split(self.seq_lens), k.split(self.seq_lens), v.split(self.seq_lens),
-                                      positions.split(self.seq_lens)):
-            out.append(masked_attention(q_s[None], k_s[None], v_s[None], pos[None], pos[None], window)[0])
+        out = [masked_attention(q_s[None], k_s[None], v_s[None], pos[None], pos[None], window)[0]
+               for q_s, k_s, v_s, pos in zip(*(t.split(self.seq_lens) for t in (q, k, v, positions)))]
         return apply_gate(torch.cat(out), gate)
 
 

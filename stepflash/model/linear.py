@@ -21,22 +21,11 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale_inv", scale_inv)
         self.block = block
 
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_kernel:
-            return fp8_linear_ref(x, self.weight, self.weight_scale_inv, self.block)
-        y = fp8_linear(x.reshape(-1, self.in_features), self.weight, self.weight_scale_inv, self.block)
-        return y.view(*x.shape[:-1], self.out_features)
+        return (fp8_linear if self.use_kernel else fp8_linear_ref)(x, self.weight, self.weight_scale_inv, self.block)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}"
+        return f"weight={tuple(self.weight.shape)}, block={self.block}"
 
 
 class PackedLinear(nn.Module):
@@ -48,7 +37,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, in_features: int, parts: dict[str, int]) -> None:
         super().__init__()
-        self.parts = parts
+        self.parts, self.stretches = parts, [list(parts)]  # the parts of each run
         self.runs = nn.ModuleList([nn.Linear(in_features, sum(parts.values()), bias=False)])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -58,31 +47,27 @@ class PackedLinear(nn.Module):
     def fill(self, weights: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], block: tuple[int, int]) -> None:
         """Take each part's weight (dense, or FP8 with its `scales` entry): FP8 parts stack while each
         but the last fills whole blocks of rows, dense parts always."""
-        stretches: list[list[str]] = []
+        self.stretches = []
         for name in self.parts:
-            prev = stretches[-1][-1] if stretches else None
-            fp8 = name in scales
-            if prev is not None and fp8 == (prev in scales) and (not fp8 or self.parts[prev] % block[0] == 0):
-                stretches[-1].append(name)
+            prev = self.stretches[-1][-1] if self.stretches else None
+            stacks = prev not in scales or self.parts[prev] % block[0] == 0  # prev FP8: whole blocks
+            if prev and (name in scales) == (prev in scales) and stacks:
+                self.stretches[-1].append(name)
             else:
-                stretches.append([name])
+                self.stretches.append([name])
         self.runs = nn.ModuleList(_linear(torch.cat([weights[n] for n in names]),
                                           torch.cat([scales[n] for n in names]) if names[0] in scales else None, block)
-                                  for names in stretches)
+                                  for names in self.stretches)
 
     def hub_tensors(self) -> dict[str, torch.Tensor]:
         """The parts' tensors as a checkpoint holds them: `q_proj.weight`, `q_proj.weight_scale_inv`, ..."""
-        out, parts = {}, iter(self.parts.items())
-        for run in self.runs:
-            row = block_row = 0
-            while row < run.weight.shape[0]:
-                name, rows = next(parts)
-                out[f"{name}.weight"] = run.weight[row:row + rows]
-                if isinstance(run, Fp8Linear):
-                    blocks = -(-rows // run.block[0])
-                    out[f"{name}.weight_scale_inv"] = run.weight_scale_inv[block_row:block_row + blocks]
-                    block_row += blocks
-                row += rows
+        out = {}
+        for run, names in zip(self.runs, self.stretches):
+            rows = [self.parts[n] for n in names]
+            out.update({f"{n}.weight": w for n, w in zip(names, run.weight.split(rows))})
+            if isinstance(run, Fp8Linear):
+                blocks = [-(-r // run.block[0]) for r in rows]
+                out.update({f"{n}.weight_scale_inv": s for n, s in zip(names, run.weight_scale_inv.split(blocks))})
         return out
 
 

@@ -108,7 +108,7 @@ class Step3p5ForCausalLM(nn.Module):
                 ctx: AttentionContext | None = None) -> torch.Tensor:
         """Hidden states [T, hidden] after the last layer, *before* the final norm (what MTP chains on).
         Without a context the tokens form one whole sequence."""
-        ctx = ctx or BatchLayout.single(input_ids.shape[0])
+        ctx = ctx or BatchLayout([input_ids.shape[0]])
         rope = rope_tables(self.config.decoder_layers, positions)
         x, delta = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
@@ -132,7 +132,7 @@ class Step3p5ForCausalLM(nn.Module):
                    positions: torch.Tensor, ctx: AttentionContext | None = None) -> torch.Tensor:
         """MTP module `depth`'s pre-norm output (what the next module chains on)."""
         layer: MTPLayer = self.mtp[depth]
-        ctx = ctx or BatchLayout.single(input_ids.shape[0])
+        ctx = ctx or BatchLayout([input_ids.shape[0]])
         rope = rope_tables([layer.spec], positions)
         return layer.predict(self.model.embed_tokens(input_ids), prev_hidden, positions, rope, ctx)
 
