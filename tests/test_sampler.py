@@ -10,18 +10,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stepflash.engine import sampler as sampling
-from stepflash.engine.sampler import RowBatch, SampleSeq, top_logprobs, verify
+from stepflash.engine.sampler import RowBatch, top_logprobs, verify
+from stepflash.engine.sequence import Sequence
 from stepflash.sampling import SamplingParams
 
 EOS = 1
-MakeSeq = Callable[..., SampleSeq]
+MakeSeq = Callable[..., Sequence]
 
 
 @pytest.fixture
 def make_seq() -> MakeSeq:
     def make(prompt: Seq[int], output: Seq[int] = (), params: SamplingParams | None = None,
-             seed: int = 0) -> SampleSeq:
-        return SampleSeq(params or SamplingParams(), seed, [*prompt, *output], len(prompt))
+             seed: int = 0) -> Sequence:
+        return Sequence(0, "r", 0, [*prompt, *output], len(prompt), params or SamplingParams(), seed)
 
     return make
 
@@ -32,15 +33,15 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return sampling.filter_logits(logits[None], row(max(top_k, 0)), row(top_p), row(min_p))[0]
 
 
-def batch_of(seqs: list[SampleSeq]) -> RowBatch:
+def batch_of(seqs: list[Sequence]) -> RowBatch:
     return RowBatch(seqs, list(range(len(seqs))), [0] * len(seqs), [EOS], torch.device("cpu"))
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[SampleSeq]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return batch_of(seqs).process(logits, None)
 
 
-def sample(logits: torch.Tensor, seqs: list[SampleSeq]) -> tuple[list[int], list[dict[int, float] | None]]:
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
     """One token per row (a verify step without drafts), with the requested logprobs."""
     tokens, _ = verify(batch_of(seqs), logits[:, None], torch.zeros(len(seqs), dtype=torch.long), None, None)
     chosen, ids, values = top_logprobs(logits.log_softmax(-1), tokens[:, 0], 20)
@@ -207,7 +208,7 @@ def test_sampler_does_not_modify_logits(make_seq: MakeSeq) -> None:
     assert torch.equal(logits, before)
 
 
-def _run(target: SampleSeq, others: list[SampleSeq], steps: int, position: int, vocab: int) -> list[int]:
+def _run(target: Sequence, others: list[Sequence], steps: int, position: int, vocab: int) -> list[int]:
     """`steps` decode steps of `target` at `position` in a batch with `others`; tokens appended."""
     logit_rng = torch.Generator().manual_seed(99)  # the target's logits are the same in every run
     other_rng = torch.Generator().manual_seed(position + len(others))  # the others' differ per run
@@ -220,7 +221,7 @@ def _run(target: SampleSeq, others: list[SampleSeq], steps: int, position: int, 
         batch.insert(position, target)
         tokens, _ = sample(torch.stack(rows), batch)
         for seq, token in zip(batch, tokens):
-            seq.history.append(token)
+            seq.token_ids.append(token)
         out.append(tokens[position])
     return out
 
@@ -289,7 +290,7 @@ def test_min_tokens_bans_eos_and_stop_tokens(make_seq: MakeSeq, temperature: flo
         (token,), _ = sample(logits.clone(), [seq])
         assert token not in (EOS, 7)
         produced.append(token)
-        seq.history.append(token)
+        seq.token_ids.append(token)
     if temperature == 0.0:
         assert produced == [4, 4, 4]
     (token,), _ = sample(logits.clone(), [seq])

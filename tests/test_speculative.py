@@ -12,7 +12,8 @@ from test_trainer import SNIPPETS
 
 from stepflash import LLM, SamplingParams
 from stepflash.engine.kv_cache import FULL, SLIDING
-from stepflash.engine.sampler import RowBatch, SampleSeq, verify
+from stepflash.engine.sampler import RowBatch, verify
+from stepflash.engine.sequence import Sequence
 from stepflash.engine.scheduler import ScheduledSeq, StepPlan
 from checkpoints import write_checkpoint
 from stepflash.train.configs import tiny_config
@@ -213,7 +214,7 @@ def test_rejection_sampling_emits_the_target_distribution(top_k):
     trials = 12000  # one sequence per trial, all verified in one batch
     gen = torch.Generator().manual_seed(0)
     drafts = torch.stack([torch.multinomial(q[r], trials, replacement=True, generator=gen) for r in range(2)], 1)
-    seqs = [SampleSeq(params, seed, [0], 1) for seed in range(trials)]
+    seqs = [Sequence(seed, "r", 0, [0], 1, params, seed) for seed in range(trials)]
     batch = RowBatch(seqs, [i for i in range(trials) for _ in range(3)], [0, 1, 2] * trials, [], torch.device("cpu"))
     tokens, accepted = verify(batch, p_logits.expand(trials, 3, 6), torch.full((trials,), 2), drafts,
                               q.expand(trials, 2, 6))

@@ -32,21 +32,6 @@ if TYPE_CHECKING:
 DRAW, DRAFT, ACCEPT = 1, 2, 3
 
 
-@dataclass
-class SampleSeq:
-    """A sequence whose rows are sampled this step: the tokens before its first row (`history`,
-    not copied) and that row's position; later rows follow `extra` drafts (on the device)."""
-
-    params: SamplingParams
-    seed: int
-    history: list[int]
-    num_prompt_tokens: int
-
-    @property
-    def position(self) -> int:
-        return len(self.history)
-
-
 # -- random numbers -------------------------------------------------------------------------------
 def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
     """x * m mod 2^32 for x in [0, 2^32), without int64 overflow."""
@@ -100,12 +85,12 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 class RowBatch:
-    """R rows of logits to process: row i continues sequence seqs[seq_of[i]] after `extra[i]` of its
-    drafts. Everything the rows' settings ask for (sampling parameters, seeds and positions, logit
+    """R rows of logits to process: row i continues sequence seqs[seq_of[i]] (its token ids, then
+    `extra[i]` of its drafts). Everything the rows' settings ask for (sampling parameters, seeds and positions, logit
     bias, bans, the tokens penalties count) is gathered on the host here and sent in one
     non-blocking copy; `process` and `probs` then run on the device without reading anything back."""
 
-    def __init__(self, seqs: list[SampleSeq], seq_of: list[int], extra: list[int], eos_token_ids: list[int],
+    def __init__(self, seqs: list[Sequence], seq_of: list[int], extra: list[int], eos_token_ids: list[int],
                  device: torch.device) -> None:
         self.seq_of, self.extra = seq_of, extra
         params = [seqs[s].params for s in seq_of]
@@ -119,7 +104,7 @@ class RowBatch:
             sent.update(temperature=up.add([p.temperature or 1.0 for p in params], f32),
                         top_k=up.add([max(p.top_k, 0) for p in params]), top_p=up.add([p.top_p for p in params], f32),
                         min_p=up.add([p.min_p for p in params], f32), seeds=up.add([seqs[s].seed for s in seq_of]),
-                        positions=up.add([seqs[s].position + e for s, e in zip(seq_of, extra)]))
+                        positions=up.add([seqs[s].num_tokens + e for s, e in zip(seq_of, extra)]))
         added = self._added(seqs, params, eos_token_ids)
         self.penalised = [i for i, p in enumerate(params)
                           if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty]
@@ -132,31 +117,31 @@ class RowBatch:
         for name, handle in sent.items():
             setattr(self, name, got(handle))
 
-    def _added(self, seqs: list[SampleSeq], params: list[SamplingParams], eos_token_ids: list[int]
+    def _added(self, seqs: list[Sequence], params: list[SamplingParams], eos_token_ids: list[int]
                ) -> tuple[list[int], list[int], list[float]]:
         """(row, token, value) added to logits: each row's logit bias, and -inf on stop tokens while
         the row is below min_tokens."""
         rows, ids, values = [], [], []
         for i, (s, e, p) in enumerate(zip(self.seq_of, self.extra, params)):
             bias = dict(p.logit_bias or {})
-            if seqs[s].position + e - seqs[s].num_prompt_tokens < p.min_tokens:
+            if seqs[s].num_tokens + e - seqs[s].num_prompt_tokens < p.min_tokens:
                 bias.update(dict.fromkeys(p.stop_token_ids + ([] if p.ignore_eos else eos_token_ids), float("-inf")))
             rows += [i] * len(bias)
             ids += bias
             values += bias.values()
         return rows, ids, values
 
-    def _penalty_inputs(self, seqs: list[SampleSeq], params: list[SamplingParams], up: Upload) -> dict[str, int]:
+    def _penalty_inputs(self, seqs: list[Sequence], params: list[SamplingParams], up: Upload) -> dict[str, int]:
         """Per penalised row: its output tokens (counted), every token it has seen, and which
         drafts precede it (as (sequence, draft) pairs, read from the device drafts)."""
         out, seen, drafts = ([], []), ([], []), ([], [], [])
         for j, i in enumerate(self.penalised):
             seq = seqs[self.seq_of[i]]
-            output = seq.history[seq.num_prompt_tokens:]
+            output = seq.token_ids[seq.num_prompt_tokens:]
             out[0].extend([j] * len(output))
             out[1].extend(output)
-            seen[0].extend([j] * len(seq.history))
-            seen[1].extend(seq.history)
+            seen[0].extend([j] * len(seq.token_ids))
+            seen[1].extend(seq.token_ids)
             drafts[0].extend([j] * self.extra[i])
             drafts[1].extend([self.seq_of[i]] * self.extra[i])
             drafts[2].extend(range(self.extra[i]))
@@ -338,8 +323,7 @@ class Sampler:
     def __call__(self, rows: StepRows, logits: torch.Tensor, drafts: "Drafts | None") -> StepResult:
         device, width = logits.device, rows.width
         S, V = len(rows.members), logits.shape[-1]
-        seqs = [SampleSeq(m.params, m.seed, m.token_ids, m.num_prompt_tokens) for _, m in rows.members]
-        batch = RowBatch(seqs, [i for i in range(S) for _ in range(width)], list(range(width)) * S,
+        batch = RowBatch([m for _, m in rows.members], [i for i in range(S) for _ in range(width)], list(range(width)) * S,
                          self.eos_token_ids, device)
         sample_logits = logits[:S * width].view(S, width, V)
         up = Upload()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from stepflash.engine.runner import Chunk, Inject, ModelRunner
-from stepflash.engine.sampler import RowBatch, SampleSeq, draft_tokens
+from stepflash.engine.sampler import RowBatch, draft_tokens
 from stepflash.engine.scheduler import ScheduledSeq, StepPlan
 
 
@@ -72,7 +72,7 @@ class MTPDrafter:
             logits = self.runner.execute_mtp(depth, chunks, [last_row[s.seq.seq_id] for s in members], inject)
             if not members:
                 continue
-            batch = RowBatch([_sample_seq(s) for s in members], list(range(len(members))), [depth] * len(members),
+            batch = RowBatch([s.seq for s in members], list(range(len(members))), [depth] * len(members),
                              self.eos_token_ids, self.runner.device)
             new, q = draft_tokens(batch, logits, tokens[:len(members)])
             tokens[:len(members), depth] = new
@@ -81,8 +81,3 @@ class MTPDrafter:
                     drafts.probs = q.new_zeros(len(drafting), width, q.shape[-1])
                 drafts.probs[:len(members), depth] = q
         return drafts
-
-
-def _sample_seq(s: ScheduledSeq) -> SampleSeq:
-    seq = s.seq
-    return SampleSeq(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens)
