@@ -177,7 +177,7 @@ class Scheduler:
             if seq.status == Status.DRAINING:
                 seq.blocks.mtp_computed = seq.num_computed
                 self.kv.commit(seq.blocks, seq.token_ids, seq.num_computed)
-                self._release(seq, Status.FINISHED)
+                self.abort(seq)  # its finish reason stays
                 continue
             prompt_lps = result.prompt_logprobs.get(seq)
             if prompt_lps:
@@ -218,29 +218,22 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """End a sequence (stop or length). With MTP and prefix caching, it drains first."""
         seq.finish_reason, seq.stop_reason = reason, stop_reason
-        if seq.status == Status.RUNNING:
-            self.running.remove(seq)
         lags = self.num_mtp and self.kv.enable_prefix_caching and seq.blocks.mtp_computed < seq.num_computed
         if seq.status == Status.RUNNING and lags:
+            self.running.remove(seq)
             seq.status = Status.DRAINING
             self.draining.append(seq)
         elif seq.status != Status.DRAINING:
-            self._release(seq, Status.FINISHED)
+            self.abort(seq)
 
     def abort(self, seq: Sequence) -> None:
         """Stop a sequence wherever it is and free everything it holds at once."""
-        if seq.status == Status.RUNNING:
-            self.running.remove(seq)
-        elif seq.status == Status.WAITING:
-            self.waiting.remove(seq)
+        for queue in (self.running, self.waiting, self.draining):
+            if seq in queue:
+                queue.remove(seq)
         seq.finish_reason = seq.finish_reason or "abort"
-        self._release(seq, Status.FINISHED)
-
-    def _release(self, seq: Sequence, status: Status) -> None:
-        if seq.status == Status.DRAINING:
-            self.draining.remove(seq)
         self.kv.free(seq.blocks)
-        seq.status = status
+        seq.status = Status.FINISHED
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
