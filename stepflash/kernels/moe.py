@@ -60,13 +60,13 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     are selected when they are quantized: those are dequantized, once each."""
     flat = ids.reshape(-1)
     if int4_scales is None and fp8_scales is None:
-        experts, mats = flat, (w_gate, w_up, w_down)
+        experts, mats = flat, [w.to(x.dtype) for w in (w_gate, w_up, w_down)]
     else:
         used, experts = flat.unique(return_inverse=True)
         mats = [(dequantize_int4(w[used], s[used], group_size) if int4_scales is not None
                  else dequantize_fp8(w[used], s[used], fp8_block)).to(x.dtype)
                 for w, s in zip((w_gate, w_up, w_down), int4_scales or fp8_scales)]
-    gate, up, down = (m.to(x.dtype) for m in mats)
+    gate, up, down = mats
     if ids.shape[0] == 1:
         gate, up, down = (_take(m, experts) for m in (gate, up, down))
         rows = x.expand(flat.numel(), -1)[:, None]

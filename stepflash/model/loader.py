@@ -5,9 +5,11 @@ model is built on the meta device first, so no memory is spent on initial weight
 weights (`float8_e4m3fn` + `weight_scale_inv` per 128x128 block) and INT4 experts (`stepflash
 quantize`), both described in model/quant.py, are dequantized on load, unless kept quantized for the
 kernels that read them as they are: `keep_int4` keeps INT4 experts packed; `keep_fp8` keeps every FP8
-weight of a linear map in FP8 (stacked experts in their StackedLinear, other nn.Linear layers replaced
-by Fp8Linear), except lm_head (the engine takes the compute dtype from it) and the fp32 router;
-tables such as the embeddings are dequantized either way.
+weight of a linear map in FP8 (stacked experts in their StackedLinear, packed q/k/v/g and gate/up in
+FP8 runs where their scale blocks stack (model/linear.py PackedLinear), other nn.Linear layers
+replaced by Fp8Linear), except lm_head (the engine takes the compute dtype from it) and the fp32
+router; tables such as the embeddings are dequantized either way. Tensors keep their hub names in
+every message; `hub_state_dict` maps a model back to them.
 """
 
 import json
@@ -196,13 +198,12 @@ def _hub_entries(model: Step3p5ForCausalLM) -> Iterator[tuple[str, str, str | No
     n = model.config.num_hidden_layers
     packed = {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
     for name, t in model.state_dict().items():
-        module = packed.pop(name.split(".runs.")[0], None)  # a packed module's parts once, in its place
-        if module is not None:
-            owner = name.split(".runs.")[0]
-            for key, part in module.hub_tensors().items():
-                yield hub_name(f"{owner.rpartition('.')[0]}.{key}", n), owner, key.partition(".")[0], part
-        elif ".runs." not in name:
+        owner, packed_run, _ = name.partition(".runs.")
+        if not packed_run:
             yield hub_name(name, n), name, None, t
+        elif owner in packed:  # a packed module's parts, once, in its place
+            for key, part in packed.pop(owner).hub_tensors().items():
+                yield hub_name(f"{owner.rpartition('.')[0]}.{key}", n), owner, key.partition(".")[0], part
 
 
 def _check_shape(hub_name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
