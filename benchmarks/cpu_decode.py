@@ -1,11 +1,13 @@
 """CPU decode speed: stepflash vs transformers on the same checkpoint, in the same run.
 
 Peers: transformers `generate` (greedy) and a hand-written cached loop (DynamicCache, argmax), at
-batch 1 and with 32 concurrent requests (transformers: one batch of 32 equal-length prompts).
-Prints tokens/s, the ratio to each peer, achieved GFLOP/s (2 x active params per token) and GB/s
-of weights read; writes JSON to benchmarks/results/.
+batch 1 and with 16 concurrent requests (transformers: one batch of 16 equal-length prompts).
+stepflash runs once per MTP setting (`--mtp 0,3`: 0 = plain decoding; 3 = the default with the
+bundled model's trained MTP modules), computing in fp32 like the peers (dtype auto). Prints
+tokens/s, the ratio to each peer, achieved GFLOP/s (2 x active params per token) and GB/s of
+weights read; writes JSON to benchmarks/results/.
 
-    python benchmarks/cpu_decode.py [--model DIR] [--new-tokens 64] [--prompt-len 32]
+    python benchmarks/cpu_decode.py [--model DIR | --random] [--mtp 0,3] [--new-tokens 64] [--prompt-len 32]
 """
 
 import argparse
@@ -23,6 +25,7 @@ import torch
 
 from stepflash import LLM, SamplingParams
 from stepflash.model.step3p5 import active_weight_bytes
+from stepflash.models import default_model_dir
 from stepflash.train.configs import small_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # random checkpoints, the oracle
@@ -122,18 +125,25 @@ def copy_bandwidth_gbps(nbytes: int = 256 << 20) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="hub-format checkpoint (default: a random ~27M bench model)")
+    parser.add_argument("--model", help="hub-format checkpoint (default: the bundled model)")
+    parser.add_argument("--random", action="store_true", help="a random ~27M bench model instead (untrained MTP)")
+    parser.add_argument("--mtp", default="0,3", help="stepflash's MTP settings to run")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--batches", default="1,16")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = Path(args.model) if args.model else write_checkpoint(Path(tempfile.mkdtemp()) / "bench", small_config())
-    llm = LLM(str(model_dir), device="cpu", max_num_seqs=64, max_num_batched_tokens=2048)
+    if args.random:
+        model_dir = write_checkpoint(Path(tempfile.mkdtemp()) / "bench", small_config())
+    else:
+        model_dir = Path(args.model) if args.model else default_model_dir()
+    llms = {f"stepflash_mtp{k}": LLM(str(model_dir), device="cpu", mtp=k, max_num_seqs=64, max_num_batched_tokens=2048)
+            for k in (int(m) for m in args.mtp.split(","))}
+    llm = next(iter(llms.values()))
     hf = transformers_causal_lm(model_dir)
     weight_bytes = active_weight_bytes(llm.engine.model)
     active_params = weight_bytes / 4  # fp32
@@ -143,52 +153,50 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = prompts_from_text(llm, batch, args.prompt_len)
         tokens = batch * args.new_tokens
-        runs = {"stepflash": lambda: time_stepflash(llm, prompts, args.new_tokens),
-                "hf_generate": lambda: time_hf_generate(hf, prompts, args.new_tokens),
-                "hf_cached_loop": lambda: time_hf_loop(hf, prompts, args.new_tokens)}
+        runs = {name: (lambda x=x: time_stepflash(x, prompts, args.new_tokens)) for name, x in llms.items()}
+        runs.update(hf_generate=lambda: time_hf_generate(hf, prompts, args.new_tokens),
+                    hf_cached_loop=lambda: time_hf_loop(hf, prompts, args.new_tokens))
         # interleaved repeats, median each: this machine is shared and noisy
         samples = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, run in runs.items():
                 samples[name].append(run())
-        seconds = {name: statistics.median(v) for name, v in samples.items()}
-        tps = {k: tokens / v for k, v in seconds.items()}
-        rows.append({
-            "batch": batch, "new_tokens_per_request": args.new_tokens, "prompt_len": args.prompt_len,
-            "tokens_per_s": tps,
-            "ratio_vs_hf_generate": tps["stepflash"] / tps["hf_generate"],
-            "ratio_vs_hf_cached_loop": tps["stepflash"] / tps["hf_cached_loop"],
-            "stepflash_gflops": 2 * active_params * tps["stepflash"] / 1e9,
-            "stepflash_weight_gbps": weight_bytes * tps["stepflash"] / batch / 1e9,
-        })
+        tps = {name: tokens / statistics.median(v) for name, v in samples.items()}
+        row = {"batch": batch, "new_tokens_per_request": args.new_tokens, "prompt_len": args.prompt_len,
+               "tokens_per_s": tps}
+        for name in llms:
+            row[f"{name}_vs_hf_generate"] = tps[name] / tps["hf_generate"]
+            row[f"{name}_vs_hf_cached_loop"] = tps[name] / tps["hf_cached_loop"]
+            row[f"{name}_weight_gbps"] = weight_bytes * tps[name] / batch / 1e9
         if batch == 1:
-            rows[-1]["matmul_ceiling_tokens_per_s"] = ceiling
-            rows[-1]["ceiling_ratio_vs_hf_generate"] = ceiling / tps["hf_generate"]
+            row["matmul_ceiling_tokens_per_s"] = ceiling
+            row["ceiling_ratio_vs_hf_generate"] = ceiling / tps["hf_generate"]
+        rows.append(row)
     print(f"model: {model_dir}  active params/token: {active_params / 1e6:.1f}M  threads: {torch.get_num_threads()}")
     print(f"batch-1 ceiling from the weight matmuls alone: {ceiling:.1f} tokens/s "
           f"({weight_bytes * ceiling / 1e9:.1f} GB/s), i.e. at most {rows[0].get('ceiling_ratio_vs_hf_generate', 0):.2f}x "
-          "transformers generate for any engine using this BLAS in fp32")
+          "transformers generate for any engine using this BLAS in fp32 without speculation")
     print(f"measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
-    print(f"{'batch':>5} {'stepflash':>10} {'hf generate':>12} {'hf loop':>9} {'x generate':>11} {'x loop':>7} "
-          f"{'GFLOP/s':>8} {'GB/s':>6}")
+    print(f"{'batch':>5} {'engine':>16} {'tok/s':>8} {'x generate':>11} {'x loop':>7} {'GB/s':>6}")
     for r in rows:
         t = r["tokens_per_s"]
-        print(f"{r['batch']:>5} {t['stepflash']:>10.1f} {t['hf_generate']:>12.1f} {t['hf_cached_loop']:>9.1f} "
-              f"{r['ratio_vs_hf_generate']:>11.2f} {r['ratio_vs_hf_cached_loop']:>7.2f} "
-              f"{r['stepflash_gflops']:>8.2f} {r['stepflash_weight_gbps']:>6.2f}")
+        for name in [*llms, "hf_generate", "hf_cached_loop"]:
+            ratios = (f"{r[name + '_vs_hf_generate']:>11.2f} {r[name + '_vs_hf_cached_loop']:>7.2f} "
+                      f"{r[name + '_weight_gbps']:>6.2f}" if name in llms else "")
+            print(f"{r['batch']:>5} {name:>16} {t[name]:>8.1f} {ratios}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     result = {
         "benchmark": "cpu_decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "commit": commit, "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                       "cpus": torch.get_num_threads(), "torch": torch.__version__},
-        "model": str(model_dir) if args.model else "random small_config()", "active_params": active_params,
+        "model": "random small_config()" if args.random else str(model_dir), "active_params": active_params,
         "threads": torch.get_num_threads(), "repeats": args.repeats, "copy_bandwidth_gbps": copy_gbps,
         "results": rows,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = Path(args.model).name if args.model else "bench27m"
+    name = "bench27m" if args.random else model_dir.name
     path = out / f"cpu_decode-{name}-t{torch.get_num_threads()}-{datetime.date.today().isoformat()}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
