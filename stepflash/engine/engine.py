@@ -207,7 +207,7 @@ class LLMEngine:
         rows = StepRows.of(plan, drafts)
         result = StepResult({}, {})
         if rows.chunks:
-            logits = self.runner.execute(rows.chunks, [], rows.logit_rows, rows.inject)
+            logits = self.runner.execute(rows.chunks, rows.logit_rows, rows.inject)
             result = self.sampler(rows, logits, drafts) if rows.logit_rows else result
         outputs, stopped = self.output.process(self.scheduler.update(plan, result), time.monotonic())
         for seq, stop in stopped:

@@ -292,12 +292,13 @@ class KVCacheManager:
                     block = tables.table(kind)[i]
                     if block != NO_BLOCK:
                         self.pools[kind].register(block, entry)
-        if SLIDING in self.kinds:
-            pool = self.pools[SLIDING]
-            for i in range(min(self._first_needed_block(ready), len(tables.sliding))):
-                if tables.sliding[i] != NO_BLOCK:
-                    pool.release(tables.sliding[i])
-                    tables.sliding[i] = NO_BLOCK
+        if SLIDING in self.kinds:  # oldest first, from where earlier commits stopped (O(new releases))
+            end = start = min(self._first_needed_block(ready), len(tables.sliding))
+            while start > 0 and tables.sliding[start - 1] != NO_BLOCK:
+                start -= 1
+            for i in range(start, end):
+                self.pools[SLIDING].release(tables.sliding[i])
+                tables.sliding[i] = NO_BLOCK
 
     def trim(self, tables: BlockTables, keep_positions: int) -> None:
         """Release blocks past the first `keep_positions` positions (held for rejected drafts)."""

@@ -120,10 +120,8 @@ class ModelRunner:
                                for depth in range(self.num_mtp)]
 
     @torch.inference_mode()
-    def execute(self, chunks: list[Chunk], copies: list[BlockCopy], logit_rows: list[int],
-                inject: Inject | None = None) -> torch.Tensor:
+    def execute(self, chunks: list[Chunk], logit_rows: list[int], inject: Inject | None = None) -> torch.Tensor:
         """Run the target over `chunks`; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
-        self.copy_blocks(copies)
         x = self._prepare(chunks, self.kinds, logit_rows, inject)
         if self.graphs and x.ctx.prefill is None and self.graphs.fits(len(x.ids), x.ctx.tables):
             hidden = self.graphs.run(_step_inputs(x))

@@ -86,9 +86,10 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 class RowBatch:
     """R rows of logits to process: row i continues sequence seqs[seq_of[i]] (its token ids, then
-    `extra[i]` of its drafts). Everything the rows' settings ask for (sampling parameters, seeds and positions, logit
-    bias, bans, the tokens penalties count) is gathered on the host here and sent in one
-    non-blocking copy; `process` and `probs` then run on the device without reading anything back."""
+    `extra[i]` of its drafts). Everything the rows' settings ask for (sampling parameters, seeds and
+    positions, logit bias, bans, the tokens penalties count) is gathered on the host here and sent in
+    one non-blocking copy (none for plain greedy rows); `process` and `probs` then run on the device
+    without reading anything back."""
 
     def __init__(self, seqs: list[Sequence], seq_of: list[int], extra: list[int], eos_token_ids: list[int],
                  device: torch.device) -> None:
@@ -99,9 +100,9 @@ class RowBatch:
         self.sort = any(p.top_k > 0 or p.top_p < 1 for p in sampled)
         self.floor = any(p.min_p > 0 for p in sampled)
         up, f32 = Upload(), torch.float32
-        sent = {"greedy": up.add([p.greedy for p in params], torch.bool)}
+        sent = {}
         if self.any_sampled:
-            sent.update(temperature=up.add([p.temperature or 1.0 for p in params], f32),
+            sent.update(greedy=up.add([p.greedy for p in params], torch.bool), temperature=up.add([p.temperature or 1.0 for p in params], f32),
                         top_k=up.add([max(p.top_k, 0) for p in params]), top_p=up.add([p.top_p for p in params], f32),
                         min_p=up.add([p.min_p for p in params], f32), seeds=up.add([seqs[s].seed for s in seq_of]),
                         positions=up.add([seqs[s].num_tokens + e for s, e in zip(seq_of, extra)]))
@@ -112,8 +113,8 @@ class RowBatch:
             sent.update(add_rows=up.add(added[0]), add_ids=up.add(added[1]), add_values=up.add(added[2], f32))
         if self.penalised:
             sent.update(self._penalty_inputs(seqs, params, up))
-        got = up.send(device)
         self.add_rows = None
+        got = up.send(device) if sent else None
         for name, handle in sent.items():
             setattr(self, name, got(handle))
 
