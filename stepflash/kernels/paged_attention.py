@@ -14,6 +14,7 @@ TRITON_INTERPRET=1 on the CPU, bf16 on a GPU) and the engine runs where the kern
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,18 +28,26 @@ except ImportError:  # the CPU engine never needs the kernels
     triton = None
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                     window: int | None) -> torch.Tensor:
-    """Softmax attention of B padded groups of queries, q [B, Q, H, D] at positions q_pos [B, Q], over
-    keys/values [B, K, KVH, D] (GQA) at k_pos [B, K], in q's dtype: a query sees the keys at positions
-    <= its own, and with a window only those with q_pos - k_pos < window (512 keys for window 512,
-    its own included). Every query must see at least one key. The math of every PyTorch path of
-    attention: the twins below and the model without a cache."""
-    behind = q_pos[:, None, :, None] - k_pos[:, None, None, :]  # [B, 1, Q, K]
-    visible = behind >= 0 if not window else (behind >= 0) & (behind < window)
+def visible_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, 1, Q, K]: a query at q_pos [B, Q] sees the keys at positions k_pos [B, K] <= its own, and
+    with a window only those with q_pos - k_pos < window (512 keys for window 512, its own included)."""
+    behind = q_pos[:, None, :, None] - k_pos[:, None, None, :]
+    return behind >= 0 if not window else (behind >= 0) & (behind < window)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of B padded groups of queries q [B, Q, H, D] over keys/values [B, K, KVH, D]
+    (GQA), each query over the keys `visible` [B, 1, Q, K] marks (at least one), in q's dtype: the math
+    of every PyTorch path of attention (the twins here and the model without a cache)."""
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=visible, enable_gqa=True)
     return o.transpose(1, 2)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                     window: int | None) -> torch.Tensor:
+    """`attend` of queries at q_pos [B, Q] over keys at k_pos [B, K], causal (and windowed)."""
+    return attend(q, k, v, visible_keys(q_pos, k_pos, window))
 
 
 def paged_keys(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
@@ -55,26 +64,55 @@ def paged_keys(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ta
     return masked_attention(q, keys, values, q_pos, k_pos, window)
 
 
+@dataclass
+class KeyPlan:
+    """What every layer of one kind reads the same way in a step: the query rows of each tile, the
+    cache slots of the keys their table rows reach, and which of those each query sees."""
+
+    rows: torch.Tensor  # [C, R]
+    slots: torch.Tensor  # [C * K]
+    visible: torch.Tensor  # [C, 1, R, K]
+
+
+def key_plan(k_cache: torch.Tensor, block_tables: torch.Tensor, seq_of: torch.Tensor, q_pos: torch.Tensor,
+             window: int | None, tiles: torch.Tensor | None, tile_rows: int, first_block: torch.Tensor | None
+             ) -> KeyPlan:
+    if tiles is None:
+        rows = torch.arange(q_pos.shape[0], device=q_pos.device)[:, None]
+    else:
+        last = (tiles[:, 1:] - 1).clamp(min=0)  # a tile of 0 rows (graph padding) repeats its first
+        rows = tiles[:, :1] + torch.arange(tile_rows, dtype=tiles.dtype, device=q_pos.device).minimum(last)  # [C, R]
+    seq = seq_of[rows[:, 0]]
+    tables, block_size = block_tables[seq], k_cache.shape[1]
+    offsets = torch.arange(block_size, dtype=tables.dtype, device=q_pos.device)
+    slots = ((tables.clamp(0, k_cache.shape[0] - 1) * block_size)[:, :, None] + offsets).flatten(1)  # [C, K]
+    k_pos = first_blocks(first_block, block_tables)[seq][:, None] * block_size + torch.arange(
+        slots.shape[1], dtype=tables.dtype, device=q_pos.device)
+    return KeyPlan(rows, slots.flatten(), visible_keys(q_pos[rows], k_pos, window))
+
+
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                         seq_of: torch.Tensor, q_pos: torch.Tensor, window: int | None,
                         gate: torch.Tensor | None = None, tiles: torch.Tensor | None = None, tile_rows: int = 1,
-                        first_block: torch.Tensor | None = None) -> torch.Tensor:
+                        first_block: torch.Tensor | None = None, plans: dict | None = None) -> torch.Tensor:
     """q [T, H, D], caches [blocks, block_size, KVH, D], block_tables [S, max_blocks] (int),
     seq_of / q_pos [T], gate [T, H] (pre-sigmoid) -> [T, H, D] in q's dtype; `tiles`, `tile_rows` and
     `first_block` as `paged_attention` takes them. All tiles at once: each tile's rows (padded to
-    tile_rows by repeating its last) against the keys its sequence's table row reaches."""
-    if tiles is None:
-        rows = torch.arange(q.shape[0], device=q.device)[:, None]
-    else:
-        last = (tiles[:, 1:] - 1).clamp(min=0)  # a tile of 0 rows (graph padding) repeats its first
-        rows = tiles[:, :1] + torch.arange(tile_rows, dtype=tiles.dtype, device=q.device).minimum(last)  # [C, R]
-    seq = seq_of[rows[:, 0]]
-    out = paged_keys(q[rows], k_cache, v_cache, block_tables[seq], first_blocks(first_block, block_tables)[seq],
-                     q_pos[rows], window)
+    tile_rows by repeating its last) against the keys its sequence's table row reaches. `plans`: a
+    step's memo of KeyPlans by window, which its layers of one kind share (their other inputs are
+    the same)."""
+    if plans is None or window not in plans:
+        plan = key_plan(k_cache, block_tables, seq_of, q_pos, window, tiles, tile_rows, first_block)
+        if plans is not None:
+            plans[window] = plan
+    plan = plans[window] if plans is not None else plan
+    keys, values = (c.flatten(0, 1).index_select(0, plan.slots).view(*plan.visible.shape[::3], *c.shape[2:])
+                    for c in (k_cache, v_cache))
+    out = attend(q[plan.rows], keys, values, plan.visible)
     if gate is not None:
-        out = (out.float() * torch.sigmoid(gate[rows].float())[..., None]).to(q.dtype)
+        out = (out.float() * torch.sigmoid(gate[plan.rows].float())[..., None]).to(q.dtype)
     result = torch.empty_like(q)
-    result[rows] = out  # a padding row writes what the row it repeats wrote
+    result[plan.rows] = out  # a padding row writes what the row it repeats wrote
     return result
 
 

@@ -79,6 +79,8 @@ class PagedAttention:
         self.ops, self.caches, self.kind_of, self.slots, self.tables = ops, caches, kind_of, slots, tables
         self.first_blocks = first_blocks  # kind -> [S]: the block each table row starts at
         self.decode, self.prefill = decode, prefill
+        # the twin's key plans, made by a kind's first layer and read by the others (kernels need none)
+        self.plans = {"plans": {}} if ops is ATTENTION_OPS["torch"] else {}
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
@@ -89,7 +91,7 @@ class PagedAttention:
                                       self.prefill)
         if p is None:
             return paged(q, *caches, table, d.seq_of, d.q_pos, window, gate, tiles=d.tiles, tile_rows=d.tile_rows,
-                         first_block=first)
+                         first_block=first, **self.plans)
         if d is None:
             return apply_gate(prefill(q, *caches, table, p.seq_of, p.q_pos, window, tiles=p.tiles, first_block=first),
                               gate)
@@ -97,7 +99,7 @@ class PagedAttention:
         out[p.index] = apply_gate(prefill(q[p.index], *caches, table, p.seq_of, p.q_pos, window, tiles=p.tiles,
                                           first_block=first), gate[p.index])
         out[d.index] = paged(q[d.index], *caches, table, d.seq_of, d.q_pos, window, gate[d.index], tiles=d.tiles,
-                             tile_rows=d.tile_rows, first_block=first)
+                             tile_rows=d.tile_rows, first_block=first, **self.plans)
         return out
 
 
