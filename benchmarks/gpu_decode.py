@@ -26,6 +26,7 @@ import math
 import os
 import statistics
 import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -39,10 +40,13 @@ from stepflash.kernels.rope_kv import rope_kv_write, rope_kv_write_ref
 from stepflash.kernels.tiles import prefill_tiles
 from stepflash.kernels.paged_attention import paged_attention, paged_attention_ref
 from stepflash.model.linear import Fp8Linear
-from stepflash.model.quant import quantize_fp8, quantize_int4
+from stepflash.model.quant import quantize_int4
 from stepflash.model.step3p5 import DecoderLayer, rope_tables
 from stepflash.model.step3p5 import use_kernels as set_kernels
 from stepflash.train.configs import tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # random FP8 weights
+from checkpoints import quantize_fp8  # noqa: E402
 
 BLOCK = 16
 

@@ -35,11 +35,10 @@ from safetensors.torch import save_file
 
 from stepflash import LLM, SamplingParams
 from stepflash.config import ModelConfig
-from stepflash.tokenizer import write_byte_level_tokenizer
 from stepflash.train.configs import tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # random checkpoints
-from checkpoints import random_weights  # noqa: E402
+from checkpoints import random_weights, write_byte_level_tokenizer  # noqa: E402
 
 REAL = dict(hidden_size=4096, head_dim=128, heads=64, other_heads=96, groups=8, experts=16, top_k=8,
             moe_inter=1280, dense_inter=11264, vocab=16384, window=512, prompts=(5, 200, 700, 1500), max_tokens=32)

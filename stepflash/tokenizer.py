@@ -49,25 +49,6 @@ _TEMPLATE_TOKEN_KEYS = (
 )
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
-# Fixed training text for the test tokenizer's merges (written for this package).
-_SAMPLE_TEXT = """\
-The engine reads a prompt, runs the model one step at a time and streams the
-answer back. Each step picks the next token, checks whether it ends the turn,
-and then the detokenizer turns the new tokens into text for the client.
-def forward(self, hidden_states, positions):
-    residual = hidden_states
-    hidden_states = self.norm(hidden_states)
-    return self.attention(hidden_states, positions) + residual
-for index in range(10):
-    print(index, index * index)
-The weather in the city is sunny today, with a light wind from the west.
-Please tell me the time and the temperature, then check the calendar.
-When the user asks a question, think first, then answer in a short sentence.
-{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
-Numbers like 12, 345, 6789 and 3.14 appear in text, code and tables.
-"""
-
-
 def _template_token(value: Any) -> str | None:
     """Token string from a config entry, which may be a string or a serialized AddedToken."""
     if isinstance(value, Mapping):
@@ -313,14 +294,6 @@ class IncrementalDetokenizer:
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-
-
-def write_byte_level_tokenizer(
-    out_dir: Path, vocab_size: int, chat_template: str | None = None
-) -> None:
-    """Write a small deterministic byte-level BPE tokenizer with Step-3.5 special tokens, its
-    merges learned from a fixed sample text (for tests and random checkpoints)."""
-    write_bpe_tokenizer(_SAMPLE_TEXT.splitlines(keepends=True), out_dir, vocab_size, chat_template)
 
 
 def write_bpe_tokenizer(

@@ -15,13 +15,52 @@ from safetensors.torch import save_file
 
 from stepflash.config import ModelConfig
 from stepflash.model.loader import hub_state_dict, mtp_depth
-from stepflash.model.quant import quantize_fp8
 from stepflash.model.step3p5 import Step3p5ForCausalLM
-from stepflash.tokenizer import write_byte_level_tokenizer
+from stepflash.tokenizer import write_bpe_tokenizer
 from stepflash.train.configs import tiny_config
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # Small modules that stay in high precision in FP8 checkpoints.
 FP8_KEEP = ("embed_tokens", "lm_head", "shared_head.output", ".moe.gate.", "g_proj", "norm")
+
+
+# Fixed training text for the test tokenizer's merges (written for this package).
+_SAMPLE_TEXT = """\
+The engine reads a prompt, runs the model one step at a time and streams the
+answer back. Each step picks the next token, checks whether it ends the turn,
+and then the detokenizer turns the new tokens into text for the client.
+def forward(self, hidden_states, positions):
+    residual = hidden_states
+    hidden_states = self.norm(hidden_states)
+    return self.attention(hidden_states, positions) + residual
+for index in range(10):
+    print(index, index * index)
+The weather in the city is sunny today, with a light wind from the west.
+Please tell me the time and the temperature, then check the calendar.
+When the user asks a question, think first, then answer in a short sentence.
+{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
+Numbers like 12, 345, 6789 and 3.14 appear in text, code and tables.
+"""
+
+
+def quantize_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-scaled float8_e4m3fn over the last two dims: returns (fp8 weight, fp32 scale_inv)."""
+    rows, cols = weight.shape[-2:]
+    br, bc = math.ceil(rows / block[0]), math.ceil(cols / block[1])
+    padded = torch.zeros(*weight.shape[:-2], br * block[0], bc * block[1], device=weight.device)
+    padded[..., :rows, :cols] = weight
+    blocks = padded.unflatten(-2, (br, block[0])).unflatten(-1, (bc, block[1]))
+    scale_inv = blocks.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / FP8_MAX
+    expanded = scale_inv.repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)[..., :rows, :cols]
+    return (weight / expanded).to(torch.float8_e4m3fn), scale_inv
+
+
+def write_byte_level_tokenizer(
+    out_dir: Path, vocab_size: int, chat_template: str | None = None
+) -> None:
+    """Write a small deterministic byte-level BPE tokenizer with Step-3.5 special tokens, its
+    merges learned from a fixed sample text (for tests and random checkpoints)."""
+    write_bpe_tokenizer(_SAMPLE_TEXT.splitlines(keepends=True), out_dir, vocab_size, chat_template)
 
 
 def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:

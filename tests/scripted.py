@@ -11,7 +11,8 @@ import torch
 from stepflash.config import ModelConfig
 from checkpoints import random_weights, save_shards
 from stepflash.train.configs import tiny_config
-from stepflash.tokenizer import EOS_TOKEN, write_byte_level_tokenizer
+from checkpoints import write_byte_level_tokenizer
+from stepflash.tokenizer import EOS_TOKEN
 
 _BLOCK_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight", "moe.down_proj.weight",
                   "share_expert.down_proj.weight")

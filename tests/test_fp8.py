@@ -19,7 +19,7 @@ from stepflash.model.linear import Fp8Linear
 from stepflash.model.loader import CheckpointError, hub_state_dict, load_model
 from stepflash.model.moe import MoE
 from checkpoints import write_checkpoint
-from stepflash.model.quant import quantize_fp8
+from checkpoints import quantize_fp8
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 BLOCK = (24, 40)  # divides none of the tiny model's 64, 96 and 32: every matrix has partial blocks

@@ -223,7 +223,7 @@ def test_fused_moe_twin_matches_the_loop(tokens, weights_as):
     from stepflash.kernels.fp8_linear import dequantize_fp8
     from stepflash.kernels.moe import dequantize_int4, fused_moe_ref
     from stepflash.model.quant import quantize_int4
-    from stepflash.model.quant import quantize_fp8
+    from checkpoints import quantize_fp8
 
     gen = torch.Generator().manual_seed(tokens)
     experts, hidden, inter, top_k, limit = 8, 64, 32, 2, 1.5

@@ -17,7 +17,8 @@ from stepflash.engine.sequence import Sequence
 from stepflash.engine.scheduler import ScheduledSeq, StepPlan
 from checkpoints import write_checkpoint
 from stepflash.train.configs import tiny_config
-from stepflash.tokenizer import Tokenizer, write_byte_level_tokenizer
+from stepflash.tokenizer import Tokenizer
+from checkpoints import write_byte_level_tokenizer
 from stepflash.train.trainer import TrainConfig, train
 
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
+from checkpoints import write_byte_level_tokenizer
 from stepflash.tokenizer import (
     IncrementalDetokenizer,
     Tokenizer,
     default_chat_template,
-    write_byte_level_tokenizer,
 )
 
 VOCAB_SIZE = 400

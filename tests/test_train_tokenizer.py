@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from checkpoints import write_byte_level_tokenizer
 from stepflash.tokenizer import (
     CONTROL_TOKENS,
     MARKUP_TOKENS,
     Tokenizer,
-    write_byte_level_tokenizer,
 )
 from stepflash.train.tokenizer import corpus_files, train_tokenizer
 

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from stepflash.model.loader import load_model
 from stepflash.model.moe import MoE
 from stepflash.train.configs import tiny_config
-from stepflash.tokenizer import Tokenizer, write_byte_level_tokenizer
+from stepflash.tokenizer import Tokenizer
+from checkpoints import write_byte_level_tokenizer
 from stepflash.train.trainer import (
     STATE_FILE,
     TRAINING_LOG,

@@ -16,7 +16,6 @@ kernels/fp8_linear.py, `dequantize_int4` in kernels/moe.py).
 """
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -29,9 +28,6 @@ INT4_METHOD = "stepflash-int4"
 EXPERT_SUFFIXES = (".moe.gate_proj.weight", ".moe.up_proj.weight", ".moe.down_proj.weight")
 
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [..., out, in] -> (packed uint8 [..., out, in / 2], scales [..., out, in / group_size] fp32)."""
     rows, cols = weight.shape[-2:]
@@ -42,18 +38,6 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     q = torch.clamp(torch.round(groups / scales[..., None]), -8, 7).to(torch.int16).reshape(weight.shape) + 8
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).to(torch.uint8)
     return packed, scales
-
-
-def quantize_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-scaled float8_e4m3fn over the last two dims: returns (fp8 weight, fp32 scale_inv)."""
-    rows, cols = weight.shape[-2:]
-    br, bc = math.ceil(rows / block[0]), math.ceil(cols / block[1])
-    padded = torch.zeros(*weight.shape[:-2], br * block[0], bc * block[1], device=weight.device)
-    padded[..., :rows, :cols] = weight
-    blocks = padded.unflatten(-2, (br, block[0])).unflatten(-1, (bc, block[1]))
-    scale_inv = blocks.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / FP8_MAX
-    expanded = scale_inv.repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)[..., :rows, :cols]
-    return (weight / expanded).to(torch.float8_e4m3fn), scale_inv
 
 
 def quantize_checkpoint(src: Path, dst: Path, group_size: int = 128) -> int:

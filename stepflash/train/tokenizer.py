@@ -1,6 +1,6 @@
 """Train a byte-level BPE tokenizer with the Step-3.5 special tokens on a text corpus.
 
-The result has the same layout as `stepflash.tokenizer.write_byte_level_tokenizer`:
+The result has the same layout as `write_byte_level_tokenizer` (tests/checkpoints.py):
 the control tokens and markup tokens take ids 0.. in that order, then the 256
 byte symbols, then the learned merges. It loads with `Tokenizer.from_pretrained`
 and with transformers' AutoTokenizer, and training is deterministic: the same
