@@ -7,7 +7,6 @@ in a worker thread behind an asyncio interface (submit, stream deltas, abort) fo
 import asyncio
 import importlib.util
 import itertools
-import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from stepflash.config import EngineConfig, ModelConfig
-from stepflash.engine.kv_cache import FULL, SLIDING, KVCacheManager, KVLayout, kv_bytes_per_block, plan_kv_layout
+from stepflash.engine.kv_cache import FULL, KVCacheManager, plan_kv_layout
 from stepflash.engine.output import OutputProcessor
 from stepflash.engine.runner import ModelRunner
 from stepflash.engine.sampler import Sampler, StepRows
@@ -54,23 +53,6 @@ class Request:
     arrival: float
 
 
-def default_kv_budget(device: torch.device, cfg: ModelConfig, ec: EngineConfig, num_mtp: int,
-                      dtype: torch.dtype) -> int:
-    """GPU: 90% of free memory. CPU: what max_num_seqs full-length sequences need (64 by default),
-    at most a quarter of available memory."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0] * 0.9)
-    length = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    seqs, bs = ec.max_num_seqs or 64, ec.block_size
-    layers = cfg.decoder_layers + cfg.mtp_layers[:num_mtp]
-    full = [s.index for s in layers if s.attention_type == FULL]
-    sliding = [s.index for s in layers if s.attention_type == SLIDING]
-    sliding_blocks = KVLayout.sliding_blocks(cfg.sliding_window, num_mtp, bs, seqs, ec.max_num_batched_tokens or 1024)
-    want = (seqs * (math.ceil((length + num_mtp + 1) / bs) + 1) * kv_bytes_per_block(cfg, full, bs, dtype)
-            + sliding_blocks * kv_bytes_per_block(cfg, sliding, bs, dtype, num_mtp))
-    return min(want, _available_memory() // 4)
-
-
 def _use_kernels(kernels: str, device: torch.device) -> bool:
     if kernels == "auto":
         return device.type == "cuda" and importlib.util.find_spec("triton") is not None
@@ -89,16 +71,6 @@ def _use_graphs(graphs: str, kernels: bool, device: torch.device) -> bool:
     return graphs == "on" or (graphs == "auto" and kernels and device.type == "cuda")
 
 
-def _available_memory() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
-
-
 class LLMEngine:
     def __init__(self, model_dir: str | Path, ec: EngineConfig | None = None) -> None:
         self.config = ec = ec or EngineConfig()
@@ -115,8 +87,7 @@ class LLMEngine:
         self.model = load_model(model_dir, device=device, dtype=ec.dtype, num_mtp=self.num_mtp, keep_int4=kernels,
                                 keep_fp8=kernels)
         dtype = self.model.lm_head.weight.dtype
-        budget = ec.kv_cache_bytes or default_kv_budget(device, cfg, ec, self.num_mtp, dtype)
-        self.layout = layout = plan_kv_layout(cfg, ec, self.num_mtp, dtype, budget)
+        self.layout = layout = plan_kv_layout(cfg, ec, self.num_mtp, dtype, device)
         self.max_model_len = layout.max_model_len
         self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids))
         self.kv = KVCacheManager.of(layout, ec.enable_prefix_caching)

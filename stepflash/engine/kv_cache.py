@@ -27,6 +27,7 @@ import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -87,11 +88,14 @@ class KVLayout:
         return max_num_seqs * per_seq + (2 if num_mtp else 1) * math.ceil(chunk / block_size)
 
 
-def plan_kv_layout(cfg: ModelConfig, ec: EngineConfig, num_mtp: int, dtype: torch.dtype, budget: int) -> KVLayout:
-    """Cut `budget` bytes into blocks: sliding layers get what max_num_seqs windows and one step's
+def plan_kv_layout(cfg: ModelConfig, ec: EngineConfig, num_mtp: int, dtype: torch.dtype,
+                   device: torch.device) -> KVLayout:
+    """Cut kv_cache_bytes into blocks: sliding layers get what max_num_seqs windows and one step's
     tokens need, full layers all the rest, so context length is limited by the full layers alone.
     Settings the user left open shrink to fit (concurrency first, then the prefill chunk, then the
-    context); the engine refuses only when one sequence of the context cannot fit."""
+    context); the engine refuses only when one sequence of the context cannot fit. The default
+    budget: on a GPU 90% of free memory; on the CPU what max_num_seqs sequences of the whole
+    context need, at most a quarter of available memory."""
     bs = ec.block_size
     layers = cfg.decoder_layers + cfg.mtp_layers[:num_mtp]
     ids = {kind: [s.index for s in layers if s.attention_type == kind] for kind in (FULL, SLIDING)}
@@ -100,12 +104,18 @@ def plan_kv_layout(cfg: ModelConfig, ec: EngineConfig, num_mtp: int, dtype: torc
     window = cfg.sliding_window if ids[SLIDING] else 0
     length = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     seqs, chunk = ec.max_num_seqs or 64, ec.max_num_batched_tokens or 1024
+    one_seq = math.ceil((length + num_mtp + 1) / bs) + 1  # a block of slack for copy-on-write
+    budget = ec.kv_cache_bytes
+    if budget is None and device.type == "cuda":
+        budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
+    elif budget is None:
+        want = seqs * one_seq * bpb[FULL] + KVLayout.sliding_blocks(window, num_mtp, bs, seqs, chunk) * bpb[SLIDING]
+        budget = min(want, _available_memory() // 4)
 
     def full_blocks(seqs: int, chunk: int) -> int:
         sliding = KVLayout.sliding_blocks(window, num_mtp, bs, seqs, chunk) if ids[SLIDING] else 0
         return (budget - sliding * bpb[SLIDING]) // bpb[FULL] if ids[FULL] else 1 << 62
 
-    one_seq = math.ceil((length + num_mtp + 1) / bs) + 1  # a block of slack for copy-on-write
     while full_blocks(seqs, chunk) < one_seq and ec.max_num_seqs is None and seqs > 1:
         seqs //= 2
     while full_blocks(seqs, chunk) < one_seq and ec.max_num_batched_tokens is None and chunk > max(64, bs):
@@ -123,6 +133,16 @@ def plan_kv_layout(cfg: ModelConfig, ec: EngineConfig, num_mtp: int, dtype: torc
     num_blocks = {FULL: full if ids[FULL] else 0,
                   SLIDING: KVLayout.sliding_blocks(window, num_mtp, bs, seqs, chunk) if ids[SLIDING] else 0}
     return KVLayout(bs, window, num_mtp, num_blocks, length, seqs, chunk)
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
 
 
 # -- blocks -------------------------------------------------------------------------------------------
