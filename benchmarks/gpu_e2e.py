@@ -22,8 +22,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ from stepflash.train.configs import tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # random checkpoints
 from checkpoints import random_weights, write_byte_level_tokenizer  # noqa: E402
+from gpu_decode import git_commit  # noqa: E402  (this folder)
 
 REAL = dict(hidden_size=4096, head_dim=128, heads=64, other_heads=96, groups=8, experts=16, top_k=8,
             moe_inter=1280, dense_inter=11264, vocab=16384, window=512, prompts=(5, 200, 700, 1500), max_tokens=32)
@@ -117,17 +116,6 @@ def compare(a: list[list[int]], b: list[list[int]]) -> dict:
     firsts = [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), None if len(p) == len(q) else
                    min(len(p), len(q))) for p, q in zip(a, b)]
     return {"tokens_equal": all(f is None for f in firsts), "first_divergence": firsts}
-
-
-def git_commit() -> str:
-    """STEPFLASH_COMMIT (set by gpu_check.sh: the device's copy of the tree has no .git), else git's."""
-    if os.environ.get("STEPFLASH_COMMIT"):
-        return os.environ["STEPFLASH_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main() -> int:
