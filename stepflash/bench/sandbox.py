@@ -25,6 +25,9 @@ INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; 
                 "as a non-root user it also needs unprivileged user namespaces), or pass --unsafe-no-sandbox "
                 "to run the code unconfined")
 NOBODY = 65534
+# The interpreter the programs run on: the installation itself, not a virtual environment's link to it
+# (a venv may live under /tmp, which the sandbox replaces; programs need the standard library only).
+BASE_PYTHON = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 # Runs first inside the sandbox. RLIMIT_NPROC counts every process of the user, so it is set here, in
 # the sandbox's user namespace, where the count is the sandbox's own; the kernel exempts uid 0 from it,
 # so bwrap run by root becomes nobody first. Then the program itself, read from stdin.
@@ -97,7 +100,7 @@ class Sandbox:
         if self.bwrap is None:
             return [sys.executable, "-I", "-"]
         return [self.bwrap, "--json-status-fd", str(status_fd), *_bwrap_args(limits),
-                sys.executable, "-I", "-c", LAUNCHER, str(limits.processes)]
+                BASE_PYTHON, "-I", "-c", LAUNCHER, str(limits.processes)]
 
 
 UNCONFINED = Sandbox("none (--unsafe-no-sandbox)")
@@ -137,7 +140,7 @@ def _bwrap_args(limits: Limits) -> list[str]:
             args += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
-    for prefix in sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}):
+    for prefix in sorted({sys.base_prefix, sys.base_exec_prefix}):
         if not Path(prefix).is_relative_to("/usr"):
             for parent in reversed(Path(prefix).parents[:-1]):  # traversable by nobody
                 args += ["--perms", "0755", "--dir", str(parent)]

@@ -139,13 +139,12 @@ class OutputProcessor:
                 continue
             text.pending += text.detokenizer.feed(piece)
             hits = [(at, s) for s in stops if (at := text.pending.find(s)) >= 0]
-            if hits:
+            if hits:  # what follows the stop string (in text or in held-back bytes) is not shown
                 at, stop = min(hits)
                 shown += text.pending[:at + (len(stop) if params.include_stop_str_in_output else 0)]
-                text.pending = ""
-                tokens, finish, stop_reason = tokens[:i + 1], "stop", stop
+                text.pending, text.finished = "", True
                 logprobs = logprobs[:i + 1] if logprobs is not None else None
-                break
+                return CompletionOutput(u.seq.index, shown, tokens[:i + 1], logprobs, "stop", stop)
         if finish is not None:
             shown += text.pending + text.detokenizer.flush()
             text.pending, text.finished = "", True
