@@ -18,8 +18,8 @@ import torch
 from stepflash.config import EngineConfig, ModelConfig
 from stepflash.engine.kv_cache import FULL, KVCacheManager, plan_kv_layout
 from stepflash.engine.output import OutputProcessor
-from stepflash.engine.runner import ModelRunner
-from stepflash.engine.sampler import Sampler, StepRows
+from stepflash.engine.runner import ModelRunner, StepRows
+from stepflash.engine.sampler import Sampler
 from stepflash.engine.scheduler import Scheduler, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.speculative import MTPDrafter

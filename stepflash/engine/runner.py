@@ -1,4 +1,6 @@
-"""Model runner: owns the KV cache tensors, flattens a scheduled step into one batch, runs the model.
+"""Model runner: owns the KV cache tensors and the device block tables, turns a step's plan into
+one flat batch (`StepRows`: the target's chunks, the drafts' places, the rows whose logits the
+sampler reads), runs the model.
 
 A step's integer inputs (ids, positions, per layer kind the cache slots and block tables, the rows
 and tiles of each attention op) are built on the host and sent in one copy; attention reads them
@@ -16,16 +18,21 @@ import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
 from stepflash.engine.graphs import StepGraphs, StepInputs
 from stepflash.config import LayerKind
 from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy, KVLayout
+from stepflash.engine.scheduler import ScheduledSeq, StepPlan
 from stepflash.engine.sequence import Sequence
 from stepflash.kernels.tiles import tile_runs
 from stepflash.model.attention import ATTENTION_OPS, AttentionRows, PagedAttention
 from stepflash.model.step3p5 import Step3p5ForCausalLM, use_kernels
+
+if TYPE_CHECKING:
+    from stepflash.engine.speculative import Drafts
 
 
 PREFILL_TILE = 16  # query rows per program of the prefill kernel
@@ -70,6 +77,47 @@ class Inputs:
     ctx: PagedAttention
     logit_rows: torch.Tensor
     prev_slots: torch.Tensor | None = None
+
+
+@dataclass
+class StepRows:
+    """The target's inputs for a plan and where the sampler finds its logits: `logit_rows` lists
+    width = K + 1 rows per sampling member (its newest token and drafts, padded by repeating the
+    last), then one row per scored prompt position."""
+
+    chunks: list[Chunk]
+    inject: Inject
+    logit_rows: list[int]
+    members: list[tuple[ScheduledSeq, Sequence]]  # who samples (n > 1 forks share their parent's rows)
+    width: int
+    prompt: list[tuple[Sequence, int]]  # (sequence, position p): scores the prompt token at p + 1
+
+    @classmethod
+    def of(cls, plan: StepPlan, drafts: "Drafts | None") -> "StepRows":
+        width = 1 + max((s.num_drafts for s in plan.seqs), default=0)
+        rows = cls([], Inject(), [], [], width, [])
+        prompt_rows, row = [], 0
+        for s in plan.seqs:
+            if not s.num_new:
+                continue  # draining: MTP catch-up only
+            seq = s.seq
+            rows.chunks.append(Chunk(seq, s.start, seq.token_ids[s.start:s.end] + [0] * s.num_drafts))
+            if s.num_drafts:
+                rows.inject.add(range(row + s.num_new, row + s.num_new + s.num_drafts),
+                                drafts.row(s) * (width - 1), drafts.tokens)
+            if s.samples:
+                last = row + s.num_new - 1
+                own = [last + min(j, s.num_drafts) for j in range(width)]
+                for member in [seq, *s.forks]:
+                    rows.logit_rows += own
+                    rows.members.append((s, member))
+            if seq.params.prompt_logprobs is not None:
+                for p in range(max(s.start, seq.num_prompt_scored), min(s.end, seq.num_prompt_tokens - 1)):
+                    rows.prompt.append((seq, p))
+                    prompt_rows.append(row + p - s.start)
+            row += s.num_new + s.num_drafts
+        rows.logit_rows += prompt_rows
+        return rows
 
 
 class ModelRunner:

@@ -15,13 +15,12 @@ the output has exactly the target's distribution. Greedy is the same with p and 
 longest prefix of drafts equal to the target's argmax, then the target's token.
 """
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from stepflash.engine.runner import Chunk, Inject, Upload
-from stepflash.engine.scheduler import Sampled, ScheduledSeq, StepPlan, StepResult
+from stepflash.engine.runner import StepRows, Upload
+from stepflash.engine.scheduler import Sampled, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.sampling import SamplingParams
 
@@ -248,48 +247,6 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor, draf
     sampled = sampled.scatter(1, kept[:, None], token[:, None])
     greedy = batch.greedy.view(S, width)[:, 0]
     return torch.where(greedy[:, None], target, sampled), torch.where(greedy, accepted, kept)
-
-
-# -- a step's rows ---------------------------------------------------------------------------------
-@dataclass
-class StepRows:
-    """The target's inputs for a plan and where the sampler finds its logits: `logit_rows` lists
-    width = K + 1 rows per sampling member (its newest token and drafts, padded by repeating the
-    last), then one row per scored prompt position."""
-
-    chunks: list[Chunk]
-    inject: Inject
-    logit_rows: list[int]
-    members: list[tuple[ScheduledSeq, Sequence]]  # who samples (n > 1 forks share their parent's rows)
-    width: int
-    prompt: list[tuple[Sequence, int]]  # (sequence, position p): scores the prompt token at p + 1
-
-    @classmethod
-    def of(cls, plan: StepPlan, drafts: "Drafts | None") -> "StepRows":
-        width = 1 + max((s.num_drafts for s in plan.seqs), default=0)
-        rows = cls([], Inject(), [], [], width, [])
-        prompt_rows, row = [], 0
-        for s in plan.seqs:
-            if not s.num_new:
-                continue  # draining: MTP catch-up only
-            seq = s.seq
-            rows.chunks.append(Chunk(seq, s.start, seq.token_ids[s.start:s.end] + [0] * s.num_drafts))
-            if s.num_drafts:
-                rows.inject.add(range(row + s.num_new, row + s.num_new + s.num_drafts),
-                                drafts.row(s) * (width - 1), drafts.tokens)
-            if s.samples:
-                last = row + s.num_new - 1
-                own = [last + min(j, s.num_drafts) for j in range(width)]
-                for member in [seq, *s.forks]:
-                    rows.logit_rows += own
-                    rows.members.append((s, member))
-            if seq.params.prompt_logprobs is not None:
-                for p in range(max(s.start, seq.num_prompt_scored), min(s.end, seq.num_prompt_tokens - 1)):
-                    rows.prompt.append((seq, p))
-                    prompt_rows.append(row + p - s.start)
-            row += s.num_new + s.num_drafts
-        rows.logit_rows += prompt_rows
-        return rows
 
 
 class Readback:
