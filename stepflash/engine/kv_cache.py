@@ -31,10 +31,9 @@ from pathlib import Path
 
 import torch
 
-from stepflash.config import EngineConfig, LayerKind, ModelConfig
+from stepflash.config import FULL, SLIDING, EngineConfig, LayerKind, ModelConfig
 
 NO_BLOCK = -1
-FULL, SLIDING = LayerKind.FULL, LayerKind.SLIDING
 ROOT_KEY = b""  # the parent key of a sequence's first block
 
 

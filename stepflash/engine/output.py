@@ -132,7 +132,6 @@ class OutputProcessor:
         text = state.texts.setdefault(u.seq.index, SeqText(self._detokenizer(state)))
         stops, params = state.params.stop_strings, state.params
         tokens, logprobs = u.new_token_ids, u.new_logprobs
-        shown, finish, stop_reason = "", u.seq.finish_reason, u.seq.stop_reason
         feed = [[t] for t in tokens] if stops else [tokens]
         for i, piece in enumerate(feed):
             if not piece:
@@ -141,17 +140,17 @@ class OutputProcessor:
             hits = [(at, s) for s in stops if (at := text.pending.find(s)) >= 0]
             if hits:  # what follows the stop string (in text or in held-back bytes) is not shown
                 at, stop = min(hits)
-                shown += text.pending[:at + (len(stop) if params.include_stop_str_in_output else 0)]
+                shown = text.pending[:at + (len(stop) if params.include_stop_str_in_output else 0)]
                 text.pending, text.finished = "", True
                 logprobs = logprobs[:i + 1] if logprobs is not None else None
                 return CompletionOutput(u.seq.index, shown, tokens[:i + 1], logprobs, "stop", stop)
-        if finish is not None:
-            shown += text.pending + text.detokenizer.flush()
-            text.pending, text.finished = "", True
+        if u.seq.finish_reason is not None:
+            shown, text.pending = text.pending + text.detokenizer.flush(), ""
+            text.finished = True
         else:
             cut = len(text.pending) - partial_suffix(text.pending, stops)
-            shown, text.pending = shown + text.pending[:cut], text.pending[cut:]
-        return CompletionOutput(u.seq.index, shown, list(tokens), logprobs, finish, stop_reason)
+            shown, text.pending = text.pending[:cut], text.pending[cut:]
+        return CompletionOutput(u.seq.index, shown, list(tokens), logprobs, u.seq.finish_reason, u.seq.stop_reason)
 
     def _output(self, state: RequestState, completions: list[CompletionOutput], prompt_lps: list | None,
                 now: float) -> RequestOutput:

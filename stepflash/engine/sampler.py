@@ -281,22 +281,22 @@ class Sampler:
     def __call__(self, rows: StepRows, logits: torch.Tensor, drafts: "Drafts | None") -> StepResult:
         device, width = logits.device, rows.width
         S, V = len(rows.members), logits.shape[-1]
-        batch = RowBatch([m for _, m in rows.members], [i for i in range(S) for _ in range(width)], list(range(width)) * S,
-                         self.eos_token_ids, device)
+        batch = RowBatch([m for _, m in rows.members], [i for i in range(S) for _ in range(width)],
+                         list(range(width)) * S, self.eos_token_ids, device)
         sample_logits = logits[:S * width].view(S, width, V)
         up = Upload()
         sent = {"num_drafts": up.add([s.num_drafts for s, _ in rows.members]),
-                "drafts": up.add([drafts.row(s) if s.num_drafts else len(drafts.seqs) for s, _ in rows.members]
+                "drafts": up.add([drafts.row(s) if s.num_drafts else 0 for s, _ in rows.members]
                                  if width > 1 else []),
                 "chosen": up.add([seq.token_ids[p + 1] for seq, p in rows.prompt])}
         got = up.send(device)
         num_drafts = got(sent["num_drafts"])
         tokens_in, probs_in = None, None
-        if width > 1:  # each member's drafts (zeros where it has none: never compared)
+        if width > 1:  # each member's drafts (a stand-in row where it has none: never compared)
             index = got(sent["drafts"])
-            tokens_in = torch.cat([drafts.tokens, drafts.tokens.new_zeros(1, width - 1)]).index_select(0, index)
+            tokens_in = drafts.tokens.index_select(0, index)
             if drafts.probs is not None:
-                probs_in = torch.cat([drafts.probs, drafts.probs.new_zeros(1, width - 1, V)]).index_select(0, index)
+                probs_in = drafts.probs.index_select(0, index)
         tokens, accepted = verify(batch, sample_logits, num_drafts, tokens_in, probs_in)
         back = Readback()
         handles = {"tokens": back.add(tokens), "accepted": back.add(accepted)}

@@ -52,10 +52,6 @@ class StepPlan:
     seqs: list[ScheduledSeq]
     copies: list[BlockCopy]  # copy-on-write, done before anything runs
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new + s.num_drafts for s in self.seqs)
-
 
 @dataclass
 class Sampled:

@@ -26,7 +26,7 @@ from stepflash.engine.scheduler import ScheduledSeq, StepPlan
 
 @dataclass
 class Drafts:
-    """The drafts of a step's drafting sequences (plan order): tokens [S, K] and, when any samples,
+    """The drafts of a step's drafting sequences (most drafts first): tokens [S, K] and, when any samples,
     the distributions they were drawn from [S, K, V]."""
 
     seqs: list[ScheduledSeq]

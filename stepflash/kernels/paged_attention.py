@@ -101,11 +101,10 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     tile_rows by repeating its last) against the keys its sequence's table row reaches. `plans`: a
     step's memo of KeyPlans by window, which its layers of one kind share (their other inputs are
     the same)."""
-    if plans is None or window not in plans:
-        plan = key_plan(k_cache, block_tables, seq_of, q_pos, window, tiles, tile_rows, first_block)
-        if plans is not None:
-            plans[window] = plan
-    plan = plans[window] if plans is not None else plan
+    plans = {} if plans is None else plans
+    if window not in plans:
+        plans[window] = key_plan(k_cache, block_tables, seq_of, q_pos, window, tiles, tile_rows, first_block)
+    plan = plans[window]
     keys, values = (c.flatten(0, 1).index_select(0, plan.slots).view(*plan.visible.shape[::3], *c.shape[2:])
                     for c in (k_cache, v_cache))
     out = attend(q[plan.rows], keys, values, plan.visible)
