@@ -5,7 +5,8 @@ batch 1 and with 16 concurrent requests (transformers: one batch of 16 equal-len
 stepflash runs once per MTP setting (`--mtp 0,3`: 0 = plain decoding; 3 = the default with the
 bundled model's trained MTP modules), computing in fp32 like the peers (dtype auto). Prints
 tokens/s, the ratio to each peer, achieved GFLOP/s (2 x active params per token) and GB/s of
-weights read; writes JSON to benchmarks/results/.
+weights read, and what a batch-1 step is made of (torch ops per token by the stepflash function that
+calls them, and the ops' share of the profiled time); writes JSON to benchmarks/results/.
 
     python benchmarks/cpu_decode.py [--model DIR | --random] [--mtp 0,3] [--new-tokens 64] [--prompt-len 32]
 """
@@ -19,9 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections import Counter
 from pathlib import Path
 
 import torch
+
+from torch.profiler import profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from stepflash import LLM, SamplingParams
 from stepflash.model.step3p5 import active_weight_bytes
@@ -51,6 +57,35 @@ def time_stepflash(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
     return elapsed
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the torch ops a run dispatches, by the innermost stepflash function calling each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        caller = next((f for f in reversed(traceback.extract_stack()[:-1]) if "/stepflash/" in f.filename), None)
+        self.calls[f"{Path(caller.filename).name}:{caller.name}" if caller else "other"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_profile(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
+    """Batch 1 without speculation: torch ops per decoded token (prefill included, it is one step)
+    by calling function, and the share of profiled CPU time of the costliest ops."""
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    with OpCounter() as counter:
+        llm.generate([prompt], params)
+    with profile() as prof:
+        llm.generate([prompt], params)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return {"ops_per_token": sum(counter.calls.values()) / new_tokens,
+            "ops_per_token_by_function": {k: v / new_tokens for k, v in counter.calls.most_common(12)},
+            "self_time_share": {e.key: e.self_cpu_time_total / total
+                                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]}}
 
 
 @torch.inference_mode()
@@ -149,6 +184,8 @@ def main() -> None:
     active_params = weight_bytes / 4  # fp32
     ceiling = 1 / matmul_floor_seconds(llm.engine.model)
     copy_gbps = copy_bandwidth_gbps()
+    plain = llms.get("stepflash_mtp0", llm)
+    profiled = step_profile(plain, prompts_from_text(plain, 1, args.prompt_len)[0], args.new_tokens)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = prompts_from_text(llm, batch, args.prompt_len)
@@ -177,6 +214,9 @@ def main() -> None:
           f"({weight_bytes * ceiling / 1e9:.1f} GB/s), i.e. at most {rows[0].get('ceiling_ratio_vs_hf_generate', 0):.2f}x "
           "transformers generate for any engine using this BLAS in fp32 without speculation")
     print(f"measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
+    print(f"a batch-1 step: {profiled['ops_per_token']:.0f} torch ops per token; by caller: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in profiled["ops_per_token_by_function"].items()))
+    print("share of profiled CPU time: " + ", ".join(f"{k} {v:.0%}" for k, v in profiled["self_time_share"].items()))
     print(f"{'batch':>5} {'engine':>16} {'tok/s':>8} {'x generate':>11} {'x loop':>7} {'GB/s':>6}")
     for r in rows:
         t = r["tokens_per_s"]
@@ -192,7 +232,7 @@ def main() -> None:
                                       "cpus": torch.get_num_threads(), "torch": torch.__version__},
         "model": "random small_config()" if args.random else str(model_dir), "active_params": active_params,
         "threads": torch.get_num_threads(), "repeats": args.repeats, "copy_bandwidth_gbps": copy_gbps,
-        "results": rows,
+        "results": rows, "profile_batch1_mtp0": profiled,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,9 @@ except ImportError:
 def add_rmsnorm_ref(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(new residual, normalised) for x, delta [..., H] and the stored offset weight [H]."""
+    if x.dtype == torch.float32:  # the CPU engine's case: no casts (each is a call per norm)
+        residual = x if delta is None else x + delta
+        return residual, F.rms_norm(residual, weight.shape, 1.0 + weight, eps)
     residual = x if delta is None else (x.float() + delta.float()).to(x.dtype)
     normed = F.rms_norm(residual.float(), weight.shape, 1.0 + weight.float(), eps)
     return residual, normed.to(x.dtype)
