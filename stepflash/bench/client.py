@@ -4,7 +4,6 @@ Errors never hang a run: HTTP errors, timeouts (connect and between chunks) and 
 before `[DONE]` become a failed `RequestTrace` with the reason, reported apart from the successes.
 """
 
-import asyncio
 import json
 import re
 import time
@@ -122,12 +121,3 @@ def spec_delta(before: dict[str, float] | None, after: dict[str, float] | None) 
             "tau": 1 + diff.get("num_accepted_tokens", 0.0) / steps,
             "acceptance_per_position": [diff[f"num_accepted_tokens_per_pos_{p}"] / steps for p in positions]}
 
-
-async def gather_limited(coros: list, limit: int) -> list:
-    semaphore = asyncio.Semaphore(limit)
-
-    async def run(coro):
-        async with semaphore:
-            return await coro
-
-    return await asyncio.gather(*(run(c) for c in coros))
