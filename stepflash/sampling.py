@@ -1,7 +1,49 @@
 """SamplingParams: what a request asks of the sampler, validated when it is made."""
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's shape: exactly one of `json` (a JSON Schema, as a dict or its JSON text), `regex`,
+    `choice` (the output is one of these strings), `grammar` (Lark, llguidance's dialect),
+    `json_object` (any JSON object) or `tool_calls` (Step's XML tool calls: set by the server from
+    `tools` / `tool_choice`). `whitespace_pattern` replaces the regex of the whitespace JSON allows
+    between tokens (default: at most 16 whitespace characters, so a model cannot pad until
+    max_tokens). Compiled and checked by the engine when the request is made."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    tool_calls: dict[str, Any] | None = None  # {"tools": [...], "mode": "required" | "auto", "parallel": bool}
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "tool_calls")
+                 if getattr(self, name) is not None] + (["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, regex, choice, grammar, json_object"
+                             f" (got {', '.join(given) or 'none'})")
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise ValueError("structured_outputs.json must be a JSON Schema (an object)")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+
+    @property
+    def key(self) -> str:
+        """Identifies the grammar (the compiled-grammar cache key)."""
+        return json.dumps([self.json, self.regex, self.choice, self.grammar, self.json_object, self.tool_calls,
+                           self.whitespace_pattern], sort_keys=True)
 
 
 @dataclass
@@ -34,6 +76,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    structured_outputs: StructuredOutputsParams | None = None  # the answer (after reasoning) follows a grammar
+    thinking_token_budget: int | None = None  # reasoning tokens before the engine itself closes the reasoning
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +116,10 @@ class SamplingParams:
              "logit_bias must map token ids to finite numbers"),
             (self.prompt_logprobs is None or (_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
              "prompt_logprobs must be in [0, 20]"),
+            (self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+             "structured_outputs must be a StructuredOutputsParams"),
+            (self.thinking_token_budget is None or (_int(self.thinking_token_budget) and self.thinking_token_budget >= 0),
+             "thinking_token_budget must be an integer >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -26,6 +26,7 @@ from stepflash.engine.speculative import MTPDrafter
 from stepflash.model.loader import load_model, mtp_modules_in
 from stepflash.outputs import RequestOutput, SpecStats
 from stepflash.sampling import SamplingParams
+from stepflash.structured import Constraint, StructuredOutputs
 from stepflash.tokenizer import Tokenizer
 
 
@@ -51,6 +52,7 @@ class Request:
     params: SamplingParams
     seed: int
     arrival: float
+    constraint: Constraint | None = None
 
 
 def _use_kernels(kernels: str, device: torch.device) -> bool:
@@ -91,12 +93,14 @@ class LLMEngine:
         self.max_model_len = layout.max_model_len
         self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids))
         self.kv = KVCacheManager.of(layout, ec.enable_prefix_caching)
+        self.structured = StructuredOutputs(self.tokenizer, cfg.vocab_size, self.eos_token_ids)
         self.scheduler = Scheduler(self.kv, layout.max_num_seqs, layout.max_num_batched_tokens, layout.max_model_len,
                                    self.num_mtp, self.eos_token_ids, self._fork,
-                                   watermark_blocks=layout.num_blocks[FULL] // 100)
+                                   watermark_blocks=layout.num_blocks[FULL] // 100,
+                                   think_end=self.structured.think_end)
         graph_rows = min(layout.max_num_seqs * (1 + self.num_mtp), layout.max_num_batched_tokens) if graphs else 0
         self.runner = ModelRunner(self.model, layout, kernels, graph_rows, capture=graphs and device.type == "cuda")
-        self.sampler = Sampler(self.eos_token_ids)
+        self.sampler = Sampler(self.eos_token_ids, self.structured)
         self.drafter = MTPDrafter(self.runner, self.eos_token_ids) if self.num_mtp else None
         self.output = OutputProcessor(self.tokenizer)
         self._seq_ids = itertools.count()
@@ -126,14 +130,16 @@ class LLMEngine:
             raise ValueError(f"token ids {bad} in stop_token_ids/logit_bias are outside the vocabulary "
                              f"(size {self.model_config.vocab_size})")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
-        return Request(request_id, text, ids, params, seed, time.monotonic())
+        constraint = self.structured.constraint_for(params, ids)  # a bad grammar raises here, before queueing
+        return Request(request_id, text, ids, params, seed, time.monotonic(), constraint)
 
     def enqueue(self, request: Request) -> None:
         if request.request_id in self.output.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.output.add(request.request_id, request.prompt, request.prompt_token_ids, request.params, request.arrival)
         seq = Sequence(next(self._seq_ids), request.request_id, 0, list(request.prompt_token_ids),
-                       len(request.prompt_token_ids), request.params, request.seed, num_forks=request.params.n - 1)
+                       len(request.prompt_token_ids), request.params, request.seed, num_forks=request.params.n - 1,
+                       constraint=request.constraint)
         self.scheduler.add(seq)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -155,7 +161,8 @@ class LLMEngine:
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         """An n > 1 sibling: the parent's prompt, its own index and seed."""
         return Sequence(next(self._seq_ids), parent.request_id, index, list(parent.token_ids),
-                        parent.num_prompt_tokens, parent.params, parent.seed + index)
+                        parent.num_prompt_tokens, parent.params, parent.seed + index,
+                        constraint=parent.constraint.fork() if parent.constraint is not None else None)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its blocks at once; its final delta."""

@@ -23,6 +23,7 @@ from stepflash.engine.runner import StepRows, Upload
 from stepflash.engine.scheduler import Sampled, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.sampling import SamplingParams
+from stepflash.structured import UTF8_GRACE, StructuredOutputs, apply_bitmask
 
 if TYPE_CHECKING:
     from stepflash.engine.speculative import Drafts
@@ -88,11 +89,11 @@ class RowBatch:
     `extra[i]` of its drafts). Everything the rows' settings ask for (sampling parameters, seeds and
     positions, logit bias, bans, the tokens penalties count) is gathered on the host here and sent in
     one non-blocking copy (none for plain greedy rows); `process` and `probs` then run on the device
-    without reading anything back."""
+    without reading anything back. `mask`: the rows' grammar bitmask on the device (see structured.py)."""
 
     def __init__(self, seqs: list[Sequence], seq_of: list[int], extra: list[int], eos_token_ids: list[int],
-                 device: torch.device) -> None:
-        self.seq_of, self.extra = seq_of, extra
+                 device: torch.device, mask: torch.Tensor | None = None) -> None:
+        self.seq_of, self.extra, self.mask = seq_of, extra, mask
         params = [seqs[s].params for s in seq_of]
         sampled = [p for p in params if not p.greedy]
         self.any_sampled = bool(sampled)
@@ -153,16 +154,15 @@ class RowBatch:
         return handles
 
     def process(self, logits: torch.Tensor, drafts: torch.Tensor | None) -> torch.Tensor:
-        """Penalties, logit bias, and stop tokens banned until min_tokens (a copy when any
-        applies). drafts [S, k]: the sequences' drafts, of which row i follows the first extra[i]."""
-        if not self.penalised and self.add_rows is None:
-            return logits
-        logits = logits.clone()
-        if self.penalised:
-            self._penalise(logits, drafts)
-        if self.add_rows is not None:
-            logits.index_put_((self.add_rows, self.add_ids), self.add_values, accumulate=True)
-        return logits
+        """Penalties, logit bias, stop tokens banned until min_tokens, then the grammar mask (a copy
+        when any applies). drafts [S, k]: the sequences' drafts, of which row i follows the first extra[i]."""
+        if self.penalised or self.add_rows is not None:
+            logits = logits.clone()
+            if self.penalised:
+                self._penalise(logits, drafts)
+            if self.add_rows is not None:
+                logits.index_put_((self.add_rows, self.add_ids), self.add_values, accumulate=True)
+        return logits if self.mask is None else apply_bitmask(logits, self.mask)
 
     def _penalise(self, logits: torch.Tensor, drafts: torch.Tensor | None) -> None:
         """Repetition (prompt + output tokens), presence and frequency (output tokens) penalties;
@@ -275,14 +275,14 @@ class Sampler:
     """Logits of a step -> each member's tokens (drafts verified) and logprobs, and the scored prompt
     positions' logprobs, with one device-to-host copy."""
 
-    def __init__(self, eos_token_ids: list[int]) -> None:
-        self.eos_token_ids = eos_token_ids
+    def __init__(self, eos_token_ids: list[int], structured: StructuredOutputs | None = None) -> None:
+        self.eos_token_ids, self.structured = eos_token_ids, structured
 
     def __call__(self, rows: StepRows, logits: torch.Tensor, drafts: "Drafts | None") -> StepResult:
         device, width = logits.device, rows.width
         S, V = len(rows.members), logits.shape[-1]
         batch = RowBatch([m for _, m in rows.members], [i for i in range(S) for _ in range(width)],
-                         list(range(width)) * S, self.eos_token_ids, device)
+                         list(range(width)) * S, self.eos_token_ids, device, self._mask(rows, drafts, device))
         sample_logits = logits[:S * width].view(S, width, V)
         up = Upload()
         sent = {"num_drafts": up.add([s.num_drafts for s, _ in rows.members]),
@@ -309,6 +309,21 @@ class Sampler:
             handles["prompt"] = [back.add(t) for t in top_logprobs(raw, got(sent["chosen"]), k_prompt)]
         fetched = back.fetch()
         return StepResult(self._sampled(rows, fetched, handles), self._prompt_logprobs(rows, fetched, handles))
+
+    def _mask(self, rows: StepRows, drafts: "Drafts | None", device: torch.device) -> torch.Tensor | None:
+        """The grammar bitmask of every verify row (None when no member is constrained). Constrained
+        members' drafts are read to the host first: masks after each draft need them (one small extra
+        read, only on steps with constrained drafting members)."""
+        constrained = [(i, s, m) for i, (s, m) in enumerate(rows.members) if m.constraint is not None]
+        if not constrained or self.structured is None:
+            return None
+        drafting = [s for _, s, _ in constrained if s.num_drafts]
+        host = dict(zip((s.seq.seq_id for s in drafting),
+                        drafts.tokens[[drafts.row(s) for s in drafting]].tolist())) if drafting else {}
+        bitmask = self.structured.bitmask(
+            [(m.constraint, m.token_ids[-UTF8_GRACE:], host[s.seq.seq_id][:s.num_drafts] if s.num_drafts else [],
+              i * rows.width) for i, s, m in constrained], len(rows.members) * rows.width)
+        return bitmask.to(device, non_blocking=True)
 
     @staticmethod
     def _sampled(rows: StepRows, fetched: list[list], got: dict) -> dict[Sequence, Sampled]:

@@ -83,13 +83,14 @@ class SeqUpdate:
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  num_mtp: int, eos_token_ids: list[int], new_fork: Callable[[Sequence, int], Sequence],
-                 watermark_blocks: int = 0) -> None:
+                 watermark_blocks: int = 0, think_end: int | None = None) -> None:
         self.kv = kv
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len, self.num_mtp = max_model_len, num_mtp
         self.eos_token_ids = frozenset(eos_token_ids)
         self.new_fork = new_fork  # makes the sibling of a sequence with a given index
         self.watermark_blocks = watermark_blocks  # kept free at admission to avoid admit-then-preempt
+        self.think_end = think_end  # the token that ends reasoning (constraints count until it)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.draining: list[Sequence] = []
@@ -194,8 +195,12 @@ class Scheduler:
         return updates
 
     def _append(self, seq: Sequence, tokens: list[int]) -> list[int]:
-        """Append tokens up to the first that ends the sequence (what came after is not its output)."""
+        """Append tokens up to the first that ends the sequence (what came after is not its output);
+        a token its grammar rejects (a matcher error) is not appended and ends the sequence."""
         for i, token in enumerate(tokens):
+            if seq.constraint is not None and not seq.constraint.accept(token, self.think_end):
+                seq.finish_reason, seq.stop_reason = "error", seq.constraint.error
+                return tokens[:i]
             seq.token_ids.append(token)
             stop = seq.stop_reason_for(token, self.eos_token_ids, self.max_model_len)
             if stop is not None:

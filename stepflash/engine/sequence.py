@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from stepflash.engine.kv_cache import BlockTables
 from stepflash.sampling import SamplingParams
+from stepflash.structured import Constraint
 
 
 class Status(enum.Enum):
@@ -29,6 +30,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     num_prompt_scored: int = 0  # prompt positions whose logprobs were reported (prompt_logprobs)
     num_forks: int = 0  # n > 1: siblings still to fork off this sequence once its prompt is computed
+    constraint: Constraint | None = None  # structured output / thinking budget (advanced by the scheduler)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
