@@ -114,7 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine = make_engine(args)
     model_dir = Path(args.model) if args.model else default_model_dir()
     api_key = args.api_key or os.environ.get("STEPFLASH_API_KEY")
-    app = create_app(AsyncLLMEngine(engine), args.served_model_name or model_dir.name, api_key, args.max_queue)
+    app = create_app(AsyncLLMEngine(engine), args.served_model_name or model_dir.name, api_key, args.max_queue,
+                     args.thinking_token_budget)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"stepflash: serving {model_dir} as {args.served_model_name or model_dir.name!r} on "
           f"http://{args.host}:{args.port}/v1 (api key {'required' if api_key else 'off'})", file=sys.stderr)
@@ -272,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_args(p, skip=("seed",), max_num_seqs=1)
     add_engine_args(serve)
     serve.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
+    serve.add_argument("--thinking-token-budget", type=int, default=None,
+                       help="default reasoning budget in tokens: once spent the engine closes the reasoning "
+                            "(</think>) and the answer begins (requests may set their own)")
     serve.set_defaults(func=cmd_serve)
     tt = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with the Step-3.5 special tokens")
     tt.add_argument("--corpus", type=Path, nargs="+", required=True, help="files or directories")

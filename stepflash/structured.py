@@ -153,7 +153,8 @@ def tool_call_grammar(tools: list[dict], mode: str, parallel: bool, whitespace: 
         parts = []
         for j, (name, schema) in enumerate(properties.items()):
             rule = f"f{i}_p{j}"
-            rules.append(f"{rule}: {_lit(f'<parameter={name}>' + chr(10))} {_value(rule, schema, params, whitespace, rules)}")
+            value = _value(rule, name, schema, params, whitespace, rules)
+            rules.append(f"{rule}: {_lit(f'<parameter={name}>' + chr(10))} {value}")
             parts.append(rule if name in required else f"{rule}?")
         rules.append(f"f{i}: {_lit('<function=' + function['name'] + '>' + chr(10))} {' '.join(parts)}")
     functions = " | ".join(f"f{i}" for i in range(len(tools)))
@@ -166,7 +167,7 @@ def _lit(text: str) -> str:
     return json.dumps(text)
 
 
-def _value(rule: str, schema: Any, root: dict, whitespace: str | None, rules: list[str]) -> str:
+def _value(rule: str, name: str, schema: Any, root: dict, whitespace: str | None, rules: list[str]) -> str:
     """The grammar of one parameter's value and the text around it, up to `</parameter>\\n`."""
     close = _lit("\n</parameter>\n")
     schema = schema if isinstance(schema, dict) else {}
@@ -174,7 +175,12 @@ def _value(rule: str, schema: Any, root: dict, whitespace: str | None, rules: li
     if isinstance(schema.get("enum"), list) and schema["enum"] and all(isinstance(v, str) for v in schema["enum"]):
         return f"({' | '.join(_lit(v) for v in schema['enum'])}) {close}"
     if kind == "string" or (isinstance(kind, list) and "string" in kind and not schema.get("enum")):
-        rules.append(f"{rule}_v[lazy]: /(.|\\n)*\\n<\\/parameter>/")  # lazy: ends at the first closing tag
+        if "pattern" in schema or "format" in schema:
+            raise ValueError(f"tool parameter {name!r}: 'pattern' and 'format' are not supported on string "
+                             "parameters (their values are raw text)")
+        low, high = schema.get("minLength", 0), schema.get("maxLength", "")
+        repeat = "*" if (low, high) == (0, "") else f"{{{low},{high}}}"
+        rules.append(f"{rule}_v[lazy]: /(.|\\n){repeat}\\n<\\/parameter>/")  # lazy: ends at the first closing tag
         return f'{rule}_v "\\n"'
     sub = {**schema, **{k: root[k] for k in ("$defs", "definitions") if k in root}}
     sub["x-guidance"] = {"whitespace_pattern": whitespace or WHITESPACE}

@@ -25,12 +25,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from stepflash import __version__
 from stepflash.engine.engine import AsyncLLMEngine
 from stepflash.outputs import CompletionOutput, RequestOutput
+from stepflash.sampling import StructuredOutputsParams
 from stepflash.server.metrics import ServerMetrics
 from stepflash.server.parsers import Delta, StreamingParser, parse_output
 from stepflash.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    NamedToolChoice,
     SamplingFields,
 )
 
@@ -81,7 +83,9 @@ class AccessLog:
                                         "client": client[0] if client else None}))
 
 
-def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
+def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None, max_queue: int = 256,
+               thinking_token_budget: int | None = None) -> FastAPI:
+    """`thinking_token_budget`: the default for requests that set none (None: reasoning is unbounded)."""
     metrics = ServerMetrics()
 
     @asynccontextmanager
@@ -152,7 +156,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
             prompt: str | list[int] = body.prompt[0]
         else:
             prompt = body.prompt
-        params = _params(body, body.max_tokens, body.logprobs, engine)
+        params = _params(body, body.max_tokens, body.logprobs, engine, None, thinking_token_budget)
         request_id = _submit(engine, prompt, params, "cmpl")
         stream = engine.stream(request_id)
         if body.stream:
@@ -164,31 +168,34 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         check_request(body)
-        tools, prefill = _tools_and_prefill(body)
+        tools, structured = _tools_and_format(body)
         tokenizer = engine.engine.tokenizer
         try:
             text = tokenizer.apply_chat_template([_template_message(m) for m in body.messages], tools=tools)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from e
-        prompt = tokenizer.encode(text + prefill)
+        prompt = tokenizer.encode(text)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = _params(body, body.max_completion_tokens or body.max_tokens, logprobs, engine)
+        params = _params(body, body.max_completion_tokens or body.max_tokens, logprobs, engine, structured,
+                         thinking_token_budget)
         request_id = _submit(engine, prompt, params, "chatcmpl")
         stream = engine.stream(request_id)
         if body.stream:
-            chunks = _chat_chunks(stream, request_id, model_name, body, tools, prefill, engine, metrics)
+            chunks = _chat_chunks(stream, request_id, model_name, body, tools, engine, metrics)
             return await _sse(chunks, engine, request_id)
         final = await _collect(stream, request, engine, request_id)
         metrics.observe_finished(final)
-        return JSONResponse(_chat_body(final, request_id, model_name, tools, prefill, engine))
+        return JSONResponse(_chat_body(final, request_id, model_name, tools, engine))
 
     return app
 
 
 # -- request handling ---------------------------------------------------------------------------------
-def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None, engine: AsyncLLMEngine):
+def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None, engine: AsyncLLMEngine,
+            structured: StructuredOutputsParams | None, thinking_token_budget: int | None):
     try:
-        return body.sampling_params(max_tokens, logprobs, engine.engine.model_config.vocab_size)
+        return body.sampling_params(max_tokens, logprobs, engine.engine.model_config.vocab_size, structured,
+                                    thinking_token_budget)
     except ValueError as e:
         raise ApiError(400, str(e)) from e
 
@@ -265,21 +272,34 @@ def _template_message(m: ChatMessage) -> dict[str, Any]:
     return message
 
 
-def _tools_and_prefill(body: ChatCompletionRequest) -> tuple[list[dict] | None, str]:
-    """Tools shown to the model and parsed from its output, and text forced at the start of the reply:
-    `required` skips reasoning and opens a call; a named choice also names the function."""
-    if not body.tools or body.tool_choice == "none":
-        return None, ""
-    tools = [t.model_dump() for t in body.tools]
-    if body.tool_choice in (None, "auto"):
-        return tools, ""
-    if body.tool_choice == "required":
-        return tools, "</think>\n\n<tool_call>\n"
-    name = body.tool_choice.function.get("name")
-    named = [t for t in tools if t["function"]["name"] == name]
-    if not named:
-        raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
-    return named, f"</think>\n\n<tool_call>\n<function={name}>\n"
+def _tools_and_format(body: ChatCompletionRequest) -> tuple[list[dict] | None, StructuredOutputsParams | None]:
+    """Tools shown to the model and parsed from its output, and the grammar of the answer (after the
+    reasoning): `required` / a named tool -> only tool calls, each argument following its tool's
+    parameter schema; `auto` with a strict tool -> free text, then optionally such calls;
+    otherwise `response_format`."""
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and body.tool_choice != "none" else None
+    calls = None
+    if tools and body.tool_choice == "required":
+        calls = {"tools": tools, "mode": "required", "parallel": body.parallel_tool_calls}
+    elif tools and isinstance(body.tool_choice, NamedToolChoice):
+        name = body.tool_choice.function.get("name")
+        tools = [t for t in tools if t["function"]["name"] == name]
+        if not tools:
+            raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+        calls = {"tools": tools, "mode": "required", "parallel": False}
+    elif tools and any(t["function"].get("strict") for t in tools):
+        calls = {"tools": tools, "mode": "auto", "parallel": body.parallel_tool_calls}
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return tools, StructuredOutputsParams(tool_calls=calls) if calls else None
+    if calls:
+        raise ApiError(400, "response_format cannot be combined with tool_choice required, a named tool or strict "
+                            "tools", param="response_format")
+    if fmt.type == "json_object":
+        return tools, StructuredOutputsParams(json_object=True)
+    if fmt.json_schema is None:
+        raise ApiError(400, "response_format of type json_schema needs a json_schema", param="response_format")
+    return tools, StructuredOutputsParams(json=fmt.json_schema.schema_)
 
 
 # -- responses ----------------------------------------------------------------------------------------
@@ -311,11 +331,11 @@ def _chat_logprobs(c: CompletionOutput, engine: AsyncLLMEngine) -> dict | None:
     return {"content": content}
 
 
-def _chat_body(out: RequestOutput, request_id: str, model: str, tools: list[dict] | None, prefill: str,
+def _chat_body(out: RequestOutput, request_id: str, model: str, tools: list[dict] | None,
                engine: AsyncLLMEngine) -> dict:
     choices = []
     for c in out.outputs:
-        parsed = parse_output(prefill + c.text, tools)
+        parsed = parse_output(c.text, tools)
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content,
                                    "reasoning_content": parsed.reasoning or None}
         if parsed.tool_calls:
@@ -327,7 +347,7 @@ def _chat_body(out: RequestOutput, request_id: str, model: str, tools: list[dict
 
 
 async def _chat_chunks(stream: AsyncIterator[RequestOutput], request_id: str, model: str,
-                       body: ChatCompletionRequest, tools: list[dict] | None, prefill: str,
+                       body: ChatCompletionRequest, tools: list[dict] | None,
                        engine: AsyncLLMEngine, metrics: ServerMetrics) -> AsyncIterator[dict]:
     created = int(time.time())
 
@@ -345,8 +365,6 @@ async def _chat_chunks(stream: AsyncIterator[RequestOutput], request_id: str, mo
                 parsers[c.index] = StreamingParser(tools)
                 calls[c.index] = 0
                 yield chunk(c.index, {"role": "assistant", "content": ""})
-                for d in parsers[c.index].feed(prefill):
-                    yield chunk(c.index, _delta_json(d, calls, c.index))
             logprobs = _chat_logprobs(c, engine) if c.token_ids else None
             deltas = parsers[c.index].feed(c.text) + (parsers[c.index].finish() if c.finished else [])
             for d in deltas:

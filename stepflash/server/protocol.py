@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stepflash.sampling import SamplingParams
+from stepflash.sampling import SamplingParams, StructuredOutputsParams
 
 
 class _Lenient(BaseModel):
@@ -46,6 +46,7 @@ class FunctionDef(_Lenient):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
 
 
 class Tool(_Lenient):
@@ -56,6 +57,35 @@ class Tool(_Lenient):
 class NamedToolChoice(_Lenient):
     type: Literal["function"] = "function"
     function: dict[str, str]
+
+
+class JsonSchemaFormat(_Lenient):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Lenient):
+    """vLLM's `structured_outputs` request field (one of json, regex, choice, grammar, json_object)."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    whitespace_pattern: str | None = None
+
+    def params(self) -> StructuredOutputsParams:
+        return StructuredOutputsParams(json=self.json_, regex=self.regex, choice=self.choice, grammar=self.grammar,
+                                       json_object=self.json_object, whitespace_pattern=self.whitespace_pattern)
 
 
 class SamplingFields(_Lenient):
@@ -78,8 +108,14 @@ class SamplingFields(_Lenient):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM extensions, used by benchmarks to fix output lengths
     min_tokens: int | None = None
+    structured_outputs: StructuredOutputsField | None = None  # vLLM extensions: constrained output
+    thinking_token_budget: int | None = None  # reasoning tokens before the engine closes the reasoning
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None, vocab_size: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, vocab_size: int,
+                        structured: StructuredOutputsParams | None = None,
+                        thinking_token_budget: int | None = None) -> SamplingParams:
+        """`structured`: what the endpoint's own fields ask for (response_format, tools), if anything;
+        `thinking_token_budget`: the server's default."""
         bias = {}
         for key, value in (self.logit_bias or {}).items():
             if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
@@ -94,8 +130,14 @@ class SamplingFields(_Lenient):
         }.items() if v is not None}
         if self.min_tokens is not None:
             given["min_tokens"] = self.min_tokens
+        if self.structured_outputs is not None:
+            if structured is not None:
+                raise ValueError("structured_outputs cannot be combined with response_format or constrained tools")
+            structured = self.structured_outputs.params()
+        budget = self.thinking_token_budget if self.thinking_token_budget is not None else thinking_token_budget
         return SamplingParams(**given, seed=self.seed, stop=self.stop, max_tokens=max_tokens, logprobs=logprobs,
-                              logit_bias=bias or None, ignore_eos=self.ignore_eos)
+                              logit_bias=bias or None, ignore_eos=self.ignore_eos, structured_outputs=structured,
+                              thinking_token_budget=budget)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -106,6 +148,8 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingFields):
