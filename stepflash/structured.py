@@ -80,8 +80,7 @@ class GuidanceBackend:
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int], cache_size: int = 256) -> None:
         try:
-            import llguidance
-            import llguidance.torch
+            import llguidance  # not llguidance.torch: its torch.compile decorator costs seconds at import
         except ImportError:
             raise ValueError("structured outputs (response_format, strict tools, structured_outputs) need "
                              "llguidance: pip install 'stepflash[structured]'") from None
@@ -129,12 +128,14 @@ class GuidanceBackend:
         return GuidanceGrammar(self.llg.LLMatcher(self.tokenizer, compiled))
 
     def fill_masks(self, items: list[tuple[Grammar, int, list[int]]], bitmask: torch.Tensor) -> None:
+        assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and bitmask.device.type == "cpu"
+        where = (bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
         plain = [(g.matcher, row) for g, row, drafts in items if not drafts]  # the draft call wants drafts
         drafted = [(g.matcher, row, drafts) for g, row, drafts in items if drafts]
         if plain:
-            self.llg.torch.fill_next_token_bitmask_par(self.executor, plain, bitmask)
+            self.executor.unsafe_compute_mask_ptr(plain, *where)
         if drafted:
-            self.llg.torch.fill_next_token_bitmask_par_with_draft_tokens(self.executor, drafted, bitmask)
+            self.executor.unsafe_compute_mask_ptr_with_draft_token(drafted, *where)
 
 
 # -- Step's XML tool calls -----------------------------------------------------------------------------
