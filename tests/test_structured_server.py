@@ -1,0 +1,93 @@
+"""Structured outputs over the OpenAI API: response_format, strict tool calls with tool_choice
+required / named, the client's `parse`, errors. The app runs in-process (Starlette's TestClient is
+the official openai client's HTTP client) on a random tiny checkpoint, which writes noise and never
+closes its reasoning on its own: every valid reply is the grammar's and the thinking budget's doing."""
+
+import json
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("llguidance")
+jsonschema = pytest.importorskip("jsonschema")
+pydantic = pytest.importorskip("pydantic")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from checkpoints import write_checkpoint  # noqa: E402
+from stepflash.config import EngineConfig  # noqa: E402
+from stepflash.engine.engine import AsyncLLMEngine, LLMEngine  # noqa: E402
+from stepflash.server.app import create_app  # noqa: E402
+from stepflash.train.configs import tiny_config  # noqa: E402
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                                     "unit": {"type": "string", "enum": ["c", "f"]}},
+    "required": ["city", "days", "unit"], "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "add", "strict": True, "parameters": {
+             "type": "object", "properties": {"xs": {"type": "array", "items": {"type": "integer"}, "maxItems": 3}},
+             "required": ["xs"], "additionalProperties": False}}}]
+USER = [{"role": "user", "content": "Weather in Paris?"}]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("random"), tiny_config())
+    engine = LLMEngine(ckpt, EngineConfig(mtp=0))  # MTP under grammars: test_structured.py
+    app = create_app(AsyncLLMEngine(engine), "tiny", thinking_token_budget=4)  # the server's default budget
+    with TestClient(app) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
+
+
+def _check_calls(calls, named: str | None):
+    assert calls and all(c.function.name == (named or c.function.name) for c in calls)
+    for c in calls:
+        jsonschema.validate(json.loads(c.function.arguments), SCHEMAS[c.function.name])
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_calls_follow_the_schema_streamed_and_not(client, choice):
+    named = "get_weather" if isinstance(choice, dict) else None
+    for seed in range(2):
+        kwargs = dict(model="tiny", messages=USER, tools=TOOLS, tool_choice=choice, temperature=1.0, seed=seed,
+                      max_tokens=300, parallel_tool_calls=False)
+        r = client.chat.completions.create(**kwargs)
+        assert r.choices[0].finish_reason == "tool_calls", r.choices[0].message
+        _check_calls(r.choices[0].message.tool_calls, named)
+        assert len(r.choices[0].message.tool_calls) == 1  # parallel_tool_calls=False
+        streamed = [tc for chunk in client.chat.completions.create(**kwargs, stream=True) if chunk.choices
+                    for tc in chunk.choices[0].delta.tool_calls or []]
+        assert [(t.function.name, t.function.arguments) for t in streamed] == \
+               [(t.function.name, t.function.arguments) for t in r.choices[0].message.tool_calls]
+
+
+def test_the_clients_parse_with_a_pydantic_response_format(client):
+    class Point(pydantic.BaseModel):
+        x: int
+        label: str = pydantic.Field(max_length=5)
+
+    class Shape(pydantic.BaseModel):
+        kind: str = pydantic.Field(max_length=5)
+        points: list[Point] = pydantic.Field(max_length=3)
+        closed: bool | None
+
+    r = client.beta.chat.completions.parse(model="tiny", messages=USER, response_format=Shape, temperature=1.0,
+                                           seed=1, max_tokens=400)
+    assert isinstance(r.choices[0].message.parsed, Shape)
+    assert r.choices[0].message.reasoning_content  # reasoning stayed free, then the budget closed it
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"uniqueItems": True}}}},
+     "uniqueItems"),
+    ({"structured_outputs": {"regex": "[a-"}}, "regex"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
+    ({"thinking_token_budget": -1}, "thinking_token_budget"),
+])
+def test_bad_structured_requests_get_a_400_naming_the_problem(client, body, needle):
+    with pytest.raises(openai.BadRequestError, match=needle):
+        client.chat.completions.create(model="tiny", messages=USER, max_tokens=5, extra_body=body)
+    r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3)  # the server carries on
+    assert r.choices[0].finish_reason == "length"
