@@ -185,8 +185,9 @@ class LLMEngine:
         rows = StepRows.of(plan, drafts)
         result = StepResult({}, {})
         if rows.chunks:
+            staged = self.sampler.stage(rows, drafts)  # grammar masks: their drafts' copy, before the forward
             logits = self.runner.execute(rows.chunks, rows.logit_rows, rows.inject)
-            result = self.sampler(rows, logits, drafts) if rows.logit_rows else result
+            result = self.sampler(rows, logits, drafts, staged) if rows.logit_rows else result
         outputs, stopped = self.output.process(self.scheduler.update(plan, result), time.monotonic())
         for seq, stop in stopped:
             self.scheduler.finish(seq, "stop", stop)

@@ -15,12 +15,13 @@ the output has exactly the target's distribution. Greedy is the same with p and 
 longest prefix of drafts equal to the target's argmax, then the target's token.
 """
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from stepflash.engine.runner import StepRows, Upload
-from stepflash.engine.scheduler import Sampled, StepResult
+from stepflash.engine.scheduler import Sampled, ScheduledSeq, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.sampling import SamplingParams
 from stepflash.structured import UTF8_GRACE, StructuredOutputs, apply_bitmask
@@ -271,6 +272,16 @@ class Readback:
         return out
 
 
+@dataclass
+class StagedDrafts:
+    """Constrained members (row, scheduled, member) and their drafts on their way to the host."""
+
+    members: list[tuple[int, ScheduledSeq, Sequence]]
+    row: dict[int, int]  # seq_id -> row of `tokens`
+    tokens: torch.Tensor | None
+    done: "torch.cuda.Event | None"
+
+
 class Sampler:
     """Logits of a step -> each member's tokens (drafts verified) and logprobs, and the scored prompt
     positions' logprobs, with one device-to-host copy."""
@@ -278,11 +289,12 @@ class Sampler:
     def __init__(self, eos_token_ids: list[int], structured: StructuredOutputs | None = None) -> None:
         self.eos_token_ids, self.structured = eos_token_ids, structured
 
-    def __call__(self, rows: StepRows, logits: torch.Tensor, drafts: "Drafts | None") -> StepResult:
+    def __call__(self, rows: StepRows, logits: torch.Tensor, drafts: "Drafts | None",
+                 staged: "StagedDrafts | None" = None) -> StepResult:
         device, width = logits.device, rows.width
         S, V = len(rows.members), logits.shape[-1]
         batch = RowBatch([m for _, m in rows.members], [i for i in range(S) for _ in range(width)],
-                         list(range(width)) * S, self.eos_token_ids, device, self._mask(rows, drafts, device))
+                         list(range(width)) * S, self.eos_token_ids, device, self._mask(rows, staged, device))
         sample_logits = logits[:S * width].view(S, width, V)
         up = Upload()
         sent = {"num_drafts": up.add([s.num_drafts for s, _ in rows.members]),
@@ -310,19 +322,37 @@ class Sampler:
         fetched = back.fetch()
         return StepResult(self._sampled(rows, fetched, handles), self._prompt_logprobs(rows, fetched, handles))
 
-    def _mask(self, rows: StepRows, drafts: "Drafts | None", device: torch.device) -> torch.Tensor | None:
-        """The grammar bitmask of every verify row (None when no member is constrained). Constrained
-        members' drafts are read to the host first: masks after each draft need them (one small extra
-        read, only on steps with constrained drafting members)."""
-        constrained = [(i, s, m) for i, (s, m) in enumerate(rows.members) if m.constraint is not None]
-        if not constrained or self.structured is None:
+    def stage(self, rows: StepRows, drafts: "Drafts | None") -> "StagedDrafts | None":
+        """Start copying the constrained members' drafts to the host, before the target's forward is
+        queued: the copy then waits for drafting only, and the masks after each draft are filled on
+        the host while the forward runs (`__call__`). None when no member is constrained."""
+        members = [(i, s, m) for i, (s, m) in enumerate(rows.members) if m.constraint is not None]
+        if not members or self.structured is None:
             return None
-        drafting = [s for _, s, _ in constrained if s.num_drafts]
-        host = dict(zip((s.seq.seq_id for s in drafting),
-                        drafts.tokens[[drafts.row(s) for s in drafting]].tolist())) if drafting else {}
+        drafting = [s for _, s, _ in members if s.num_drafts]
+        if not drafting:
+            return StagedDrafts(members, {}, None, None)
+        index = torch.tensor([drafts.row(s) for s in drafting], device=drafts.tokens.device)
+        source = drafts.tokens.index_select(0, index)
+        host = torch.empty(source.shape, dtype=source.dtype, pin_memory=source.is_cuda)
+        host.copy_(source, non_blocking=True)
+        done = torch.cuda.Event() if source.is_cuda else None
+        if done is not None:
+            done.record()
+        return StagedDrafts(members, {s.seq.seq_id: j for j, s in enumerate(drafting)}, host, done)
+
+    def _mask(self, rows: StepRows, staged: "StagedDrafts | None", device: torch.device) -> torch.Tensor | None:
+        """The grammar bitmask of every verify row, filled on the host for the whole batch at once
+        (None when no member is constrained)."""
+        if staged is None:
+            return None
+        if staged.done is not None:
+            staged.done.synchronize()
+        drafts = staged.tokens.tolist() if staged.tokens is not None else []
         bitmask = self.structured.bitmask(
-            [(m.constraint, m.token_ids[-UTF8_GRACE:], host[s.seq.seq_id][:s.num_drafts] if s.num_drafts else [],
-              i * rows.width) for i, s, m in constrained], len(rows.members) * rows.width)
+            [(m.constraint, m.token_ids[-UTF8_GRACE:], drafts[staged.row[s.seq.seq_id]][:s.num_drafts]
+              if s.num_drafts else [], i * rows.width) for i, s, m in staged.members],
+            len(rows.members) * rows.width)
         return bitmask.to(device, non_blocking=True)
 
     @staticmethod
