@@ -104,6 +104,14 @@ def test_tool_call_grammar_follows_each_parameter_schema(so, tok):
     assert not valid("Sure. " + call) and valid("Sure. " + call, mode="auto") and valid("No call.", mode="auto")
 
 
+def test_json_whitespace_is_capped(so, tok):
+    """A degenerate model cannot pad JSON with whitespace until max_tokens: 16 characters per gap."""
+    g = so.backend.matcher(so.backend.compile(SO(json={"type": "object"})))
+    for gap, ok in ((" " * 16, True), ("\n" + " " * 15, True), (" " * 17, False)):
+        ids = tok.encode("{" + gap + '"a": 1}')
+        assert (g.validate(ids) == len(ids)) == ok, repr(gap)
+
+
 @pytest.mark.parametrize("spec, needle", [
     (SO(json={"type": "array", "uniqueItems": True}), "uniqueItems"),
     (SO(regex="[a-z"), "unclosed character class"),
