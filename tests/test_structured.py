@@ -76,7 +76,8 @@ def test_apply_bitmask_keeps_exactly_the_set_bits():
 
 
 def test_grammar_consume_validate_rollback(so, tok):
-    g = so.backend.matcher(so.backend.compile(SO(regex=r"[0-9]{3}-[a-z]{2}")))
+    g = so.backend.compile(SO(regex=r"[0-9]{3}-[a-z]{2}")).fork()
+    assert so.backend.compile(SO(regex=r"[0-9]{3}-[a-z]{2}")) is so.backend.compile(SO(regex=r"[0-9]{3}-[a-z]{2}"))
     ids = tok.encode("123-ab")
     assert g.validate(ids + tok.encode("!")) == len(ids)
     assert g.consume(ids[:2]) and not g.is_finished()
@@ -89,7 +90,7 @@ def test_grammar_consume_validate_rollback(so, tok):
 
 def test_tool_call_grammar_follows_each_parameter_schema(so, tok):
     def valid(text, mode="required", parallel=True):
-        g = so.backend.matcher(so.backend.compile(SO(tool_calls={"tools": [TOOL], "mode": mode, "parallel": parallel})))
+        g = so.backend.compile(SO(tool_calls={"tools": [TOOL], "mode": mode, "parallel": parallel})).fork()
         ids = tok.encode(text)
         return g.validate(ids) == len(ids) and g.consume(ids) and g.validate([tok.eos_token_ids[0]]) == 1
 
@@ -106,7 +107,7 @@ def test_tool_call_grammar_follows_each_parameter_schema(so, tok):
 
 def test_json_whitespace_is_capped(so, tok):
     """A degenerate model cannot pad JSON with whitespace until max_tokens: 16 characters per gap."""
-    g = so.backend.matcher(so.backend.compile(SO(json={"type": "object"})))
+    g = so.backend.compile(SO(json={"type": "object"})).fork()
     for gap, ok in ((" " * 16, True), ("\n" + " " * 15, True), (" " * 17, False)):
         ids = tok.encode("{" + gap + '"a": 1}')
         assert (g.validate(ids) == len(ids)) == ok, repr(gap)
@@ -138,7 +139,7 @@ def test_row_plan_walks_drafts_across_the_budget_and_the_end_of_reasoning(so, to
     a, b = tok.encode("a"), tok.encode("b")
     c = Constraint(None, reasoning=True, budget=2, thought=1)
     assert so.plan(c, a, [a[0], b[0], a[0]]).forced == [1, 2, 3]  # spent after one more reasoning token
-    g = so.backend.matcher(so.backend.compile(SO(regex="[0-9]+")))
+    g = so.backend.compile(SO(regex="[0-9]+")).fork()
     c = Constraint(g, reasoning=True, budget=None)
     p = so.plan(c, a, [a[0], think_end, *tok.encode("12"), eos, *tok.encode("3")])
     assert p.forced == [] and p.grammar_row == 2 and p.grammar_drafts == tok.encode("12")  # no drafts past EOS
