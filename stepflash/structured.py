@@ -200,6 +200,11 @@ class Constraint:
     thought: int = 0  # reasoning tokens generated so far
     error: str | None = None
 
+    @property
+    def active(self) -> bool:
+        """Whether it still masks anything (a budget alone ends with the reasoning)."""
+        return self.grammar is not None or (self.reasoning and self.budget is not None)
+
     def accept(self, token: int, think_end: int | None) -> bool:
         """Advance by one accepted token; False (with `error` set) when the grammar rejects it."""
         if self.reasoning:

@@ -326,7 +326,7 @@ class Sampler:
         """Start copying the constrained members' drafts to the host, before the target's forward is
         queued: the copy then waits for drafting only, and the masks after each draft are filled on
         the host while the forward runs (`__call__`). None when no member is constrained."""
-        members = [(i, s, m) for i, (s, m) in enumerate(rows.members) if m.constraint is not None]
+        members = [(i, s, m) for i, (s, m) in enumerate(rows.members) if m.constraint and m.constraint.active]
         if not members or self.structured is None:
             return None
         drafting = [s for _, s, _ in members if s.num_drafts]
