@@ -27,7 +27,7 @@ from stepflash.tokenizer import Tokenizer
 
 WHITESPACE = r"[\x20\x0A\x0D\x09]{0,16}"  # between JSON tokens: bounded, so no padding to max_tokens
 UTF8_GRACE = 4  # tokens a spent budget waits for a UTF-8 character to complete before forcing </think>
-THINK_START, THINK_END, TOOL_CALL_START = "<think>", "</think>", "<tool_call>"
+THINK_START, THINK_END = "<think>", "</think>"
 
 
 class Grammar(Protocol):
@@ -88,7 +88,7 @@ class GuidanceBackend:
         self.llg = llguidance
         self.tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
                                                 eos_token=list(eos_token_ids))
-        self.executor = llguidance.LLExecutor(2)
+        self.executor = llguidance.LLExecutor()  # threads: 80% of the CPUs, up to 32
         self.cache: OrderedDict[str, GuidanceGrammar] = OrderedDict()
         self.cache_size = cache_size
 
@@ -125,7 +125,7 @@ class GuidanceBackend:
                 return "grammar", M.grammar_from_lark(spec.grammar)
             return "tool schema", M.grammar_from_lark(tool_call_grammar(**spec.tool_calls,
                                                                         whitespace=spec.whitespace_pattern))
-        except (ValueError, TypeError) as e:  # grammar_from_* reject malformed input outright
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # malformed schemas, grammars or tools
             raise ValueError(f"invalid structured output: {e}") from None
 
     def fill_masks(self, items: list[tuple[Grammar, int, list[int]]], bitmask: torch.Tensor) -> None:
@@ -166,7 +166,7 @@ def tool_call_grammar(tools: list[dict], mode: str, parallel: bool, whitespace: 
 
 
 def _lit(text: str) -> str:
-    return json.dumps(text)
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _value(rule: str, name: str, schema: Any, root: dict, whitespace: str | None, rules: list[str]) -> str:
