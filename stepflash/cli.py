@@ -115,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     model_dir = Path(args.model) if args.model else default_model_dir()
     api_key = args.api_key or os.environ.get("STEPFLASH_API_KEY")
     app = create_app(AsyncLLMEngine(engine), args.served_model_name or model_dir.name, api_key, args.max_queue,
-                     args.thinking_token_budget)
+                     args.thinking_token_budget, args.allowed_origins)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"stepflash: serving {model_dir} as {args.served_model_name or model_dir.name!r} on "
           f"http://{args.host}:{args.port}/v1 (api key {'required' if api_key else 'off'})", file=sys.stderr)
@@ -168,12 +168,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _endpoint(args: argparse.Namespace):
     try:
-        from stepflash.bench.client import Endpoint
+        from stepflash.bench.client import Endpoint, served_model
     except ImportError as e:
         raise ValueError(f"stepflash bench/eval need the bench extra ({e}): pip install 'stepflash[bench]'") from None
 
-    return Endpoint(args.base_url, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"),
-                    chat=not args.completions, timeout=args.timeout)
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    model = args.model or served_model(args.base_url, api_key)
+    return Endpoint(args.base_url, model, api_key, chat=not args.completions, timeout=args.timeout)
 
 
 def _tag(results: list[dict], args: argparse.Namespace) -> None:
@@ -194,9 +195,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         "duration": args.duration, "warmup": args.warmup, "temperature": args.temperature}.items() if v is not None}
     base = dataclasses.replace(base, **overrides)
     ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
-    source = PromptSource([Path(p) for p in args.text] if args.text else None, args.dataset)
+    source = PromptSource([Path(p) for p in args.text] if args.text else None, args.dataset, args.seed)
     slo = {k: float(v) / 1e3 for k, v in (item.split(":") for item in args.goodput.split(","))} if args.goodput else None
-    results = run_bench(_endpoint(args), sweep(base, ints(args.concurrency), ints(args.input_lens)), source, slo)
+    results = run_bench(_endpoint(args), sweep(base, ints(args.concurrency), ints(args.input_lens)), source, slo,
+                        args.seed)
     _tag(results, args)
     _write(results, args.output_dir, "bench")
 
@@ -276,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--thinking-token-budget", type=int, default=None,
                        help="default reasoning budget in tokens: once spent the engine closes the reasoning "
                             "(</think>) and the answer begins (requests may set their own)")
+    serve.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
+                       help="browser origins allowed to call the API (CORS; off by default), e.g. http://localhost:3000")
     serve.set_defaults(func=cmd_serve)
     tt = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with the Step-3.5 special tokens")
     tt.add_argument("--corpus", type=Path, nargs="+", required=True, help="files or directories")
@@ -305,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="accuracy and speed on a task file (gsm8k, humaneval, jsonl)")
     for p in (bench, ev):
         p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
-        p.add_argument("--model", required=True, help="model name the endpoint serves")
+        p.add_argument("--model", help="model name the endpoint serves (default: the first of its /v1/models)")
         p.add_argument("--api-key", help="bearer token (or set OPENAI_API_KEY)")
         p.add_argument("--label", help="name for this configuration in reports (default: the model)")
         p.add_argument("--completions", action="store_true", help="use /v1/completions instead of chat")
@@ -325,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--temperature", type=float)
     bench.add_argument("--dataset", type=Path, help="JSONL prompts ('prompt' field or ShareGPT 'conversations')")
     bench.add_argument("--text", nargs="+", help="text files to cut prompts from (default: Python's stdlib)")
+    bench.add_argument("--seed", type=int, help="repeatable prompts and lengths (default: prompts unique to the run)")
     bench.add_argument("--goodput", help="SLOs in ms for goodput, e.g. ttft:500,tpot:50,e2el:5000")
     bench.set_defaults(func=cmd_bench)
     ev.add_argument("--task", required=True, choices=["gsm8k", "humaneval", "jsonl"])

@@ -20,7 +20,8 @@ SCRIPT_LOGIT = 30.0  # logit of the scripted next token; the other scripted rows
 
 
 def write_scripted_checkpoint(out_dir: str | Path, script: list[str], trigger: str = "\n",
-                              config: dict[str, Any] | None = None) -> list[int]:
+                              config: dict[str, Any] | None = None,
+                              more: dict[str, list[str]] | None = None) -> list[int]:
     """Write a hub-format checkpoint whose greedy decoding, after any prompt that ends with the token
     for `trigger`, emits `script` (one token per string) and then `<|end_of_sentence|>`.
 
@@ -31,10 +32,13 @@ def write_scripted_checkpoint(out_dir: str | Path, script: list[str], trigger: s
     embedding of token t to exactly SCRIPT_LOGIT on next(t) and 0 on the other scripted tokens:
     next(trigger) = script[0], next(script[i]) = script[i + 1], next(script[-1]) = eos. MTP modules
     pass the embedding of their input token through (eh_proj = [I, 0]) to a copy of lm_head, so their
-    drafts follow the script too. Returns the script's token ids (eos not included).
+    drafts follow the script too. `more` maps further triggers to their own scripts (every trigger
+    and script token distinct). Returns the script's token ids (eos not included).
     """
-    if len(set(script)) != len(script) or trigger in script:
-        raise ValueError("script tokens must be distinct from each other and from the trigger")
+    chains = {trigger: script, **(more or {})}
+    strings = [s for chain in chains.values() for s in chain]
+    if len(set(strings)) != len(strings) or set(chains) & set(strings):
+        raise ValueError("script tokens must be distinct from each other and from the triggers")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(config or tiny_config())
@@ -42,14 +46,19 @@ def write_scripted_checkpoint(out_dir: str | Path, script: list[str], trigger: s
     cfg = ModelConfig.from_dict(config)
     if cfg.tie_word_embeddings:
         raise ValueError("a scripted checkpoint needs an lm_head separate from the embeddings")
-    if len(script) + 1 > cfg.hidden_size:
-        raise ValueError(f"a script of {len(script)} tokens needs hidden_size > {len(script)}")
-    backend, ids = _script_tokenizer(out, cfg.vocab_size, script)
-    trigger_ids = backend.encode(trigger, add_special_tokens=False).ids
-    if len(trigger_ids) != 1:
-        raise ValueError(f"trigger {trigger!r} is not a single token: {trigger_ids}")
+    if len(strings) + len(chains) > cfg.hidden_size:
+        raise ValueError(f"scripts of {len(strings)} tokens need hidden_size >= {len(strings) + len(chains)}")
+    backend, all_ids = _script_tokenizer(out, cfg.vocab_size, strings)
     eos = backend.token_to_id(EOS_TOKEN)
-    sources, targets = [trigger_ids[0], *ids], [*ids, eos]
+    sources, targets = [], []
+    for chain_trigger, chain in chains.items():
+        trigger_ids = backend.encode(chain_trigger, add_special_tokens=False).ids
+        if len(trigger_ids) != 1:
+            raise ValueError(f"trigger {chain_trigger!r} is not a single token: {trigger_ids}")
+        ids, all_ids = all_ids[:len(chain)], all_ids[len(chain):]
+        sources, targets = sources + [trigger_ids[0], *ids], targets + [*ids, eos]
+        if chain is script:
+            script_ids = ids
     if len(set(sources)) != len(sources) or eos in sources:
         raise ValueError(f"trigger and script token ids must be distinct and not eos: {sources}")
 
@@ -60,8 +69,12 @@ def write_scripted_checkpoint(out_dir: str | Path, script: list[str], trigger: s
     weights["model.norm.weight"].zero_()  # zero-centred: scale 1
     embeds = weights["model.embed_tokens.weight"][sources]
     hidden = embeds * torch.rsqrt(embeds.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
-    # Rows whose product with the normalised source embeddings is SCRIPT_LOGIT * identity.
-    weights["lm_head.weight"][targets] = SCRIPT_LOGIT * torch.linalg.pinv(hidden).T
+    # Rows whose products with the normalised source embeddings are SCRIPT_LOGIT on each source's
+    # next token and 0 on the other targets (eos ends every chain, so targets may repeat).
+    rows = sorted(set(targets))
+    wanted = torch.zeros(len(sources), len(rows))
+    wanted[range(len(sources)), [rows.index(t) for t in targets]] = SCRIPT_LOGIT
+    weights["lm_head.weight"][rows] = (torch.linalg.pinv(hidden) @ wanted).T
     h = cfg.hidden_size
     for depth in range(cfg.num_mtp_layers):
         prefix = f"model.layers.{cfg.num_hidden_layers + depth}."
@@ -71,7 +84,7 @@ def write_scripted_checkpoint(out_dir: str | Path, script: list[str], trigger: s
         weights[prefix + "transformer.shared_head.output.weight"] = weights["lm_head.weight"].clone()
     (out / "config.json").write_text(json.dumps(config, indent=2))
     save_shards(out, weights, 1)
-    return ids
+    return script_ids
 
 
 def _script_tokenizer(out: Path, vocab_size: int, script: list[str]) -> tuple[tokenizers.Tokenizer, list[int]]:

@@ -100,3 +100,17 @@ def test_task_files_are_validated(tmp_path):
     good.write_text('{"question": "1+1?", "answer": "1+1=2\\n#### 2"}\n' * 3)
     items = load_items("gsm8k", good, limit=2)
     assert len(items) == 2 and items[0].reference == "2" and "1+1?" in items[0].prompt
+
+
+def test_prompts_are_unique_to_a_run_unless_seeded(tmp_path):
+    from stepflash.bench.load import PromptSource
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text('{"prompt": "Say hi."}\n')
+    for kwargs in ({"corpus": [corpus]}, {"dataset": dataset}):
+        runs = [[PromptSource(**kwargs, seed=seed).prompt(i, 50) for i in range(3)] for seed in (None, None, 3, 3)]
+        assert len({p for run in runs[:2] for p in run}) == 6  # two unseeded runs share no prompt
+        assert runs[2] == runs[3]  # a seed repeats a run's prompts
+        assert all(p.endswith("Say hi.") for p in runs[0]) or "dataset" not in kwargs

@@ -58,3 +58,20 @@ def test_bench_reports_an_unreachable_endpoint_without_hanging(tmp_path):
                  "--warmup", "0", "--output-len", "4", "--timeout", "5", "--output-dir", str(out)]) == 0
     r = json.loads(next(out.glob("*.json")).read_text())
     assert r["completed"] == 0 and r["failed"] == 2 and "ConnectError" in r["errors"][0]
+
+
+def test_bench_takes_the_served_model_and_reruns_miss_the_prefix_cache(server, tmp_path):
+    """No --model: the endpoint's first model. Without --seed each run's prompts are its own, so a
+    rerun against the warm server finds nothing in the prefix cache; with --seed a rerun repeats them."""
+    def run(*extra: str) -> dict:
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        assert main(["bench", "--base-url", server, "--api-key", "k", "--input-len", "100", "--output-len", "2",
+                     "--num-requests", "2", "--warmup", "0", "--completions", "--output-dir", str(out), *extra]) == 0
+        return json.loads(next(out.glob("bench-*.json")).read_text())
+
+    first, second = run(), run()
+    assert first["endpoint"]["model"] == "bundled" and first["completed"] == 2
+    assert second["prefix_cache_hit_rate"] == 0.0
+    run("--seed", "7")
+    repeated = run("--seed", "7")
+    assert repeated["prefix_cache_hit_rate"] > 0.5

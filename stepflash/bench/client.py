@@ -33,6 +33,19 @@ class Endpoint:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
+def served_model(base_url: str, api_key: str | None = None, timeout: float = 30.0) -> str:
+    """The first model the endpoint lists at /v1/models (what vLLM's and SGLang's benchmarks use
+    when no model is given)."""
+    endpoint = Endpoint(base_url, "", api_key)
+    try:
+        response = httpx.get(endpoint.v1 + "/models", headers=endpoint.headers, timeout=timeout)
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"no --model given and {endpoint.v1}/models names none ({type(e).__name__}: {e}); "
+                         "pass --model") from None
+
+
 def request_body(endpoint: Endpoint, prompt: str, max_tokens: int, fixed_length: bool = False,
                  temperature: float = 0.0) -> dict:
     body = {"model": endpoint.model, "max_tokens": max_tokens, "temperature": temperature, "stream": True,
@@ -86,6 +99,8 @@ def _record(trace: RequestTrace, event: dict, now: float) -> None:
     if event.get("usage"):
         trace.prompt_tokens = event["usage"].get("prompt_tokens", 0)
         trace.completion_tokens = event["usage"].get("completion_tokens", 0)
+        cached = (event["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
+        trace.cached_tokens = cached if isinstance(cached, int) else None
     if "error" in event:
         trace.error = str(event["error"].get("message", event["error"]))[:200]
     for choice in event.get("choices") or []:

@@ -2,8 +2,9 @@
 
 Prompts are real text, never random token ids (speculative decoding must be measured on text it can
 predict): windows of a text corpus (default: the Python standard library's source) or prompts from a
-JSONL / ShareGPT file. Each generated prompt starts with a unique tag so prefix caches do not
-flatter. Input lengths are targeted in characters (~`CHARS_PER_TOKEN` per token); the reported
+JSONL / ShareGPT file. Every prompt starts with a tag unique to its run and request, so prefix caches
+do not flatter, neither within a run nor across runs against a warm server (`seed` makes the tags,
+and so the prompts, repeatable). Input lengths are targeted in characters (~`CHARS_PER_TOKEN` per token); the reported
 token counts are the server's `usage`.
 """
 
@@ -61,8 +62,9 @@ class PromptSource:
     """Prompts cut from a text corpus, or taken from a JSONL file (`prompt` field, or the first human
     turn of a ShareGPT `conversations` list)."""
 
-    def __init__(self, corpus: list[Path] | None = None, dataset: Path | None = None, seed: int = 0) -> None:
-        self.rng = random.Random(seed)
+    def __init__(self, corpus: list[Path] | None = None, dataset: Path | None = None, seed: int | None = None
+                 ) -> None:
+        self.rng = random.Random(seed)  # None: seeded from the OS, so every run's prompts differ
         self.dataset = _read_dataset(dataset) if dataset else None
         if self.dataset is None:
             files = corpus or sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
@@ -72,7 +74,7 @@ class PromptSource:
 
     def prompt(self, index: int, input_len: int) -> str:
         if self.dataset is not None:
-            return self.dataset[index % len(self.dataset)]
+            return f"[request {index}-{self.rng.getrandbits(48):012x}]\n" + self.dataset[index % len(self.dataset)]
         tag = f"# request {index}-{self.rng.getrandbits(48):012x}: continue this code\n"
         chars = max(1, int(input_len * CHARS_PER_TOKEN) - len(tag))
         start = self.rng.randrange(0, max(1, len(self.text) - chars))
@@ -156,12 +158,13 @@ async def run_workload(endpoint: Endpoint, w: Workload, source: PromptSource, se
 
 
 def run_bench(endpoint: Endpoint, workloads: list[Workload], source: PromptSource, slo: dict[str, float] | None,
-              seed: int = 0) -> list[dict]:
+              seed: int | None = None) -> list[dict]:
     """Run each workload point in turn; each result carries its configuration and environment."""
     results = []
     for w in workloads:
-        result = asyncio.run(run_workload(endpoint, w, source, seed, slo))
+        result = asyncio.run(run_workload(endpoint, w, source, 0 if seed is None else seed, slo))
         result.update(endpoint={"base_url": endpoint.base_url, "model": endpoint.model, "chat": endpoint.chat},
+                      seed=seed,
                       environment={"python": platform.python_version(), "platform": platform.platform(),
                                    "date": time.strftime("%Y-%m-%dT%H:%M:%S")},
                       kind="bench")
@@ -177,6 +180,8 @@ def summary_line(result: dict) -> str:
     speed = result["output_speed_tok_s"]["median"] if result["output_speed_tok_s"] else float("nan")
     spec = result.get("spec_decode") or {}
     tau = f", MTP tau {spec['tau']:.2f}" if spec.get("tau") else ""
+    if result.get("prefix_cache_hit_rate") is not None:
+        tau += f", prefix cache hits {100 * result['prefix_cache_hit_rate']:.0f}%"
     return (f"{w['name']} c={w['concurrency']} in~{w['input_len']} out={w['output_len']}: {result['completed']} ok, "
             f"{result['failed']} failed; output {result['output_throughput']:.1f} tok/s total, "
             f"{speed:.1f} tok/s per request (AA speed, median); TTFT p50 {1e3 * result['ttft_s']['median']:.0f} ms"

@@ -26,6 +26,7 @@ class RequestTrace:
     chunks: list[Chunk] = field(default_factory=list)
     prompt_tokens: int = 0  # server usage
     completion_tokens: int = 0  # server usage (reasoning tokens included)
+    cached_tokens: int | None = None  # prompt tokens the server's prefix cache served, when its usage says
     error: str | None = None  # failed requests are reported apart and left out of every metric
 
     @property
@@ -110,6 +111,7 @@ def aggregate(traces: list[RequestTrace], slo: dict[str, float] | None = None) -
     duration = max(t.done for t in good) - start
     n_out = sum(t.completion_tokens for t in good)
     n_in = sum(t.prompt_tokens for t in good)
+    cached = [t.cached_tokens for t in good if t.cached_tokens is not None]
     result = {
         "completed": len(good), "failed": len(failed),
         "errors": sorted({t.error or "empty" for t in failed}),
@@ -119,6 +121,8 @@ def aggregate(traces: list[RequestTrace], slo: dict[str, float] | None = None) -
         "output_throughput": n_out / duration,
         "total_token_throughput": (n_in + n_out) / duration,
         "peak_concurrency": peak_concurrency(good),
+        # of the prompt tokens, those the server's prefix cache served (None: its usage does not say)
+        "prefix_cache_hit_rate": sum(cached) / n_in if cached and n_in else None,
         "ttft_s": summarize([t.ttft for t in good]),
         "ttfat_s": summarize([x for t in good if (x := t.ttfat) is not None]),
         "tpot_s": summarize([x for t in good if (x := t.tpot) is not None]),

@@ -32,6 +32,7 @@ from typing import Any
 
 from stepflash.engine.output import partial_suffix
 
+THINK_START = "<think>"
 THINK_END = "</think>"
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"

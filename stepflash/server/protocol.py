@@ -1,16 +1,62 @@
-"""OpenAI request bodies as pydantic models: FastAPI validates them and publishes their schema."""
+"""OpenAI request bodies as pydantic models (FastAPI validates them and publishes their schema), and
+OpenAI's error shape."""
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stepflash.sampling import SamplingParams, StructuredOutputsParams
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's format (`{"error": {message, type, param, code}}`)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
 
 
 class _Lenient(BaseModel):
     """Fields OpenAI clients send that stepflash does not use are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore")
+
+
+def _undecodable(value: Any, where: str = "") -> str | None:
+    """Where in a parsed JSON body a string holds a lone surrogate (JSON's "\\ud800" escape decodes to
+    one): no UTF-8 text, so no tokenizer could take it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _undecodable(key, where) or _undecodable(item, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if found := _undecodable(item, f"{where}.{i}" if where else str(i)):
+                return found
+    return None
+
+
+class _Body(_Lenient):
+    """A whole request body: its text must be valid Unicode (checked before the fields)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        if where := _undecodable(data):
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate, which is not valid Unicode text")
+        return data
 
 
 class StreamOptions(_Lenient):
@@ -88,7 +134,10 @@ class StructuredOutputsField(_Lenient):
                                        json_object=self.json_object, whitespace_pattern=self.whitespace_pattern)
 
 
-class SamplingFields(_Lenient):
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+class SamplingFields(_Body):
     """Sampling fields shared by both endpoints; turned into SamplingParams (which validates ranges)."""
 
     model: str
@@ -150,9 +199,33 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
+    reasoning_effort: str | None = None  # passed to the chat template, which must use it
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = 16
+    prompt: str | list[str] | list[int] | list[list[int]]  # one prompt or several (text or token ids)
+    max_tokens: int | None = 16  # 0 with echo: score the prompt only
     logprobs: int | None = None
+    echo: bool = False  # the prompt (and its logprobs) before the completion
+
+
+class ResponsesRequest(_Body):
+    """The Responses API's request (`POST /v1/responses`); it is served by the chat path, so its
+    fields become a ChatCompletionRequest (stepflash.server.responses.chat_request)."""
+
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    reasoning: dict[str, Any] | None = None  # {"effort": ...}: passed to the chat template
+    previous_response_id: str | None = None
+    metadata: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
