@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ class ModelConfig:
     torch_dtype: str | None
     quantization_config: dict[str, Any] | None
     model_type: str = "step3p5"
+    vision: VisionConfig | None = None  # Step 3.7: the vision tower, projector and image token layout
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -120,12 +122,106 @@ class ModelConfig:
             raise ConfigError(
                 f"model_type {model_type!r} is not supported (expected one of {SUPPORTED_MODEL_TYPES})"
             )
-        if model_type == "step3p7":  # multimodal wrapper: serve its text decoder
+        if model_type == "step3p7":  # multimodal wrapper: its text decoder plus the vision tower
             text = data.get("text_config")
             if not isinstance(text, dict):
                 raise ConfigError("model_type 'step3p7' needs a 'text_config' object")
-            return replace(cls.from_dict({**text, "model_type": "step3p5"}), model_type="step3p7")
+            cfg = cls.from_dict({**text, "model_type": "step3p5"})
+            vision = VisionConfig.from_dict(data, cfg.hidden_size, cfg.vocab_size) if "vision_config" in data else None
+            return replace(cfg, model_type="step3p7", vision=vision)
         return _parse(data)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Step 3.7's vision tower (a Perception-Encoder ViT), its two stride-2 downsampling convs, the
+    projector into the text model, and the image token layout. Read from the published legacy names
+    (`width`, `layers`, `heads`, `ls_init_value`) or transformers' (`hidden_size`, ...); defaults
+    are the published model's."""
+
+    hidden_size: int = 1536
+    num_layers: int = 47
+    num_heads: int = 16
+    intermediate_size: int = 8960
+    image_size: int = 728  # side of the global view; the position table is (image_size / patch_size)^2
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    projector_bias: bool = False
+    text_hidden_size: int = 4096
+    image_token_id: int | None = None  # None: the tokenizer's <im_patch> (checked against it when given)
+    image_token_len: int = 169  # placeholders per global view
+    patch_token_len: int = 81  # placeholders per local crop
+    max_image_size: int = 3024  # longer sides are scaled down first (a processor constant)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def crop_size(self) -> int:
+        """Side of a local crop: sqrt(patch_token_len) tokens after 4x downsampling of 14-pixel patches."""
+        return math.isqrt(self.patch_token_len) * self.patch_size * DOWNSAMPLE
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], text_hidden_size: int, vocab_size: int) -> VisionConfig:
+        v = data.get("vision_config")
+        if not isinstance(v, dict):
+            raise ConfigError("field 'vision_config' must be an object")
+        hidden = int(_first(v, "width", "hidden_size", default=cls.hidden_size))
+        ratio = _first(v, "mlp_ratio", default=None)
+        intermediate = int(hidden * float(ratio)) if ratio is not None else \
+            int(_first(v, "intermediate_size", default=hidden * cls.intermediate_size // cls.hidden_size))
+        rope = v.get("rope_parameters") or {}
+        cfg = cls(
+            hidden_size=hidden, num_layers=int(_first(v, "layers", "num_hidden_layers", default=cls.num_layers)),
+            num_heads=int(_first(v, "heads", "num_attention_heads", default=cls.num_heads)),
+            intermediate_size=intermediate, image_size=int(v.get("image_size", cls.image_size)),
+            patch_size=int(v.get("patch_size", cls.patch_size)),
+            layer_norm_eps=float(v.get("layer_norm_eps", cls.layer_norm_eps)),
+            rope_theta=float(rope.get("rope_theta", v.get("rope_theta", cls.rope_theta))),
+            projector_bias=bool(data.get("projector_bias", False)), text_hidden_size=text_hidden_size,
+            image_token_id=data.get("image_token_id"),
+            image_token_len=int(data.get("image_token_len", cls.image_token_len)),
+            patch_token_len=int(data.get("patch_token_len", cls.patch_token_len)),
+        )
+        cfg._check(v, data, vocab_size)
+        return cfg
+
+    def _check(self, v: dict[str, Any], data: dict[str, Any], vocab_size: int) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size", "patch_size",
+                     "image_token_len", "patch_token_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"vision_config: '{name}' must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads or self.head_dim % 4:
+            raise ConfigError(f"vision_config: width {self.hidden_size} over {self.num_heads} heads must give a "
+                              "head_dim divisible by 4 (2-D RoPE)")
+        act = v.get("hidden_act", "quick_gelu")
+        if act != "quick_gelu":
+            raise ConfigError(f"vision_config: hidden_act {act!r} is not supported (only 'quick_gelu')")
+        for flag, want in VISION_FLAGS.items():
+            if flag in v and bool(v[flag]) != want:
+                raise ConfigError(f"vision_config: {flag}={v[flag]!r} is not supported (Step 3.7 has {want})")
+        stride = data.get("understand_projector_stride", 2)
+        if stride != 2:
+            raise ConfigError(f"field 'understand_projector_stride' must be 2, got {stride!r}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision_config: image_size {self.image_size} is not a multiple of patch_size "
+                              f"{self.patch_size}")
+        if self.image_token_len != (self.image_size // (self.patch_size * DOWNSAMPLE)) ** 2:
+            raise ConfigError(f"field 'image_token_len' is {self.image_token_len} but image_size {self.image_size} "
+                              f"gives ({self.image_size} // ({self.patch_size} * {DOWNSAMPLE}))^2 tokens")
+        if math.isqrt(self.patch_token_len) ** 2 != self.patch_token_len:
+            raise ConfigError(f"field 'patch_token_len' must be a square, got {self.patch_token_len}")
+        token = self.image_token_id
+        if token is not None and (not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size):
+            raise ConfigError(f"field 'image_token_id' {token!r} is outside the vocabulary (size {vocab_size})")
+
+
+DOWNSAMPLE = 4  # two stride-2 convs after the ViT
+# Perception-Encoder switches that Step 3.7 fixes (and transformers hard-codes): anything else is refused.
+VISION_FLAGS = {"use_cls_token": False, "use_ln_pre": True, "use_ln_post": False, "use_abs_posemb": True,
+                "use_rope2d": True}
 
 
 def _require(data: dict[str, Any], name: str, kind: type | tuple[type, ...] = int) -> Any:

@@ -110,3 +110,17 @@ def transformers_causal_lm(ckpt: Path) -> Any:
     if unexpected or any("language_model" in k or k == "lm_head.weight" for k in missing):
         raise RuntimeError(f"transformers model does not fit the checkpoint: {missing} {unexpected}")
     return model
+
+
+@functools.lru_cache(maxsize=2)
+def transformers_vision_lm(ckpt: Path) -> Any:
+    """transformers' Step3p7ForConditionalGeneration for a Step 3.7 checkpoint, in fp32, through its
+    own `from_pretrained` (its hub-name conversion: fused in_proj split, RoPE rows permuted), refusing
+    any tensor it left unloaded."""
+    from transformers import Step3p7ForConditionalGeneration
+
+    model, info = Step3p7ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32,
+                                                                  output_loading_info=True)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise RuntimeError(f"transformers model does not fit the checkpoint: {info}")
+    return model.eval()

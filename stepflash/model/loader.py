@@ -33,8 +33,8 @@ from stepflash.model.step3p5 import Step3p5ForCausalLM
 SCALE_SUFFIX = "_scale_inv"
 FP32_PARAMS = (".moe.gate.weight", ".moe.router_bias")  # the router runs in fp32
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.uint8)
-# Parts of multimodal checkpoints (Step 3.7) that the text decoder does not use.
-IGNORED_PREFIXES = ("vision_model.", "vit_large_projector.", "model.vision_model.", "model.multi_modal_projector.")
+# Parts of multimodal checkpoints (Step 3.7) skipped when the config has no vision_config.
+VISION_PREFIXES = ("vision_model.", "vit_large_projector.", "model.vision_model.", "model.multi_modal_projector.")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
@@ -61,7 +61,10 @@ def checkpoint_index(model_dir: Path) -> dict[str, Path]:
 
 
 def hub_name(name: str, num_hidden_layers: int) -> str:
-    """Hub name of a tensor of Step3p5ForCausalLM named `name` (MTP module k becomes layer n + k)."""
+    """Hub name of a tensor of Step3p5ForCausalLM named `name` (MTP module k becomes layer n + k; the
+    vision tower and projector lose their `vision.` prefix)."""
+    if name.startswith("vision."):
+        return name.removeprefix("vision.")
     if not name.startswith("mtp."):
         return name
     _, depth, rest = name.split(".", 2)
@@ -141,7 +144,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
 
         for key in sorted(index):
             depth = mtp_depth(key, n)
-            if key.endswith((SCALE_SUFFIX, INT4_SCALE_SUFFIX)) or key.startswith(IGNORED_PREFIXES):
+            if key.endswith((SCALE_SUFFIX, INT4_SCALE_SUFFIX)) or (model.vision is None and key.startswith(VISION_PREFIXES)):
                 continue
             skipped_mtp = depth is not None and num_mtp <= depth < cfg.num_mtp_layers
             if skipped_mtp or key == tied:
@@ -275,7 +278,7 @@ def _mtp_modules_present(index: dict[str, Path], cfg: ModelConfig) -> int:
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    if isinstance(module, (nn.Linear, StackedLinear)):
+    if isinstance(module, (nn.Linear, StackedLinear)) and attr == "weight":
         tensor = _layout(tensor)
     setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
 

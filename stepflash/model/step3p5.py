@@ -3,7 +3,12 @@
 Module names mirror the hub checkpoint (`model.layers.N.self_attn.o_proj`, `...moe.gate_proj`), except
 that q/k/v/g (`self_attn.qkvg_proj`) and the dense gate/up (`mlp.gate_up_proj`, `share_expert.gate_up_proj`)
 are packed into one GEMM each, whose parts keep their hub names (model/linear.py PackedLinear). MTP
-layer k of the checkpoint (`model.layers.{num_hidden_layers + k}`) is `mtp.k` here.
+layer k of the checkpoint (`model.layers.{num_hidden_layers + k}`) is `mtp.k` here. Step 3.7's vision
+tower and projector (model/vision.py) are `vision.*` (hub: `vision_model.*`, `vit_large_projector.*`).
+
+Image features enter as `Embeds`: rows of the flat batch whose embeddings are image features instead
+of their placeholder token's; the target and the MTP modules both take them, so drafts see what the
+target saw.
 """
 
 import torch
@@ -14,8 +19,10 @@ from stepflash.model.attention import Attention, AttentionContext, BatchLayout
 from stepflash.model.moe import MLP, MoE
 from stepflash.model.norm import RMSNorm
 from stepflash.model.rope import rotary_cos_sin
+from stepflash.model.vision import Step3p7Vision
 
 RopeTables = dict[tuple, tuple[torch.Tensor, torch.Tensor]]
+Embeds = tuple[torch.Tensor, torch.Tensor]  # (flat rows [R], their embeddings [R, hidden])
 
 
 def _rope_key(spec: LayerSpec) -> tuple:
@@ -103,14 +110,23 @@ class Step3p5ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         n = cfg.num_mtp_layers if num_mtp is None else num_mtp
         self.mtp = nn.ModuleList(MTPLayer(spec, cfg) for spec in cfg.mtp_layers[:n])
+        self.vision = Step3p7Vision(cfg.vision) if cfg.vision else None
+
+    def embed(self, input_ids: torch.Tensor, embeds: Embeds | None = None) -> torch.Tensor:
+        """Token embeddings, with the rows of `embeds` (image features) put in their places."""
+        x = self.model.embed_tokens(input_ids)
+        if embeds is not None:
+            rows, values = embeds
+            x = x.index_copy(0, rows, values.to(x.dtype))
+        return x
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                ctx: AttentionContext | None = None) -> torch.Tensor:
+                ctx: AttentionContext | None = None, embeds: Embeds | None = None) -> torch.Tensor:
         """Hidden states [T, hidden] after the last layer, *before* the final norm (what MTP chains on).
         Without a context the tokens form one whole sequence."""
         ctx = ctx or BatchLayout([input_ids.shape[0]])
         rope = rope_tables(self.config.decoder_layers, positions)
-        x, delta = self.model.embed_tokens(input_ids), None
+        x, delta = self.embed(input_ids, embeds), None
         for layer in self.model.layers:
             x, delta = layer(x, delta, positions, rope, ctx)
         return x + delta
@@ -129,12 +145,13 @@ class Step3p5ForCausalLM(nn.Module):
         return z, self.mtp_logits(depth, z)
 
     def mtp_hidden(self, depth: int, input_ids: torch.Tensor, prev_hidden: torch.Tensor,
-                   positions: torch.Tensor, ctx: AttentionContext | None = None) -> torch.Tensor:
+                   positions: torch.Tensor, ctx: AttentionContext | None = None,
+                   embeds: Embeds | None = None) -> torch.Tensor:
         """MTP module `depth`'s pre-norm output (what the next module chains on)."""
         layer: MTPLayer = self.mtp[depth]
         ctx = ctx or BatchLayout([input_ids.shape[0]])
         rope = rope_tables([layer.spec], positions)
-        return layer.predict(self.model.embed_tokens(input_ids), prev_hidden, positions, rope, ctx)
+        return layer.predict(self.embed(input_ids, embeds), prev_hidden, positions, rope, ctx)
 
     def mtp_logits(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
         head = self.mtp[depth].shared_head
@@ -151,10 +168,11 @@ def use_kernels(model: nn.Module, on: bool) -> None:
 
 def active_weight_bytes(model: Step3p5ForCausalLM) -> int:
     """Weight bytes one decoded token reads at batch 1: every decoder weight and the head, but only
-    top_k of the routed experts, and one embedding row (negligible, left out); MTP modules excluded."""
+    top_k of the routed experts, and one embedding row (negligible, left out); MTP modules and the
+    vision tower excluded."""
     cfg, total = model.config, 0
     for name, p in model.named_parameters():
-        if name.startswith("mtp.") or name == "model.embed_tokens.weight":
+        if name.startswith(("mtp.", "vision.")) or name == "model.embed_tokens.weight":
             continue
         size = p.numel() * p.element_size()
         if ".moe." in name and not name.endswith(("moe.gate.weight", "router_bias")):
