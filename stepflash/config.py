@@ -423,16 +423,23 @@ class EngineConfig:
                                        "step eagerly)", ("auto", "on", "off"))
     quantization: str | None = _option(None, "not supported yet (FP8/INT4 checkpoints are read as stored)")
     tensor_parallel_size: int = _option(1, "GPUs to shard the model over (only 1 is supported yet)")
+    limit_images_per_prompt: int = _option(8, "images one prompt may carry (vision models)")
+    max_image_pixels: int = _option(50_000_000, "pixels per image (larger ones are refused from their header: "
+                                                "decompression bombs)")
+    max_image_tokens: int = _option(16384, "prompt tokens one image may expand to (its crops included)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
-        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "kv_cache_bytes"):
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "kv_cache_bytes", "max_image_pixels",
+                     "max_image_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.limit_images_per_prompt, int) or self.limit_images_per_prompt < 0:
+            raise ValueError(f"limit_images_per_prompt must be >= 0, got {self.limit_images_per_prompt!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.mtp is not None and not 0 <= self.mtp:

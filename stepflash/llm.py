@@ -10,7 +10,7 @@ from stepflash.models import default_model_dir
 from stepflash.outputs import RequestOutput
 from stepflash.sampling import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | dict[str, Any]  # dict: vLLM's {"prompt" | "prompt_token_ids", "multi_modal_data"}
 
 
 class LLM:
@@ -25,14 +25,19 @@ class LLM:
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run prompts (strings or token-id lists) to completion; outputs in prompt order.
-        Every prompt is validated before any runs, so a bad one changes nothing."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        """Run prompts (strings, token-id lists, or vLLM-style dicts carrying images as
+        `{"prompt": "... <im_patch> ...", "multi_modal_data": {"image": image or [images]}}`, one
+        placeholder per image) to completion; outputs in prompt order. Every prompt is validated
+        before any runs, so a bad one changes nothing."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        requests = [self.engine.make_request(str(next(self._ids)), p, sp) for p, sp in zip(prompts, params)]
+        requests = []
+        for prompt, sp in zip(prompts, params):
+            text, images = _prompt_and_images(prompt)
+            requests.append(self.engine.make_request(str(next(self._ids)), text, sp, images))
         for request in requests:
             self.engine.enqueue(request)
         outputs: dict[str, RequestOutput] = {}
@@ -54,3 +59,18 @@ class LLM:
 
     def get_stats(self) -> EngineStats:
         return self.engine.stats()
+
+
+def _prompt_and_images(prompt: Prompt) -> tuple[str | list[int], list]:
+    if not isinstance(prompt, dict):
+        return prompt, []
+    unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"})
+    data = prompt.get("multi_modal_data") or {}
+    if unknown or not isinstance(data, dict) or set(data) - {"image"}:
+        raise ValueError("a prompt dict takes 'prompt' or 'prompt_token_ids' and 'multi_modal_data' "
+                         f"({{'image': ...}}); got keys {sorted(prompt)} / {sorted(data) if isinstance(data, dict) else data}")
+    images = data.get("image", [])
+    text = prompt.get("prompt", prompt.get("prompt_token_ids"))
+    if text is None:
+        raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+    return text, images if isinstance(images, list) else [images]

@@ -10,7 +10,7 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from stepflash.engine.scheduler import Scheduler, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.speculative import MTPDrafter
 from stepflash.model.loader import load_model, mtp_modules_in
+from stepflash.multimodal import ImageProcessor, PlacedImage
 from stepflash.outputs import RequestOutput, SpecStats
 from stepflash.sampling import SamplingParams
 from stepflash.structured import Constraint, StructuredOutputs
@@ -53,6 +54,7 @@ class Request:
     seed: int
     arrival: float
     constraint: Constraint | None = None
+    images: list[PlacedImage] = field(default_factory=list)
 
 
 def _use_kernels(kernels: str, device: torch.device) -> bool:
@@ -103,19 +105,26 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids, self.structured)
         self.drafter = MTPDrafter(self.runner, self.eos_token_ids) if self.num_mtp else None
         self.output = OutputProcessor(self.tokenizer)
+        self.images = ImageProcessor.of(cfg.vision, self.tokenizer.token_to_id, max_pixels=ec.max_image_pixels,
+                                        max_image_tokens=ec.max_image_tokens) if cfg.vision else None
         self._seq_ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(ec.seed)
         self.num_steps = 0
 
     # -- requests -------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    images: list | None = None) -> None:
         """Validate and queue a request; bad input raises ValueError and changes nothing."""
-        self.enqueue(self.make_request(request_id, prompt, params))
+        self.enqueue(self.make_request(request_id, prompt, params, images))
 
-    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
-        """Tokenize and validate; touches no engine state (the async front calls it on its own thread)."""
+    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                     images: list | None = None) -> Request:
+        """Tokenize and validate; touches no engine state (the async front calls it on its own thread).
+        `images` (encoded bytes, PIL images or uint8 [3, H, W] tensors) go to the prompt's image
+        placeholders, in order."""
         params = params or SamplingParams()
         text, ids = self._tokenize(prompt)
+        ids, placed = self._place_images(ids, images or [])
         room = self.max_model_len - len(ids)
         if room < 1:
             raise ValueError(f"prompt has {len(ids)} tokens; the context is {self.max_model_len} "
@@ -131,15 +140,26 @@ class LLMEngine:
                              f"(size {self.model_config.vocab_size})")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
         constraint = self.structured.constraint_for(params, ids)  # a bad grammar raises here, before queueing
-        return Request(request_id, text, ids, params, seed, time.monotonic(), constraint)
+        return Request(request_id, text, ids, params, seed, time.monotonic(), constraint, placed)
+
+    def _place_images(self, ids: list[int], images: list) -> tuple[list[int], list[PlacedImage]]:
+        """Preprocess the images and expand the prompt's placeholders into their layouts."""
+        if self.images is None:
+            if images:
+                raise ValueError("this model takes no images (its config has no vision_config)")
+            return ids, []
+        limit = self.config.limit_images_per_prompt
+        if len(images) > limit:
+            raise ValueError(f"{len(images)} images in one prompt; the limit is {limit} (limit_images_per_prompt)")
+        return self.images.expand(ids, [self.images.process(image) for image in images])
 
     def enqueue(self, request: Request) -> None:
         if request.request_id in self.output.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.output.add(request.request_id, request.prompt, request.prompt_token_ids, request.params, request.arrival)
         seq = Sequence(next(self._seq_ids), request.request_id, 0, list(request.prompt_token_ids),
-                       len(request.prompt_token_ids), request.params, request.seed, num_forks=request.params.n - 1,
-                       constraint=request.constraint)
+                       len(request.prompt_token_ids), request.params, request.seed, images=request.images,
+                       num_forks=request.params.n - 1, constraint=request.constraint)
         self.scheduler.add(seq)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -161,7 +181,7 @@ class LLMEngine:
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         """An n > 1 sibling: the parent's prompt, its own index and seed."""
         return Sequence(next(self._seq_ids), parent.request_id, index, list(parent.token_ids),
-                        parent.num_prompt_tokens, parent.params, parent.seed + index,
+                        parent.num_prompt_tokens, parent.params, parent.seed + index, images=parent.images,
                         constraint=parent.constraint.fork() if parent.constraint is not None else None)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -220,12 +240,12 @@ class AsyncLLMEngine:
         self._ids = itertools.count()
 
     def add(self, prompt: str | list[int], params: SamplingParams | None = None,
-            request_id: str | None = None) -> str:
+            request_id: str | None = None, images: list | None = None) -> str:
         """Validate (ValueError on bad input) and queue a request; returns its id."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.engine.make_request(request_id, prompt, params)
+        request = self.engine.make_request(request_id, prompt, params, images)
         self._queues[request_id] = asyncio.Queue()
         self._pending.append(request)
         self._ensure_loop()
@@ -237,8 +257,8 @@ class AsyncLLMEngine:
         return len(self._queues)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        async for out in self.stream(self.add(prompt, params, request_id)):
+                       request_id: str | None = None, images: list | None = None) -> AsyncIterator[RequestOutput]:
+        async for out in self.stream(self.add(prompt, params, request_id, images)):
             yield out
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:

@@ -8,6 +8,12 @@ through `PagedAttention` (model/attention.py) with the Triton kernels or their P
 same inputs either way. Short chunks (decodes, verify steps, MTP drafting rows) go to the paged
 op, longer ones (prefill) to the prefill op.
 
+Images (Step 3.7): a forward whose chunks reach an image's placeholders gets that image's features
+from the vision tower, computed once per image (the step's new images in one batch of global views
+and one of crops) and kept per sequence until the target and the MTP modules have both passed the
+image (a preempted sequence recomputes them); the features replace those rows' embeddings, in the
+target and in every MTP module.
+
 With MTP, the runner also keeps, per position, the hidden state each MTP module chains on: level 0
 is the target's last hidden state (before the final norm), level d the output of MTP module d. These
 "hidden caches" live in the sliding pool's blocks like the MTP layers' own KV, so prefix hits,
@@ -15,6 +21,8 @@ copy-on-write and window release treat them exactly like KV.
 """
 
 import array
+import bisect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +37,8 @@ from stepflash.engine.scheduler import ScheduledSeq, StepPlan
 from stepflash.engine.sequence import Sequence
 from stepflash.kernels.tiles import tile_runs
 from stepflash.model.attention import ATTENTION_OPS, AttentionRows, PagedAttention
-from stepflash.model.step3p5 import Step3p5ForCausalLM, use_kernels
+from stepflash.model.step3p5 import Embeds, Step3p5ForCausalLM, use_kernels
+from stepflash.multimodal import PlacedImage
 
 if TYPE_CHECKING:
     from stepflash.engine.speculative import Drafts
@@ -77,6 +86,7 @@ class Inputs:
     ctx: PagedAttention
     logit_rows: torch.Tensor
     prev_slots: torch.Tensor | None = None
+    embeds: Embeds | None = None  # image features replacing some rows' embeddings
 
 
 @dataclass
@@ -155,6 +165,9 @@ class ModelRunner:
         # decode kernel tiles: the 1 + k rows of a verify step (a power of two) read their keys once
         self.tile_rows = min(1 << self.num_mtp.bit_length(), SHORT_CHUNK)
         self.graphs, self.mtp_graphs = None, []
+        # per sequence: image index -> its features [rows, hidden] (gone with the sequence)
+        self.image_features: weakref.WeakKeyDictionary[Sequence, dict[int, torch.Tensor]] = \
+            weakref.WeakKeyDictionary()
         if graph_rows:
             if not kernels:
                 raise ValueError("graphed steps need the Triton kernels (the PyTorch MoE reads shapes on the host)")
@@ -171,15 +184,16 @@ class ModelRunner:
     def execute(self, chunks: list[Chunk], logit_rows: list[int], inject: Inject | None = None) -> torch.Tensor:
         """Run the target over `chunks`; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
         x = self._prepare(chunks, self.kinds, logit_rows, inject)
-        if self.graphs and x.ctx.prefill is None and self.graphs.fits(len(x.ids), x.ctx.tables):
+        if self.graphs and x.ctx.prefill is None and x.embeds is None and self.graphs.fits(len(x.ids), x.ctx.tables):
             hidden = self.graphs.run(_step_inputs(x))
         else:
-            hidden = self._forward(x.ids, x.positions, x.ctx)
+            hidden = self._forward(x.ids, x.positions, x.ctx, x.embeds)
         return self.model.compute_logits(hidden.index_select(0, x.logit_rows))
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention,
+                 embeds: Embeds | None = None) -> torch.Tensor:
         """The target's pre-norm hidden states, stored as MTP hidden level 0 at the rows' slots."""
-        hidden = self.model(ids, positions, ctx)
+        hidden = self.model(ids, positions, ctx, embeds)
         if self.hidden:
             self.hidden[0].index_copy_(0, ctx.slots[SLIDING], hidden)
         return hidden
@@ -206,18 +220,18 @@ class ModelRunner:
         Returns fp32 logits of its head for the flat rows `logit_rows`."""
         x = self._prepare(chunks, [SLIDING], logit_rows, inject, mtp=True)  # MTP layers are sliding layers
         graphs = self.mtp_graphs[depth] if self.mtp_graphs else None
-        if graphs and x.ctx.prefill is None and graphs.fits(len(x.ids), x.ctx.tables):
+        if graphs and x.ctx.prefill is None and x.embeds is None and graphs.fits(len(x.ids), x.ctx.tables):
             z = graphs.run(_step_inputs(x))
         else:
-            z = self._mtp_forward(depth, x.ids, x.positions, x.prev_slots, x.ctx)
+            z = self._mtp_forward(depth, x.ids, x.positions, x.prev_slots, x.ctx, x.embeds)
         return self.model.mtp_logits(depth, z.index_select(0, x.logit_rows))
 
     def _mtp_forward(self, depth: int, ids: torch.Tensor, positions: torch.Tensor, prev_slots: torch.Tensor,
-                     ctx: PagedAttention) -> torch.Tensor:
+                     ctx: PagedAttention, embeds: Embeds | None = None) -> torch.Tensor:
         """MTP module `depth`'s output, stored as hidden level depth + 1 at the rows' slots."""
         prev = self.hidden[depth].index_select(0, prev_slots)
         prev = prev.masked_fill((positions == 0)[:, None], 0.0)
-        z = self.model.mtp_hidden(depth, ids, prev, positions, ctx)
+        z = self.model.mtp_hidden(depth, ids, prev, positions, ctx, embeds)
         if depth + 1 < self.num_mtp:
             self.hidden[depth + 1].index_copy_(0, ctx.slots[SLIDING], z)
         return z
@@ -289,7 +303,53 @@ class ModelRunner:
                 for flag, index in rows.items() if index}
         ctx = PagedAttention(self.ops, self.caches, self.kind_of, {k: got(sent["slots", k]) for k in kinds}, tables,
                              {k: got(sent["first", k]) for k in kinds}, sets.get(False), sets.get(True))
-        return Inputs(ids_t, got(sent["positions"]), ctx, got(sent["logit_rows"]), got(sent.get("prev")))
+        return Inputs(ids_t, got(sent["positions"]), ctx, got(sent["logit_rows"]), got(sent.get("prev")),
+                      self._image_embeds(chunks))
+
+    # -- images -----------------------------------------------------------------------------------
+    def _image_embeds(self, chunks: list[Chunk]) -> Embeds | None:
+        """The flat rows of `chunks` that are image placeholders, and their features."""
+        rows, parts, todo, row = [], [], [], 0
+        for c in chunks:
+            images = c.seq.images
+            if images and c.start >= images[-1].end and c.seq in self.image_features:
+                self._drop_passed(c.seq, self.image_features[c.seq])
+            if images and c.start < images[-1].end:
+                cached = self.image_features.setdefault(c.seq, {})
+                self._drop_passed(c.seq, cached)
+                for i, im in enumerate(images):
+                    first, last = bisect.bisect_left(im.rows, c.start), bisect.bisect_left(im.rows, c.end)
+                    if first == last:
+                        continue
+                    if i not in cached:
+                        todo.append((cached, i, im))
+                        cached[i] = None  # placeholder: filled below, in one batch
+                    rows += [row + p - c.start for p in im.rows[first:last]]
+                    parts.append((cached, i, first, last))
+            row += len(c.ids)
+        if not rows:
+            return None
+        if todo:
+            self._encode(todo)
+        values = torch.cat([cached[i][first:last] for cached, i, first, last in parts])
+        return torch.tensor(rows, device=self.device), values
+
+    def _drop_passed(self, seq: Sequence, cached: dict[int, torch.Tensor]) -> None:
+        """Forget the features of images that the target and the MTP caches have both passed."""
+        done = min(seq.num_computed, seq.blocks.mtp_computed) if self.num_mtp else seq.num_computed
+        for i in [i for i in cached if seq.images[i].end <= done]:
+            del cached[i]
+
+    def _encode(self, todo: list[tuple[dict, int, PlacedImage]]) -> None:
+        """Features of new images: every global view in one batch, every crop in another; an image's
+        rows are its crops' (in order), then its global view's."""
+        vision = self.model.vision
+        views = vision(torch.stack([im.image.pixels for _, _, im in todo]).to(self.device))
+        crops = [im.image.crops for _, _, im in todo]
+        crop_rows = vision(torch.cat(crops).to(self.device)).split([len(c) for c in crops]) \
+            if sum(len(c) for c in crops) else [None] * len(todo)
+        for (cached, i, _), view, crop in zip(todo, views, crop_rows):
+            cached[i] = view if crop is None or not len(crop) else torch.cat([crop.flatten(0, 1), view])
 
     def _new_entries(self, chunks: list[Chunk], kind: LayerKind) -> list[int]:
         """(row, column, block) of every table entry the device does not have yet, flat; the
