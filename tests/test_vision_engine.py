@@ -50,7 +50,8 @@ def test_prompt_logprobs_match_transformers_through_chunks(checkpoint) -> None:
     from reference import transformers_vision_lm
 
     ref = transformers_vision_lm(checkpoint)
-    llm = LLM(str(checkpoint), mtp=0, max_num_batched_tokens=16)  # chunks of 16 cut through every image
+    # chunks of 16 tokens cut through every image
+    llm = LLM(str(checkpoint), max_model_len=256, max_num_seqs=4, mtp=0, max_num_batched_tokens=16)
     outs = llm.generate([{"prompt": t, "multi_modal_data": {"image": ims}} for t, ims in PROMPTS],
                         SamplingParams(prompt_logprobs=0, max_tokens=1))
     for (text, images), out in zip(PROMPTS, outs):
@@ -77,7 +78,7 @@ def _reference_greedy(ref, inputs: dict, n: int) -> list[int]:
 def reference_greedy(checkpoint) -> list[list[int]]:
     from reference import transformers_vision_lm
 
-    llm = LLM(str(checkpoint), mtp=0)
+    llm = LLM(str(checkpoint), max_model_len=256, max_num_seqs=4, mtp=0)
     return [_reference_greedy(transformers_vision_lm(checkpoint), _reference_inputs(llm, t, ims), 10)
             for t, ims in PROMPTS]
 
@@ -85,7 +86,7 @@ def reference_greedy(checkpoint) -> list[list[int]]:
 @pytest.mark.parametrize("mtp", [0, 3])
 def test_greedy_matches_transformers(checkpoint, reference_greedy, mtp) -> None:
     """All three prompts batched, chunked prefill through the images; MTP-3 drafts over image prompts."""
-    llm = LLM(str(checkpoint), mtp=mtp, max_num_batched_tokens=32)
+    llm = LLM(str(checkpoint), max_model_len=256, max_num_seqs=4, mtp=mtp, max_num_batched_tokens=32)
     model, fed = llm.engine.model, []  # the image rows each MTP module got as features
     mtp_hidden = model.mtp_hidden
 
@@ -107,10 +108,10 @@ def test_greedy_matches_transformers(checkpoint, reference_greedy, mtp) -> None:
 def test_prefix_cache_keyed_by_image_content(checkpoint) -> None:
     """The same image again hits the cache past its placeholders; another image of the same size at
     the same place misses from its first block on, and is still answered right."""
-    llm = LLM(str(checkpoint), mtp=3, block_size=4)
+    llm = LLM(str(checkpoint), max_model_len=256, max_num_seqs=4, mtp=1, block_size=4)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     text = f"Hi {IMAGE_TOKEN} what is it?"
-    fresh = LLM(str(checkpoint), mtp=3, block_size=4, enable_prefix_caching=False)
+    fresh = LLM(str(checkpoint), max_model_len=256, max_num_seqs=4, mtp=0, block_size=4, enable_prefix_caching=False)
     first = llm.generate({"prompt": text, "multi_modal_data": {"image": WIDE}}, params)[0]
     same = llm.generate({"prompt": text, "multi_modal_data": {"image": WIDE.clone()}}, params)[0]
     other_image = _image(200, 100, 9)
@@ -126,7 +127,7 @@ def test_prefix_cache_keyed_by_image_content(checkpoint) -> None:
 
 
 def test_image_errors_leave_the_engine_working(checkpoint) -> None:
-    llm = LLM(str(checkpoint), mtp=0, limit_images_per_prompt=2)
+    llm = LLM(str(checkpoint), max_model_len=256, max_num_seqs=4, mtp=0, limit_images_per_prompt=2)
     with pytest.raises(ValueError, match="1 image placeholders"):
         llm.generate({"prompt": f"{IMAGE_TOKEN}", "multi_modal_data": {"image": [WIDE, WIDE]}})
     with pytest.raises(ValueError, match="limit_images_per_prompt"):
