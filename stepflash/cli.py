@@ -109,13 +109,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from stepflash.engine.engine import AsyncLLMEngine
+    from stepflash.multimodal import MediaPolicy
     from stepflash.server.app import create_app
 
     engine = make_engine(args)
     model_dir = Path(args.model) if args.model else default_model_dir()
     api_key = args.api_key or os.environ.get("STEPFLASH_API_KEY")
+    media = MediaPolicy(args.max_image_bytes, tuple(args.allowed_media_domains or ()), args.allowed_local_media_path)
     app = create_app(AsyncLLMEngine(engine), args.served_model_name or model_dir.name, api_key, args.max_queue,
-                     args.thinking_token_budget)
+                     args.thinking_token_budget, media)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"stepflash: serving {model_dir} as {args.served_model_name or model_dir.name!r} on "
           f"http://{args.host}:{args.port}/v1 (api key {'required' if api_key else 'off'})", file=sys.stderr)
@@ -276,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--thinking-token-budget", type=int, default=None,
                        help="default reasoning budget in tokens: once spent the engine closes the reasoning "
                             "(</think>) and the answer begins (requests may set their own)")
+    serve.add_argument("--allowed-media-domains", nargs="+", help="domains whose http(s) image URLs may be fetched "
+                       "(default: none; data: URLs always work)")
+    serve.add_argument("--allowed-local-media-path", help="directory whose files image URLs may name (default: none)")
+    serve.add_argument("--max-image-bytes", type=int, default=20 << 20, help="encoded bytes per image")
     serve.set_defaults(func=cmd_serve)
     tt = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with the Step-3.5 special tokens")
     tt.add_argument("--corpus", type=Path, nargs="+", required=True, help="files or directories")

@@ -7,6 +7,7 @@ from typing import Any
 from stepflash.config import EngineConfig
 from stepflash.engine.engine import EngineStats, LLMEngine
 from stepflash.models import default_model_dir
+from stepflash.multimodal import MediaPolicy, chat_images
 from stepflash.outputs import RequestOutput
 from stepflash.sampling import SamplingParams
 
@@ -16,10 +17,14 @@ Prompt = str | list[int] | dict[str, Any]  # dict: vLLM's {"prompt" | "prompt_to
 class LLM:
     """`LLM(model=None, **options)`: options are EngineConfig's fields (device, dtype, mtp,
     kv_cache_bytes, max_num_seqs, max_model_len, max_num_batched_tokens, block_size,
-    enable_prefix_caching, seed, kernels, cuda_graphs, quantization, tensor_parallel_size)."""
+    enable_prefix_caching, seed, kernels, cuda_graphs, quantization, tensor_parallel_size,
+    limit_images_per_prompt, max_image_pixels, max_image_tokens), and `allowed_local_media_path`
+    (where `chat` may read image files)."""
 
-    def __init__(self, model: str | Path | None = None, **options: Any) -> None:
+    def __init__(self, model: str | Path | None = None, allowed_local_media_path: str | None = None,
+                 **options: Any) -> None:
         self.engine = LLMEngine(model or default_model_dir(), EngineConfig.of(**options))
+        self.media = MediaPolicy(local_path=allowed_local_media_path)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
@@ -52,9 +57,12 @@ class LLM:
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None, tools: list[dict[str, Any]] | None = None
              ) -> list[RequestOutput]:
-        """One conversation or a list of them, rendered with the model's chat template."""
+        """One conversation or a list of them, rendered with the model's chat template. Images come as
+        OpenAI content parts, `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`
+        (or a file under the `allowed_local_media_path` given to `LLM`)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c, tools=tools)) for c in conversations]
+        prompts = [{"prompt_token_ids": self.tokenizer.encode(self.tokenizer.apply_chat_template(c, tools=tools)),
+                    "multi_modal_data": {"image": chat_images(c, self.media)}} for c in conversations]
         return self.generate(prompts, sampling_params)
 
     def get_stats(self) -> EngineStats:

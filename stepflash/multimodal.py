@@ -279,3 +279,75 @@ class ImageProcessor:
             out += layout
             last = slot + 1
         return out + token_ids[last:], placed
+
+
+# -- where images come from (OpenAI content parts) ---------------------------------------------------
+@dataclass(frozen=True)
+class MediaPolicy:
+    """What image URLs a request may use: `data:` URLs always; http(s) only from the listed domains
+    (fetched with httpx under a size and a time limit); local files (`file://` or plain paths) only
+    under `local_path`. Nothing is fetched by default."""
+
+    max_image_bytes: int = 20 << 20
+    allowed_domains: tuple[str, ...] = ()
+    local_path: str | None = None
+    fetch_timeout: float = 10.0
+
+    def load(self, url: str) -> bytes:
+        if url.startswith("data:"):
+            return decode_data_url(url, self.max_image_bytes)
+        if url.startswith(("http://", "https://")):
+            return self._fetch(url)
+        return self._read_local(url.removeprefix("file://"))
+
+    def _fetch(self, url: str) -> bytes:
+        from urllib.parse import urlsplit
+
+        host = (urlsplit(url).hostname or "").lower()
+        if not any(host == d or host.endswith("." + d) for d in self.allowed_domains):
+            raise ImageError(f"remote image URLs are not allowed ({host or url!r}); send the image as a data: URL, "
+                             "or start the server with --allowed-media-domains")
+        import httpx
+
+        try:
+            with httpx.stream("GET", url, timeout=self.fetch_timeout, follow_redirects=False) as response:
+                response.raise_for_status()
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) > self.max_image_bytes:
+                        raise ImageError(f"image at {url} is larger than the limit of {self.max_image_bytes} bytes")
+                return bytes(data)
+        except httpx.HTTPError as e:
+            raise ImageError(f"could not fetch image {url}: {e}") from None
+
+    def _read_local(self, path: str) -> bytes:
+        from pathlib import Path
+
+        if self.local_path is None:
+            raise ImageError("image URLs must be data: URLs (local files need --allowed-local-media-path)")
+        root, file = Path(self.local_path).resolve(), Path(path).resolve()
+        if not file.is_relative_to(root) or not file.is_file():
+            raise ImageError(f"image file {path!r} is not a file under the allowed media path")
+        if file.stat().st_size > self.max_image_bytes:
+            raise ImageError(f"image file {path!r} is larger than the limit of {self.max_image_bytes} bytes")
+        return file.read_bytes()
+
+
+IMAGE_PART_TYPES = ("image_url", "image")
+
+
+def chat_images(messages: list[dict], policy: MediaPolicy) -> list[bytes]:
+    """The images of a conversation's content parts, in order (what the chat template's
+    placeholders stand for); `{"type": "image_url", "image_url": {"url": ...}}` as in OpenAI's API."""
+    images = []
+    for message in messages:
+        content = message.get("content")
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES:
+                source = part.get("image_url", part.get("image"))
+                url = source.get("url") if isinstance(source, dict) else source
+                if not isinstance(url, str):
+                    raise ImageError("an image part needs image_url.url (a data: URL)")
+                images.append(policy.load(url))
+    return images

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stepflash import __version__
 from stepflash.engine.engine import AsyncLLMEngine
+from stepflash.multimodal import IMAGE_PART_TYPES, MediaPolicy, chat_images
 from stepflash.outputs import CompletionOutput, RequestOutput
 from stepflash.sampling import StructuredOutputsParams
 from stepflash.server.metrics import ServerMetrics
@@ -84,9 +85,11 @@ class AccessLog:
 
 
 def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None, max_queue: int = 256,
-               thinking_token_budget: int | None = None) -> FastAPI:
-    """`thinking_token_budget`: the default for requests that set none (None: reasoning is unbounded)."""
+               thinking_token_budget: int | None = None, media: MediaPolicy | None = None) -> FastAPI:
+    """`thinking_token_budget`: the default for requests that set none (None: reasoning is unbounded);
+    `media`: where image URLs may point (default: data: URLs only)."""
     metrics = ServerMetrics()
+    media = media or MediaPolicy()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -170,15 +173,17 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         check_request(body)
         tools, structured = _tools_and_format(body)
         tokenizer = engine.engine.tokenizer
+        messages = [_template_message(m) for m in body.messages]
         try:
-            text = tokenizer.apply_chat_template([_template_message(m) for m in body.messages], tools=tools)
+            images = _chat_images(messages, media, engine)
+            text = tokenizer.apply_chat_template(messages, tools=tools)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from e
         prompt = tokenizer.encode(text)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _params(body, body.max_completion_tokens or body.max_tokens, logprobs, engine, structured,
                          thinking_token_budget)
-        request_id = _submit(engine, prompt, params, "chatcmpl")
+        request_id = _submit(engine, prompt, params, "chatcmpl", images)
         stream = engine.stream(request_id)
         if body.stream:
             chunks = _chat_chunks(stream, request_id, model_name, body, tools, engine, metrics)
@@ -200,9 +205,9 @@ def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None, 
         raise ApiError(400, str(e)) from e
 
 
-def _submit(engine: AsyncLLMEngine, prompt: str | list[int], params, prefix: str) -> str:
+def _submit(engine: AsyncLLMEngine, prompt: str | list[int], params, prefix: str, images: list | None = None) -> str:
     try:
-        return engine.add(prompt, params, f"{prefix}-{uuid.uuid4().hex}")
+        return engine.add(prompt, params, f"{prefix}-{uuid.uuid4().hex}", images)
     except ValueError as e:  # context overflow, ids outside the vocabulary, ...
         raise ApiError(400, str(e)) from e
 
@@ -255,9 +260,23 @@ async def _sse(chunks: AsyncIterator[dict], engine: AsyncLLMEngine, request_id: 
     return StreamingResponse(replay(), media_type="text/event-stream")
 
 
+def _chat_images(messages: list[dict[str, Any]], media: MediaPolicy, engine: AsyncLLMEngine) -> list[bytes]:
+    """The conversation's images (image_url parts), checked against the model and the limit first."""
+    count = sum(isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES
+                for m in messages if isinstance(m.get("content"), list) for part in m["content"])
+    limit = engine.engine.config.limit_images_per_prompt
+    if count and engine.engine.images is None:
+        raise ValueError("this model takes no images (image_url parts need a vision model such as Step 3.7)")
+    if count > limit:
+        raise ValueError(f"{count} images in one request; the limit is {limit} (--limit-images-per-prompt)")
+    return chat_images(messages, media)
+
+
 def _template_message(m: ChatMessage) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
-    if isinstance(m.content, list):
+    if isinstance(m.content, list) and any(p.type in IMAGE_PART_TYPES for p in m.content):
+        message["content"] = [p.model_dump(exclude_none=True) for p in m.content]  # the template places images
+    elif isinstance(m.content, list):
         message["content"] = "".join(p.text or "" for p in m.content if p.type == "text")
     else:
         message["content"] = m.content or ""
