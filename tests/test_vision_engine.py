@@ -105,6 +105,22 @@ def test_greedy_matches_transformers(checkpoint, reference_greedy, mtp) -> None:
             assert sum(n for d, n in fed if d == depth) == image_rows
 
 
+@pytest.mark.parametrize("mtp", [0, 3])
+def test_preempted_image_prompts_recompute(checkpoint, reference_greedy, mtp) -> None:
+    """A KV pool too small for the three prompts at once: sequences are preempted and recomputed
+    (images included), and the output stays the reference's."""
+    from test_engine import small_budget
+
+    llm = LLM(str(checkpoint), mtp=mtp, max_model_len=64, max_num_seqs=3, max_num_batched_tokens=16,
+              kv_cache_bytes=small_budget(checkpoint, 6, 3, 16, mtp))
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    outs = llm.generate([{"prompt": t, "multi_modal_data": {"image": ims}} for t, ims in PROMPTS], params)
+    assert [out.outputs[0].token_ids for out in outs] == reference_greedy
+    stats = llm.get_stats()
+    assert stats.num_preemptions > 0
+    assert all(kind["used"] == 0 for kind in stats.kv_blocks.values())
+
+
 def test_prefix_cache_keyed_by_image_content(checkpoint) -> None:
     """The same image again hits the cache past its placeholders; another image of the same size at
     the same place misses from its first block on, and is still answered right."""
