@@ -517,7 +517,7 @@ def test_colliding_keys_never_serve_another_prefix(monkeypatch: pytest.MonkeyPat
     holds exactly the same tokens after exactly the same parent."""
     import stepflash.engine.kv_cache as kv_cache
 
-    monkeypatch.setattr(kv_cache, "block_key", lambda parent, tokens, extra=b"": b"same")
+    monkeypatch.setattr(kv_cache, "block_key", lambda parent, tokens: b"same")
     kv = KVCacheManager(4, 20, 0, 64)
     a = [1, 2, 3, 4, 5, 6, 7, 8, 9]
     tables = BlockTables()
@@ -544,7 +544,7 @@ def test_image_keys_separate_blocks_of_equal_tokens(monkeypatch: pytest.MonkeyPa
     ids = [9, 9, 9, 9, 1, 2, 3, 4, 5]
     for collide in (False, True):
         if collide:
-            monkeypatch.setattr(kv_cache, "block_key", lambda parent, tokens, extra=b"": b"same")
+            monkeypatch.setattr(kv_cache, "block_key", lambda parent, tokens: b"same")
         kv = KVCacheManager(4, 20, 0, 64)
         tables = BlockTables()
         kv.append(tables, len(ids))

@@ -44,22 +44,21 @@ NO_BLOCK = -1
 ROOT_KEY = b""  # the parent key of a sequence's first block
 
 
-def block_key(parent: bytes, tokens: tuple[int, ...], extra: bytes = b"") -> bytes:
-    """The prefix-cache key of a block: a hash of its parent's key, its tokens and the content keys
-    of the images whose placeholders it holds (`extra`)."""
+def block_key(parent: bytes, tokens: tuple[int, ...]) -> bytes:
+    """The prefix-cache key of a block: a hash of its parent's key and its tokens."""
     digest = hashlib.blake2b(parent, digest_size=16)
     digest.update(b"".join(t.to_bytes(4, "little") for t in tokens))
-    digest.update(extra)
     return digest.digest()
 
 
 def block_entry(parent: bytes, token_ids: list[int], index: int, block_size: int,
                 images: "Sequence[PlacedImage]" = ()) -> "CachedBlock":
-    """What block `index` of a sequence is cached as: its tokens, and the keys of images overlapping it."""
+    """What block `index` of a sequence is cached as: its tokens, and the content keys of the images
+    whose placeholders it holds (hashed with the parent's key)."""
     start, end = index * block_size, (index + 1) * block_size
     tokens = tuple(token_ids[start:end])
     extra = b"".join(im.image.key for im in images if im.start < end and im.end > start)
-    return CachedBlock(block_key(parent, tokens, extra), parent, tokens, extra)
+    return CachedBlock(block_key(parent + extra, tokens), parent, tokens, extra)
 
 
 # -- layout -------------------------------------------------------------------------------------------
