@@ -53,15 +53,15 @@ def test_prompt_logprobs_match_transformers_through_chunks(checkpoint) -> None:
     # chunks of 16 tokens cut through every image
     llm = LLM(str(checkpoint), max_model_len=256, max_num_seqs=4, mtp=0, max_num_batched_tokens=16)
     outs = llm.generate([{"prompt": t, "multi_modal_data": {"image": ims}} for t, ims in PROMPTS],
-                        SamplingParams(prompt_logprobs=0, max_tokens=1))
+                        SamplingParams(prompt_logprobs=20, max_tokens=1))
     for (text, images), out in zip(PROMPTS, outs):
         inputs = _reference_inputs(llm, text, images)
         ids = inputs["input_ids"][0].tolist()
         assert out.prompt_token_ids == ids
-        expected = ref(**inputs).logits[0].log_softmax(-1)
-        got = torch.tensor([out.prompt_logprobs[j][ids[j]] for j in range(1, len(ids))])
-        want = expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
-        assert (got - want).abs().max().item() < TOL
+        expected = ref(**inputs).logits[0].log_softmax(-1)  # row j scores the token at j + 1
+        diffs = [abs(lp - expected[j - 1, token].item())  # the prompt token and the top 20 at every position
+                 for j in range(1, len(ids)) for token, lp in out.prompt_logprobs[j].items()]
+        assert len(diffs) >= 20 * (len(ids) - 1) and max(diffs) < TOL
 
 
 @torch.no_grad()
