@@ -20,6 +20,7 @@ Decoding policy: EXIF orientation is applied, transparency is composited onto wh
 import base64
 import binascii
 import hashlib
+import importlib.util
 import io
 import math
 from dataclasses import dataclass, field
@@ -199,6 +200,8 @@ class ImageProcessor:
     @classmethod
     def of(cls, cfg: VisionConfig, token_to_id, **limits: int) -> "ImageProcessor":
         """Token ids from the tokenizer (`token_to_id`); the config's image_token_id must agree."""
+        if importlib.util.find_spec("PIL") is None:
+            raise ValueError("this model takes images, which need Pillow: pip install 'stepflash[vision]'")
         ids = {token: token_to_id(token) for token in IMAGE_TOKENS}
         lacking = [token for token, i in ids.items() if i is None]
         if lacking:
@@ -307,8 +310,10 @@ class MediaPolicy:
         if not any(host == d or host.endswith("." + d) for d in self.allowed_domains):
             raise ImageError(f"remote image URLs are not allowed ({host or url!r}); send the image as a data: URL, "
                              "or start the server with --allowed-media-domains")
-        import httpx
-
+        try:
+            import httpx
+        except ImportError:
+            raise ImageError("fetching remote images needs httpx: pip install 'stepflash[vision]'") from None
         try:
             with httpx.stream("GET", url, timeout=self.fetch_timeout, follow_redirects=False) as response:
                 response.raise_for_status()

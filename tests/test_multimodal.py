@@ -143,3 +143,42 @@ def test_too_many_image_tokens_refused(checkpoint) -> None:
 def test_placeholder_count_must_match(processor) -> None:
     with pytest.raises(ValueError, match="1 image placeholders"):
         processor.expand([5, processor.image_token_id], [])
+
+
+def test_config_image_token_must_be_the_tokenizers(checkpoint) -> None:
+    from dataclasses import replace
+
+    cfg = ModelConfig.from_pretrained(checkpoint).vision
+    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="image_token_id 151679"):
+        ImageProcessor.of(replace(cfg, image_token_id=151679), tokenizer.token_to_id)
+    with pytest.raises(ValueError, match="lacks the image tokens"):
+        ImageProcessor.of(cfg, lambda token: None if token == "<patch_newline>" else 5)
+
+
+def test_media_policy_fetches_only_allowed_domains_within_limits(tmp_path) -> None:
+    """A loopback HTTP server stands in for a remote host."""
+    import http.server
+    import threading
+
+    from stepflash.multimodal import MediaPolicy
+
+    png = _encoded("PNG", size=(64, 64))
+    (tmp_path / "cat.png").write_bytes(png)
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/cat.png"
+    try:
+        assert MediaPolicy(allowed_domains=("127.0.0.1",)).load(url) == png
+        with pytest.raises(ImageError, match="not allowed"):
+            MediaPolicy().load(url)
+        with pytest.raises(ImageError, match="10 bytes"):
+            MediaPolicy(max_image_bytes=10, allowed_domains=("127.0.0.1",)).load(url)
+        with pytest.raises(ImageError, match="could not fetch"):
+            MediaPolicy(allowed_domains=("127.0.0.1",)).load(url.replace("cat", "dog"))
+        assert MediaPolicy(local_path=str(tmp_path)).load(f"file://{tmp_path}/cat.png") == png
+        with pytest.raises(ImageError, match="not a file under"):
+            MediaPolicy(local_path=str(tmp_path / "sub")).load(f"file://{tmp_path}/cat.png")
+    finally:
+        server.shutdown()

@@ -24,7 +24,7 @@ from stepflash.engine.scheduler import Scheduler, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.speculative import MTPDrafter
 from stepflash.model.loader import load_model, mtp_modules_in
-from stepflash.multimodal import ImageProcessor, PlacedImage
+from stepflash.multimodal import ImageInput, ImageProcessor, PlacedImage
 from stepflash.outputs import RequestOutput, SpecStats
 from stepflash.sampling import SamplingParams
 from stepflash.structured import Constraint, StructuredOutputs
@@ -120,8 +120,8 @@ class LLMEngine:
     def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                      images: list | None = None) -> Request:
         """Tokenize and validate; touches no engine state (the async front calls it on its own thread).
-        `images` (encoded bytes, PIL images or uint8 [3, H, W] tensors) go to the prompt's image
-        placeholders, in order."""
+        `images` (encoded bytes, PIL images, uint8 [3, H, W] tensors or preprocessed ImageInputs) go
+        to the prompt's image placeholders, in order."""
         params = params or SamplingParams()
         text, ids = self._tokenize(prompt)
         ids, placed = self._place_images(ids, images or [])
@@ -151,7 +151,7 @@ class LLMEngine:
         limit = self.config.limit_images_per_prompt
         if len(images) > limit:
             raise ValueError(f"{len(images)} images in one prompt; the limit is {limit} (limit_images_per_prompt)")
-        return self.images.expand(ids, [self.images.process(image) for image in images])
+        return self.images.expand(ids, [im if isinstance(im, ImageInput) else self.images.process(im) for im in images])
 
     def enqueue(self, request: Request) -> None:
         if request.request_id in self.output.requests:

@@ -6,6 +6,7 @@ own checks) before anything is queued, and every error is answered in OpenAI's e
 A client that goes away mid-request has its request aborted at once, freeing its KV blocks.
 """
 
+import asyncio
 import hmac
 import itertools
 import json
@@ -24,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stepflash import __version__
 from stepflash.engine.engine import AsyncLLMEngine
-from stepflash.multimodal import IMAGE_PART_TYPES, MediaPolicy, chat_images
+from stepflash.multimodal import IMAGE_PART_TYPES, ImageInput, MediaPolicy, chat_images
 from stepflash.outputs import CompletionOutput, RequestOutput
 from stepflash.sampling import StructuredOutputsParams
 from stepflash.server.metrics import ServerMetrics
@@ -175,7 +176,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         tokenizer = engine.engine.tokenizer
         messages = [_template_message(m) for m in body.messages]
         try:
-            images = _chat_images(messages, media, engine)
+            images = await asyncio.to_thread(_chat_images, messages, media, engine)  # decoding: off the event loop
             text = tokenizer.apply_chat_template(messages, tools=tools)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from e
@@ -260,8 +261,9 @@ async def _sse(chunks: AsyncIterator[dict], engine: AsyncLLMEngine, request_id: 
     return StreamingResponse(replay(), media_type="text/event-stream")
 
 
-def _chat_images(messages: list[dict[str, Any]], media: MediaPolicy, engine: AsyncLLMEngine) -> list[bytes]:
-    """The conversation's images (image_url parts), checked against the model and the limit first."""
+def _chat_images(messages: list[dict[str, Any]], media: MediaPolicy, engine: AsyncLLMEngine) -> list[ImageInput]:
+    """The conversation's images (image_url parts), checked against the model and the limit first,
+    then fetched, decoded and preprocessed."""
     count = sum(isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES
                 for m in messages if isinstance(m.get("content"), list) for part in m["content"])
     limit = engine.engine.config.limit_images_per_prompt
@@ -269,7 +271,7 @@ def _chat_images(messages: list[dict[str, Any]], media: MediaPolicy, engine: Asy
         raise ValueError("this model takes no images (image_url parts need a vision model such as Step 3.7)")
     if count > limit:
         raise ValueError(f"{count} images in one request; the limit is {limit} (--limit-images-per-prompt)")
-    return chat_images(messages, media)
+    return [engine.engine.images.process(data) for data in chat_images(messages, media)]
 
 
 def _template_message(m: ChatMessage) -> dict[str, Any]:
