@@ -326,7 +326,13 @@ class EngineConfig:
                                        "with the kernels on CUDA; on without CUDA runs the same bucketed "
                                        "step eagerly)", ("auto", "on", "off"))
     quantization: str | None = _option(None, "not supported yet (FP8/INT4 checkpoints are read as stored)")
-    tensor_parallel_size: int = _option(1, "GPUs to shard the model over (only 1 is supported yet)")
+    tensor_parallel_size: int = _option(1, "ranks (GPUs; processes on the CPU) to shard the model over: heads, "
+                                           "intermediate dims and vocabulary split, one all-reduce after attention "
+                                           "and one after each FFN")
+    enable_expert_parallel: bool = _option(False, "whole routed experts per rank instead of a slice of every "
+                                                  "expert (tensor_parallel_size ranks)")
+    distributed_timeout_s: int = _option(300, "seconds a collective waits for another rank before the engine "
+                                              "fails with an error (a rank that died or hangs)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -343,8 +349,10 @@ class EngineConfig:
             raise ValueError(f"mtp must be >= 0, got {self.mtp}")
         if self.quantization is not None:
             raise ValueError(f"quantization={self.quantization!r} is not supported yet")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if self.distributed_timeout_s < 1:
+            raise ValueError(f"distributed_timeout_s must be >= 1, got {self.distributed_timeout_s!r}")
 
     @classmethod
     def of(cls, **options: Any) -> EngineConfig:

@@ -16,7 +16,9 @@ Prompt = str | list[int]
 class LLM:
     """`LLM(model=None, **options)`: options are EngineConfig's fields (device, dtype, mtp,
     kv_cache_bytes, max_num_seqs, max_model_len, max_num_batched_tokens, block_size,
-    enable_prefix_caching, seed, kernels, cuda_graphs, quantization, tensor_parallel_size)."""
+    enable_prefix_caching, seed, kernels, cuda_graphs, quantization, tensor_parallel_size,
+    enable_expert_parallel, distributed_timeout_s). With tensor_parallel_size > 1 this process is
+    rank 0 and starts the others; `shutdown()` stops them (they also stop when this process exits)."""
 
     def __init__(self, model: str | Path | None = None, **options: Any) -> None:
         self.engine = LLMEngine(model or default_model_dir(), EngineConfig.of(**options))
@@ -54,3 +56,6 @@ class LLM:
 
     def get_stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
