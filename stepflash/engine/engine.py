@@ -9,7 +9,7 @@ import importlib.util
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from stepflash.engine.sampler import Sampler
 from stepflash.engine.scheduler import Scheduler, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.speculative import MTPDrafter
-from stepflash.engine.worker import Ranks, kv_budget, layout_message
+from stepflash.engine.worker import RankFailure, Ranks, kv_budget, layout_message
 from stepflash.distributed import Parallel, check_shardable
 from stepflash.model.loader import load_model, mtp_modules_in
 from stepflash.outputs import RequestOutput, SpecStats
@@ -257,6 +257,8 @@ class AsyncLLMEngine:
         self._aborts: set[str] = set()
         self._loop_task: asyncio.Task | None = None
         self._ids = itertools.count()
+        self.fatal: RankFailure | None = None  # the engine cannot go on (a tensor-parallel rank failed)
+        self.on_fatal: Callable[[RankFailure], None] | None = None
 
     def add(self, prompt: str | list[int], params: SamplingParams | None = None,
             request_id: str | None = None) -> str:
@@ -321,6 +323,10 @@ class AsyncLLMEngine:
                 for request_id in list(self.engine.output.requests):
                     self.engine.abort_request(request_id)
                     self._deliver(request_id, RuntimeError(f"engine step failed: {e}"))
+                if isinstance(e, RankFailure) and self.fatal is None:
+                    self.fatal = e
+                    if self.on_fatal:
+                        self.on_fatal(e)
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)
