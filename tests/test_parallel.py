@@ -1,0 +1,222 @@
+"""Tensor and expert parallelism on the CPU (gloo, 2 processes): TP=2 and TP=2 with EP give TP=1's
+greedy tokens and log-probabilities (and the transformers oracle's), MTP-3 and engine pressure
+included, FP8 checkpoints whose blocks the slices cut included; each rank holds and reads only its
+slices; a rank that dies or hangs fails the engine with a clear error in bounded time, and no
+process is left behind."""
+
+import os
+import signal
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_engine import assert_matches_reference, mixed_prompts
+
+from checkpoints import write_checkpoint
+from stepflash import LLM, SamplingParams
+from stepflash.config import ModelConfig
+from stepflash.distributed import Parallel
+from stepflash.engine.kv_cache import KVLayout, kv_bytes_per_block
+from stepflash.engine.worker import RankFailure
+from stepflash.kernels.fp8_linear import dequantize_fp8
+from stepflash.model import loader
+from stepflash.model.loader import hub_state_dict, load_model
+from stepflash.train.configs import tiny_config
+
+FP8_BLOCK = (24, 40)  # TP=2 halves of 32 (experts, shared expert), 64 (q rows), 96 / 48 (MLP) cut these blocks
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("tp"), tiny_config(), seed=5)
+
+
+@pytest.fixture(scope="module")
+def fp8_ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("tp-fp8"), tiny_config(), fp8_block=FP8_BLOCK, seed=6)
+
+
+def greedy(max_tokens: int = 10, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1, ignore_eos=True, **kw)
+
+
+def assert_same(reference: list, outputs: list) -> None:
+    for ref, out in zip(reference, outputs, strict=True):
+        a, b = ref.outputs[0], out.outputs[0]
+        assert b.token_ids == a.token_ids
+        for lp_a, lp_b, token in zip(a.logprobs, b.logprobs, a.token_ids, strict=True):
+            assert abs(lp_a[token] - lp_b[token]) < 1e-4
+
+
+def per_rank_budget(ckpt, full_blocks: int, max_num_seqs: int, batched: int, mtp: int, size: int) -> int:
+    """kv_cache_bytes (per rank) for `full_blocks` full-attention blocks and the sliding reserve."""
+    cfg, parallel = ModelConfig.from_pretrained(ckpt), Parallel(0, size)
+    full = [s.index for s in cfg.decoder_layers if not s.sliding_window]
+    sliding = [s.index for s in cfg.decoder_layers + cfg.mtp_layers[:mtp] if s.sliding_window]
+    sliding_blocks = KVLayout.sliding_blocks(cfg.sliding_window, mtp, 16, max_num_seqs, batched)
+    return (full_blocks * kv_bytes_per_block(cfg, full, 16, torch.float32, parallel=parallel)
+            + sliding_blocks * kv_bytes_per_block(cfg, sliding, 16, torch.float32, mtp, parallel))
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "tp2-ep"])
+def test_tp2_equals_tp1_and_the_oracle_with_mtp3_under_pressure(ckpt, expert_parallel):
+    """Chunked prefill (16-token steps), prefix hits and preemption (a tight KV budget), MTP-3."""
+    prompts = mixed_prompts()
+    reference = LLM(str(ckpt), mtp=0).generate(prompts, greedy())
+    llm = LLM(str(ckpt), tensor_parallel_size=2, enable_expert_parallel=expert_parallel, mtp=3, max_num_seqs=8,
+              max_num_batched_tokens=16, max_model_len=120,
+              kv_cache_bytes=per_rank_budget(ckpt, 10, 8, 16, mtp=3, size=2))
+    try:
+        outputs = llm.generate(prompts, greedy())
+        stats = llm.get_stats()
+    finally:
+        llm.shutdown()
+    assert_same(reference, outputs)
+    assert_matches_reference(ckpt, prompts, outputs)
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hit_rate > 0 and stats.spec.num_verify_steps > 0
+
+
+def test_fp8_slices_that_cut_blocks_compute_what_tp1_computes(fp8_ckpt):
+    prompts = mixed_prompts()[2:6]
+    reference = LLM(str(fp8_ckpt), mtp=0).generate(prompts, greedy(6))
+    llm = LLM(str(fp8_ckpt), tensor_parallel_size=2, mtp=1)
+    try:
+        assert_same(reference, llm.generate(prompts, greedy(6)))
+    finally:
+        llm.shutdown()
+
+
+# ---------------------------------------------------------------- loading one rank (no processes)
+
+def expected_slice(name: str, full: torch.Tensor, cfg: ModelConfig, rank: int, size: int, ep: bool) -> torch.Tensor:
+    """Rank `rank`'s part of a whole (TP=1) tensor, by the sharding rules written out here."""
+    def cut(dim: int, n: int) -> torch.Tensor:
+        step = full.shape[dim] // n
+        return full.narrow(dim, rank * step, step)
+
+    layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+    spec = cfg.layers[layer] if layer is not None else None
+    if name.endswith(("embed_tokens.weight", "lm_head.weight", "shared_head.output.weight")):
+        return cut(0, size)
+    if name.endswith(("q_proj.weight", "g_proj.weight")):
+        return cut(0, size)
+    if name.endswith(("k_proj.weight", "v_proj.weight")):
+        return cut(0, min(size, spec.num_kv_heads))
+    if name.endswith("o_proj.weight"):
+        return cut(1, size)
+    if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "share_expert.gate_proj.weight",
+                      "share_expert.up_proj.weight")):
+        return cut(0, size)
+    if name.endswith(("mlp.down_proj.weight", "share_expert.down_proj.weight")):
+        return cut(1, size)
+    if name.endswith(("moe.gate_proj.weight", "moe.up_proj.weight")):
+        return cut(0, size) if ep else cut(1, size)
+    if name.endswith("moe.down_proj.weight"):
+        return cut(0, size) if ep else cut(2, size)
+    return full  # norms, router, eh_proj: replicated
+
+
+def dense(state: dict[str, torch.Tensor], name: str, block: tuple[int, int]) -> torch.Tensor:
+    t = state[name]
+    return dequantize_fp8(t, state[name + "_scale_inv"], block) if t.dtype == torch.float8_e4m3fn else t.float()
+
+
+@pytest.mark.parametrize("keep_fp8", [False, True], ids=["dequantized", "kept-fp8"])
+@pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
+def test_each_rank_loads_exactly_its_slices(fp8_ckpt, keep_fp8, ep):
+    """Every tensor of rank r equals the slice of the whole model that the rules give, FP8 slices
+    that cut blocks included (a scale taken from the wrong block would show); kept FP8 tensors keep
+    the checkpoint's bytes."""
+    cfg = ModelConfig.from_pretrained(fp8_ckpt)
+    whole = hub_state_dict(load_model(fp8_ckpt))
+    for rank in range(2):
+        state = hub_state_dict(load_model(fp8_ckpt, keep_fp8=keep_fp8, parallel=Parallel(rank, 2, ep)))
+        assert set(state) - {n for n in state if n.endswith("_scale_inv")} == set(whole)
+        for name, full in whole.items():
+            got = dense(state, name, FP8_BLOCK)
+            assert torch.equal(got, expected_slice(name, full, cfg, rank, 2, ep)), name
+        if keep_fp8:
+            assert state["model.layers.0.mlp.gate_proj.weight"].dtype == torch.float8_e4m3fn  # 48 rows: whole blocks
+            if ep:  # whole experts: their blocks are never cut
+                assert state["model.layers.3.moe.down_proj.weight"].dtype == torch.float8_e4m3fn
+
+
+def test_rank_holds_and_reads_only_its_share(ckpt, monkeypatch):
+    """Weight bytes per rank = (sharded parts) / 2 + replicated parts, and the loader reads no more."""
+    read = []
+    real_open = loader.safe_open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.f = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_tensor(self, name):
+            read.append(t := self.handle.get_tensor(name))
+            return t
+
+        def get_slice(self, name):
+            handle = self.handle
+
+            class Slice:
+                def __getattr__(self, attr):
+                    return getattr(handle.get_slice(name), attr)
+
+                def __getitem__(self, index):
+                    read.append(t := handle.get_slice(name)[index])
+                    return t
+
+            return Slice()
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    with safe_open(ckpt / "model.safetensors", framework="pt") as f:
+        whole = {name: f.get_tensor(name) for name in f.keys()}
+    replicated = {n for n in whole if n.endswith(("norm.weight", "moe.gate.weight", "router_bias", "eh_proj.weight"))}
+    sharded_bytes = nbytes(t for n, t in whole.items() if n not in replicated)
+    monkeypatch.setattr(loader, "safe_open", Spy)
+    for ep in (False, True):
+        read.clear()
+        model = load_model(ckpt, parallel=Parallel(1, 2, ep))
+        held = nbytes(model.state_dict().values())
+        assert held == sharded_bytes // 2 + nbytes(whole[n] for n in replicated)
+        assert nbytes(read) == held
+
+
+# ---------------------------------------------------------------- faults
+
+def test_a_killed_rank_fails_the_engine_with_a_clear_error(ckpt):
+    llm = LLM(str(ckpt), tensor_parallel_size=2, mtp=0, distributed_timeout_s=30)
+    try:
+        assert len(llm.generate([[5, 6, 7]], greedy(3))[0].outputs[0].token_ids) == 3
+        worker = llm.engine.ranks.processes[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+        with pytest.raises(RankFailure, match=rf"rank 1 \(pid {worker.pid}\) exited with code -9"):
+            llm.generate([[5, 6, 7]], greedy(3))
+    finally:
+        llm.shutdown()
+
+
+def test_a_hung_rank_fails_the_engine_after_the_timeout_and_nothing_is_left(ckpt):
+    llm = LLM(str(ckpt), tensor_parallel_size=2, mtp=0, distributed_timeout_s=3)
+    worker = llm.engine.ranks.processes[0]
+    try:
+        os.kill(worker.pid, signal.SIGSTOP)
+        with pytest.raises(RankFailure, match="collective failed"):
+            llm.generate([[5, 6, 7]], greedy(3))
+        with pytest.raises(RankFailure):  # the engine stays failed, at once
+            llm.generate([[5, 6, 7]], greedy(3))
+    finally:
+        llm.shutdown()
+    assert worker.exitcode is not None  # no orphan: the stopped rank was killed
