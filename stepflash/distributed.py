@@ -120,7 +120,7 @@ def init_groups(rank: int, size: int, init_method: str, device: torch.device, ti
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                             timeout=timedelta(seconds=timeout_s))
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return Parallel(rank, size, expert_parallel), PlanChannel(control)
+    return Parallel(rank, size, expert_parallel), PlanChannel(control, timedelta(seconds=timeout_s))
 
 
 def launched_by_torchrun() -> bool:
@@ -147,16 +147,18 @@ def shutdown() -> None:
 class PlanChannel:
     """Rank 0 -> every rank, over the gloo CPU group: a message of JSON metadata and a raw byte
     payload (sizes first, then the bytes; no pickle, so a peer cannot send code), and device
-    tensors that exist only on rank 0 (MTP drafts) over the device group."""
+    tensors that exist only on rank 0 (MTP drafts) over the device group. Rank 0's sends wait at
+    most `timeout` for the other ranks (a hung rank fails the step); the others wait for the
+    next message as long as the server idles."""
 
-    def __init__(self, group: Any) -> None:
-        self.group = group
+    def __init__(self, group: Any, timeout: timedelta) -> None:
+        self.group, self.timeout = group, timeout
 
     def send(self, meta: dict, data: bytes = b"") -> None:
         head = json.dumps(meta).encode()
-        dist.broadcast(torch.tensor([len(head), len(data)], dtype=torch.int64), 0, group=self.group)
         payload = torch.frombuffer(bytearray(head + data), dtype=torch.uint8)
-        dist.broadcast(payload, 0, group=self.group)
+        for t in (torch.tensor([len(head), len(data)], dtype=torch.int64), payload):
+            dist.broadcast(t, 0, group=self.group, async_op=True).wait(self.timeout)
 
     def receive(self) -> tuple[dict, bytes]:
         sizes = torch.zeros(2, dtype=torch.int64)

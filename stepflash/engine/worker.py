@@ -86,6 +86,8 @@ class Ranks:
         return self.failed
 
     def close(self) -> None:
+        if self.failed is not None:  # the ranks may hang: no stop message, no waiting
+            _kill(self.processes)
         self._finalizer()
 
 
