@@ -329,8 +329,9 @@ class EngineConfig:
     tensor_parallel_size: int = _option(1, "ranks (GPUs; processes on the CPU) to shard the model over: heads, "
                                            "intermediate dims and vocabulary split, one all-reduce after attention "
                                            "and one after each FFN")
-    enable_expert_parallel: bool = _option(False, "whole routed experts per rank instead of a slice of every "
-                                                  "expert (tensor_parallel_size ranks)")
+    enable_expert_parallel: bool | None = _option(None, "whole routed experts per rank instead of a slice of "
+                                                         "every expert (default: only where slicing the experts "
+                                                         "would cut the quantized checkpoint's scale blocks)")
     distributed_timeout_s: int = _option(300, "seconds a collective waits for another rank before the engine "
                                               "fails with an error (a rank that died or hangs)")
 

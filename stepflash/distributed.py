@@ -90,6 +90,25 @@ def check_shardable(cfg: ModelConfig, size: int, expert_parallel: bool) -> None:
                              f"neither divide by it nor divide it")
 
 
+def use_expert_parallel(cfg: ModelConfig, size: int, asked: bool | None) -> bool:
+    """The user's choice, or where they chose neither mode (None): expert parallelism when a slice of
+    every expert would cut the scale blocks of quantized experts (FP8 blocks, INT4 groups along the
+    intermediate dim), as the Step-3.5-Flash FP8 release's 1280 does at TP4 (320) and TP8 (160);
+    else TP inside experts. Every rank decides alike from the same config."""
+    if asked is not None:
+        return asked
+    quant = cfg.quantization_config or {}
+    if not cfg.moe_num_experts or cfg.moe_num_experts % size or size == 1:
+        return False
+    part = cfg.moe_intermediate_size // size
+    if quant.get("quant_method") == "fp8":
+        block = quant.get("weight_block_size", (128, 128))
+        return part % block[0] != 0 or part % block[1] != 0
+    if quant.get("group_size"):
+        return part % quant["group_size"] != 0
+    return False
+
+
 def shard_range(full: tuple[int, ...], local: tuple[int, ...], parallel: Parallel) -> tuple[int, int, int] | None:
     """(dim, start, stop) of this rank's slice of a tensor of shape `full` held as `local`, None
     when it is replicated; ValueError when the shapes are not a slice of that kind."""

@@ -15,7 +15,7 @@ from test_engine import assert_matches_reference, mixed_prompts
 from checkpoints import write_checkpoint
 from stepflash import LLM, SamplingParams
 from stepflash.config import ModelConfig
-from stepflash.distributed import Parallel
+from stepflash.distributed import Parallel, use_expert_parallel
 from stepflash.engine.kv_cache import KVLayout, kv_bytes_per_block
 from stepflash.engine.worker import RankFailure
 from stepflash.kernels.fp8_linear import dequantize_fp8
@@ -58,11 +58,21 @@ def per_rank_budget(ckpt, full_blocks: int, max_num_seqs: int, batched: int, mtp
             + sliding_blocks * kv_bytes_per_block(cfg, sliding, 16, torch.float32, mtp, parallel))
 
 
+_tp1: dict = {}
+
+
+def tp1_outputs(ckpt, prompts: list[list[int]]) -> list:
+    key = (ckpt, str(prompts))
+    if key not in _tp1:
+        _tp1[key] = LLM(str(ckpt), mtp=0).generate(prompts, greedy(16))
+    return _tp1[key]
+
+
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "tp2-ep"])
 def test_tp2_equals_tp1_and_the_oracle_with_mtp3_under_pressure(ckpt, expert_parallel):
     """Chunked prefill (16-token steps), prefix hits and preemption (a tight KV budget), MTP-3."""
     prompts = mixed_prompts()[2:8]
-    reference = LLM(str(ckpt), mtp=0).generate(prompts, greedy(16))
+    reference = tp1_outputs(ckpt, prompts)
     llm = LLM(str(ckpt), tensor_parallel_size=2, enable_expert_parallel=expert_parallel, mtp=3, max_num_seqs=8,
               max_num_batched_tokens=16, max_model_len=120,
               kv_cache_bytes=per_rank_budget(ckpt, 9, 8, 16, mtp=3, size=2))
@@ -72,18 +82,29 @@ def test_tp2_equals_tp1_and_the_oracle_with_mtp3_under_pressure(ckpt, expert_par
     finally:
         llm.shutdown()
     assert_same(reference, outputs)
-    assert_matches_reference(ckpt, prompts, outputs)
+    if not expert_parallel:  # (TP=1 is checked against the oracle elsewhere; here TP=2 directly once)
+        assert_matches_reference(ckpt, prompts, outputs)
     assert stats.num_preemptions > 0 and stats.prefix_cache_hit_rate > 0 and stats.spec.num_verify_steps > 0
 
 
 def test_fp8_slices_that_cut_blocks_compute_what_tp1_computes(fp8_ckpt):
     prompts = mixed_prompts()[2:6]
     reference = LLM(str(fp8_ckpt), mtp=0).generate(prompts, greedy(6))
-    llm = LLM(str(fp8_ckpt), tensor_parallel_size=2, mtp=1)
+    llm = LLM(str(fp8_ckpt), tensor_parallel_size=2, enable_expert_parallel=False, mtp=1)  # experts cut too
     try:
         assert_same(reference, llm.generate(prompts, greedy(6)))
     finally:
         llm.shutdown()
+
+
+def test_expert_parallel_by_default_only_where_slicing_experts_cuts_blocks():
+    def config(block):
+        return ModelConfig.from_dict(tiny_config(quantization_config={"quant_method": "fp8", "weight_block_size": block}))
+
+    assert use_expert_parallel(config([24, 40]), 2, None)  # 32 / 2 = 16 rows: cut
+    assert not use_expert_parallel(config([16, 16]), 2, None)  # whole blocks
+    assert not use_expert_parallel(ModelConfig.from_dict(tiny_config()), 2, None)  # nothing quantized
+    assert not use_expert_parallel(config([24, 40]), 2, False)  # asked
 
 
 # ---------------------------------------------------------------- loading one rank (no processes)

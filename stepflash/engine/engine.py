@@ -5,6 +5,7 @@ in a worker thread behind an asyncio interface (submit, stream deltas, abort) fo
 """
 
 import asyncio
+import dataclasses
 import importlib.util
 import itertools
 import os
@@ -24,7 +25,7 @@ from stepflash.engine.scheduler import Scheduler, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.speculative import MTPDrafter
 from stepflash.engine.worker import RankFailure, Ranks, kv_budget, layout_message
-from stepflash.distributed import Parallel, check_shardable
+from stepflash.distributed import Parallel, check_shardable, use_expert_parallel
 from stepflash.model.loader import load_model, mtp_modules_in
 from stepflash.outputs import RequestOutput, SpecStats
 from stepflash.sampling import SamplingParams
@@ -91,6 +92,8 @@ class LLMEngine:
                              f"so mtp must be in 0..{available}")
         self.ranks: Ranks | None = None
         if ec.tensor_parallel_size > 1:
+            ec = self.config = dataclasses.replace(ec, enable_expert_parallel=use_expert_parallel(
+                cfg, ec.tensor_parallel_size, ec.enable_expert_parallel))
             check_shardable(cfg, ec.tensor_parallel_size, ec.enable_expert_parallel)
             self.ranks = Ranks.start(model_dir, ec)
             device = self.ranks.device

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from stepflash.config import EngineConfig, LayerKind
+from stepflash.config import EngineConfig, LayerKind, ModelConfig
 from stepflash.distributed import (Parallel, PlanChannel, device_of, free_port, init_groups, launched_by_torchrun,
-                                   shutdown)
+                                   shutdown, use_expert_parallel)
 from stepflash.engine.kv_cache import KVLayout
 from stepflash.engine.runner import ModelRunner, StepCall
 from stepflash.model.loader import load_model
@@ -58,6 +58,8 @@ class Ranks:
             for p in processes:
                 p.start()
         device = device_of(ec.device, local_rank)
+        if device.type == "cpu" and not launched_by_torchrun():
+            _share_cores(size)  # this process is a rank too, beside N - 1 others on the same cores
         try:
             parallel, channel = init_groups(0, size, init_method, device, ec.distributed_timeout_s,
                                             ec.enable_expert_parallel)
@@ -111,17 +113,22 @@ def _kill(processes: list[mp.Process]) -> None:
             p.join(5)
 
 
+def _share_cores(size: int) -> None:
+    """CPU ranks on one machine: each takes its share of the cores, so that none oversubscribes them."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+
+
 def _spawned_rank(rank: int, init_method: str, model_dir: str, ec: EngineConfig) -> None:
     if ec.device in ("auto", "cpu") and not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ec.tensor_parallel_size))
+        _share_cores(ec.tensor_parallel_size)
     serve_rank(rank, init_method, model_dir, ec, local_rank=rank)
 
 
 def serve_rank(rank: int, init_method: str, model_dir: str | Path, ec: EngineConfig, local_rank: int) -> None:
     """A rank > 0: its shard, its runner, rank 0's calls until stop."""
     device = device_of(ec.device, local_rank)
-    parallel, channel = init_groups(rank, ec.tensor_parallel_size, init_method, device, ec.distributed_timeout_s,
-                                    ec.enable_expert_parallel)
+    ep = use_expert_parallel(ModelConfig.from_pretrained(model_dir), ec.tensor_parallel_size, ec.enable_expert_parallel)
+    parallel, channel = init_groups(rank, ec.tensor_parallel_size, init_method, device, ec.distributed_timeout_s, ep)
     try:
         load, _ = channel.receive()
         if load == STOP:
