@@ -40,6 +40,7 @@ class Ranks:
                  processes: list[mp.Process]) -> None:
         self.parallel, self.channel, self.device, self.processes = parallel, channel, device, processes
         self.failed: RankFailure | None = None  # once a collective failed, every later step fails at once
+        self.threads = torch.get_num_threads()  # this process's own, restored at close
         self._finalizer = weakref.finalize(self, _stop, channel, processes)
 
     @classmethod
@@ -58,6 +59,7 @@ class Ranks:
             for p in processes:
                 p.start()
         device = device_of(ec.device, local_rank)
+        threads = torch.get_num_threads()
         if device.type == "cpu" and not launched_by_torchrun():
             _share_cores(size)  # this process is a rank too, beside N - 1 others on the same cores
         try:
@@ -65,8 +67,11 @@ class Ranks:
                                             ec.enable_expert_parallel)
         except Exception as e:
             _kill(processes)
+            torch.set_num_threads(threads)
             raise RankFailure(f"the {size} tensor-parallel ranks did not come up: {e}") from e
-        return cls(parallel, channel, device, processes)
+        ranks = cls(parallel, channel, device, processes)
+        ranks.threads = threads
+        return ranks
 
     def check(self) -> None:
         """Raise RankFailure, naming them, when ranks exited (or a collective failed before)."""
@@ -91,6 +96,7 @@ class Ranks:
         if self.failed is not None:  # the ranks may hang: no stop message, no waiting
             _kill(self.processes)
         self._finalizer()
+        torch.set_num_threads(self.threads)
 
 
 def _stop(channel: PlanChannel, processes: list[mp.Process], deadline_s: float = 10.0) -> None:
