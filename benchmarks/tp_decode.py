@@ -94,9 +94,9 @@ def main() -> None:
         for tp in map(int, args.tp.split(",")):
             for ep in ([False, True] if args.ep and tp > 1 else [False]):
                 row = run(model, tp, ep, batch, args.new_tokens, clock)
-                if rows and rows[0]["batch"] == batch:
-                    row["same_tokens_as_tp1"] = row["tokens"] == next(r for r in rows if r["batch"] == batch
-                                                                      and r["tp"] == 1)["tokens"]
+                tp1 = [r for r in rows if r["batch"] == batch and r["tp"] == 1]
+                if tp > 1 and tp1:
+                    row["same_tokens_as_tp1"] = row["tokens"] == tp1[0]["tokens"]
                 rows.append(row)
                 print(f"batch {batch:3d} TP={tp}{'+EP' if ep else '   '}: {row['tokens_per_s']:8.1f} tokens/s, "
                       f"step {row['step_ms']:7.2f} ms, in collectives {row['comm_ms_per_step']:6.2f} ms "

@@ -4,8 +4,10 @@ included, FP8 checkpoints whose blocks the slices cut included; each rank holds 
 slices; a rank that dies or hangs fails the engine with a clear error in bounded time, and no
 process is left behind."""
 
+import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from safetensors import safe_open
 from test_engine import assert_matches_reference, mixed_prompts
 
 from checkpoints import write_checkpoint
+from scripted import write_scripted_checkpoint
 from stepflash import LLM, SamplingParams
 from stepflash.config import ModelConfig
 from stepflash.distributed import Parallel, use_expert_parallel
@@ -241,3 +244,43 @@ def test_a_hung_rank_fails_the_engine_after_the_timeout_and_nothing_is_left(ckpt
     finally:
         llm.shutdown()
     assert worker.exitcode is not None  # no orphan: the stopped rank was killed
+
+
+# ---------------------------------------------------------------- the server
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_server_streams_a_tool_call_over_two_ranks_and_exits_when_a_rank_dies(tmp_path):
+    """`stepflash serve --tensor-parallel-size 2` with the official client: a streamed chat with a tool
+    call; then a killed rank fails the next request and the server exits non-zero."""
+    import openai
+    from test_server import SCRIPT, TOOLS, USER, start_server
+
+    write_scripted_checkpoint(tmp_path, SCRIPT)
+    proc, base = start_server(tmp_path, "--tensor-parallel-size", "2")
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        chunks = list(client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, temperature=0,
+                                                     max_tokens=20, stream=True))
+        calls = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
+        assert [(t.function.name, json.loads(t.function.arguments)) for t in calls] == [
+            ("get_weather", {"city": "Paris", "days": 3})]
+        ranks = [p for p in children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(ranks) == 1
+        os.kill(ranks[0], signal.SIGKILL)
+        with pytest.raises(openai.APIError):
+            list(client.chat.completions.create(model="scripted", messages=USER, max_tokens=20, stream=True))
+        assert proc.wait(timeout=60) == 1
+        assert "rank 1" in proc.stdout.read().decode()
+    finally:
+        proc.kill()
