@@ -137,14 +137,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
     model_dir = Path(args.model) if args.model else default_model_dir()
     api_key = args.api_key or os.environ.get("STEPFLASH_API_KEY")
     front = AsyncLLMEngine(engine)
-    front.on_fatal = lambda error: signal.raise_signal(signal.SIGTERM)  # a rank failed: shut down, exit 1
     app = create_app(front, args.served_model_name or model_dir.name, api_key, args.max_queue,
                      args.thinking_token_budget)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=10))
+    front.on_fatal = lambda error: setattr(server, "should_exit", True)  # a rank failed: shut down, exit 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"stepflash: serving {model_dir} as {args.served_model_name or model_dir.name!r} on "
           f"http://{args.host}:{args.port}/v1 (api key {'required' if api_key else 'off'})", file=sys.stderr)
+    # uvicorn re-raises SIGTERM once it has shut down: exit through `finally`, so the ranks stop too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+        server.run()
     finally:
         engine.shutdown()
     if front.fatal is not None:
