@@ -39,6 +39,18 @@ def fp8_ckpt(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("tp-fp8"), tiny_config(), fp8_block=FP8_BLOCK, seed=6)
 
 
+def tp4_config() -> dict:
+    """The tiny layout with 8 query heads on sliding layers, so that 4 ranks split every layer's heads
+    (and replicate the 2 KV heads)."""
+    return tiny_config(attention_other_setting={"attention_type": "sliding_attention", "num_attention_heads": 8,
+                                                "num_attention_groups": 2, "head_dim": 16})
+
+
+@pytest.fixture(scope="module")
+def tp4_fp8_ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("tp4-fp8"), tp4_config(), fp8_block=FP8_BLOCK, seed=7)
+
+
 def greedy(max_tokens: int = 10, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1, ignore_eos=True, **kw)
 
@@ -110,6 +122,19 @@ def test_expert_parallel_by_default_only_where_slicing_experts_cuts_blocks():
     assert not use_expert_parallel(config([24, 40]), 2, False)  # asked
 
 
+@pytest.mark.slow
+def test_tp4_with_replicated_kv_heads_equals_tp1(tmp_path):
+    """4 processes (on 2 cores: short), 2 KV heads over 4 ranks, MTP-1."""
+    ckpt = write_checkpoint(tmp_path, tp4_config(), seed=8)
+    prompts = mixed_prompts()[3:5]
+    reference = LLM(str(ckpt), mtp=0).generate(prompts, greedy(4))
+    llm = LLM(str(ckpt), tensor_parallel_size=4, mtp=1)
+    try:
+        assert_same(reference, llm.generate(prompts, greedy(4)))
+    finally:
+        llm.shutdown()
+
+
 # ---------------------------------------------------------------- loading one rank (no processes)
 
 def expected_slice(name: str, full: torch.Tensor, cfg: ModelConfig, rank: int, size: int, ep: bool) -> torch.Tensor:
@@ -125,7 +150,10 @@ def expected_slice(name: str, full: torch.Tensor, cfg: ModelConfig, rank: int, s
     if name.endswith(("q_proj.weight", "g_proj.weight")):
         return cut(0, size)
     if name.endswith(("k_proj.weight", "v_proj.weight")):
-        return cut(0, min(size, spec.num_kv_heads))
+        if size <= spec.num_kv_heads:
+            return cut(0, size)
+        rows = spec.head_dim  # more ranks than KV heads: each holds one, replicated
+        return full.narrow(0, rank * spec.num_kv_heads // size * rows, rows)
     if name.endswith("o_proj.weight"):
         return cut(1, size)
     if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "share_expert.gate_proj.weight",
@@ -147,19 +175,21 @@ def dense(state: dict[str, torch.Tensor], name: str, block: tuple[int, int]) -> 
 
 @pytest.mark.parametrize("keep_fp8", [False, True], ids=["dequantized", "kept-fp8"])
 @pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
-def test_each_rank_loads_exactly_its_slices(fp8_ckpt, keep_fp8, ep):
+@pytest.mark.parametrize("size", [2, 4])
+def test_each_rank_loads_exactly_its_slices(request, size, keep_fp8, ep):
     """Every tensor of rank r equals the slice of the whole model that the rules give, FP8 slices
-    that cut blocks included (a scale taken from the wrong block would show); kept FP8 tensors keep
-    the checkpoint's bytes."""
-    cfg = ModelConfig.from_pretrained(fp8_ckpt)
-    whole = hub_state_dict(load_model(fp8_ckpt))
-    for rank in range(2):
-        state = hub_state_dict(load_model(fp8_ckpt, keep_fp8=keep_fp8, parallel=Parallel(rank, 2, ep)))
+    that cut blocks included (a scale taken from the wrong block would show), replicated KV heads
+    at TP=4; kept FP8 tensors keep the checkpoint's bytes."""
+    ckpt = request.getfixturevalue("fp8_ckpt" if size == 2 else "tp4_fp8_ckpt")
+    cfg = ModelConfig.from_pretrained(ckpt)
+    whole = hub_state_dict(load_model(ckpt))
+    for rank in range(size):
+        state = hub_state_dict(load_model(ckpt, keep_fp8=keep_fp8, parallel=Parallel(rank, size, ep)))
         assert set(state) - {n for n in state if n.endswith("_scale_inv")} == set(whole)
         for name, full in whole.items():
             got = dense(state, name, FP8_BLOCK)
-            assert torch.equal(got, expected_slice(name, full, cfg, rank, 2, ep)), name
-        if keep_fp8:
+            assert torch.equal(got, expected_slice(name, full, cfg, rank, size, ep)), name
+        if keep_fp8 and size == 2:
             assert state["model.layers.0.mlp.gate_proj.weight"].dtype == torch.float8_e4m3fn  # 48 rows: whole blocks
             if ep:  # whole experts: their blocks are never cut
                 assert state["model.layers.3.moe.down_proj.weight"].dtype == torch.float8_e4m3fn
