@@ -30,6 +30,7 @@ import torch.distributed as dist
 from stepflash.config import ModelConfig
 
 CONTROL_TIMEOUT = timedelta(days=7)  # workers wait on the plan channel while the server idles
+START_TIMEOUT = timedelta(minutes=10)  # ranks starting up (imports, a busy machine)
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Parallel:
     rank: int = 0
     size: int = 1
     expert_parallel: bool = False
-    group: Any = field(default=None, compare=False)  # device group; None: the default (world) group
+    group: Any = field(default=None, compare=False)  # the device group
 
     def part(self, n: int) -> int:
         """This rank's share of a dimension split evenly (heads, intermediate, vocabulary, experts)."""
@@ -134,12 +135,14 @@ def free_port() -> int:
 
 def init_groups(rank: int, size: int, init_method: str, device: torch.device, timeout_s: float,
                 expert_parallel: bool) -> tuple[Parallel, "PlanChannel"]:
-    """Join the world (device group, `timeout_s` on every collective) and make the control group."""
+    """Join the world (waiting up to START_TIMEOUT for every rank to come up), then make the device
+    group (`timeout_s` on every collective) and the control group."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=timedelta(seconds=timeout_s))
+                            timeout=max(START_TIMEOUT, timedelta(seconds=timeout_s)))
+    devices = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return Parallel(rank, size, expert_parallel), PlanChannel(control, timedelta(seconds=timeout_s))
+    return Parallel(rank, size, expert_parallel, devices), PlanChannel(control, devices, timedelta(seconds=timeout_s))
 
 
 def launched_by_torchrun() -> bool:
@@ -170,8 +173,8 @@ class PlanChannel:
     most `timeout` for the other ranks (a hung rank fails the step); the others wait for the
     next message as long as the server idles."""
 
-    def __init__(self, group: Any, timeout: timedelta) -> None:
-        self.group, self.timeout = group, timeout
+    def __init__(self, group: Any, devices: Any, timeout: timedelta) -> None:
+        self.group, self.devices, self.timeout = group, devices, timeout
 
     def send(self, meta: dict, data: bytes = b"") -> None:
         head = json.dumps(meta).encode()
@@ -188,8 +191,7 @@ class PlanChannel:
         raw = payload.numpy().tobytes()
         return json.loads(raw[:head]), raw[head:]
 
-    @staticmethod
-    def share_tensor(t: torch.Tensor) -> torch.Tensor:
+    def share_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's `t` on every rank (the others pass a buffer of its shape and dtype)."""
-        dist.broadcast(t, 0)
+        dist.broadcast(t, 0, group=self.devices)
         return t

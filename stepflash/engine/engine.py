@@ -209,7 +209,7 @@ class LLMEngine:
         self.ranks.check()
         try:
             return self._step()
-        except RuntimeError as e:
+        except Exception as e:  # the ranks may be mid-call: no later step could be in lockstep
             raise self.ranks.failure(e) from e
 
     def shutdown(self) -> None:

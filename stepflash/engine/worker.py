@@ -83,13 +83,14 @@ class Ranks:
             raise RankFailure("tensor-parallel " + "; ".join(dead))
 
     def failure(self, error: BaseException) -> RankFailure:
-        """A collective's error, with what is known about the ranks (remembered: the engine is done)."""
+        """A failed step's error, with what is known about the ranks (remembered: the engine is done)."""
         try:
             self.check()
-            self.failed = RankFailure(f"a tensor-parallel collective failed (a rank died or hung for longer than "
-                                      f"distributed_timeout_s): {error}")
+            self.failed = RankFailure(f"a tensor-parallel step failed, so the ranks are out of step (a rank hung "
+                                      f"for longer than distributed_timeout_s, or failed): {type(error).__name__}: "
+                                      f"{error}")
         except RankFailure as dead:
-            self.failed = RankFailure(f"{dead} (collective failed: {error})")
+            self.failed = RankFailure(f"{dead} (the step failed: {error})")
         return self.failed
 
     def close(self) -> None:
