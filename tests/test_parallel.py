@@ -22,8 +22,10 @@ from stepflash.distributed import Parallel, use_expert_parallel
 from stepflash.engine.kv_cache import KVLayout, kv_bytes_per_block
 from stepflash.engine.worker import RankFailure
 from stepflash.kernels.fp8_linear import dequantize_fp8
+from stepflash.kernels.moe import dequantize_int4
 from stepflash.model import loader
 from stepflash.model.loader import hub_state_dict, load_model
+from stepflash.model.quant import quantize_checkpoint
 from stepflash.train.configs import tiny_config
 
 FP8_BLOCK = (24, 40)  # TP=2 halves of 32 (experts, shared expert), 64 (q rows), 96 / 48 (MLP) cut these blocks
@@ -193,6 +195,27 @@ def test_each_rank_loads_exactly_its_slices(request, size, keep_fp8, ep):
             assert state["model.layers.0.mlp.gate_proj.weight"].dtype == torch.float8_e4m3fn  # 48 rows: whole blocks
             if ep:  # whole experts: their blocks are never cut
                 assert state["model.layers.3.moe.down_proj.weight"].dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("keep_int4", [False, True], ids=["dequantized", "kept-int4"])
+def test_int4_expert_slices_keep_their_own_group_scales(ckpt, tmp_path, keep_int4):
+    """INT4 experts, TP=2: down_proj's 16-column slices are whole groups of 8 (kept packed when asked)
+    and cut groups of 32 (dequantized with their own scales): either gives the slice of the whole
+    dequantized model."""
+    for group, size in [(8, 2), (32, 2)]:
+        out = tmp_path / f"int4-g{group}"
+        quantize_checkpoint(ckpt, out, group_size=group)
+        whole = hub_state_dict(load_model(out))
+        for rank in range(size):
+            model = load_model(out, keep_int4=keep_int4, parallel=Parallel(rank, size, False))
+            down = model.model.layers[3].moe.down_proj
+            cut = group > 32 // size
+            assert (down.int4_scale is not None) == (keep_int4 and not cut)
+            name = "model.layers.3.moe.down_proj.weight"
+            got = (dequantize_int4(down.weight, down.int4_scale, group) if down.int4_scale is not None
+                   else down.weight)
+            step = 32 // size
+            assert torch.equal(got.float(), whole[name].narrow(2, rank * step, step)), (group, size, rank)
 
 
 def test_rank_holds_and_reads_only_its_share(ckpt, monkeypatch):

@@ -72,6 +72,9 @@ class Inject:
         self.source = source
 
 
+WIRE_DTYPES = {"int64": torch.int64, "int32": torch.int32}  # the dtypes of a forward's packed inputs
+
+
 @dataclass
 class StepCall:
     """One runner call as every rank runs it: `op` "target", "mtp" (module `depth`) or "copy"; the
@@ -106,7 +109,7 @@ class StepCall:
         if parts is not None:
             call.upload = Upload()
             call.upload.data.frombytes(data)
-            call.upload.parts = [(start, length, width, getattr(torch, dtype)) for start, length, width, dtype in parts]
+            call.upload.parts = [(start, length, width, WIRE_DTYPES[dtype]) for start, length, width, dtype in parts]
         return call
 
 
