@@ -145,12 +145,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"stepflash: serving {model_dir} as {args.served_model_name or model_dir.name!r} on "
           f"http://{args.host}:{args.port}/v1 (api key {'required' if api_key else 'off'})", file=sys.stderr)
-    # uvicorn re-raises SIGTERM once it has shut down: exit through `finally`, so the ranks stop too
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # uvicorn re-raises SIGTERM once it has shut down: leave through `finally`, so that the ranks stop
+    # too, then die of the signal as before
+    terminated = []
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        terminated.append(signum)
+        raise SystemExit(1)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         server.run()
     finally:
         engine.shutdown()
+        if terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
     if front.fatal is not None:
         print(f"stepflash: error: {front.fatal}", file=sys.stderr)
         raise SystemExit(1)
