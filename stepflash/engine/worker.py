@@ -84,6 +84,8 @@ class Ranks:
 
     def failure(self, error: BaseException) -> RankFailure:
         """A failed step's error, with what is known about the ranks (remembered: the engine is done)."""
+        for p in self.processes:  # a rank that just died may not have been reaped yet
+            p.join(0.5)
         try:
             self.check()
             self.failed = RankFailure(f"a tensor-parallel step failed, so the ranks are out of step (a rank hung "
