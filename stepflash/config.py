@@ -422,7 +422,14 @@ class EngineConfig:
                                        "with the kernels on CUDA; on without CUDA runs the same bucketed "
                                        "step eagerly)", ("auto", "on", "off"))
     quantization: str | None = _option(None, "not supported yet (FP8/INT4 checkpoints are read as stored)")
-    tensor_parallel_size: int = _option(1, "GPUs to shard the model over (only 1 is supported yet)")
+    tensor_parallel_size: int = _option(1, "ranks (GPUs; processes on the CPU) to shard the model over: heads, "
+                                           "intermediate dims and vocabulary split, one all-reduce after attention "
+                                           "and one after each FFN")
+    enable_expert_parallel: bool | None = _option(None, "whole routed experts per rank instead of a slice of "
+                                                         "every expert (default: only where slicing the experts "
+                                                         "would cut the quantized checkpoint's scale blocks)")
+    distributed_timeout_s: int = _option(300, "seconds a collective waits for another rank before the engine "
+                                              "fails with an error (a rank that died or hangs)")
     limit_images_per_prompt: int = _option(8, "images one prompt may carry (vision models)")
     max_image_pixels: int = _option(50_000_000, "pixels per image (larger ones are refused from their header: "
                                                 "decompression bombs)")
@@ -446,8 +453,10 @@ class EngineConfig:
             raise ValueError(f"mtp must be >= 0, got {self.mtp}")
         if self.quantization is not None:
             raise ValueError(f"quantization={self.quantization!r} is not supported yet")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if self.distributed_timeout_s < 1:
+            raise ValueError(f"distributed_timeout_s must be >= 1, got {self.distributed_timeout_s!r}")
 
     @classmethod
     def of(cls, **options: Any) -> EngineConfig:

@@ -18,8 +18,10 @@ class LLM:
     """`LLM(model=None, **options)`: options are EngineConfig's fields (device, dtype, mtp,
     kv_cache_bytes, max_num_seqs, max_model_len, max_num_batched_tokens, block_size,
     enable_prefix_caching, seed, kernels, cuda_graphs, quantization, tensor_parallel_size,
-    limit_images_per_prompt, max_image_pixels, max_image_tokens), and `allowed_local_media_path`
-    (where `chat` may read image files)."""
+    enable_expert_parallel, distributed_timeout_s, limit_images_per_prompt, max_image_pixels,
+    max_image_tokens), and `allowed_local_media_path` (where `chat` may read image files). With
+    tensor_parallel_size > 1 this process is rank 0 and starts the others; `shutdown()` stops them
+    (they also stop when this process exits)."""
 
     def __init__(self, model: str | Path | None = None, allowed_local_media_path: str | None = None,
                  **options: Any) -> None:
@@ -67,6 +69,9 @@ class LLM:
 
     def get_stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
 
 
 def _prompt_and_images(prompt: Prompt) -> tuple[str | list[int], list]:

@@ -5,11 +5,12 @@ in a worker thread behind an asyncio interface (submit, stream deltas, abort) fo
 """
 
 import asyncio
+import dataclasses
 import importlib.util
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from stepflash.engine.sampler import Sampler
 from stepflash.engine.scheduler import Scheduler, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.speculative import MTPDrafter
+from stepflash.engine.worker import RankFailure, Ranks, kv_budget, layout_message
+from stepflash.distributed import Parallel, check_shardable, use_expert_parallel
 from stepflash.model.loader import load_model, mtp_modules_in
 from stepflash.multimodal import ImageInput, ImageProcessor, PlacedImage
 from stepflash.outputs import RequestOutput, SpecStats
@@ -76,6 +79,9 @@ def _use_graphs(graphs: str, kernels: bool, device: torch.device) -> bool:
 
 
 class LLMEngine:
+    """With tensor_parallel_size N > 1 this process is rank 0 of N (engine/worker.py): it holds the
+    scheduler, sampler and outputs, and its runner hands every call to the other ranks."""
+
     def __init__(self, model_dir: str | Path, ec: EngineConfig | None = None) -> None:
         self.config = ec = ec or EngineConfig()
         device = torch.device(ec.device if ec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -86,12 +92,31 @@ class LLMEngine:
         if not 0 <= self.num_mtp <= available:
             raise ValueError(f"mtp={ec.mtp}: the checkpoint has {available} MTP modules, "
                              f"so mtp must be in 0..{available}")
+        self.ranks: Ranks | None = None
+        if ec.tensor_parallel_size > 1:
+            ec = self.config = dataclasses.replace(ec, enable_expert_parallel=use_expert_parallel(
+                cfg, ec.tensor_parallel_size, ec.enable_expert_parallel))
+            check_shardable(cfg, ec.tensor_parallel_size, ec.enable_expert_parallel)
+            self.ranks = Ranks.start(model_dir, ec)
+            device = self.ranks.device
+        try:
+            self._build(model_dir, ec, cfg, device)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _build(self, model_dir: str | Path, ec: EngineConfig, cfg: ModelConfig, device: torch.device) -> None:
         kernels = _use_kernels(ec.kernels, device)
         graphs = _use_graphs(ec.cuda_graphs, kernels, device)
+        parallel, channel = (self.ranks.parallel, self.ranks.channel) if self.ranks else (Parallel(), None)
+        if channel:
+            channel.send({"op": "load", "num_mtp": self.num_mtp, "kernels": kernels})
         self.model = load_model(model_dir, device=device, dtype=ec.dtype, num_mtp=self.num_mtp, keep_int4=kernels,
-                                keep_fp8=kernels)
+                                keep_fp8=kernels, parallel=parallel)
         dtype = self.model.lm_head.weight.dtype
-        self.layout = layout = plan_kv_layout(cfg, ec, self.num_mtp, dtype, device)
+        if channel:
+            ec = kv_budget(ec, device, channel)
+        self.layout = layout = plan_kv_layout(cfg, ec, self.num_mtp, dtype, device, parallel)
         self.max_model_len = layout.max_model_len
         self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids))
         self.kv = KVCacheManager.of(layout, ec.enable_prefix_caching)
@@ -101,7 +126,10 @@ class LLMEngine:
                                    watermark_blocks=layout.num_blocks[FULL] // 100,
                                    think_end=self.structured.think_end)
         graph_rows = min(layout.max_num_seqs * (1 + self.num_mtp), layout.max_num_batched_tokens) if graphs else 0
-        self.runner = ModelRunner(self.model, layout, kernels, graph_rows, capture=graphs and device.type == "cuda")
+        capture = graphs and device.type == "cuda"
+        if channel:
+            channel.send(layout_message(layout, graph_rows, capture))
+        self.runner = ModelRunner(self.model, layout, kernels, graph_rows, capture, channel)
         self.sampler = Sampler(self.eos_token_ids, self.structured)
         self.drafter = MTPDrafter(self.runner, self.eos_token_ids) if self.num_mtp else None
         self.output = OutputProcessor(self.tokenizer)
@@ -196,6 +224,20 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Plan, draft (MTP), run the target, sample and verify, apply: each changed request's delta."""
+        if self.ranks is None:
+            return self._step()
+        self.ranks.check()
+        try:
+            return self._step()
+        except Exception as e:  # the ranks may be mid-call: no later step could be in lockstep
+            raise self.ranks.failure(e) from e
+
+    def shutdown(self) -> None:
+        """Stop the other ranks (tensor parallelism); nothing to do otherwise."""
+        if self.ranks is not None:
+            self.ranks.close()
+
+    def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         if not plan.seqs:
             return []
@@ -238,6 +280,8 @@ class AsyncLLMEngine:
         self._aborts: set[str] = set()
         self._loop_task: asyncio.Task | None = None
         self._ids = itertools.count()
+        self.fatal: RankFailure | None = None  # the engine cannot go on (a tensor-parallel rank failed)
+        self.on_fatal: Callable[[RankFailure], None] | None = None
 
     def add(self, prompt: str | list[int], params: SamplingParams | None = None,
             request_id: str | None = None, images: list | None = None) -> str:
@@ -302,6 +346,10 @@ class AsyncLLMEngine:
                 for request_id in list(self.engine.output.requests):
                     self.engine.abort_request(request_id)
                     self._deliver(request_id, RuntimeError(f"engine step failed: {e}"))
+                if isinstance(e, RankFailure) and self.fatal is None:
+                    self.fatal = e
+                    if self.on_fatal:
+                        self.on_fatal(e)
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from stepflash.config import FULL, SLIDING, EngineConfig, LayerKind, ModelConfig
+from stepflash.distributed import Parallel
 
 if TYPE_CHECKING:
     from stepflash.multimodal import PlacedImage
@@ -63,10 +64,12 @@ def block_entry(parent: bytes, token_ids: list[int], index: int, block_size: int
 
 # -- layout -------------------------------------------------------------------------------------------
 def kv_bytes_per_block(cfg: ModelConfig, layer_ids: list[int], block_size: int, dtype: torch.dtype,
-                       hidden_levels: int = 0) -> int:
-    """Bytes one block takes in every layer of `layer_ids`, plus `hidden_levels` MTP hidden caches."""
+                       hidden_levels: int = 0, parallel: Parallel = Parallel()) -> int:
+    """Bytes one block takes in every layer of `layer_ids` on one rank (its KV heads), plus
+    `hidden_levels` MTP hidden caches."""
     item = torch.empty((), dtype=dtype).element_size()
-    kv = sum(2 * block_size * cfg.layers[i].num_kv_heads * cfg.layers[i].head_dim * item for i in layer_ids)
+    kv = sum(2 * block_size * parallel.kv_part(cfg.layers[i].num_kv_heads) * cfg.layers[i].head_dim * item
+             for i in layer_ids)
     return kv + hidden_levels * block_size * cfg.hidden_size * item
 
 
@@ -105,18 +108,19 @@ class KVLayout:
 
 
 def plan_kv_layout(cfg: ModelConfig, ec: EngineConfig, num_mtp: int, dtype: torch.dtype,
-                   device: torch.device) -> KVLayout:
+                   device: torch.device, parallel: Parallel = Parallel()) -> KVLayout:
     """Cut kv_cache_bytes into blocks: sliding layers get what max_num_seqs windows and one step's
     tokens need, full layers all the rest, so context length is limited by the full layers alone.
     Settings the user left open shrink to fit (concurrency first, then the prefill chunk, then the
     context); the engine refuses only when one sequence of the context cannot fit. The default
     budget: on a GPU 90% of free memory; on the CPU what max_num_seqs sequences of the whole
-    context need, at most a quarter of available memory."""
+    context need, at most a quarter of available memory. Under tensor parallelism every size is
+    one rank's (its KV heads; kv_cache_bytes per rank), and rank 0's plan holds for all ranks."""
     bs = ec.block_size
     layers = cfg.decoder_layers + cfg.mtp_layers[:num_mtp]
     ids = {kind: [s.index for s in layers if s.attention_type == kind] for kind in (FULL, SLIDING)}
-    bpb = {FULL: kv_bytes_per_block(cfg, ids[FULL], bs, dtype),
-           SLIDING: kv_bytes_per_block(cfg, ids[SLIDING], bs, dtype, num_mtp)}
+    bpb = {FULL: kv_bytes_per_block(cfg, ids[FULL], bs, dtype, parallel=parallel),
+           SLIDING: kv_bytes_per_block(cfg, ids[SLIDING], bs, dtype, num_mtp, parallel)}
     window = cfg.sliding_window if ids[SLIDING] else 0
     length = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     seqs, chunk = ec.max_num_seqs or 64, ec.max_num_batched_tokens or 1024
