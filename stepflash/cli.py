@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import time
 import types
@@ -10,7 +11,9 @@ import typing
 from pathlib import Path
 
 from stepflash.config import ConfigError, EngineConfig
+from stepflash.distributed import launched_by_torchrun
 from stepflash.engine.engine import LLMEngine
+from stepflash.engine.worker import serve_rank
 from stepflash.model.loader import CheckpointError
 from stepflash.model.step3p5 import active_weight_bytes
 from stepflash.models import default_model_dir
@@ -66,10 +69,19 @@ def report_speed(engine: LLMEngine, seconds: float, count: int) -> None:
 
 
 def make_engine(args: argparse.Namespace) -> LLMEngine:
+    """The engine; under `torchrun` (several nodes) the engine on rank 0, while every other rank
+    serves its shard here until rank 0 stops, then exits."""
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
-    return LLMEngine(model_dir, engine_config(args))
+    ec = engine_config(args)
+    if launched_by_torchrun() and int(os.environ["RANK"]) > 0:
+        if int(os.environ["WORLD_SIZE"]) != ec.tensor_parallel_size:
+            raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} ranks; --tensor-parallel-size is "
+                             f"{ec.tensor_parallel_size}")
+        serve_rank(int(os.environ["RANK"]), "env://", model_dir, ec, int(os.environ.get("LOCAL_RANK", 0)))
+        raise SystemExit(0)
+    return LLMEngine(model_dir, ec)
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -78,15 +90,25 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     engine = make_engine(args)
-    params = sampling_from_args(args)
-    _, seconds, count = stream_completion(engine, args.prompt, params, echo=args.prompt)
-    sys.stdout.write("\n")
-    report_speed(engine, seconds, count)
+    try:
+        params = sampling_from_args(args)
+        _, seconds, count = stream_completion(engine, args.prompt, params, echo=args.prompt)
+        sys.stdout.write("\n")
+        report_speed(engine, seconds, count)
+    finally:
+        engine.shutdown()
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """Interactive loop: each line is a user turn; the reply streams back (reasoning included)."""
     engine = make_engine(args)
+    try:
+        chat_loop(engine, args)
+    finally:
+        engine.shutdown()
+
+
+def chat_loop(engine: LLMEngine, args: argparse.Namespace) -> None:
     params = sampling_from_args(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("stepflash chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
@@ -109,17 +131,41 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from stepflash.engine.engine import AsyncLLMEngine
+    from stepflash.multimodal import MediaPolicy
     from stepflash.server.app import create_app
 
     engine = make_engine(args)
     model_dir = Path(args.model) if args.model else default_model_dir()
     api_key = args.api_key or os.environ.get("STEPFLASH_API_KEY")
-    app = create_app(AsyncLLMEngine(engine), args.served_model_name or model_dir.name, api_key, args.max_queue,
-                     args.thinking_token_budget, args.allowed_origins)
+    media = MediaPolicy(args.max_image_bytes, tuple(args.allowed_media_domains or ()), args.allowed_local_media_path)
+    front = AsyncLLMEngine(engine)
+    app = create_app(front, args.served_model_name or model_dir.name, api_key, args.max_queue,
+                     args.thinking_token_budget, media, args.allowed_origins)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=10))
+    front.on_fatal = lambda error: setattr(server, "should_exit", True)  # a rank failed: shut down, exit 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"stepflash: serving {model_dir} as {args.served_model_name or model_dir.name!r} on "
           f"http://{args.host}:{args.port}/v1 (api key {'required' if api_key else 'off'})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    # uvicorn re-raises SIGTERM once it has shut down: leave through `finally`, so that the ranks stop
+    # too, then die of the signal as before
+    terminated = []
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        terminated.append(signum)
+        raise SystemExit(1)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+        if terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+    if front.fatal is not None:
+        print(f"stepflash: error: {front.fatal}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
@@ -280,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(</think>) and the answer begins (requests may set their own)")
     serve.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
                        help="browser origins allowed to call the API (CORS; off by default), e.g. http://localhost:3000")
+    serve.add_argument("--allowed-media-domains", nargs="+", help="domains whose http(s) image URLs may be fetched "
+                       "(default: none; data: URLs always work)")
+    serve.add_argument("--allowed-local-media-path", help="directory whose files image URLs may name (default: none)")
+    serve.add_argument("--max-image-bytes", type=int, default=20 << 20, help="encoded bytes per image")
     serve.set_defaults(func=cmd_serve)
     tt = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with the Step-3.5 special tokens")
     tt.add_argument("--corpus", type=Path, nargs="+", required=True, help="files or directories")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ class ModelConfig:
     torch_dtype: str | None
     quantization_config: dict[str, Any] | None
     model_type: str = "step3p5"
+    vision: VisionConfig | None = None  # Step 3.7: the vision tower, projector and image token layout
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -120,12 +122,106 @@ class ModelConfig:
             raise ConfigError(
                 f"model_type {model_type!r} is not supported (expected one of {SUPPORTED_MODEL_TYPES})"
             )
-        if model_type == "step3p7":  # multimodal wrapper: serve its text decoder
+        if model_type == "step3p7":  # multimodal wrapper: its text decoder plus the vision tower
             text = data.get("text_config")
             if not isinstance(text, dict):
                 raise ConfigError("model_type 'step3p7' needs a 'text_config' object")
-            return replace(cls.from_dict({**text, "model_type": "step3p5"}), model_type="step3p7")
+            cfg = cls.from_dict({**text, "model_type": "step3p5"})
+            vision = VisionConfig.from_dict(data, cfg.hidden_size, cfg.vocab_size) if "vision_config" in data else None
+            return replace(cfg, model_type="step3p7", vision=vision)
         return _parse(data)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Step 3.7's vision tower (a Perception-Encoder ViT), its two stride-2 downsampling convs, the
+    projector into the text model, and the image token layout. Read from the published legacy names
+    (`width`, `layers`, `heads`, `ls_init_value`) or transformers' (`hidden_size`, ...); defaults
+    are the published model's."""
+
+    hidden_size: int = 1536
+    num_layers: int = 47
+    num_heads: int = 16
+    intermediate_size: int = 8960
+    image_size: int = 728  # side of the global view; the position table is (image_size / patch_size)^2
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    projector_bias: bool = False
+    text_hidden_size: int = 4096
+    image_token_id: int | None = None  # None: the tokenizer's <im_patch> (checked against it when given)
+    image_token_len: int = 169  # placeholders per global view
+    patch_token_len: int = 81  # placeholders per local crop
+    max_image_size: int = 3024  # longer sides are scaled down first (a processor constant)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def crop_size(self) -> int:
+        """Side of a local crop: sqrt(patch_token_len) tokens after 4x downsampling of 14-pixel patches."""
+        return math.isqrt(self.patch_token_len) * self.patch_size * DOWNSAMPLE
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], text_hidden_size: int, vocab_size: int) -> VisionConfig:
+        v = data.get("vision_config")
+        if not isinstance(v, dict):
+            raise ConfigError("field 'vision_config' must be an object")
+        hidden = int(_first(v, "width", "hidden_size", default=cls.hidden_size))
+        ratio = _first(v, "mlp_ratio", default=None)
+        intermediate = int(hidden * float(ratio)) if ratio is not None else \
+            int(_first(v, "intermediate_size", default=hidden * cls.intermediate_size // cls.hidden_size))
+        rope = v.get("rope_parameters") or {}
+        cfg = cls(
+            hidden_size=hidden, num_layers=int(_first(v, "layers", "num_hidden_layers", default=cls.num_layers)),
+            num_heads=int(_first(v, "heads", "num_attention_heads", default=cls.num_heads)),
+            intermediate_size=intermediate, image_size=int(v.get("image_size", cls.image_size)),
+            patch_size=int(v.get("patch_size", cls.patch_size)),
+            layer_norm_eps=float(v.get("layer_norm_eps", cls.layer_norm_eps)),
+            rope_theta=float(rope.get("rope_theta", v.get("rope_theta", cls.rope_theta))),
+            projector_bias=bool(data.get("projector_bias", False)), text_hidden_size=text_hidden_size,
+            image_token_id=data.get("image_token_id"),
+            image_token_len=int(data.get("image_token_len", cls.image_token_len)),
+            patch_token_len=int(data.get("patch_token_len", cls.patch_token_len)),
+        )
+        cfg._check(v, data, vocab_size)
+        return cfg
+
+    def _check(self, v: dict[str, Any], data: dict[str, Any], vocab_size: int) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size", "patch_size",
+                     "image_token_len", "patch_token_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"vision_config: '{name}' must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads or self.head_dim % 4:
+            raise ConfigError(f"vision_config: width {self.hidden_size} over {self.num_heads} heads must give a "
+                              "head_dim divisible by 4 (2-D RoPE)")
+        act = v.get("hidden_act", "quick_gelu")
+        if act != "quick_gelu":
+            raise ConfigError(f"vision_config: hidden_act {act!r} is not supported (only 'quick_gelu')")
+        for flag, want in VISION_FLAGS.items():
+            if flag in v and bool(v[flag]) != want:
+                raise ConfigError(f"vision_config: {flag}={v[flag]!r} is not supported (Step 3.7 has {want})")
+        stride = data.get("understand_projector_stride", 2)
+        if stride != 2:
+            raise ConfigError(f"field 'understand_projector_stride' must be 2, got {stride!r}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision_config: image_size {self.image_size} is not a multiple of patch_size "
+                              f"{self.patch_size}")
+        if self.image_token_len != (self.image_size // (self.patch_size * DOWNSAMPLE)) ** 2:
+            raise ConfigError(f"field 'image_token_len' is {self.image_token_len} but image_size {self.image_size} "
+                              f"gives ({self.image_size} // ({self.patch_size} * {DOWNSAMPLE}))^2 tokens")
+        if math.isqrt(self.patch_token_len) ** 2 != self.patch_token_len:
+            raise ConfigError(f"field 'patch_token_len' must be a square, got {self.patch_token_len}")
+        token = self.image_token_id
+        if token is not None and (not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size):
+            raise ConfigError(f"field 'image_token_id' {token!r} is outside the vocabulary (size {vocab_size})")
+
+
+DOWNSAMPLE = 4  # two stride-2 convs after the ViT
+# Perception-Encoder switches that Step 3.7 fixes (and transformers hard-codes): anything else is refused.
+VISION_FLAGS = {"use_cls_token": False, "use_ln_pre": True, "use_ln_post": False, "use_abs_posemb": True,
+                "use_rope2d": True}
 
 
 def _require(data: dict[str, Any], name: str, kind: type | tuple[type, ...] = int) -> Any:
@@ -326,25 +422,41 @@ class EngineConfig:
                                        "with the kernels on CUDA; on without CUDA runs the same bucketed "
                                        "step eagerly)", ("auto", "on", "off"))
     quantization: str | None = _option(None, "not supported yet (FP8/INT4 checkpoints are read as stored)")
-    tensor_parallel_size: int = _option(1, "GPUs to shard the model over (only 1 is supported yet)")
+    tensor_parallel_size: int = _option(1, "ranks (GPUs; processes on the CPU) to shard the model over: heads, "
+                                           "intermediate dims and vocabulary split, one all-reduce after attention "
+                                           "and one after each FFN")
+    enable_expert_parallel: bool | None = _option(None, "whole routed experts per rank instead of a slice of "
+                                                         "every expert (default: only where slicing the experts "
+                                                         "would cut the quantized checkpoint's scale blocks)")
+    distributed_timeout_s: int = _option(300, "seconds a collective waits for another rank before the engine "
+                                              "fails with an error (a rank that died or hangs)")
+    limit_images_per_prompt: int = _option(8, "images one prompt may carry (vision models)")
+    max_image_pixels: int = _option(50_000_000, "pixels per image (larger ones are refused from their header: "
+                                                "decompression bombs)")
+    max_image_tokens: int = _option(16384, "prompt tokens one image may expand to (its crops included)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
-        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "kv_cache_bytes"):
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "kv_cache_bytes", "max_image_pixels",
+                     "max_image_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.limit_images_per_prompt, int) or self.limit_images_per_prompt < 0:
+            raise ValueError(f"limit_images_per_prompt must be >= 0, got {self.limit_images_per_prompt!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.mtp is not None and not 0 <= self.mtp:
             raise ValueError(f"mtp must be >= 0, got {self.mtp}")
         if self.quantization is not None:
             raise ValueError(f"quantization={self.quantization!r} is not supported yet")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if self.distributed_timeout_s < 1:
+            raise ValueError(f"distributed_timeout_s must be >= 1, got {self.distributed_timeout_s!r}")
 
     @classmethod
     def of(cls, **options: Any) -> EngineConfig:

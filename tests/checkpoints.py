@@ -10,12 +10,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 import torch
 from safetensors.torch import save_file
 
 from stepflash.config import ModelConfig
 from stepflash.model.loader import hub_state_dict, mtp_depth
 from stepflash.model.step3p5 import Step3p5ForCausalLM
+from stepflash.multimodal import IMAGE_TOKEN, IMAGE_TOKENS
 from stepflash.tokenizer import write_bpe_tokenizer
 from stepflash.train.configs import tiny_config
 
@@ -64,7 +66,8 @@ def write_byte_level_tokenizer(
 
 
 def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Hub-named fp32 tensors with scales that keep activations O(1) through the network."""
+    """Hub-named fp32 tensors with scales that keep activations O(1) through the network (the vision
+    tower's, when the config has one, by fan-in; its LayerNorm scales around 1)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {name: t.shape for name, t in hub_state_dict(Step3p5ForCausalLM(cfg)).items()}
@@ -72,7 +75,9 @@ def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
         del shapes["lm_head.weight"]
     weights = {}
     for name, shape in shapes.items():
-        if name.endswith("norm.weight"):
+        if name.startswith(("vision_model.", "vit_large_projector.")):
+            weights[name] = _random_vision_tensor(name, shape, gen)
+        elif name.endswith("norm.weight"):
             std = 0.2  # zero-centred norms: the scale is 1 + w
         elif name.endswith("router_bias"):
             std = 0.3  # large enough to change which experts win
@@ -82,6 +87,56 @@ def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
             std = 1.0 / math.sqrt(shape[-1])
         weights[name] = torch.randn(shape, generator=gen) * std
     return weights
+
+
+def _random_vision_tensor(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(shape, generator=gen)
+    if "ln_" in name and name.endswith(".weight"):
+        return 1.0 + 0.2 * noise
+    if name.endswith(("bias", "gamma")) or name.endswith("positional_embedding"):
+        return 0.3 * noise
+    return noise / math.sqrt(math.prod(shape[1:]))
+
+
+def tiny_vision_config(text: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """A Step 3.7 config.json (legacy names as published) around `text` (tiny_config() by default):
+    vision width 32, 2 layers, 2 heads, 112-pixel global views (8x8 patches -> 2x2 = 4 tokens) and
+    56-pixel crops (1 token); `image_token_id` is set by write_vision_checkpoint from its tokenizer."""
+    cfg = {
+        "model_type": "step3p7", "architectures": ["Step3p7ForConditionalGeneration"],
+        "text_config": text or tiny_config(),
+        "vision_config": {"model_type": "perception_encoder", "width": 32, "layers": 2, "heads": 2,
+                          "mlp_ratio": 2.0, "image_size": 112, "patch_size": 14, "ls_init_value": 0.1,
+                          "hidden_act": "quick_gelu", "use_cls_token": False, "use_ln_pre": True,
+                          "use_ln_post": False, "use_abs_posemb": True, "use_rope2d": True},
+        "image_token_len": 4, "patch_token_len": 1, "understand_projector_stride": 2, "projector_bias": False,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def write_vision_checkpoint(out_dir: str | Path, config: dict[str, Any] | None = None, *, seed: int = 0,
+                            with_mtp: bool = True) -> Path:
+    """A random Step 3.7 checkpoint in the hub format: text decoder (+ MTP), vision tower, projector,
+    and a tokenizer with the six image tokens (last ids of the vocabulary) whose chat template renders
+    each image part as one <im_patch>."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(config or tiny_vision_config())
+    vocab = config["text_config"]["vocab_size"]
+    write_byte_level_tokenizer(out, vocab - len(IMAGE_TOKENS))
+    backend = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in IMAGE_TOKENS])
+    backend.save(str(out / "tokenizer.json"))
+    config["image_token_id"] = backend.token_to_id(IMAGE_TOKEN)
+    cfg = ModelConfig.from_dict(config)
+    weights = random_weights(cfg, seed)
+    if not with_mtp:
+        weights = {k: v for k, v in weights.items() if mtp_depth(k, cfg.num_hidden_layers) is None}
+    config["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_shards(out, weights, 1)
+    return out
 
 
 def write_checkpoint(out_dir: str | Path, config: dict[str, Any] | None = None, *, dtype: torch.dtype = torch.float32,

@@ -110,3 +110,36 @@ def transformers_causal_lm(ckpt: Path) -> Any:
     if unexpected or any("language_model" in k or k == "lm_head.weight" for k in missing):
         raise RuntimeError(f"transformers model does not fit the checkpoint: {missing} {unexpected}")
     return model
+
+
+@functools.lru_cache(maxsize=2)
+def transformers_vision_lm(ckpt: Path) -> Any:
+    """transformers' Step3p7ForConditionalGeneration for a Step 3.7 checkpoint, in fp32, through its
+    own `from_pretrained` (its hub-name conversion: fused in_proj split, RoPE rows permuted), refusing
+    any tensor it left unloaded."""
+    from transformers import Step3p7ForConditionalGeneration
+
+    model, info = Step3p7ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32,
+                                                                  output_loading_info=True)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise RuntimeError(f"transformers model does not fit the checkpoint: {info}")
+    return model.eval()
+
+
+def reference_processor(ckpt: Path) -> Any:
+    """transformers' Step3p7Processor (its image processor sized from config.json as the checkpoint's
+    own remote code would be, and the checkpoint's tokenizer). Its image processor needs torchvision
+    (see conftest.py for PyPI's CUDA wheels next to a CPU torch); skips the test without it."""
+    import pytest
+
+    pytest.importorskip("torchvision")
+    from transformers import AutoTokenizer
+    from transformers.models.step3p7.image_processing_step3p7 import Step3p7ImageProcessor
+    from transformers.models.step3p7.processing_step3p7 import Step3p7Processor
+
+    config = json.loads((ckpt / "config.json").read_text())
+    vision = config["vision_config"]
+    crop = math.isqrt(config["patch_token_len"]) * vision["patch_size"] * 4
+    images = Step3p7ImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]},
+                                   patch_size=crop, vision_patch_size=vision["patch_size"])
+    return Step3p7Processor(images, AutoTokenizer.from_pretrained(ckpt))

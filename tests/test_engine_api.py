@@ -72,7 +72,8 @@ def test_bad_requests_fail_clearly_and_change_nothing(llm):
 def test_unsupported_options_are_refused(tmp_path):
     ckpt = write_checkpoint(tmp_path)
     for kwargs, message in [({"mtp": 4}, "mtp must be in 0..3"), ({"mtp": -1}, "mtp"), ({"quantization": "int4"}, "quantization"),
-                            ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+                            ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
+                            ({"tensor_parallel_size": 3}, "tensor_parallel_size=3 does not divide"),
                             ({"block_size": 12}, "power of two"),
                             ({"kv_cache_bytes": 10_000, "max_model_len": 4096}, "kv_cache_bytes")]:
         with pytest.raises(ValueError, match=message):

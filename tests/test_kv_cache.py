@@ -530,3 +530,27 @@ def test_colliding_keys_never_serve_another_prefix(monkeypatch: pytest.MonkeyPat
         probe = BlockTables()
         assert kv.match_prefix(probe, tokens) == expected, tokens
         kv.free(probe)
+
+
+def test_image_keys_separate_blocks_of_equal_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of the same placeholder ids holding different images never share KV (also with every
+    block key forced equal: the lookup compares the image keys); the same image does."""
+    import stepflash.engine.kv_cache as kv_cache
+    from types import SimpleNamespace
+
+    def image(key: bytes):
+        return SimpleNamespace(start=0, end=4, image=SimpleNamespace(key=key))
+
+    ids = [9, 9, 9, 9, 1, 2, 3, 4, 5]
+    for collide in (False, True):
+        if collide:
+            monkeypatch.setattr(kv_cache, "block_key", lambda parent, tokens: b"same")
+        kv = KVCacheManager(4, 20, 0, 64)
+        tables = BlockTables()
+        kv.append(tables, len(ids))
+        kv.commit(tables, ids, len(ids), [image(b"cat")])
+        kv.free(tables)
+        for key, expected in [(b"dog", 0), (b"cat", 4 if collide else 8)]:  # colliding: block 1's key is taken
+            probe = BlockTables()
+            assert kv.match_prefix(probe, ids, [image(key)]) == expected, (collide, key)
+            kv.free(probe)

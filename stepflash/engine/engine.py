@@ -5,12 +5,13 @@ in a worker thread behind an asyncio interface (submit, stream deltas, abort) fo
 """
 
 import asyncio
+import dataclasses
 import importlib.util
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +24,10 @@ from stepflash.engine.sampler import Sampler
 from stepflash.engine.scheduler import Scheduler, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.speculative import MTPDrafter
+from stepflash.engine.worker import RankFailure, Ranks, kv_budget, layout_message
+from stepflash.distributed import Parallel, check_shardable, use_expert_parallel
 from stepflash.model.loader import load_model, mtp_modules_in
+from stepflash.multimodal import ImageInput, ImageProcessor, PlacedImage
 from stepflash.outputs import RequestOutput, SpecStats
 from stepflash.sampling import SamplingParams
 from stepflash.structured import Constraint, StructuredOutputs
@@ -53,6 +57,7 @@ class Request:
     seed: int
     arrival: float
     constraint: Constraint | None = None
+    images: list[PlacedImage] = field(default_factory=list)
 
 
 def _use_kernels(kernels: str, device: torch.device) -> bool:
@@ -74,6 +79,9 @@ def _use_graphs(graphs: str, kernels: bool, device: torch.device) -> bool:
 
 
 class LLMEngine:
+    """With tensor_parallel_size N > 1 this process is rank 0 of N (engine/worker.py): it holds the
+    scheduler, sampler and outputs, and its runner hands every call to the other ranks."""
+
     def __init__(self, model_dir: str | Path, ec: EngineConfig | None = None) -> None:
         self.config = ec = ec or EngineConfig()
         device = torch.device(ec.device if ec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -84,12 +92,31 @@ class LLMEngine:
         if not 0 <= self.num_mtp <= available:
             raise ValueError(f"mtp={ec.mtp}: the checkpoint has {available} MTP modules, "
                              f"so mtp must be in 0..{available}")
+        self.ranks: Ranks | None = None
+        if ec.tensor_parallel_size > 1:
+            ec = self.config = dataclasses.replace(ec, enable_expert_parallel=use_expert_parallel(
+                cfg, ec.tensor_parallel_size, ec.enable_expert_parallel))
+            check_shardable(cfg, ec.tensor_parallel_size, ec.enable_expert_parallel)
+            self.ranks = Ranks.start(model_dir, ec)
+            device = self.ranks.device
+        try:
+            self._build(model_dir, ec, cfg, device)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _build(self, model_dir: str | Path, ec: EngineConfig, cfg: ModelConfig, device: torch.device) -> None:
         kernels = _use_kernels(ec.kernels, device)
         graphs = _use_graphs(ec.cuda_graphs, kernels, device)
+        parallel, channel = (self.ranks.parallel, self.ranks.channel) if self.ranks else (Parallel(), None)
+        if channel:
+            channel.send({"op": "load", "num_mtp": self.num_mtp, "kernels": kernels})
         self.model = load_model(model_dir, device=device, dtype=ec.dtype, num_mtp=self.num_mtp, keep_int4=kernels,
-                                keep_fp8=kernels)
+                                keep_fp8=kernels, parallel=parallel)
         dtype = self.model.lm_head.weight.dtype
-        self.layout = layout = plan_kv_layout(cfg, ec, self.num_mtp, dtype, device)
+        if channel:
+            ec = kv_budget(ec, device, channel)
+        self.layout = layout = plan_kv_layout(cfg, ec, self.num_mtp, dtype, device, parallel)
         self.max_model_len = layout.max_model_len
         self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids))
         self.kv = KVCacheManager.of(layout, ec.enable_prefix_caching)
@@ -99,23 +126,33 @@ class LLMEngine:
                                    watermark_blocks=layout.num_blocks[FULL] // 100,
                                    think_end=self.structured.think_end)
         graph_rows = min(layout.max_num_seqs * (1 + self.num_mtp), layout.max_num_batched_tokens) if graphs else 0
-        self.runner = ModelRunner(self.model, layout, kernels, graph_rows, capture=graphs and device.type == "cuda")
+        capture = graphs and device.type == "cuda"
+        if channel:
+            channel.send(layout_message(layout, graph_rows, capture))
+        self.runner = ModelRunner(self.model, layout, kernels, graph_rows, capture, channel)
         self.sampler = Sampler(self.eos_token_ids, self.structured)
         self.drafter = MTPDrafter(self.runner, self.eos_token_ids) if self.num_mtp else None
         self.output = OutputProcessor(self.tokenizer)
+        self.images = ImageProcessor.of(cfg.vision, self.tokenizer.token_to_id, max_pixels=ec.max_image_pixels,
+                                        max_image_tokens=ec.max_image_tokens) if cfg.vision else None
         self._seq_ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(ec.seed)
         self.num_steps = 0
 
     # -- requests -------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    images: list | None = None) -> None:
         """Validate and queue a request; bad input raises ValueError and changes nothing."""
-        self.enqueue(self.make_request(request_id, prompt, params))
+        self.enqueue(self.make_request(request_id, prompt, params, images))
 
-    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
-        """Tokenize and validate; touches no engine state (the async front calls it on its own thread)."""
+    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                     images: list | None = None) -> Request:
+        """Tokenize and validate; touches no engine state (the async front calls it on its own thread).
+        `images` (encoded bytes, PIL images, uint8 [3, H, W] tensors or preprocessed ImageInputs) go
+        to the prompt's image placeholders, in order."""
         params = params or SamplingParams()
         text, ids = self._tokenize(prompt)
+        ids, placed = self._place_images(ids, images or [])
         room = self.max_model_len - len(ids)
         if room < 1:
             raise ValueError(f"prompt has {len(ids)} tokens; the context is {self.max_model_len} "
@@ -131,15 +168,26 @@ class LLMEngine:
                              f"(size {self.model_config.vocab_size})")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
         constraint = self.structured.constraint_for(params, ids)  # a bad grammar raises here, before queueing
-        return Request(request_id, text, ids, params, seed, time.monotonic(), constraint)
+        return Request(request_id, text, ids, params, seed, time.monotonic(), constraint, placed)
+
+    def _place_images(self, ids: list[int], images: list) -> tuple[list[int], list[PlacedImage]]:
+        """Preprocess the images and expand the prompt's placeholders into their layouts."""
+        if self.images is None:
+            if images:
+                raise ValueError("this model takes no images (its config has no vision_config)")
+            return ids, []
+        limit = self.config.limit_images_per_prompt
+        if len(images) > limit:
+            raise ValueError(f"{len(images)} images in one prompt; the limit is {limit} (limit_images_per_prompt)")
+        return self.images.expand(ids, [im if isinstance(im, ImageInput) else self.images.process(im) for im in images])
 
     def enqueue(self, request: Request) -> None:
         if request.request_id in self.output.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.output.add(request.request_id, request.prompt, request.prompt_token_ids, request.params, request.arrival)
         seq = Sequence(next(self._seq_ids), request.request_id, 0, list(request.prompt_token_ids),
-                       len(request.prompt_token_ids), request.params, request.seed, num_forks=request.params.n - 1,
-                       constraint=request.constraint)
+                       len(request.prompt_token_ids), request.params, request.seed, images=request.images,
+                       num_forks=request.params.n - 1, constraint=request.constraint)
         self.scheduler.add(seq)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -161,7 +209,7 @@ class LLMEngine:
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         """An n > 1 sibling: the parent's prompt, its own index and seed."""
         return Sequence(next(self._seq_ids), parent.request_id, index, list(parent.token_ids),
-                        parent.num_prompt_tokens, parent.params, parent.seed + index,
+                        parent.num_prompt_tokens, parent.params, parent.seed + index, images=parent.images,
                         constraint=parent.constraint.fork() if parent.constraint is not None else None)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -176,6 +224,20 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Plan, draft (MTP), run the target, sample and verify, apply: each changed request's delta."""
+        if self.ranks is None:
+            return self._step()
+        self.ranks.check()
+        try:
+            return self._step()
+        except Exception as e:  # the ranks may be mid-call: no later step could be in lockstep
+            raise self.ranks.failure(e) from e
+
+    def shutdown(self) -> None:
+        """Stop the other ranks (tensor parallelism); nothing to do otherwise."""
+        if self.ranks is not None:
+            self.ranks.close()
+
+    def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         if not plan.seqs:
             return []
@@ -218,14 +280,16 @@ class AsyncLLMEngine:
         self._aborts: set[str] = set()
         self._loop_task: asyncio.Task | None = None
         self._ids = itertools.count()
+        self.fatal: RankFailure | None = None  # the engine cannot go on (a tensor-parallel rank failed)
+        self.on_fatal: Callable[[RankFailure], None] | None = None
 
     def add(self, prompt: str | list[int], params: SamplingParams | None = None,
-            request_id: str | None = None) -> str:
+            request_id: str | None = None, images: list | None = None) -> str:
         """Validate (ValueError on bad input) and queue a request; returns its id."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.engine.make_request(request_id, prompt, params)
+        request = self.engine.make_request(request_id, prompt, params, images)
         self._queues[request_id] = asyncio.Queue()
         self._pending.append(request)
         self._ensure_loop()
@@ -237,8 +301,8 @@ class AsyncLLMEngine:
         return len(self._queues)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        async for out in self.stream(self.add(prompt, params, request_id)):
+                       request_id: str | None = None, images: list | None = None) -> AsyncIterator[RequestOutput]:
+        async for out in self.stream(self.add(prompt, params, request_id, images)):
             yield out
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
@@ -282,6 +346,10 @@ class AsyncLLMEngine:
                 for request_id in list(self.engine.output.requests):
                     self.engine.abort_request(request_id)
                     self._deliver(request_id, RuntimeError(f"engine step failed: {e}"))
+                if isinstance(e, RankFailure) and self.fatal is None:
+                    self.fatal = e
+                    if self.on_fatal:
+                        self.on_fatal(e)
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)

@@ -9,6 +9,8 @@ never holds more than window + the tokens of one step there. MTP layers are slid
 Prefix caching: a full block of tokens is named by a key, a strong hash (BLAKE2b, 128 bits) of the
 key of the block before it and the block's tokens. A cached block also keeps its tokens and its
 parent's key, and a lookup compares both, so a hash collision can never serve another prefix's KV.
+Image placeholders are the same ids for every image, so a block overlapping an image's placeholders
+also hashes (and compares) that image's content key: different images never share KV.
 Blocks keep their key after release (in LRU order) until they are reused, so a later prompt with the
 same prefix picks them up. A hit of h blocks counts only if the full pool holds blocks 0..h-1 and
 the sliding pool holds every block the next query still needs (those covering the last window).
@@ -26,12 +28,18 @@ has, so a step uploads only new entries.
 import hashlib
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from stepflash.config import FULL, SLIDING, EngineConfig, LayerKind, ModelConfig
+from stepflash.distributed import Parallel
+
+if TYPE_CHECKING:
+    from stepflash.multimodal import PlacedImage
 
 NO_BLOCK = -1
 ROOT_KEY = b""  # the parent key of a sequence's first block
@@ -44,12 +52,24 @@ def block_key(parent: bytes, tokens: tuple[int, ...]) -> bytes:
     return digest.digest()
 
 
+def block_entry(parent: bytes, token_ids: list[int], index: int, block_size: int,
+                images: "Sequence[PlacedImage]" = ()) -> "CachedBlock":
+    """What block `index` of a sequence is cached as: its tokens, and the content keys of the images
+    whose placeholders it holds (hashed with the parent's key)."""
+    start, end = index * block_size, (index + 1) * block_size
+    tokens = tuple(token_ids[start:end])
+    extra = b"".join(im.image.key for im in images if im.start < end and im.end > start)
+    return CachedBlock(block_key(parent + extra, tokens), parent, tokens, extra)
+
+
 # -- layout -------------------------------------------------------------------------------------------
 def kv_bytes_per_block(cfg: ModelConfig, layer_ids: list[int], block_size: int, dtype: torch.dtype,
-                       hidden_levels: int = 0) -> int:
-    """Bytes one block takes in every layer of `layer_ids`, plus `hidden_levels` MTP hidden caches."""
+                       hidden_levels: int = 0, parallel: Parallel = Parallel()) -> int:
+    """Bytes one block takes in every layer of `layer_ids` on one rank (its KV heads), plus
+    `hidden_levels` MTP hidden caches."""
     item = torch.empty((), dtype=dtype).element_size()
-    kv = sum(2 * block_size * cfg.layers[i].num_kv_heads * cfg.layers[i].head_dim * item for i in layer_ids)
+    kv = sum(2 * block_size * parallel.kv_part(cfg.layers[i].num_kv_heads) * cfg.layers[i].head_dim * item
+             for i in layer_ids)
     return kv + hidden_levels * block_size * cfg.hidden_size * item
 
 
@@ -88,18 +108,19 @@ class KVLayout:
 
 
 def plan_kv_layout(cfg: ModelConfig, ec: EngineConfig, num_mtp: int, dtype: torch.dtype,
-                   device: torch.device) -> KVLayout:
+                   device: torch.device, parallel: Parallel = Parallel()) -> KVLayout:
     """Cut kv_cache_bytes into blocks: sliding layers get what max_num_seqs windows and one step's
     tokens need, full layers all the rest, so context length is limited by the full layers alone.
     Settings the user left open shrink to fit (concurrency first, then the prefill chunk, then the
     context); the engine refuses only when one sequence of the context cannot fit. The default
     budget: on a GPU 90% of free memory; on the CPU what max_num_seqs sequences of the whole
-    context need, at most a quarter of available memory."""
+    context need, at most a quarter of available memory. Under tensor parallelism every size is
+    one rank's (its KV heads; kv_cache_bytes per rank), and rank 0's plan holds for all ranks."""
     bs = ec.block_size
     layers = cfg.decoder_layers + cfg.mtp_layers[:num_mtp]
     ids = {kind: [s.index for s in layers if s.attention_type == kind] for kind in (FULL, SLIDING)}
-    bpb = {FULL: kv_bytes_per_block(cfg, ids[FULL], bs, dtype),
-           SLIDING: kv_bytes_per_block(cfg, ids[SLIDING], bs, dtype, num_mtp)}
+    bpb = {FULL: kv_bytes_per_block(cfg, ids[FULL], bs, dtype, parallel=parallel),
+           SLIDING: kv_bytes_per_block(cfg, ids[SLIDING], bs, dtype, num_mtp, parallel)}
     window = cfg.sliding_window if ids[SLIDING] else 0
     length = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     seqs, chunk = ec.max_num_seqs or 64, ec.max_num_batched_tokens or 1024
@@ -152,6 +173,7 @@ class CachedBlock:
     key: bytes
     parent: bytes
     tokens: tuple[int, ...]
+    extra: bytes = b""  # content keys of the images whose placeholders the block holds
 
 
 class BlockPool:
@@ -191,13 +213,15 @@ class BlockPool:
             if block not in self.cached:  # nothing worth keeping: reuse it first
                 self.free.move_to_end(block, last=False)
 
-    def lookup(self, key: bytes, parent: bytes | None = None, tokens: tuple[int, ...] | None = None) -> int | None:
-        """The block cached under `key`; when parent and tokens are given, only if it holds exactly them."""
+    def lookup(self, key: bytes, parent: bytes | None = None, tokens: tuple[int, ...] | None = None,
+               extra: bytes = b"") -> int | None:
+        """The block cached under `key`; when parent and tokens are given, only if it holds exactly them
+        (and the same images)."""
         block = self.block_of.get(key)
         if block is None or tokens is None:
             return block
         entry = self.cached[block]
-        return block if entry.parent == parent and entry.tokens == tokens else None
+        return block if entry.parent == parent and entry.tokens == tokens and entry.extra == extra else None
 
     def register(self, block: int, entry: CachedBlock) -> None:
         if entry.key not in self.block_of and block not in self.cached:
@@ -293,7 +317,8 @@ class KVCacheManager:
                 table.append(pool.allocate())
         return copies
 
-    def commit(self, tables: BlockTables, token_ids: list[int], num_computed: int) -> None:
+    def commit(self, tables: BlockTables, token_ids: list[int], num_computed: int,
+               images: "Sequence[PlacedImage]" = ()) -> None:
         """After a step computed positions up to `num_computed` (and, with MTP, the MTP caches up to
         tables.mtp_computed): name newly complete blocks for the prefix cache, then release sliding
         blocks no later query can read."""
@@ -302,9 +327,7 @@ class KVCacheManager:
         bs = self.block_size
         while len(tables.hashes) < ready // bs:
             i = len(tables.hashes)
-            parent = tables.hashes[-1] if tables.hashes else ROOT_KEY
-            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
-            entry = CachedBlock(block_key(parent, tokens), parent, tokens)
+            entry = block_entry(tables.hashes[-1] if tables.hashes else ROOT_KEY, token_ids, i, bs, images)
             tables.hashes.append(entry.key)
             if self.enable_prefix_caching:
                 for kind in self.kinds:
@@ -331,17 +354,16 @@ class KVCacheManager:
             tables.synced[kind] = min(tables.synced.get(kind, 0), len(table))
 
     # -- prefix cache ---------------------------------------------------------------------------
-    def match_prefix(self, tables: BlockTables, token_ids: list[int]) -> int:
-        """Attach cached blocks for the longest usable prefix of `token_ids` to empty `tables`
-        (at least one token is left to compute). Returns the number of cached tokens."""
+    def match_prefix(self, tables: BlockTables, token_ids: list[int], images: "Sequence[PlacedImage]" = ()) -> int:
+        """Attach cached blocks for the longest usable prefix of `token_ids` (with `images` at their
+        places) to empty `tables` (at least one token is left to compute). Returns the number of
+        cached tokens."""
         assert not tables.full and not tables.sliding, "prefix matching needs an empty sequence"
         self.prefix_queries += len(token_ids)
         bs = self.block_size
         chain: list[CachedBlock] = []
         for i in range((len(token_ids) - 1) // bs):
-            parent = chain[-1].key if chain else ROOT_KEY
-            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
-            entry = CachedBlock(block_key(parent, tokens), parent, tokens)
+            entry = block_entry(chain[-1].key if chain else ROOT_KEY, token_ids, i, bs, images)
             if FULL in self.kinds and self._lookup(FULL, entry) is None:
                 break
             chain.append(entry)
@@ -363,7 +385,7 @@ class KVCacheManager:
         return hit * bs
 
     def _lookup(self, kind: LayerKind, entry: CachedBlock) -> int | None:
-        return self.pools[kind].lookup(entry.key, entry.parent, entry.tokens)
+        return self.pools[kind].lookup(entry.key, entry.parent, entry.tokens, entry.extra)
 
     def _sliding_present(self, chain: list[CachedBlock], hit: int) -> bool:
         if SLIDING not in self.kinds:

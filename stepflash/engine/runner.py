@@ -8,6 +8,16 @@ through `PagedAttention` (model/attention.py) with the Triton kernels or their P
 same inputs either way. Short chunks (decodes, verify steps, MTP drafting rows) go to the paged
 op, longer ones (prefill) to the prefill op.
 
+Images (Step 3.7): a forward whose chunks reach an image's placeholders gets that image's features
+from the vision tower, computed once per image (the step's new images in one batch of global views
+and one of crops) and kept per sequence until the target and the MTP modules have both passed the
+image (a preempted sequence recomputes them); the features replace those rows' embeddings, in the
+target and in every MTP module.
+
+Under tensor parallelism every rank holds a runner over its shard of the model and its heads of
+the KV cache: rank 0's runner packs each call (`StepCall`: the host arrays above and what unpacks
+them) and hands it to the other ranks before running it (`channel`); they run the same call.
+
 With MTP, the runner also keeps, per position, the hidden state each MTP module chains on: level 0
 is the target's last hidden state (before the final norm), level d the output of MTP module d. These
 "hidden caches" live in the sliding pool's blocks like the MTP layers' own KV, so prefix hits,
@@ -15,6 +25,8 @@ copy-on-write and window release treat them exactly like KV.
 """
 
 import array
+import bisect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,9 +41,11 @@ from stepflash.engine.scheduler import ScheduledSeq, StepPlan
 from stepflash.engine.sequence import Sequence
 from stepflash.kernels.tiles import tile_runs
 from stepflash.model.attention import ATTENTION_OPS, AttentionRows, PagedAttention
-from stepflash.model.step3p5 import Step3p5ForCausalLM, use_kernels
+from stepflash.model.step3p5 import Embeds, Step3p5ForCausalLM, use_kernels
+from stepflash.multimodal import PlacedImage
 
 if TYPE_CHECKING:
+    from stepflash.distributed import PlanChannel
     from stepflash.engine.speculative import Drafts
 
 
@@ -67,6 +81,47 @@ class Inject:
         self.source = source
 
 
+WIRE_DTYPES = {"int64": torch.int64, "int32": torch.int32}  # the dtypes of a forward's packed inputs
+
+
+@dataclass
+class StepCall:
+    """One runner call as every rank runs it: `op` "target", "mtp" (module `depth`) or "copy"; the
+    forward's host arrays packed for one copy (`upload`) and their handles; per layer kind the step
+    table width; how many table rows the device tables need; the shape of the device-only ids
+    (MTP drafts) to inject, whose values rank 0 sends beside the call; the block copies."""
+
+    op: str
+    depth: int = 0
+    kinds: list[LayerKind] = field(default_factory=list)
+    upload: "Upload | None" = None
+    handles: dict[str, int | None] = field(default_factory=dict)
+    widths: dict[str, int] = field(default_factory=dict)
+    table_rows: int = 0
+    source_shape: list[int] | None = None
+    copies: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def wire(self) -> tuple[dict, bytes]:
+        """JSON metadata and the packed arrays' bytes (distributed.PlanChannel)."""
+        meta = {k: v for k, v in vars(self).items() if k != "upload"}
+        if self.upload is None:
+            return meta, b""
+        meta["parts"] = [(start, length, width, str(dtype).removeprefix("torch."))
+                         for start, length, width, dtype in self.upload.parts]
+        return meta, self.upload.data.tobytes()
+
+    @classmethod
+    def from_wire(cls, meta: dict, data: bytes) -> "StepCall":
+        parts = meta.pop("parts", None)
+        call = cls(**meta)
+        call.kinds = [LayerKind(k) for k in call.kinds]
+        if parts is not None:
+            call.upload = Upload()
+            call.upload.data.frombytes(data)
+            call.upload.parts = [(start, length, width, WIRE_DTYPES[dtype]) for start, length, width, dtype in parts]
+        return call
+
+
 @dataclass
 class Inputs:
     """A forward's tensors: ids and positions, the attention context, the rows whose output is
@@ -77,6 +132,7 @@ class Inputs:
     ctx: PagedAttention
     logit_rows: torch.Tensor
     prev_slots: torch.Tensor | None = None
+    embeds: Embeds | None = None  # image features replacing some rows' embeddings
 
 
 @dataclass
@@ -127,8 +183,9 @@ class ModelRunner:
     per-bucket CUDA graphs (`capture`), or eagerly on the same static buffers where there is no CUDA."""
 
     def __init__(self, model: Step3p5ForCausalLM, layout: KVLayout, kernels: bool = False, graph_rows: int = 0,
-                 capture: bool = False) -> None:
+                 capture: bool = False, channel: "PlanChannel | None" = None) -> None:
         self.model, self.block_size, self.kernels = model, layout.block_size, kernels
+        self.channel = channel  # rank 0 under tensor parallelism: where each call goes to the other ranks
         use_kernels(model, kernels)  # the backend, chosen once: the modules' kernels and the attention ops
         self.ops = ATTENTION_OPS["triton" if kernels else "torch"]
         cfg = model.config
@@ -140,9 +197,10 @@ class ModelRunner:
         self.kinds = [kind for kind in layout.kinds if kind in self.kind_of.values()]
         num_blocks, block_size = layout.num_blocks, layout.block_size
         self.scratch = {kind: num_blocks[kind] for kind in self.kinds}  # the block past the managed ones
+        kv_heads = model.parallel.kv_part  # this rank's heads
         self.caches = {
-            s.index: tuple(torch.zeros(num_blocks[self.kind_of[s.index]] + 1, block_size, s.num_kv_heads, s.head_dim,
-                                       dtype=self.dtype, device=self.device) for _ in range(2))
+            s.index: tuple(torch.zeros(num_blocks[self.kind_of[s.index]] + 1, block_size, kv_heads(s.num_kv_heads),
+                                       s.head_dim, dtype=self.dtype, device=self.device) for _ in range(2))
             for s in layers
         }
         # the block tables, one row per sequence holding blocks (BlockTables.row), updated with new entries only
@@ -155,6 +213,9 @@ class ModelRunner:
         # decode kernel tiles: the 1 + k rows of a verify step (a power of two) read their keys once
         self.tile_rows = min(1 << self.num_mtp.bit_length(), SHORT_CHUNK)
         self.graphs, self.mtp_graphs = None, []
+        # per sequence: image index -> its features [rows, hidden] (gone with the sequence)
+        self.image_features: weakref.WeakKeyDictionary[Sequence, dict[int, torch.Tensor]] = \
+            weakref.WeakKeyDictionary()
         if graph_rows:
             if not kernels:
                 raise ValueError("graphed steps need the Triton kernels (the PyTorch MoE reads shapes on the host)")
@@ -167,19 +228,58 @@ class ModelRunner:
                                           self.scratch, block_size, self.device, capture, pool)
                                for depth in range(self.num_mtp)]
 
-    @torch.inference_mode()
     def execute(self, chunks: list[Chunk], logit_rows: list[int], inject: Inject | None = None) -> torch.Tensor:
         """Run the target over `chunks`; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
-        x = self._prepare(chunks, self.kinds, logit_rows, inject)
-        if self.graphs and x.ctx.prefill is None and self.graphs.fits(len(x.ids), x.ctx.tables):
+        call = self._pack("target", 0, chunks, self.kinds, logit_rows, inject)
+        return self._run_shared(call, inject, self._image_embeds(chunks))
+
+    def execute_mtp(self, depth: int, chunks: list[Chunk], logit_rows: list[int],
+                    inject: Inject | None = None) -> torch.Tensor:
+        """MTP module `depth` over `chunks`: each position p chains on hidden level `depth` at p - 1
+        (zeros before position 0) and the token at p; its output is stored as level depth + 1.
+        Returns fp32 logits of its head for the flat rows `logit_rows`."""
+        call = self._pack("mtp", depth, chunks, [SLIDING], logit_rows, inject)  # MTP layers are sliding layers
+        return self._run_shared(call, inject, self._image_embeds(chunks))
+
+    def copy_blocks(self, copies: list[BlockCopy]) -> None:
+        if copies:
+            self._run_shared(StepCall("copy", copies=[(c.kind, c.src, c.dst) for c in copies]), None)
+
+    def _run_shared(self, call: StepCall, inject: Inject | None, embeds: Embeds | None = None) -> torch.Tensor | None:
+        """Hand the call to the other ranks (tensor parallelism), then run it here (`embeds`: image
+        features, which only a single rank takes: the engine refuses images under tensor parallelism)."""
+        source = inject.source if inject and inject.rows else None
+        if self.channel is not None:
+            self.channel.send(*call.wire())
+            if source is not None:
+                self.channel.share_tensor(source)
+        return self.run(call, source, embeds)
+
+    @torch.inference_mode()
+    def run(self, call: StepCall, source: torch.Tensor | None = None,
+            embeds: Embeds | None = None) -> torch.Tensor | None:
+        """Run a packed call on this rank (`source`: the device ids it injects); the logits it asks for."""
+        if call.op == "copy":
+            self._copy_blocks([BlockCopy(LayerKind(kind), src, dst) for kind, src, dst in call.copies])
+            return None
+        x = self._unpack(call, source, embeds)
+        if call.op == "mtp":
+            graphs = self.mtp_graphs[call.depth] if self.mtp_graphs else None
+            if graphs and x.ctx.prefill is None and x.embeds is None and graphs.fits(len(x.ids), x.ctx.tables):
+                z = graphs.run(_step_inputs(x))
+            else:
+                z = self._mtp_forward(call.depth, x.ids, x.positions, x.prev_slots, x.ctx, x.embeds)
+            return self.model.mtp_logits(call.depth, z.index_select(0, x.logit_rows))
+        if self.graphs and x.ctx.prefill is None and x.embeds is None and self.graphs.fits(len(x.ids), x.ctx.tables):
             hidden = self.graphs.run(_step_inputs(x))
         else:
-            hidden = self._forward(x.ids, x.positions, x.ctx)
+            hidden = self._forward(x.ids, x.positions, x.ctx, x.embeds)
         return self.model.compute_logits(hidden.index_select(0, x.logit_rows))
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention,
+                 embeds: Embeds | None = None) -> torch.Tensor:
         """The target's pre-norm hidden states, stored as MTP hidden level 0 at the rows' slots."""
-        hidden = self.model(ids, positions, ctx)
+        hidden = self.model(ids, positions, ctx, embeds)
         if self.hidden:
             self.hidden[0].index_copy_(0, ctx.slots[SLIDING], hidden)
         return hidden
@@ -198,26 +298,12 @@ class ModelRunner:
                               {k: step.tables[k] for k in kinds}, {k: step.first_blocks[k] for k in kinds},
                               AttentionRows(None, step.seq_of, step.q_pos, step.tiles, self.tile_rows), None)
 
-    @torch.inference_mode()
-    def execute_mtp(self, depth: int, chunks: list[Chunk], logit_rows: list[int],
-                    inject: Inject | None = None) -> torch.Tensor:
-        """MTP module `depth` over `chunks`: each position p chains on hidden level `depth` at p - 1
-        (zeros before position 0) and the token at p; its output is stored as level depth + 1.
-        Returns fp32 logits of its head for the flat rows `logit_rows`."""
-        x = self._prepare(chunks, [SLIDING], logit_rows, inject, mtp=True)  # MTP layers are sliding layers
-        graphs = self.mtp_graphs[depth] if self.mtp_graphs else None
-        if graphs and x.ctx.prefill is None and graphs.fits(len(x.ids), x.ctx.tables):
-            z = graphs.run(_step_inputs(x))
-        else:
-            z = self._mtp_forward(depth, x.ids, x.positions, x.prev_slots, x.ctx)
-        return self.model.mtp_logits(depth, z.index_select(0, x.logit_rows))
-
     def _mtp_forward(self, depth: int, ids: torch.Tensor, positions: torch.Tensor, prev_slots: torch.Tensor,
-                     ctx: PagedAttention) -> torch.Tensor:
+                     ctx: PagedAttention, embeds: Embeds | None = None) -> torch.Tensor:
         """MTP module `depth`'s output, stored as hidden level depth + 1 at the rows' slots."""
         prev = self.hidden[depth].index_select(0, prev_slots)
         prev = prev.masked_fill((positions == 0)[:, None], 0.0)
-        z = self.model.mtp_hidden(depth, ids, prev, positions, ctx)
+        z = self.model.mtp_hidden(depth, ids, prev, positions, ctx, embeds)
         if depth + 1 < self.num_mtp:
             self.hidden[depth + 1].index_copy_(0, ctx.slots[SLIDING], z)
         return z
@@ -230,7 +316,7 @@ class ModelRunner:
             return _slots(table, chunk.start - 1, chunk.end - 1, bs)
         return _slots(table, 0, 1, bs) + _slots(table, 0, chunk.end - 1, bs)
 
-    def copy_blocks(self, copies: list[BlockCopy]) -> None:
+    def _copy_blocks(self, copies: list[BlockCopy]) -> None:
         for c in copies:
             for layer, (k, v) in self.caches.items():
                 if self.kind_of[layer] == c.kind:
@@ -241,59 +327,111 @@ class ModelRunner:
                 for level in self.hidden:
                     level[c.dst * bs:(c.dst + 1) * bs] = level[c.src * bs:(c.src + 1) * bs]
 
-    def _prepare(self, chunks: list[Chunk], kinds: list[LayerKind], logit_rows: list[int], inject: Inject | None,
-                 mtp: bool = False) -> Inputs:
-        """The forward's integer inputs, gathered on the host and sent to the device in one copy: ids
-        and positions, per layer kind the cache slots, the new block-table entries and each row's
-        table, and the rows and tiles of each attention op."""
+    def _pack(self, op: str, depth: int, chunks: list[Chunk], kinds: list[LayerKind], logit_rows: list[int],
+              inject: Inject | None) -> StepCall:
+        """The forward's integer inputs, gathered on the host for one copy to the device: ids and
+        positions, per layer kind the cache slots, the new block-table entries and each row's table
+        start, and the rows and tiles of each attention op."""
         ids = [t for c in chunks for t in c.ids]
         positions = [p for c in chunks for p in range(c.start, c.end)]
         seq_of = [i for i, c in enumerate(chunks) for _ in c.ids]
         up = Upload()
         sent = {"ids": up.add(ids), "positions": up.add(positions), "logit_rows": up.add(logit_rows),
                 "rows": up.add([c.seq.blocks.row for c in chunks])}
+        call = StepCall(op, depth, kinds, up, sent, table_rows=max((c.seq.blocks.row for c in chunks), default=0) + 1)
         if inject and inject.rows:
-            sent["inject"] = up.add(inject.rows), up.add(inject.index)
-        if mtp:
+            sent["inject_rows"], sent["inject_index"] = up.add(inject.rows), up.add(inject.index)
+            call.source_shape = list(inject.source.shape)
+        if op == "mtp":
             sent["prev"] = up.add([slot for c in chunks for slot in self._previous_slots(c)])
-        widths = {}
         for kind in kinds:
             # sliding layers: each table from the first block the chunk's window can reach
             first = [max(0, c.start - self.window + 1) // self.block_size if kind == SLIDING else 0 for c in chunks]
-            widths[kind] = max(len(c.seq.blocks.table(kind)) - f for c, f in zip(chunks, first))
-            sent["first", kind] = up.add(first, dtype=torch.int32)
-            sent["new", kind] = up.add(self._new_entries(chunks, kind), width=3)
-            sent["slots", kind] = up.add([s for c in chunks
-                                          for s in _slots(c.seq.blocks.table(kind), c.start, c.end, self.block_size)])
+            call.widths[kind] = max(len(c.seq.blocks.table(kind)) - f for c, f in zip(chunks, first))
+            sent[f"first {kind}"] = up.add(first, dtype=torch.int32)
+            sent[f"new {kind}"] = up.add(self._new_entries(chunks, kind), width=3)
+            sent[f"slots {kind}"] = up.add([s for c in chunks
+                                            for s in _slots(c.seq.blocks.table(kind), c.start, c.end, self.block_size)])
         long_rows = [len(c.ids) > SHORT_CHUNK for c in chunks for _ in c.ids]
-        rows = {flag: [i for i, f in enumerate(long_rows) if f == flag] for flag in (False, True)}
-        for flag, index in rows.items():
+        for flag in (False, True):
+            index = [i for i, f in enumerate(long_rows) if f == flag]
             if index:
                 set_seq = [seq_of[i] for i in index]
-                sent["index", flag] = up.add(index) if len(index) < len(ids) else None
-                sent["seq_of", flag] = up.add(set_seq, dtype=torch.int32)
-                sent["q_pos", flag] = up.add([positions[i] for i in index], dtype=torch.int32)
-                tile_rows = PREFILL_TILE if flag else self.tile_rows
-                sent["tiles", flag] = up.add(tile_runs(set_seq, tile_rows), dtype=torch.int32, width=2)
-        got = up.send(self.device)
+                sent[f"index {flag}"] = up.add(index) if len(index) < len(ids) else None
+                sent[f"seq_of {flag}"] = up.add(set_seq, dtype=torch.int32)
+                sent[f"q_pos {flag}"] = up.add([positions[i] for i in index], dtype=torch.int32)
+                sent[f"tiles {flag}"] = up.add(tile_runs(set_seq, PREFILL_TILE if flag else self.tile_rows),
+                                               dtype=torch.int32, width=2)
+        return call
+
+    def _unpack(self, call: StepCall, source: torch.Tensor | None, embeds: Embeds | None = None) -> Inputs:
+        """The call's inputs on the device, in one copy; the device block tables updated."""
+        got, sent = call.upload.send(self.device), call.handles
         ids_t = got(sent["ids"])
-        if "inject" in sent:
-            ids_t.index_copy_(0, got(sent["inject"][0]), inject.source.view(-1)[got(sent["inject"][1])])
+        if source is not None:
+            ids_t.index_copy_(0, got(sent["inject_rows"]), source.view(-1)[got(sent["inject_index"])])
         tables = {}
-        for kind in kinds:
-            new = got(sent["new", kind])
+        for kind in call.kinds:
+            self._grow_tables(kind, call.table_rows)
+            new = got(sent[f"new {kind}"])
             self.tables[kind][new[:, 0], new[:, 1]] = new[:, 2].to(torch.int32)
-            tables[kind] = self._step_table(kind, got(sent["rows"]), got(sent["first", kind]), widths[kind])
-        sets = {flag: AttentionRows(got(sent["index", flag]), got(sent["seq_of", flag]), got(sent["q_pos", flag]),
-                                    got(sent["tiles", flag]), PREFILL_TILE if flag else self.tile_rows)
-                for flag, index in rows.items() if index}
-        ctx = PagedAttention(self.ops, self.caches, self.kind_of, {k: got(sent["slots", k]) for k in kinds}, tables,
-                             {k: got(sent["first", k]) for k in kinds}, sets.get(False), sets.get(True))
-        return Inputs(ids_t, got(sent["positions"]), ctx, got(sent["logit_rows"]), got(sent.get("prev")))
+            tables[kind] = self._step_table(kind, got(sent["rows"]), got(sent[f"first {kind}"]), call.widths[kind])
+        sets = {flag: AttentionRows(got(sent[f"index {flag}"]), got(sent[f"seq_of {flag}"]),
+                                    got(sent[f"q_pos {flag}"]), got(sent[f"tiles {flag}"]),
+                                    PREFILL_TILE if flag else self.tile_rows)
+                for flag in (False, True) if f"seq_of {flag}" in sent}
+        ctx = PagedAttention(self.ops, self.caches, self.kind_of, {k: got(sent[f"slots {k}"]) for k in call.kinds},
+                             tables, {k: got(sent[f"first {k}"]) for k in call.kinds}, sets.get(False), sets.get(True))
+        return Inputs(ids_t, got(sent["positions"]), ctx, got(sent["logit_rows"]), got(sent.get("prev")), embeds)
+
+    # -- images -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _image_embeds(self, chunks: list[Chunk]) -> Embeds | None:
+        """The flat rows of `chunks` that are image placeholders, and their features."""
+        rows, parts, todo, row = [], [], [], 0
+        for c in chunks:
+            images = c.seq.images
+            if images and c.start >= images[-1].end and c.seq in self.image_features:
+                self._drop_passed(c.seq, self.image_features[c.seq])
+            if images and c.start < images[-1].end:
+                cached = self.image_features.setdefault(c.seq, {})
+                self._drop_passed(c.seq, cached)
+                for i, im in enumerate(images):
+                    first, last = bisect.bisect_left(im.rows, c.start), bisect.bisect_left(im.rows, c.end)
+                    if first == last:
+                        continue
+                    if i not in cached:
+                        todo.append((cached, i, im))
+                        cached[i] = None  # placeholder: filled below, in one batch
+                    rows += [row + p - c.start for p in im.rows[first:last]]
+                    parts.append((cached, i, first, last))
+            row += len(c.ids)
+        if not rows:
+            return None
+        if todo:
+            self._encode(todo)
+        values = torch.cat([cached[i][first:last] for cached, i, first, last in parts])
+        return torch.tensor(rows, device=self.device), values
+
+    def _drop_passed(self, seq: Sequence, cached: dict[int, torch.Tensor]) -> None:
+        """Forget the features of images that the target and the MTP caches have both passed."""
+        done = min(seq.num_computed, seq.blocks.mtp_computed) if self.num_mtp else seq.num_computed
+        for i in [i for i in cached if seq.images[i].end <= done]:
+            del cached[i]
+
+    def _encode(self, todo: list[tuple[dict, int, PlacedImage]]) -> None:
+        """Features of new images: every global view in one batch, every crop in another; an image's
+        rows are its crops' (in order), then its global view's."""
+        vision = self.model.vision
+        views = vision(torch.stack([im.image.pixels for _, _, im in todo]).to(self.device))
+        crops = [im.image.crops for _, _, im in todo]
+        crop_rows = vision(torch.cat(crops).to(self.device)).split([len(c) for c in crops]) \
+            if sum(len(c) for c in crops) else [None] * len(todo)
+        for (cached, i, _), view, crop in zip(todo, views, crop_rows):
+            cached[i] = view if crop is None or not len(crop) else torch.cat([crop.flatten(0, 1), view])
 
     def _new_entries(self, chunks: list[Chunk], kind: LayerKind) -> list[int]:
-        """(row, column, block) of every table entry the device does not have yet, flat; the
-        tables grow when a row lies past them."""
+        """(row, column, block) of every table entry the device does not have yet, flat."""
         out: list[int] = []
         for c in chunks:
             tables = c.seq.blocks
@@ -301,12 +439,14 @@ class ModelRunner:
             for column in range(done, len(table)):
                 out += (tables.row, column, max(table[column], 0))  # NO_BLOCK (left the window): never read
             tables.synced[kind] = len(table)
-        rows = max((c.seq.blocks.row for c in chunks), default=0) + 1
+        return out
+
+    def _grow_tables(self, kind: LayerKind, rows: int) -> None:
+        """The device tables grow when a row lies past them."""
         if rows > self.tables[kind].shape[0]:
             grown = self.tables[kind].new_zeros(2 * rows, self.tables[kind].shape[1])
             grown[:self.tables[kind].shape[0]] = self.tables[kind]
             self.tables[kind] = grown
-        return out
 
     def _step_table(self, kind: LayerKind, rows: torch.Tensor, first: torch.Tensor, width: int) -> torch.Tensor:
         """[sequences, width]: each row's table from its first block on (a gather on the device)."""

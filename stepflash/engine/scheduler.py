@@ -131,7 +131,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             if seq.num_computed == 0 and not seq.blocks.full and seq.params.prompt_logprobs is None:
-                hit = self.kv.match_prefix(seq.blocks, seq.token_ids)
+                hit = self.kv.match_prefix(seq.blocks, seq.token_ids, seq.images)
                 if seq.num_output_tokens == 0:
                     seq.num_cached_tokens = hit
             num_new = min(seq.num_tokens - seq.num_computed, budget)
@@ -173,7 +173,7 @@ class Scheduler:
             seq = s.seq
             if seq.status == Status.DRAINING:
                 seq.blocks.mtp_computed = seq.num_computed
-                self.kv.commit(seq.blocks, seq.token_ids, seq.num_computed)
+                self.kv.commit(seq.blocks, seq.token_ids, seq.num_computed, seq.images)
                 self.abort(seq)  # its finish reason stays
                 continue
             prompt_lps = result.prompt_logprobs.get(seq)
@@ -212,7 +212,7 @@ class Scheduler:
         """Positions before num_computed hold KV (the MTP caches: those before start); blocks past
         the drafts' rows are scratch."""
         seq.blocks.mtp_computed = s.start if self.num_mtp else 0
-        self.kv.commit(seq.blocks, seq.token_ids, min(num_computed, seq.num_tokens))
+        self.kv.commit(seq.blocks, seq.token_ids, min(num_computed, seq.num_tokens), seq.images)
         self.kv.trim(seq.blocks, seq.num_computed)
 
     # -- ending -----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import enum
 from dataclasses import dataclass, field
 
 from stepflash.engine.kv_cache import BlockTables
+from stepflash.multimodal import PlacedImage
 from stepflash.sampling import SamplingParams
 from stepflash.structured import Constraint
 
@@ -26,6 +27,7 @@ class Sequence:
     params: SamplingParams
     seed: int  # the sampler's random draws are a function of (seed, position): see engine/sampler.py
     blocks: BlockTables = field(default_factory=BlockTables)
+    images: list[PlacedImage] = field(default_factory=list)  # in prompt order, placeholders expanded
     status: Status = Status.WAITING
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     num_prompt_scored: int = 0  # prompt positions whose logprobs were reported (prompt_logprobs)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from stepflash.config import LayerSpec
+from stepflash.distributed import Parallel
 from stepflash.kernels.paged_attention import masked_attention, paged_attention, paged_attention_ref
 from stepflash.kernels.prefill_attention import prefill_attention, prefill_attention_ref
 from stepflash.kernels.rope_kv import apply_rotary, rope_kv_write, rope_kv_write_ref
@@ -104,12 +105,16 @@ class PagedAttention:
 
 
 class Attention(nn.Module):
-    """q/k/v/g (hub names) packed as one GEMM, `qkvg_proj`."""
+    """q/k/v/g (hub names) packed as one GEMM, `qkvg_proj`. Under tensor parallelism this rank's
+    heads only: q/k/v/g column-parallel, o_proj row-parallel (its partial sums are reduced by the
+    decoder layer)."""
 
-    def __init__(self, spec: LayerSpec, hidden_size: int, sliding_window: int, eps: float) -> None:
+    def __init__(self, spec: LayerSpec, hidden_size: int, sliding_window: int, eps: float,
+                 parallel: Parallel = Parallel()) -> None:
         super().__init__()
         self.layer = spec.index
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.num_heads, self.head_dim = parallel.part(spec.num_heads), spec.head_dim
+        self.num_kv_heads = parallel.kv_part(spec.num_kv_heads)
         self.window = sliding_window if spec.sliding_window else None
         q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # g: one sigmoid gate per head

@@ -4,16 +4,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stepflash.distributed import Parallel
 from stepflash.kernels.moe import fused_moe, fused_moe_ref, swiglu
 from stepflash.model.linear import PackedLinear, StackedLinear
 
 
 class MLP(nn.Module):
-    """gate_proj and up_proj (hub names) packed as one GEMM, `gate_up_proj`."""
+    """gate_proj and up_proj (hub names) packed as one GEMM, `gate_up_proj`. Under tensor parallelism
+    this rank's slice of the intermediate dim: a partial sum, reduced by the decoder layer."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, limit: float) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, limit: float, parallel: Parallel = Parallel()) -> None:
         super().__init__()
         self.limit = limit
+        intermediate_size = parallel.part(intermediate_size)
         self.gate_up_proj = PackedLinear(hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size})
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
@@ -23,22 +26,34 @@ class MLP(nn.Module):
 
 class MoE(nn.Module):
     """Routed experts in the hub layout: `moe.gate` (router), `moe.router_bias`, stacked
-    `moe.{gate,up,down}_proj`. The always-on shared expert is a sibling MLP of the decoder layer."""
+    `moe.{gate,up,down}_proj`. The always-on shared expert is a sibling MLP of the decoder layer.
+
+    Under tensor parallelism the output is a partial sum (reduced by the decoder layer): every
+    rank holds a slice of every expert's intermediate dim, or, with expert parallelism, whole
+    experts `first_expert ..`: the router (replicated) picks the same routes on every rank, and a
+    route to another rank's expert weighs 0 here, so no tokens move between ranks."""
 
     def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int, top_k: int,
-                 scaling: float, use_bias: bool, renormalize: bool, limit: float) -> None:
+                 scaling: float, use_bias: bool, renormalize: bool, limit: float,
+                 parallel: Parallel = Parallel()) -> None:
         super().__init__()
         self.top_k, self.scaling, self.renormalize, self.limit = top_k, scaling, renormalize, limit
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.router_bias = nn.Parameter(torch.zeros(num_experts)) if use_bias else None
-        self.gate_proj = StackedLinear(num_experts, hidden_size, intermediate_size)
-        self.up_proj = StackedLinear(num_experts, hidden_size, intermediate_size)
-        self.down_proj = StackedLinear(num_experts, intermediate_size, hidden_size)
+        ep = parallel.expert_parallel and parallel.size > 1
+        self.first_expert = parallel.first(num_experts) if ep else None
+        local = parallel.part(num_experts) if ep else num_experts
+        intermediate_size = intermediate_size if ep else parallel.part(intermediate_size)
+        self.gate_proj = StackedLinear(local, hidden_size, intermediate_size)
+        self.up_proj = StackedLinear(local, hidden_size, intermediate_size)
+        self.down_proj = StackedLinear(local, intermediate_size, hidden_size)
 
     use_kernel = False  # routed experts through the Triton kernel (kernels/moe.py), else its PyTorch twin
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(h)
+        if self.first_expert is not None:
+            ids, weights = self.local_routes(ids, weights)
         linears = (self.gate_proj, self.up_proj, self.down_proj)
         int4 = tuple(m.int4_scale for m in linears) if self.gate_proj.int4_scale is not None else None
         fp8 = tuple(m.weight_scale_inv for m in linears) if self.gate_proj.weight_scale_inv is not None else None
@@ -56,3 +71,9 @@ class MoE(nn.Module):
         if self.renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return ids, weights * self.scaling
+
+    def local_routes(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routes in this rank's expert numbering; another rank's expert becomes local expert 0 at weight 0."""
+        local = ids - self.first_expert
+        mine = (local >= 0) & (local < self.gate_proj.weight.shape[0])
+        return torch.where(mine, local, 0), torch.where(mine, weights, 0.0)

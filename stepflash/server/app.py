@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stepflash import __version__
 from stepflash.engine.engine import AsyncLLMEngine
+from stepflash.multimodal import IMAGE_PART_TYPES, ImageInput, MediaPolicy, chat_images
 from stepflash.outputs import CompletionOutput, RequestOutput
 from stepflash.sampling import StructuredOutputsParams
 from stepflash.server.metrics import ServerMetrics
@@ -104,9 +105,13 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 
 
 def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None, max_queue: int = 256,
-               thinking_token_budget: int | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
-    """`thinking_token_budget`: the default for requests that set none (None: reasoning is unbounded)."""
+               thinking_token_budget: int | None = None, media: MediaPolicy | None = None,
+               allowed_origins: list[str] | None = None) -> FastAPI:
+    """`thinking_token_budget`: the default for requests that set none (None: reasoning is unbounded);
+    `media`: where image URLs may point (default: data: URLs only); `allowed_origins`: browser origins
+    that may call the API (CORS; None: off)."""
     metrics = ServerMetrics()
+    media = media or MediaPolicy()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -199,11 +204,11 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         check_request(body)
-        prompt = _chat_prompt(body, engine)
+        prompt = await _chat_prompt(body, engine, media)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _params(body, body.max_completion_tokens or body.max_tokens, logprobs, engine, prompt.structured,
                          thinking_token_budget)
-        ids = [_submit(engine, prompt.token_ids, params, f"chatcmpl-{uuid.uuid4().hex}")]
+        ids = [_submit(engine, prompt.token_ids, params, f"chatcmpl-{uuid.uuid4().hex}", prompt.images)]
         streams = _merged([engine.stream(ids[0])])
         if body.stream:
             chunks = _chat_chunks(streams, ids[0], model_name, body, prompt, engine, metrics)
@@ -216,10 +221,10 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         chat_body = chat_request(body)
         check_request(chat_body)
-        prompt = _chat_prompt(chat_body, engine)
+        prompt = await _chat_prompt(chat_body, engine, media)
         params = _params(chat_body, chat_body.max_completion_tokens, None, engine, prompt.structured,
                          thinking_token_budget)
-        ids = [_submit(engine, prompt.token_ids, params, f"resp_{uuid.uuid4().hex}")]
+        ids = [_submit(engine, prompt.token_ids, params, f"resp_{uuid.uuid4().hex}", prompt.images)]
         streams = _merged([engine.stream(ids[0])])
         reply = _ResponseReply(ids[0], int(time.time()), model_name, body, chat_body, prompt, engine)
         if body.stream:
@@ -263,9 +268,10 @@ def _submit_all(engine: AsyncLLMEngine, prompts: list[str | list[int]], params, 
     return [_submit(engine, prompt, params, f"{request_id}-{i}") for i, prompt in enumerate(prompts)]
 
 
-def _submit(engine: AsyncLLMEngine, prompt: str | list[int], params, request_id: str) -> str:
+def _submit(engine: AsyncLLMEngine, prompt: str | list[int], params, request_id: str,
+            images: list | None = None) -> str:
     try:
-        return engine.add(prompt, params, request_id)
+        return engine.add(prompt, params, request_id, images)
     except ValueError as e:  # context overflow, ids outside the vocabulary, ...
         raise ApiError(400, str(e)) from e
 
@@ -355,9 +361,22 @@ async def _sse(chunks: AsyncIterator[dict], engine: AsyncLLMEngine, request_ids:
     return StreamingResponse(replay(), media_type="text/event-stream")
 
 
+def _chat_images(messages: list[dict[str, Any]], media: MediaPolicy, engine: AsyncLLMEngine) -> list[ImageInput]:
+    """The conversation's images (image_url parts; `check_content_parts` refused them if the model
+    takes none), checked against the limit first, then fetched, decoded and preprocessed."""
+    count = sum(isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES
+                for m in messages if isinstance(m.get("content"), list) for part in m["content"])
+    limit = engine.engine.config.limit_images_per_prompt
+    if count > limit:
+        raise ValueError(f"{count} images in one request; the limit is {limit} (--limit-images-per-prompt)")
+    return [engine.engine.images.process(data) for data in chat_images(messages, media)]
+
+
 def _template_message(m: ChatMessage) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
-    if isinstance(m.content, list):
+    if isinstance(m.content, list) and any(p.type in IMAGE_PART_TYPES for p in m.content):
+        message["content"] = [p.model_dump(exclude_none=True) for p in m.content]  # the template places images
+    elif isinstance(m.content, list):
         message["content"] = "".join(p.text or "" for p in m.content if p.type == "text")
     else:
         message["content"] = m.content or ""
@@ -410,29 +429,33 @@ class ChatPrompt:
     tools: list[dict] | None  # shown to the model and parsed from its output
     structured: StructuredOutputsParams | None  # the grammar of the answer (tool calls, response_format)
     reasoning: bool  # the reply starts inside <think> (the template may have closed it)
+    images: list  # preprocessed images, in the order of their placeholders
 
 
-def check_content_parts(messages: list[ChatMessage]) -> None:
-    """This model reads text only: an image or audio part gets a 400 naming its type, never a
-    silent drop. (Vision models replace this check with one that accepts images.)"""
+def check_content_parts(messages: list[ChatMessage], takes_images: bool) -> None:
+    """A content part the model cannot read gets a 400 naming its type, never a silent drop: image
+    parts need a vision model (Step 3.7), other kinds (audio, ...) no model here reads."""
+    readable = ("text", *IMAGE_PART_TYPES) if takes_images else ("text",)
     for i, m in enumerate(messages):
         for j, part in enumerate(m.content if isinstance(m.content, list) else []):
-            if part.type != "text":
+            if part.type not in readable:
+                reads = "text and images" if takes_images else "text only"
                 raise ApiError(400, f"messages.{i}.content.{j}: content parts of type {part.type!r} are not "
-                               "supported: this model reads text only", param=f"messages.{i}.content.{j}.type")
+                               f"supported: this model reads {reads}", param=f"messages.{i}.content.{j}.type")
 
 
-def _chat_prompt(body: ChatCompletionRequest, engine: AsyncLLMEngine) -> ChatPrompt:
-    check_content_parts(body.messages)
+async def _chat_prompt(body: ChatCompletionRequest, engine: AsyncLLMEngine, media: MediaPolicy) -> ChatPrompt:
+    check_content_parts(body.messages, engine.engine.images is not None)
     tokenizer = engine.engine.tokenizer
     tools, structured = _tools_and_format(body)
+    messages = [_template_message(m) for m in body.messages]
     try:
-        text = tokenizer.apply_chat_template([_template_message(m) for m in body.messages], tools=tools,
-                                             **_template_kwargs(body, tokenizer))
+        images = await asyncio.to_thread(_chat_images, messages, media, engine)  # decoding: off the event loop
+        text = tokenizer.apply_chat_template(messages, tools=tools, **_template_kwargs(body, tokenizer))
     except ValueError as e:
         raise ApiError(400, str(e), param="messages") from e
     reasoning = text.rfind(THINK_START) > text.rfind(THINK_END)  # the prompt leaves thinking open
-    return ChatPrompt(tokenizer.encode(text), tools, structured, reasoning)
+    return ChatPrompt(tokenizer.encode(text), tools, structured, reasoning, images)
 
 
 _TEMPLATE_ARGUMENTS = {"messages", "tools", "documents", "add_generation_prompt"}

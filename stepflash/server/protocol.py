@@ -74,9 +74,15 @@ class ToolCallIn(_Lenient):
     function: FunctionCall
 
 
+class ImageUrl(_Lenient):
+    url: str
+    detail: str | None = None
+
+
 class ContentPart(_Lenient):
     type: str
     text: str | None = None
+    image_url: ImageUrl | None = None
 
 
 class ChatMessage(_Lenient):
