@@ -7,6 +7,8 @@ process is left behind."""
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from checkpoints import write_checkpoint
 from scripted import write_scripted_checkpoint
 from stepflash import LLM, SamplingParams
 from stepflash.config import ModelConfig
-from stepflash.distributed import Parallel, use_expert_parallel
+from stepflash.distributed import Parallel, free_port, use_expert_parallel
 from stepflash.engine.kv_cache import KVLayout, kv_bytes_per_block
 from stepflash.engine.worker import RankFailure
 from stepflash.kernels.fp8_linear import dequantize_fp8
@@ -337,3 +339,20 @@ def test_server_streams_a_tool_call_over_two_ranks_and_exits_when_a_rank_dies(tm
         assert "rank 1" in proc.stdout.read().decode()
     finally:
         proc.kill()
+
+
+def test_two_torchrun_nodes_give_the_single_rank_text() -> None:
+    """Two `torchrun --nnodes 2` invocations over the loopback address, one rank each (two "nodes"),
+    generate with the model split over them: the same greedy text as one process."""
+    generate = ["-m", "stepflash.cli", "generate", "def fib(n):", "--max-tokens", "12", "--temperature", "0"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               *generate, "--tensor-parallel-size", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    single = subprocess.run([sys.executable, *generate], capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert outputs[0][0] == single.stdout and single.stdout.startswith("def fib(n):") and len(single.stdout) > 20
