@@ -6,7 +6,7 @@ server). On one node it spawns ranks 1..N-1 itself; over several nodes every ran
 `torchrun` and ranks > 0 run the worker loop (engine/worker.py). Two groups: the device group (NCCL
 on CUDA, gloo on the CPU) for the model's all-reduces and gathers, with `timeout` so that a dead or
 hung rank fails the others within bounded time; and a gloo CPU group that carries each runner call
-from rank 0 (pickled, size first, then the payload), with a long timeout since workers wait on it
+from rank 0 (JSON metadata and raw bytes, sizes first: no pickle), with a long timeout since workers wait on it
 while the server is idle.
 
 Sharding (`Parallel`): attention by heads (KV heads replicated when the ranks outnumber them),
