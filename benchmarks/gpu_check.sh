@@ -5,7 +5,8 @@
 # is recorded and the next step runs; exit status 1 if any step was not ok):
 #   tests-kernels  tests/test_kernels.py tests/test_fp8.py compiled on CUDA, bf16 cases included
 #   tests-graphs   tests/test_graphs.py (decode and verify steps captured in CUDA graphs)
-#   tests-engine   tests/test_engine.py tests/test_speculative.py with every `LLM` a test builds on
+#   tests-engine   tests/test_engine.py tests/test_speculative.py tests/test_structured.py (grammar
+#                  masks applied on the device, under MTP) with every `LLM` a test builds on
 #                  kernels="triton" + CUDA graphs (STEPFLASH_TEST_KERNELS=triton, see tests/conftest.py)
 #   decode-fp8, decode-int4, decode-bf16   benchmarks/gpu_decode.py at the real shape: 4 layers
 #                  extrapolated to 45, except int4 with all 45 layers where the card holds them
@@ -62,7 +63,7 @@ step() {
 }
 
 say "=== setup: commit $STEPFLASH_COMMIT, $(date -u +%FT%TZ), dry run: $DRY"
-if compgen -G ".whl/*.whl" >/dev/null; then  # transformers >= 5.23 for the oracle tests
+if compgen -G ".whl/*.whl" >/dev/null; then  # transformers >= 5.23 for the oracle tests, llguidance, jsonschema
     PIP_ROOT_USER_ACTION=ignore timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile \
         --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl 2>&1 | tee -a "$LOG" &&
         export PYTHONPATH=$WORK/site:$PYTHONPATH
@@ -95,8 +96,8 @@ fi
 
 step tests-kernels "${T_TESTS_KERNELS:-80}" "${PYTEST[@]}" tests/test_kernels.py tests/test_fp8.py "${K_KERNELS[@]}"
 step tests-graphs "${T_TESTS_GRAPHS:-25}" "${PYTEST[@]}" tests/test_graphs.py "${K_GRAPHS[@]}"
-step tests-engine "${T_TESTS_ENGINE:-75}" env STEPFLASH_TEST_KERNELS=triton "${PYTEST[@]}" tests/test_engine.py \
-    tests/test_speculative.py "${K_ENGINE[@]}"
+step tests-engine "${T_TESTS_ENGINE:-95}" env STEPFLASH_TEST_KERNELS=triton "${PYTEST[@]}" tests/test_engine.py \
+    tests/test_speculative.py tests/test_structured.py "${K_ENGINE[@]}"
 step decode-fp8 "${T_DECODE_FP8:-60}" "${DECODE[@]}" --weights fp8 --out "$OUT/decode-fp8.json"
 step decode-int4 "${T_DECODE_INT4:-75}" "${DECODE[@]}" --weights int4 --layers "$INT4_LAYERS" \
     --out "$OUT/decode-int4.json"
