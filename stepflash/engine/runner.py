@@ -385,9 +385,10 @@ class ModelRunner:
         return Inputs(ids_t, got(sent["positions"]), ctx, got(sent["logit_rows"]), got(sent.get("prev")), embeds)
 
     # -- images -----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def _image_embeds(self, chunks: list[Chunk]) -> Embeds | None:
         """The flat rows of `chunks` that are image placeholders, and their features."""
+        if self.model.vision is None:
+            return None
         rows, parts, todo, row = [], [], [], 0
         for c in chunks:
             images = c.seq.images
@@ -419,6 +420,7 @@ class ModelRunner:
         for i in [i for i in cached if seq.images[i].end <= done]:
             del cached[i]
 
+    @torch.inference_mode()
     def _encode(self, todo: list[tuple[dict, int, PlacedImage]]) -> None:
         """Features of new images: every global view in one batch, every crop in another; an image's
         rows are its crops' (in order), then its global view's."""
