@@ -10,12 +10,10 @@ from stepflash.models import default_model_dir
 
 @pytest.fixture(scope="module")
 def server():
-    from test_server import start_server
+    from test_server import serving
 
-    proc, base = start_server(default_model_dir(), "--api-key", "k", name="bundled")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(default_model_dir(), "--api-key", "k", name="bundled") as base:
+        yield base
 
 
 def test_bench_eval_report(server, tmp_path):

@@ -1,5 +1,6 @@
 """A real `stepflash serve` process driven by the official openai client."""
 
+import contextlib
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -60,12 +62,21 @@ def start_server(ckpt, *args: str, name: str = MODEL) -> tuple[subprocess.Popen,
     raise RuntimeError("server did not come up in 120 s")
 
 
+@contextlib.contextmanager
+def serving(ckpt, *args: str, name: str = MODEL) -> Iterator[str]:
+    """`start_server` for the block: its base URL; the server stops after."""
+    proc, base = start_server(ckpt, *args, name=name)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(ckpt):
-    proc, base = start_server(ckpt, "--api-key", KEY, "--max-num-batched-tokens", "64")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(ckpt, "--api-key", KEY, "--max-num-batched-tokens", "64") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

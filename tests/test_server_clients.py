@@ -16,7 +16,7 @@ from stepflash import LLM, SamplingParams  # noqa: E402
 from stepflash.models import default_model_dir  # noqa: E402
 from stepflash.tokenizer import default_chat_template  # noqa: E402
 from scripted import write_scripted_checkpoint  # noqa: E402
-from test_server import SCRIPT, TOOLS, USER, kv_blocks_in_use, start_server  # noqa: E402
+from test_server import SCRIPT, TOOLS, USER, kv_blocks_in_use, serving  # noqa: E402
 
 KEY = "clients-key"
 MODEL = "scripted"
@@ -54,10 +54,8 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    proc, base = start_server(ckpt, "--api-key", KEY, "--allowed-origins", ORIGIN)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(ckpt, "--api-key", KEY, "--allowed-origins", ORIGIN) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -295,10 +293,8 @@ def test_cors_for_allowed_origins_only(server):
 # -- completions as lm-eval and vLLM clients send them ------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_server():
-    proc, base = start_server(default_model_dir(), name="tiny")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(default_model_dir(), name="tiny") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ openai = pytest.importorskip("openai")
 
 from checkpoints import write_vision_checkpoint  # noqa: E402
 from stepflash import LLM, SamplingParams  # noqa: E402
-from test_server import start_server  # noqa: E402
+from test_server import serving  # noqa: E402
 
 MODEL = "vision"
 
@@ -41,11 +41,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(ckpt):
-    proc, base = start_server(ckpt, "--max-model-len", "512", "--max-num-seqs", "4", "--limit-images-per-prompt", "2",
-                              "--max-image-bytes", "100000", "--max-image-pixels", "1000000", name=MODEL)
-    yield openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(ckpt, "--max-model-len", "512", "--max-num-seqs", "4", "--limit-images-per-prompt", "2",
+                 "--max-image-bytes", "100000", "--max-image-pixels", "1000000", name=MODEL) as base:
+        yield openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
 
 
 def test_chat_with_an_image_equals_the_offline_engine(ckpt, client) -> None:
