@@ -17,7 +17,7 @@ Prompt = str | list[int] | dict[str, Any]  # dict: vLLM's {"prompt" | "prompt_to
 class LLM:
     """`LLM(model=None, **options)`: options are EngineConfig's fields (device, dtype, mtp,
     kv_cache_bytes, max_num_seqs, max_model_len, max_num_batched_tokens, block_size,
-    enable_prefix_caching, seed, kernels, cuda_graphs, quantization, tensor_parallel_size,
+    enable_prefix_caching, seed, kernels, cuda_graphs, compile, quantization, tensor_parallel_size,
     enable_expert_parallel, distributed_timeout_s, limit_images_per_prompt, max_image_pixels,
     max_image_tokens), and `allowed_local_media_path` (where `chat` may read image files). With
     tensor_parallel_size > 1 this process is rank 0 and starts the others; `shutdown()` stops them

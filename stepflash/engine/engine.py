@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch._inductor.cpp_builder import get_cpp_compiler
+from torch._inductor.exc import InvalidCxxCompiler
 
 from stepflash.config import EngineConfig, ModelConfig
 from stepflash.engine.kv_cache import FULL, KVCacheManager, plan_kv_layout
@@ -78,6 +80,21 @@ def _use_graphs(graphs: str, kernels: bool, device: torch.device) -> bool:
     return graphs == "on" or (graphs == "auto" and kernels and device.type == "cuda")
 
 
+def _use_compile(option: str, kernels: bool, device: torch.device, ranks: int) -> bool:
+    if option == "on" and (kernels or ranks > 1):
+        raise ValueError("compile='on' compiles the PyTorch path of one process: not with the Triton kernels "
+                         "(they use cuda_graphs) nor under tensor parallelism")
+    if option == "on" or (option == "auto" and not kernels and device.type == "cpu" and ranks == 1):
+        try:
+            get_cpp_compiler()
+        except InvalidCxxCompiler as e:
+            if option == "on":
+                raise ValueError(f"compile='on' needs a C++ compiler for torch.compile on the CPU: {e}") from e
+            return False
+        return True
+    return False
+
+
 class LLMEngine:
     """With tensor_parallel_size N > 1 this process is rank 0 of N (engine/worker.py): it holds the
     scheduler, sampler and outputs, and its runner hands every call to the other ranks."""
@@ -129,7 +146,8 @@ class LLMEngine:
         capture = graphs and device.type == "cuda"
         if channel:
             channel.send(layout_message(layout, graph_rows, capture))
-        self.runner = ModelRunner(self.model, layout, kernels, graph_rows, capture, channel)
+        compiled = _use_compile(ec.compile, kernels, device, ec.tensor_parallel_size)
+        self.runner = ModelRunner(self.model, layout, kernels, graph_rows, capture, channel, compiled)
         self.sampler = Sampler(self.eos_token_ids, self.structured)
         self.drafter = MTPDrafter(self.runner, self.eos_token_ids) if self.num_mtp else None
         self.output = OutputProcessor(self.tokenizer)

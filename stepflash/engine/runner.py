@@ -26,6 +26,7 @@ copy-on-write and window release treat them exactly like KV.
 
 import array
 import bisect
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,10 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
+from torch._dynamo import config as dynamo_config
+from torch._dynamo.exc import TorchDynamoException
+from torch._inductor.exc import InductorError
+from torch.fx.experimental import _config as shape_config
 
 from stepflash.engine.graphs import StepGraphs, StepInputs
 from stepflash.config import LayerKind
@@ -183,7 +188,7 @@ class ModelRunner:
     per-bucket CUDA graphs (`capture`), or eagerly on the same static buffers where there is no CUDA."""
 
     def __init__(self, model: Step3p5ForCausalLM, layout: KVLayout, kernels: bool = False, graph_rows: int = 0,
-                 capture: bool = False, channel: "PlanChannel | None" = None) -> None:
+                 capture: bool = False, channel: "PlanChannel | None" = None, compiled: bool = False) -> None:
         self.model, self.block_size, self.kernels = model, layout.block_size, kernels
         self.channel = channel  # rank 0 under tensor parallelism: where each call goes to the other ranks
         use_kernels(model, kernels)  # the backend, chosen once: the modules' kernels and the attention ops
@@ -221,12 +226,15 @@ class ModelRunner:
                 raise ValueError("graphed steps need the Triton kernels (the PyTorch MoE reads shapes on the host)")
             widths = {kind: layout.table_width(kind, SHORT_CHUNK) for kind in self.kinds}  # wider tables: eager
             pool = torch.cuda.graph_pool_handle() if capture else None
-            self.graphs = StepGraphs(self._graph_forward, self.kinds, graph_rows, widths, self.scratch, block_size,
+            self.graphs = StepGraphs(self._step_forward, self.kinds, graph_rows, widths, self.scratch, block_size,
                                      self.device, capture, pool)
             # a drafting pass also catches up the rows accepted at the last verify: up to twice as many
-            self.mtp_graphs = [StepGraphs(partial(self._graph_mtp_forward, depth), [SLIDING], 2 * graph_rows, widths,
+            self.mtp_graphs = [StepGraphs(partial(self._step_mtp_forward, depth), [SLIDING], 2 * graph_rows, widths,
                                           self.scratch, block_size, self.device, capture, pool)
                                for depth in range(self.num_mtp)]
+        # short-chunk steps through torch.compile instead (the CPU): one compiled function per forward
+        self.compiled = (CompiledStep(self._step_forward), *(CompiledStep(partial(self._step_mtp_forward, depth))
+                                                             for depth in range(self.num_mtp))) if compiled else ()
 
     def execute(self, chunks: list[Chunk], logit_rows: list[int], inject: Inject | None = None) -> torch.Tensor:
         """Run the target over `chunks`; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
@@ -264,17 +272,26 @@ class ModelRunner:
             return None
         x = self._unpack(call, source, embeds)
         if call.op == "mtp":
-            graphs = self.mtp_graphs[call.depth] if self.mtp_graphs else None
-            if graphs and x.ctx.prefill is None and x.embeds is None and graphs.fits(len(x.ids), x.ctx.tables):
-                z = graphs.run(_step_inputs(x))
-            else:
-                z = self._mtp_forward(call.depth, x.ids, x.positions, x.prev_slots, x.ctx, x.embeds)
-            return self.model.mtp_logits(call.depth, z.index_select(0, x.logit_rows))
-        if self.graphs and x.ctx.prefill is None and x.embeds is None and self.graphs.fits(len(x.ids), x.ctx.tables):
-            hidden = self.graphs.run(_step_inputs(x))
-        else:
+            d = call.depth
+            z = self._short_step(x, self.mtp_graphs[d] if self.mtp_graphs else None,
+                                 self.compiled[1 + d] if self.compiled else None)
+            if z is None:
+                z = self._mtp_forward(d, x.ids, x.positions, x.prev_slots, x.ctx, x.embeds)
+            return self.model.mtp_logits(d, z.index_select(0, x.logit_rows))
+        hidden = self._short_step(x, self.graphs, self.compiled[0] if self.compiled else None)
+        if hidden is None:
             hidden = self._forward(x.ids, x.positions, x.ctx, x.embeds)
         return self.model.compute_logits(hidden.index_select(0, x.logit_rows))
+
+    @staticmethod
+    def _short_step(x: Inputs, graphs: StepGraphs | None, compiled: "CompiledStep | None") -> torch.Tensor | None:
+        """A forward of short chunks only (decodes, verify steps, drafting) from its CUDA graph bucket
+        or compiled, where the runner has them; None: run it eagerly."""
+        if x.ctx.prefill is not None or x.embeds is not None:
+            return None
+        if graphs and graphs.fits(len(x.ids), x.ctx.tables):
+            return graphs.run(_step_inputs(x))
+        return compiled(_step_inputs(x)) if compiled else None
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention,
                  embeds: Embeds | None = None) -> torch.Tensor:
@@ -284,16 +301,17 @@ class ModelRunner:
             self.hidden[0].index_copy_(0, ctx.slots[SLIDING], hidden)
         return hidden
 
-    def _graph_forward(self, step: StepInputs) -> torch.Tensor:
-        """What a target graph captures: the target over a bucket's static inputs."""
-        return self._forward(step.ids, step.positions, self._graph_context(step, self.kinds))
+    def _step_forward(self, step: StepInputs) -> torch.Tensor:
+        """What a target graph captures (over a bucket's static inputs) and torch.compile compiles:
+        the target over a step of short chunks."""
+        return self._forward(step.ids, step.positions, self._step_context(step, self.kinds))
 
-    def _graph_mtp_forward(self, depth: int, step: StepInputs) -> torch.Tensor:
-        """What an MTP graph captures: module `depth` over a bucket's static inputs."""
-        ctx = self._graph_context(step, [SLIDING])
+    def _step_mtp_forward(self, depth: int, step: StepInputs) -> torch.Tensor:
+        """Module `depth` over a drafting step, as graphed or compiled."""
+        ctx = self._step_context(step, [SLIDING])
         return self._mtp_forward(depth, step.ids, step.positions, step.prev_slots, ctx)
 
-    def _graph_context(self, step: StepInputs, kinds: list[str]) -> PagedAttention:
+    def _step_context(self, step: StepInputs, kinds: list[str]) -> PagedAttention:
         return PagedAttention(self.ops, self.caches, self.kind_of, {k: step.slots[k] for k in kinds},
                               {k: step.tables[k] for k in kinds}, {k: step.first_blocks[k] for k in kinds},
                               AttentionRows(None, step.seq_of, step.q_pos, step.tiles, self.tile_rows), None)
@@ -457,6 +475,41 @@ class ModelRunner:
             return table[:, :width]
         columns = (first.long()[:, None] + torch.arange(width, device=self.device)).clamp_(max=table.shape[1] - 1)
         return table.gather(1, columns)
+
+
+class CompiledStep:
+    """A step forward through torch.compile (inductor; shapes dynamic, so one compilation serves
+    every batch size and context length, bar a second for single-row steps). Compiled code is cached
+    on disk across runs (inductor's cache). If compiling fails (no working C++ toolchain, an
+    unsupported torch), a warning and eager execution from then on: the same function, uncompiled."""
+
+    def __init__(self, forward: Callable[[StepInputs], torch.Tensor]) -> None:
+        self.forward = forward
+        self.compiled: Callable[[StepInputs], torch.Tensor] | None = torch.compile(
+            forward, dynamic=True, options={"guard_filter_fn": _input_guards})
+
+    def __call__(self, step: StepInputs) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                # floats (eps, rope theta) as constants, not inputs (which restarts the analysis); no
+                # guards on sizes equal by chance; room for a variant per MTP depth and row shape
+                with dynamo_config.patch(specialize_float=True, recompile_limit=64), \
+                        shape_config.patch(use_duck_shape=False):
+                    return self.compiled(step)
+            except (TorchDynamoException, InductorError) as e:
+                warnings.warn(f"torch.compile failed, running this step kind eagerly from now on: {e}", stacklevel=2)
+                self.compiled = None
+        return self.forward(step)
+
+
+def _input_guards(guards: list) -> list[bool]:
+    """The guards a compiled step keeps: those on its inputs (the StepInputs' tensors and sizes, the
+    MTP depth) and on torch's global state. None on the runner and the model: they do not change once
+    built, and checking their hundreds of attributes on every call cost more than the step's host work."""
+    modules = torch.compiler.skip_guard_on_all_nn_modules_unsafe(guards)
+    return [keep and not g.name.startswith(("self", "fn.func", "dict(type(fn.func", "G[")) and
+            g.guard_type not in ("EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT")
+            for g, keep in zip(guards, modules)]
 
 
 class Upload:

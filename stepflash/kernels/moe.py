@@ -20,6 +20,9 @@ import torch.nn.functional as F
 
 from stepflash.kernels.fp8_linear import dequantize_fp8
 
+# compiled (torch.compile on the CPU), a few tokens' experts are gathered too: inductor fuses the
+# gather into its batched products, faster there than the grouped GEMM up to about this many tokens
+COMPILED_GATHER_MAX_TOKENS = 16
 GROUPED_MIN_TOKENS = 16  # from this many tokens on (prefill chunks, wide verify batches) pairs go in blocks
 
 try:
@@ -55,8 +58,8 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     """x [T, H], w_gate/w_up [E, I, H], w_down [E, H, I] (or quantized, as `fused_moe` takes them),
     ids/weights [T, k] -> [T, H] in x's dtype; matmuls in x's dtype, a token's k pairs summed in fp32.
     The (token, expert) pairs sorted by expert and each projection one grouped GEMM over them, every
-    selected expert's weight read once where it lies; a single token's k experts are gathered into one
-    batched GEMM instead (fewer calls). Nothing is read back to the host, except how many experts
+    selected expert's weight read once where it lies; a single token's k experts (compiled: a few
+    tokens') are gathered into one batched GEMM instead (fewer calls). Nothing is read back to the host, except how many experts
     are selected when they are quantized: those are dequantized, once each."""
     flat = ids.reshape(-1)
     if int4_scales is None and fp8_scales is None:
@@ -67,21 +70,33 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
                  else dequantize_fp8(w[used], s[used], fp8_block)).to(x.dtype)
                 for w, s in zip((w_gate, w_up, w_down), int4_scales or fp8_scales)]
     gate, up, down = mats
-    if ids.shape[0] == 1:
+    if ids.shape[0] == 1 or (torch.compiler.is_compiling() and ids.shape[0] <= COMPILED_GATHER_MAX_TOKENS):
         gate, up, down = (_take(m, experts) for m in (gate, up, down))
-        rows = x.expand(flat.numel(), -1)[:, None]
+        rows = x[:, None].expand(-1, ids.shape[1], -1).reshape(-1, 1, x.shape[1])  # token t's row k times
         y = torch.bmm(swiglu(torch.bmm(rows, gate.mT), torch.bmm(rows, up.mT), limit), down.mT)[:, 0]
-        return (y.float() * weights.reshape(-1, 1)).sum(0, keepdim=True).to(x.dtype)
+        return (y.float() * weights.reshape(-1, 1)).view(*ids.shape, -1).sum(1).to(x.dtype)
     order = experts.argsort(stable=True)
     ends = torch.searchsorted(experts[order], torch.arange(gate.shape[0], device=x.device), right=True)
     token, ends = order // ids.shape[1], ends.to(torch.int32)
     rows = x.index_select(0, token)
 
     def linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return _GroupedLinear.apply(a, w, ends) if torch.is_grad_enabled() else F.grouped_mm(a, w.mT, offs=ends)
+        return _GroupedLinear.apply(a, w, ends) if torch.is_grad_enabled() else grouped_mm(a, w.mT, ends)
 
     y = linear(swiglu(linear(rows, gate), linear(rows, up), limit), down).float() * weights.reshape(-1, 1)[order]
     return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y).to(x.dtype)
+
+
+@torch.library.custom_op("stepflash::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """F.grouped_mm(a, b, offs=ends), opaque to torch.compile (whose shape function for it takes
+    only bf16 on the CPU)."""
+    return F.grouped_mm(a, b, offs=ends)
+
+
+@grouped_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[-1])
 
 
 def _take(w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -1,22 +1,18 @@
 """Partial NeoX-style rotary embeddings with per-layer theta and llama3 long-context remap."""
 
 import math
-from functools import lru_cache
 
 import torch
 
 from stepflash.config import RopeScaling
 
 
-@lru_cache(maxsize=64)
 def inverse_frequencies(theta: float, rotary_dim: int, scaling: RopeScaling | None,
                         device: torch.device) -> torch.Tensor:
     """inv_freq_j = theta^(-2j/rd), j < rd/2 (fp32), remapped llama3-style when `scaling` is set."""
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
     inv_freq = 1.0 / (theta**exponents)
-    if scaling is not None:
-        inv_freq = _llama3_remap(inv_freq, scaling)
-    return inv_freq.to(device)
+    return inv_freq if scaling is None else _llama3_remap(inv_freq, scaling)
 
 
 def _llama3_remap(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:

@@ -5,14 +5,14 @@ from typing import Any
 
 
 
-def tiny_config(**overrides: Any) -> dict[str, Any]:
+def tiny_config(n: int = 5, n_mtp: int = 3, **overrides: Any) -> dict[str, Any]:
     """A small config.json in the Step-3.5-Flash layout and legacy field names.
 
     5 decoder layers (full, 3 sliding, full), dense layers 0-1 then MoE (8 experts, top 2, shared
     expert), 4 query heads on full layers and 6 on sliding ones, partial RoPE on full layers with a
-    llama3 remap that matters at short positions, clamps on the last layer, 3 MTP modules.
+    llama3 remap that matters at short positions, clamps on the last layer, 3 MTP modules; or `n`
+    layers (MoE from layer min(2, n - 1) on) and `n_mtp` modules.
     """
-    n, n_mtp = 5, 3
     types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
     cfg: dict[str, Any] = {
         "architectures": ["Step3p5ForCausalLM"],
@@ -39,7 +39,7 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
         "moe_top_k": 2,
         "moe_intermediate_size": 32,
         "share_expert_dim": 32,
-        "moe_layers_enum": ",".join(str(i) for i in range(2, n)),
+        "moe_layers_enum": ",".join(str(i) for i in range(min(2, n - 1), n)),
         "moe_router_activation": "sigmoid",
         "use_moe_router_bias": True,
         "norm_expert_weight": True,

@@ -1,0 +1,71 @@
+"""Compiled steps: with compile on (the CPU's default), decode, verify and MTP drafting steps run
+through torch.compile (engine/runner.py CompiledStep). The rest of the suite runs with torch.compile
+disabled (conftest.py), i.e. the same step functions eagerly; here it is on. The compiled engine's
+tokens and log-probabilities equal the transformers reference and the eager engine's, over ragged
+batches whose steps change shape (rows, sequences, table widths) as requests arrive and finish."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from stepflash import LLM
+from stepflash.config import EngineConfig
+from stepflash.engine.engine import LLMEngine
+from checkpoints import write_checkpoint
+from stepflash.train.configs import tiny_config
+from test_engine import assert_matches_reference, greedy, mixed_prompts
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """Two layers (full dense, sliding MoE) and two MTP modules: what the engine compiles, in less
+    time than the five-layer model takes."""
+    return write_checkpoint(tmp_path_factory.mktemp("compiled"), tiny_config(n=2, n_mtp=2), seed=21)
+
+
+@pytest.fixture(autouse=True)
+def compiling():
+    with torch._dynamo.config.patch(disable=False):
+        yield
+
+
+@pytest.mark.parametrize("mtp", [0, 2])
+def test_compiled_steps_match_the_reference_and_the_eager_engine(ckpt, mtp):
+    prompts = mixed_prompts()
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = LLM(str(ckpt), mtp=mtp, compile="on")
+    outputs = compiled.generate(prompts, greedy())
+    steps = compiled.engine.runner.compiled
+    assert len(steps) == 1 + mtp and all(step.compiled is not None for step in steps)  # none fell back
+    assert counters["stats"]["unique_graphs"] - graphs_before >= 1 + mtp  # target and every MTP module
+    assert_matches_reference(ckpt, prompts, outputs)
+    eager = LLM(str(ckpt), mtp=mtp, compile="off")
+    assert eager.engine.runner.compiled == ()
+    for a, b in zip(eager.generate(prompts, greedy()), outputs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
+            assert abs(la[t] - lb[t]) < 1e-4
+    assert compiled.get_stats().spec == eager.get_stats().spec  # each MTP module drafted what it does eagerly
+
+
+def test_a_failed_compile_warns_and_runs_the_step_eagerly(ckpt):
+    llm = LLM(str(ckpt), mtp=0, compile="on")
+    step = llm.engine.runner.compiled[0]
+
+    def no_toolchain(graph, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    step.compiled = torch.compile(step.forward, backend=no_toolchain, dynamic=True)
+    prompts = mixed_prompts()[:4]
+    with pytest.warns(UserWarning, match="(?s)torch.compile failed.*no C\\+\\+ compiler here"):
+        outputs = llm.generate(prompts, greedy())
+    assert step.compiled is None
+    assert_matches_reference(ckpt, prompts, outputs)
+
+
+def test_compile_settings_are_checked(ckpt):
+    with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
+        EngineConfig(compile="always")
+    with pytest.raises(ValueError, match="not with the Triton kernels"):
+        LLMEngine(ckpt, EngineConfig(compile="on", kernels="triton"))
+    assert LLMEngine(ckpt, EngineConfig()).runner.compiled  # auto: on, on the CPU with a C++ compiler
