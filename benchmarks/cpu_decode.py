@@ -3,7 +3,10 @@
 Peers: transformers `generate` (greedy) and a hand-written cached loop (DynamicCache, argmax), at
 batch 1 and with 16 concurrent requests (transformers: one batch of 16 equal-length prompts).
 stepflash runs once per MTP setting (`--mtp 0,3`: 0 = plain decoding; 3 = the default with the
-bundled model's trained MTP modules), computing in fp32 like the peers (dtype auto). Prints
+bundled model's trained MTP modules), computing in fp32 like the peers (dtype auto), its decode steps
+compiled (compile auto: on, on the CPU; each engine's first run, which compiles, is not timed and its
+time is printed) and once more eagerly (`stepflash_mtp0_eager`, compile off) to show what compiling
+gives. Prints
 tokens/s, the ratio to each peer, achieved GFLOP/s (2 x active params per token) and GB/s of
 weights read, and what a batch-1 step is made of (torch ops per token by the stepflash function that
 calls them, and the ops' share of the profiled time); writes JSON to benchmarks/results/.
@@ -72,12 +75,15 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def step_profile(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
+def step_profile(llm: LLM, eager: LLM, prompt: list[int], new_tokens: int) -> dict:
     """Batch 1 without speculation: torch ops per decoded token (prefill included, it is one step)
-    by calling function, and the share of profiled CPU time of the costliest ops."""
+    by calling function, counted on the eager engine (a dispatch mode would turn torch.compile off
+    for good in this process), and the share of profiled CPU time of the costliest ops as `llm`
+    runs (compiled)."""
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     with OpCounter() as counter:
-        llm.generate([prompt], params)
+        eager.generate([prompt], params)
+    llm.generate([prompt], params)  # compiles what this run needs
     with profile() as prof:
         llm.generate([prompt], params)
     events = prof.key_averages()
@@ -176,8 +182,9 @@ def main() -> None:
         model_dir = write_checkpoint(Path(tempfile.mkdtemp()) / "bench", small_config())
     else:
         model_dir = Path(args.model) if args.model else default_model_dir()
-    llms = {f"stepflash_mtp{k}": LLM(str(model_dir), device="cpu", mtp=k, max_num_seqs=64, max_num_batched_tokens=2048)
-            for k in (int(m) for m in args.mtp.split(","))}
+    options = dict(device="cpu", max_num_seqs=64, max_num_batched_tokens=2048)
+    llms = {f"stepflash_mtp{k}": LLM(str(model_dir), mtp=k, **options) for k in (int(m) for m in args.mtp.split(","))}
+    llms["stepflash_mtp0_eager"] = LLM(str(model_dir), mtp=0, compile="off", **options)
     llm = next(iter(llms.values()))
     hf = transformers_causal_lm(model_dir)
     weight_bytes = active_weight_bytes(llm.engine.model)
@@ -185,7 +192,8 @@ def main() -> None:
     ceiling = 1 / matmul_floor_seconds(llm.engine.model)
     copy_gbps = copy_bandwidth_gbps()
     plain = llms.get("stepflash_mtp0", llm)
-    profiled = step_profile(plain, prompts_from_text(plain, 1, args.prompt_len)[0], args.new_tokens)
+    profiled = step_profile(plain, llms["stepflash_mtp0_eager"], prompts_from_text(plain, 1, args.prompt_len)[0],
+                            args.new_tokens)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = prompts_from_text(llm, batch, args.prompt_len)
@@ -193,6 +201,7 @@ def main() -> None:
         runs = {name: (lambda x=x: time_stepflash(x, prompts, args.new_tokens)) for name, x in llms.items()}
         runs.update(hf_generate=lambda: time_hf_generate(hf, prompts, args.new_tokens),
                     hf_cached_loop=lambda: time_hf_loop(hf, prompts, args.new_tokens))
+        first_run_s = {name: runs[name]() for name in llms}  # untimed: compiles what the timed runs need
         # interleaved repeats, median each: this machine is shared and noisy
         samples = {name: [] for name in runs}
         for _ in range(args.repeats):
@@ -200,7 +209,7 @@ def main() -> None:
                 samples[name].append(run())
         tps = {name: tokens / statistics.median(v) for name, v in samples.items()}
         row = {"batch": batch, "new_tokens_per_request": args.new_tokens, "prompt_len": args.prompt_len,
-               "tokens_per_s": tps}
+               "tokens_per_s": tps, "first_run_s": first_run_s}
         for name in llms:
             row[f"{name}_vs_hf_generate"] = tps[name] / tps["hf_generate"]
             row[f"{name}_vs_hf_cached_loop"] = tps[name] / tps["hf_cached_loop"]
@@ -214,16 +223,17 @@ def main() -> None:
           f"({weight_bytes * ceiling / 1e9:.1f} GB/s), i.e. at most {rows[0].get('ceiling_ratio_vs_hf_generate', 0):.2f}x "
           "transformers generate for any engine using this BLAS in fp32 without speculation")
     print(f"measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
-    print(f"a batch-1 step: {profiled['ops_per_token']:.0f} torch ops per token; by caller: "
+    print(f"a batch-1 step, eager: {profiled['ops_per_token']:.0f} torch ops per token; by caller: "
           + ", ".join(f"{k} {v:.0f}" for k, v in profiled["ops_per_token_by_function"].items()))
-    print("share of profiled CPU time: " + ", ".join(f"{k} {v:.0%}" for k, v in profiled["self_time_share"].items()))
-    print(f"{'batch':>5} {'engine':>16} {'tok/s':>8} {'x generate':>11} {'x loop':>7} {'GB/s':>6}")
+    print("share of profiled CPU time (compiled): " + ", ".join(f"{k} {v:.0%}" for k, v in profiled["self_time_share"].items()))
+    print(f"{'batch':>5} {'engine':>20} {'tok/s':>8} {'x generate':>11} {'x loop':>7} {'GB/s':>6}")
     for r in rows:
         t = r["tokens_per_s"]
         for name in [*llms, "hf_generate", "hf_cached_loop"]:
             ratios = (f"{r[name + '_vs_hf_generate']:>11.2f} {r[name + '_vs_hf_cached_loop']:>7.2f} "
                       f"{r[name + '_weight_gbps']:>6.2f}" if name in llms else "")
-            print(f"{r['batch']:>5} {name:>16} {t[name]:>8.1f} {ratios}")
+            print(f"{r['batch']:>5} {name:>20} {t[name]:>8.1f} {ratios}")
+        print("      first runs (compiling), s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["first_run_s"].items()))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     result = {

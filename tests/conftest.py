@@ -11,7 +11,6 @@ a CPU engine's compiled steps then run their same functions eagerly, and compili
 engine a test builds would take minutes. tests/test_compiled.py turns it on to check the compiled
 steps; STEPFLASH_TEST_COMPILE=1 leaves it on for the whole suite."""
 
-import importlib.util
 import os
 
 if os.environ.get("STEPFLASH_TEST_COMPILE") != "1":
@@ -23,30 +22,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def _torchvision_without_extension() -> None:
-    """transformers imports torchvision whenever it is installed (the reference image processor needs
-    it). PyPI's Linux torchvision wheels are CUDA builds whose C extension does not load next to a
-    CPU torch, and its import then fails registering fake kernels for two of the extension's
-    operators: define their schemas first, so that its Python code (resize, pad: plain torch calls)
-    imports. Nothing here runs without torchvision or when its extension loads."""
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or not spec.submodule_search_locations:
-        return
-    extensions = [e.path for e in os.scandir(spec.submodule_search_locations[0]) if e.name.startswith("_C.")]
-    try:
-        torch.ops.load_library(extensions[0])
-        return
-    except (OSError, IndexError, RuntimeError):
-        pass
-    global _TORCHVISION_SCHEMAS
-    _TORCHVISION_SCHEMAS = torch.library.Library("torchvision", "DEF")
-    for schema in ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-                   "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"):
-        _TORCHVISION_SCHEMAS.define(schema)
-
-
-_torchvision_without_extension()
+import torchvision_stub  # noqa: E402,F401  (before anything imports transformers)
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+import torchvision_stub  # noqa: F401  (before transformers)
+
 transformers = __import__("pytest").importorskip("transformers")
 from transformers.models.step3p7.configuration_step3p7 import Step3p7TextConfig  # noqa: E402
 from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel  # noqa: E402

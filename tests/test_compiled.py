@@ -69,3 +69,15 @@ def test_compile_settings_are_checked(ckpt):
     with pytest.raises(ValueError, match="not with the Triton kernels"):
         LLMEngine(ckpt, EngineConfig(compile="on", kernels="triton"))
     assert LLMEngine(ckpt, EngineConfig()).runner.compiled  # auto: on, on the CPU with a C++ compiler
+
+
+def test_two_engines_of_different_models_in_one_process(ckpt, tmp_path):
+    """Compiled code is found by the step function's code, which every runner shares: an engine of
+    another shape in the same process must compile its own, not run the first engine's."""
+    other = write_checkpoint(tmp_path, tiny_config(n=3, n_mtp=0, hidden_size=48), seed=5)
+    prompts = mixed_prompts()[:3]
+    first = LLM(str(ckpt), mtp=0, compile="on")
+    first.generate(prompts, greedy())
+    second = LLM(str(other), mtp=0, compile="on")
+    assert_matches_reference(other, prompts, second.generate(prompts, greedy()))
+    assert_matches_reference(ckpt, prompts, first.generate(prompts, greedy()))

@@ -26,6 +26,7 @@ copy-on-write and window release treat them exactly like KV.
 
 import array
 import bisect
+import types
 import warnings
 import weakref
 from collections.abc import Callable
@@ -229,11 +230,11 @@ class ModelRunner:
             self.graphs = StepGraphs(self._step_forward, self.kinds, graph_rows, widths, self.scratch, block_size,
                                      self.device, capture, pool)
             # a drafting pass also catches up the rows accepted at the last verify: up to twice as many
-            self.mtp_graphs = [StepGraphs(partial(self._step_mtp_forward, depth), [SLIDING], 2 * graph_rows, widths,
+            self.mtp_graphs = [StepGraphs(partial(self._step_mtp_forward, depth=depth), [SLIDING], 2 * graph_rows, widths,
                                           self.scratch, block_size, self.device, capture, pool)
                                for depth in range(self.num_mtp)]
         # short-chunk steps through torch.compile instead (the CPU): one compiled function per forward
-        self.compiled = (CompiledStep(self._step_forward), *(CompiledStep(partial(self._step_mtp_forward, depth))
+        self.compiled = (CompiledStep(self._step_forward), *(CompiledStep(self._step_mtp_forward, depth)
                                                              for depth in range(self.num_mtp))) if compiled else ()
 
     def execute(self, chunks: list[Chunk], logit_rows: list[int], inject: Inject | None = None) -> torch.Tensor:
@@ -306,7 +307,7 @@ class ModelRunner:
         the target over a step of short chunks."""
         return self._forward(step.ids, step.positions, self._step_context(step, self.kinds))
 
-    def _step_mtp_forward(self, depth: int, step: StepInputs) -> torch.Tensor:
+    def _step_mtp_forward(self, step: StepInputs, depth: int = 0) -> torch.Tensor:
         """Module `depth` over a drafting step, as graphed or compiled."""
         ctx = self._step_context(step, [SLIDING])
         return self._mtp_forward(depth, step.ids, step.positions, step.prev_slots, ctx)
@@ -483,23 +484,36 @@ class CompiledStep:
     on disk across runs (inductor's cache). If compiling fails (no working C++ toolchain, an
     unsupported torch), a warning and eager execution from then on: the same function, uncompiled."""
 
-    def __init__(self, forward: Callable[[StepInputs], torch.Tensor]) -> None:
-        self.forward = forward
+    def __init__(self, forward: Callable[..., torch.Tensor], *defaults: int) -> None:
+        """forward(step, *defaults): a runner's step method and its trailing arguments (MTP: the depth)."""
+        self.forward = partial(forward, *defaults) if defaults else forward
         self.compiled: Callable[[StepInputs], torch.Tensor] | None = torch.compile(
-            forward, dynamic=True, options={"guard_filter_fn": _input_guards})
+            _own_method(forward, defaults), dynamic=True, options={"guard_filter_fn": _input_guards})
+        # Process-wide (patching them around each call cost 50 us): floats (eps, rope theta) are
+        # constants, not graph inputs (which restarts the analysis); no guards on sizes that are
+        # equal by chance; room for a compiled variant per MTP depth and row shape.
+        dynamo_config.specialize_float = True
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        shape_config.use_duck_shape = False
 
     def __call__(self, step: StepInputs) -> torch.Tensor:
         if self.compiled is not None:
             try:
-                # floats (eps, rope theta) as constants, not inputs (which restarts the analysis); no
-                # guards on sizes equal by chance; room for a variant per MTP depth and row shape
-                with dynamo_config.patch(specialize_float=True, recompile_limit=64), \
-                        shape_config.patch(use_duck_shape=False):
-                    return self.compiled(step)
+                return self.compiled(step)
             except (TorchDynamoException, InductorError) as e:
                 warnings.warn(f"torch.compile failed, running this step kind eagerly from now on: {e}", stacklevel=2)
                 self.compiled = None
         return self.forward(step)
+
+
+def _own_method(method: Callable, defaults: tuple) -> Callable:
+    """A runner's bound `method` over a copy of its function's code object, its defaults replaced.
+    torch.compile keeps compiled code per code object (and a partial would share its wrapper's),
+    and the steps do not guard on the runner they belong to (_input_guards): another engine's
+    runner, of another model maybe, must not find this one's."""
+    f = method.__func__
+    own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, defaults, f.__closure__)
+    return types.MethodType(own, method.__self__)
 
 
 def _input_guards(guards: list) -> list[bool]:
@@ -507,7 +521,7 @@ def _input_guards(guards: list) -> list[bool]:
     MTP depth) and on torch's global state. None on the runner and the model: they do not change once
     built, and checking their hundreds of attributes on every call cost more than the step's host work."""
     modules = torch.compiler.skip_guard_on_all_nn_modules_unsafe(guards)
-    return [keep and not g.name.startswith(("self", "fn.func", "dict(type(fn.func", "G[")) and
+    return [keep and not g.name.startswith(("self", "G[")) and
             g.guard_type not in ("EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT")
             for g, keep in zip(guards, modules)]
 

@@ -20,9 +20,6 @@ import torch.nn.functional as F
 
 from stepflash.kernels.fp8_linear import dequantize_fp8
 
-# compiled (torch.compile on the CPU), a few tokens' experts are gathered too: inductor fuses the
-# gather into its batched products, faster there than the grouped GEMM up to about this many tokens
-COMPILED_GATHER_MAX_TOKENS = 16
 GROUPED_MIN_TOKENS = 16  # from this many tokens on (prefill chunks, wide verify batches) pairs go in blocks
 
 try:
@@ -58,9 +55,10 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     """x [T, H], w_gate/w_up [E, I, H], w_down [E, H, I] (or quantized, as `fused_moe` takes them),
     ids/weights [T, k] -> [T, H] in x's dtype; matmuls in x's dtype, a token's k pairs summed in fp32.
     The (token, expert) pairs sorted by expert and each projection one grouped GEMM over them, every
-    selected expert's weight read once where it lies; a single token's k experts (compiled: a few
-    tokens') are gathered into one batched GEMM instead (fewer calls). Nothing is read back to the host, except how many experts
-    are selected when they are quantized: those are dequantized, once each."""
+    selected expert's weight read once where it lies; a single token's k experts (compiled: those
+    of a few tokens) are gathered into one batched GEMM instead (fewer calls). Nothing is read back
+    to the host, except how many experts are selected when they are quantized: those are
+    dequantized, once each."""
     flat = ids.reshape(-1)
     if int4_scales is None and fp8_scales is None:
         experts, mats = flat, [w.to(x.dtype) for w in (w_gate, w_up, w_down)]
@@ -70,7 +68,10 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
                  else dequantize_fp8(w[used], s[used], fp8_block)).to(x.dtype)
                 for w, s in zip((w_gate, w_up, w_down), int4_scales or fp8_scales)]
     gate, up, down = mats
-    if ids.shape[0] == 1 or (torch.compiler.is_compiling() and ids.shape[0] <= COMPILED_GATHER_MAX_TOKENS):
+    # compiled (torch.compile on the CPU), the experts of a few tokens are gathered too, as long as
+    # that reads no more weights than the grouped GEMM (pairs <= experts): inductor fuses the gather
+    # into its batched products, faster there than the grouped GEMM's call per expert
+    if ids.shape[0] == 1 or (torch.compiler.is_compiling() and ids.numel() <= gate.shape[0]):
         gate, up, down = (_take(m, experts) for m in (gate, up, down))
         rows = x[:, None].expand(-1, ids.shape[1], -1).reshape(-1, 1, x.shape[1])  # token t's row k times
         y = torch.bmm(swiglu(torch.bmm(rows, gate.mT), torch.bmm(rows, up.mT), limit), down.mT)[:, 0]
