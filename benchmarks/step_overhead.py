@@ -4,7 +4,8 @@ inputs, sampling, the readback, updates, detokenization), on the bundled model o
 Grid: batch 1/16/64 x MTP 0/3 x context 256/4K (the bundled model's longest). The prompts of a point
 share all but their last 16 tokens (so one prefill serves them: the prefix cache), then every
 sequence decodes `--steps` steps; only those decode steps are timed. Forward time is wall time
-inside the model's forward calls (target, MTP modules, heads), which on the CPU run synchronously.
+inside the model's forward calls (target, MTP modules, heads; compiled steps as the engine runs them,
+compile auto), which on the CPU run synchronously.
 Targets (issue 14): host time <= 10% of the step everywhere, and within 10% between 256 and 4K.
 
     python benchmarks/step_overhead.py [--steps 24] [--batches 1,16,64] [--contexts 256,4096] [--threads 1]
@@ -27,16 +28,21 @@ from stepflash import LLM, SamplingParams
 
 
 class ForwardClock:
-    """Wall time spent inside the model's forward calls (patched on the instance)."""
+    """Wall time spent inside the model's forward calls: the runner's compiled steps and the
+    model's eager forwards and heads (patched on the instances)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, runner) -> None:
         self.seconds = 0.0
         for name in ("forward", "mtp_hidden", "compute_logits", "mtp_logits"):
-            setattr(model, name, self._timed(getattr(model, name)))
+            setattr(runner.model, name, self._timed(getattr(runner.model, name)))
+        for step in runner.compiled:  # timed from outside: a clock inside would be traced
+            step.compiled = self._timed(step.compiled) if step.compiled else None
 
     def _timed(self, fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
+            if torch.compiler.is_compiling():  # traced into a compiled step (a recompile): no clock there
+                return fn(*args, **kwargs)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -55,7 +61,7 @@ def stdlib_tokens(llm: LLM, count: int) -> list[int]:
 def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int]) -> dict:
     llm = LLM(mtp=mtp, max_num_seqs=max(batch, 1), max_num_batched_tokens=max(1024, 16 * batch))
     engine = llm.engine
-    max_tokens = (steps + 2) * (1 + mtp) + 4
+    max_tokens = (steps + 5) * (1 + mtp) + 4
     length = min(context, engine.max_model_len - max_tokens)  # the context reached by the timed steps
     shared = tokens[:length - 16]
     prompts = [shared + tokens[context + 16 * i: context + 16 * (i + 1)] for i in range(batch)]
@@ -65,8 +71,9 @@ def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int]) -
         engine.add_request(f"p{i}", p, params)
     while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
         engine.step()
-    clock = ForwardClock(engine.model)
-    engine.step()  # one decode step untimed (first verify shapes)
+    for _ in range(4):  # untimed decode steps: first verify shapes, and what they compile
+        engine.step()
+    clock = ForwardClock(engine.runner)
     step_times, forward_times = [], []
     for _ in range(steps):
         clock.seconds = 0.0

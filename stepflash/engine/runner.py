@@ -482,7 +482,9 @@ class CompiledStep:
     """A step forward through torch.compile (inductor; shapes dynamic, so one compilation serves
     every batch size and context length, bar a second for single-row steps). Compiled code is cached
     on disk across runs (inductor's cache). If compiling fails (no working C++ toolchain, an
-    unsupported torch), a warning and eager execution from then on: the same function, uncompiled."""
+    unsupported torch), a warning and eager execution from then on: the same function, uncompiled.
+    (A step run under a TorchDispatchMode is eager and stays so in that process: torch skips the
+    code for good.)"""
 
     def __init__(self, forward: Callable[..., torch.Tensor], *defaults: int) -> None:
         """forward(step, *defaults): a runner's step method and its trailing arguments (MTP: the depth)."""
