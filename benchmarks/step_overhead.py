@@ -59,7 +59,7 @@ def stdlib_tokens(llm: LLM, count: int) -> list[int]:
 
 
 def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int]) -> dict:
-    llm = LLM(mtp=mtp, max_num_seqs=max(batch, 1), max_num_batched_tokens=max(1024, 16 * batch))
+    llm = LLM(mtp=mtp, max_num_seqs=max(batch, 1), max_num_batched_tokens=max(1024, 16 * batch), compile="auto")
     engine = llm.engine
     max_tokens = (steps + 5) * (1 + mtp) + 4
     length = min(context, engine.max_model_len - max_tokens)  # the context reached by the timed steps

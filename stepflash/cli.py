@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require this bearer token on /v1 (or set STEPFLASH_API_KEY)")
     serve.add_argument("--served-model-name", help="model id clients use (default: the directory name)")
     for p in (gen, chat):  # one request at a time; --seed is the request's
-        add_engine_args(p, skip=("seed",), max_num_seqs=1, compile="off")  # compiling outlasts a short job
+        add_engine_args(p, skip=("seed",), max_num_seqs=1)
     add_engine_args(serve)
     serve.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
     serve.add_argument("--thinking-token-budget", type=int, default=None,

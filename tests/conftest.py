@@ -4,17 +4,9 @@ other import may trigger before tests/test_kernels.py runs: so it is set here, b
 With CUDA the kernels are compiled and run on the GPU: tests/kernel_env.py says where and in which dtypes.
 
 STEPFLASH_TEST_KERNELS=triton (set by benchmarks/gpu_check.sh) runs every `LLM` a test builds without
-naming `kernels` on the Triton kernels with CUDA graphs, so the engine tests check that path.
-
-torch.compile is off for the suite (TORCH_COMPILE_DISABLE, which the servers the tests start inherit):
-a CPU engine's compiled steps then run their same functions eagerly, and compiling them for every
-engine a test builds would take minutes. tests/test_compiled.py turns it on to check the compiled
-steps; STEPFLASH_TEST_COMPILE=1 leaves it on for the whole suite."""
+naming `kernels` on the Triton kernels with CUDA graphs, so the engine tests check that path."""
 
 import os
-
-if os.environ.get("STEPFLASH_TEST_COMPILE") != "1":
-    os.environ["TORCH_COMPILE_DISABLE"] = "1"  # read when torch._dynamo is first imported, below
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
-"""Compiled steps: with compile on (the CPU's default), decode, verify and MTP drafting steps run
-through torch.compile (engine/runner.py CompiledStep). The rest of the suite runs with torch.compile
-disabled (conftest.py), i.e. the same step functions eagerly; here it is on. The compiled engine's
+"""Compiled steps: with compile on, decode, verify and MTP drafting steps run through torch.compile
+(engine/runner.py CompiledStep); the engine compiles them at start (LLMEngine._compile_steps). The compiled engine's
 tokens and log-probabilities equal the transformers reference and the eager engine's, over ragged
 batches whose steps change shape (rows, sequences, table widths) as requests arrive and finish."""
 
@@ -29,12 +28,6 @@ def ckpt(tmp_path_factory):
     """Two layers (full dense, sliding MoE) and two MTP modules: what the engine compiles, in less
     time than the five-layer model takes."""
     return write_checkpoint(tmp_path_factory.mktemp("compiled"), tiny_config(n=2, n_mtp=2), seed=21)
-
-
-@pytest.fixture(autouse=True)
-def compiling():
-    with torch._dynamo.config.patch(disable=False):
-        yield
 
 
 def test_compiled_steps_match_the_reference_and_the_eager_engine(ckpt, mtp=2):
@@ -75,7 +68,8 @@ def test_compile_settings_are_checked(ckpt):
         EngineConfig(compile="always")
     with pytest.raises(ValueError, match="not with the Triton kernels"):
         LLMEngine(ckpt, EngineConfig(compile="on", kernels="triton"))
-    assert LLMEngine(ckpt, EngineConfig()).runner.compiled  # auto: on, on the CPU with a C++ compiler
+    assert LLMEngine(ckpt, EngineConfig(compile="auto")).runner.compiled  # on the CPU with a C++ compiler
+    assert not LLMEngine(ckpt, EngineConfig()).runner.compiled  # off by default
 
 
 def test_two_engines_of_different_models_in_one_process(ckpt, tmp_path):

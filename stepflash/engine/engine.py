@@ -156,6 +156,21 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(ec.seed)
         self.num_steps = 0
+        if compiled and not torch._dynamo.config.disable:
+            self._compile_steps()
+
+    def _compile_steps(self) -> None:
+        """Compile the step kinds that traffic meets first now, not in the first requests (tens of
+        seconds): two short requests, one outliving the other, so steps of several rows and of one,
+        a prompt short enough to be computed like a verify step,
+        with and without drafts, all run once. Their statistics are then forgotten."""
+        for i, (prompt_len, max_tokens) in enumerate(((20, 16), (5, 4))):
+            self.add_request(f"compile-{i}", [t % self.model_config.vocab_size for t in range(2, 2 + prompt_len)],
+                             SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()
+        self.num_steps, self.output.spec = 0, SpecStats()
+        self.kv.prefix_hits = self.kv.prefix_queries = 0
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
