@@ -11,7 +11,7 @@ from torch._inductor.exc import InvalidCxxCompiler
 
 from stepflash import LLM
 from stepflash.config import EngineConfig
-from stepflash.engine.engine import LLMEngine
+from stepflash.engine.engine import LLMEngine, _use_compile
 from checkpoints import write_checkpoint
 from stepflash.train.configs import tiny_config
 from test_engine import assert_matches_reference, greedy, mixed_prompts
@@ -68,7 +68,9 @@ def test_compile_settings_are_checked(ckpt):
         EngineConfig(compile="always")
     with pytest.raises(ValueError, match="not with the Triton kernels"):
         LLMEngine(ckpt, EngineConfig(compile="on", kernels="triton"))
-    assert LLMEngine(ckpt, EngineConfig(compile="auto")).runner.compiled  # on the CPU with a C++ compiler
+    cpu = torch.device("cpu")
+    assert _use_compile("auto", kernels=False, device=cpu, ranks=1)  # the CPU's PyTorch path, a C++ compiler here
+    assert not _use_compile("auto", kernels=False, device=cpu, ranks=2)
     assert not LLMEngine(ckpt, EngineConfig()).runner.compiled  # off by default
 
 

@@ -160,10 +160,10 @@ class LLMEngine:
             self._compile_steps()
 
     def _compile_steps(self) -> None:
-        """Compile the step kinds that traffic meets first now, not in the first requests (tens of
-        seconds): two short requests, one outliving the other, so steps of several rows and of one,
-        a prompt short enough to be computed like a verify step,
-        with and without drafts, all run once. Their statistics are then forgotten."""
+        """Compile now, not in the first requests (tens of seconds), the step kinds traffic meets
+        first: two short requests, one outliving the other and one short enough to be computed like
+        a verify step, so that steps of several rows and of one, with and without drafts, all run
+        once. Their statistics are then forgotten."""
         for i, (prompt_len, max_tokens) in enumerate(((20, 16), (5, 4))):
             self.add_request(f"compile-{i}", [t % self.model_config.vocab_size for t in range(2, 2 + prompt_len)],
                              SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))

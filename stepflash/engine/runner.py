@@ -480,11 +480,11 @@ class ModelRunner:
 
 class CompiledStep:
     """A step forward through torch.compile (inductor; shapes dynamic, so one compilation serves
-    every batch size and context length, bar a second for single-row steps). Compiled code is cached
-    on disk across runs (inductor's cache). If compiling fails (no working C++ toolchain, an
-    unsupported torch), a warning and eager execution from then on: the same function, uncompiled.
-    (A step run under a TorchDispatchMode is eager and stays so in that process: torch skips the
-    code for good.)"""
+    many batch sizes and context lengths, while sizes of 1 (one row, one sequence, one table block)
+    get variants of their own). Compiled code is cached on disk across runs (inductor's cache). If
+    compiling fails (no working C++ toolchain, an unsupported torch), a warning and eager execution
+    from then on: the same function, uncompiled. (A step run under a TorchDispatchMode is eager and
+    stays so in that process: torch skips the code for good.)"""
 
     def __init__(self, forward: Callable[..., torch.Tensor], *defaults: int) -> None:
         """forward(step, *defaults): a runner's step method and its trailing arguments (MTP: the depth)."""
@@ -493,7 +493,7 @@ class CompiledStep:
             _own_method(forward, defaults), dynamic=True, options={"guard_filter_fn": _input_guards})
         # Process-wide (patching them around each call cost 50 us): floats (eps, rope theta) are
         # constants, not graph inputs (which restarts the analysis); no guards on sizes that are
-        # equal by chance; room for a compiled variant per MTP depth and row shape.
+        # equal by chance; room for the variants that sizes of 1 bring.
         dynamo_config.specialize_float = True
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         shape_config.use_duck_shape = False
@@ -519,8 +519,8 @@ def _own_method(method: Callable, defaults: tuple) -> Callable:
 
 
 def _input_guards(guards: list) -> list[bool]:
-    """The guards a compiled step keeps: those on its inputs (the StepInputs' tensors and sizes, the
-    MTP depth) and on torch's global state. None on the runner and the model: they do not change once
+    """The guards a compiled step keeps: those on its inputs (the StepInputs' tensors and sizes) and
+    on torch's global state. None on the runner and the model: they do not change once
     built, and checking their hundreds of attributes on every call cost more than the step's host work."""
     modules = torch.compiler.skip_guard_on_all_nn_modules_unsafe(guards)
     return [keep and not g.name.startswith(("self", "G[")) and
