@@ -160,15 +160,15 @@ class LLMEngine:
             self._compile_steps()
 
     def _compile_steps(self) -> None:
-        """Compile now, not in the first requests (tens of seconds), the step kinds traffic meets
-        first: two short requests, one outliving the other and one short enough to be computed like
-        a verify step, so that steps of several rows and of one, with and without drafts, all run
-        once. Their statistics are then forgotten."""
-        for i, (prompt_len, max_tokens) in enumerate(((20, 16), (5, 4))):
-            self.add_request(f"compile-{i}", [t % self.model_config.vocab_size for t in range(2, 2 + prompt_len)],
-                             SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
-        while self.has_unfinished_requests():
-            self.step()
+        """Compile now, not in the first requests (tens of seconds), each step kind in its two
+        variants (one row, several: runner.CompiledStep): two requests together, one short enough
+        to be computed like a verify step, then one alone. Their statistics are then forgotten."""
+        for batch in (((20, 16), (5, 4)), ((12, 8),)):
+            for i, (prompt_len, max_tokens) in enumerate(batch):
+                self.add_request(f"compile-{i}", [t % self.model_config.vocab_size for t in range(2, 2 + prompt_len)],
+                                 SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+            while self.has_unfinished_requests():
+                self.step()
         self.num_steps, self.output.spec = 0, SpecStats()
         self.kv.prefix_hits = self.kv.prefix_queries = 0
 

@@ -26,6 +26,7 @@ copy-on-write and window release treat them exactly like KV.
 
 import array
 import bisect
+import dataclasses
 import types
 import warnings
 import weakref
@@ -284,15 +285,31 @@ class ModelRunner:
             hidden = self._forward(x.ids, x.positions, x.ctx, x.embeds)
         return self.model.compute_logits(hidden.index_select(0, x.logit_rows))
 
-    @staticmethod
-    def _short_step(x: Inputs, graphs: StepGraphs | None, compiled: "CompiledStep | None") -> torch.Tensor | None:
+    def _short_step(self, x: Inputs, graphs: StepGraphs | None, compiled: "CompiledStep | None") -> torch.Tensor | None:
         """A forward of short chunks only (decodes, verify steps, drafting) from its CUDA graph bucket
         or compiled, where the runner has them; None: run it eagerly."""
         if x.ctx.prefill is not None or x.embeds is not None:
             return None
         if graphs and graphs.fits(len(x.ids), x.ctx.tables):
             return graphs.run(_step_inputs(x))
-        return compiled(_step_inputs(x)) if compiled else None
+        return compiled(self._no_sizes_of_one(_step_inputs(x))) if compiled else None
+
+    def _no_sizes_of_one(self, step: StepInputs) -> StepInputs:
+        """The step with at least two sequences (table rows), table columns and (tiles of several
+        rows, i.e. with MTP) tiles: torch.compile compiles a variant of its own for each dimension of
+        size 1, so a new kind of step would otherwise stall the engine while it compiles (one-row
+        tiles are one per row: one row, one tile, the single-row variant). The extra table row (the
+        padding sequence, which no row reads) and columns point at the scratch block, and keys past
+        a row's position are masked; the extra tile is empty (the twin recomputes row 0 for it, to
+        the same values)."""
+        tables, first = {}, {}
+        for kind, table in step.tables.items():
+            rows, width = table.shape
+            pad = table.new_full((max(rows, 2), max(width, 2)), self.scratch[kind])
+            pad[:rows, :width] = table
+            tables[kind], first[kind] = pad, torch.cat([step.first_blocks[kind], pad.new_zeros(pad.shape[0] - rows)])
+        tiles = torch.cat([step.tiles, step.tiles.new_zeros(1, 2)]) if self.tile_rows > 1 else step.tiles
+        return dataclasses.replace(step, tiles=tiles, tables=tables, first_blocks=first)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention,
                  embeds: Embeds | None = None) -> torch.Tensor:
@@ -480,8 +497,8 @@ class ModelRunner:
 
 class CompiledStep:
     """A step forward through torch.compile (inductor; shapes dynamic, so one compilation serves
-    many batch sizes and context lengths, while sizes of 1 (one row, one sequence, one table block)
-    get variants of their own). Compiled code is cached on disk across runs (inductor's cache). If
+    every batch size and context length: `_no_sizes_of_one` pads the other dimensions, and steps of
+    one row get a variant of their own). Compiled code is cached on disk across runs (inductor's cache). If
     compiling fails (no working C++ toolchain, an unsupported torch), a warning and eager execution
     from then on: the same function, uncompiled. (A step run under a TorchDispatchMode is eager and
     stays so in that process: torch skips the code for good.)"""
@@ -493,7 +510,7 @@ class CompiledStep:
             _own_method(forward, defaults), dynamic=True, options={"guard_filter_fn": _input_guards})
         # Process-wide (patching them around each call cost 50 us): floats (eps, rope theta) are
         # constants, not graph inputs (which restarts the analysis); no guards on sizes that are
-        # equal by chance; room for the variants that sizes of 1 bring.
+        # equal by chance; room for more variants than the two a step kind needs.
         dynamo_config.specialize_float = True
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         shape_config.use_duck_shape = False
