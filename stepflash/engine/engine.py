@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch._inductor.cpp_builder import get_cpp_compiler
-from torch._inductor.exc import InvalidCxxCompiler
 
 from stepflash.config import EngineConfig, ModelConfig
 from stepflash.engine.kv_cache import FULL, KVCacheManager, plan_kv_layout
@@ -85,6 +83,9 @@ def _use_compile(option: str, kernels: bool, device: torch.device, ranks: int) -
         raise ValueError("compile='on' compiles the PyTorch path of one process: not with the Triton kernels "
                          "(they use cuda_graphs) nor under tensor parallelism")
     if option == "on" or (option == "auto" and not kernels and device.type == "cpu" and ranks == 1):
+        from torch._inductor.cpp_builder import get_cpp_compiler  # inductor: a second's import, only here
+        from torch._inductor.exc import InvalidCxxCompiler
+
         try:
             get_cpp_compiler()
         except InvalidCxxCompiler as e:

@@ -36,10 +36,6 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
-from torch._dynamo import config as dynamo_config
-from torch._dynamo.exc import TorchDynamoException
-from torch._inductor.exc import InductorError
-from torch.fx.experimental import _config as shape_config
 
 from stepflash.engine.graphs import StepGraphs, StepInputs
 from stepflash.config import LayerKind
@@ -505,6 +501,12 @@ class CompiledStep:
 
     def __init__(self, forward: Callable[..., torch.Tensor], *defaults: int) -> None:
         """forward(step, *defaults): a runner's step method and its trailing arguments (MTP: the depth)."""
+        from torch._dynamo import config as dynamo_config  # dynamo and inductor: a second's import, only here
+        from torch._dynamo.exc import TorchDynamoException
+        from torch._inductor.exc import InductorError
+        from torch.fx.experimental import _config as shape_config
+
+        self.errors = (TorchDynamoException, InductorError)  # what a failed compile raises
         self.forward = partial(forward, *defaults) if defaults else forward
         self.compiled: Callable[[StepInputs], torch.Tensor] | None = torch.compile(
             _own_method(forward, defaults), dynamic=True, options={"guard_filter_fn": _input_guards})
@@ -519,7 +521,7 @@ class CompiledStep:
         if self.compiled is not None:
             try:
                 return self.compiled(step)
-            except (TorchDynamoException, InductorError) as e:
+            except self.errors as e:
                 warnings.warn(f"torch.compile failed, running this step kind eagerly from now on: {e}", stacklevel=2)
                 self.compiled = None
         return self.forward(step)
