@@ -1,5 +1,5 @@
 """Compiled steps: with compile on, decode, verify and MTP drafting steps run through torch.compile
-(engine/runner.py CompiledStep); the engine compiles them at start (LLMEngine._compile_steps). The compiled engine's
+(engine/runner.py CompiledStep), compiled at start (LLMEngine._compile_steps). The compiled engine's
 tokens and log-probabilities equal the transformers reference and the eager engine's, over ragged
 batches whose steps change shape (rows, sequences, table widths) as requests arrive and finish."""
 
