@@ -82,7 +82,10 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     rows = x.index_select(0, token)
 
     def linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return _GroupedLinear.apply(a, w, ends) if torch.is_grad_enabled() else grouped_mm(a, w.mT, ends)
+        if torch.is_grad_enabled():
+            return _GroupedLinear.apply(a, w, ends)
+        # the custom op only where torch.compile traces: eager, its dispatch costs ~18 us a call
+        return grouped_mm(a, w.mT, ends) if torch.compiler.is_compiling() else F.grouped_mm(a, w.mT, offs=ends)
 
     y = linear(swiglu(linear(rows, gate), linear(rows, up), limit), down).float() * weights.reshape(-1, 1)[order]
     return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y).to(x.dtype)
