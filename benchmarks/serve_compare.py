@@ -57,7 +57,7 @@ def serve(mtp: int, port: int) -> subprocess.Popen:
                              "--port", str(port), "--served-model-name", "bundled", "--mtp", str(mtp)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    for _ in range(600):
+    for _ in range(1500):  # the server compiles its steps first: a minute or two
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc

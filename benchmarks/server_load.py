@@ -325,7 +325,7 @@ def start_server(model_dir: Path, model: str, api_key: str, max_queue: int, log:
     with log.open("wb") as out:  # a file, not a pipe: an undrained pipe would block the server's logging
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # the server compiles its steps first
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
@@ -336,7 +336,7 @@ def start_server(model_dir: Path, model: str, api_key: str, max_queue: int, log:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"server not healthy within 120 s:\n{log.read_text()[-2000:]}")
+    raise RuntimeError(f"server not healthy within 300 s:\n{log.read_text()[-2000:]}")
 
 
 def stop_server(proc: subprocess.Popen) -> float | None:

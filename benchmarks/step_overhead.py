@@ -102,7 +102,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     contexts = [int(c) for c in args.contexts.split(",")]
-    tokens = stdlib_tokens(LLM(mtp=0, max_num_seqs=1), max(contexts) + 16 * 70)
+    tokens = stdlib_tokens(LLM(mtp=0, max_num_seqs=1, compile="off"), max(contexts) + 16 * 70)
     rows = []
     print(f"{'mtp':>3} {'batch':>5} {'ctx':>5} {'step ms':>8} {'fwd ms':>8} {'host ms':>8} {'host %':>6} {'tau':>5}")
     for mtp in (int(m) for m in args.mtp.split(",")):

@@ -57,7 +57,8 @@ class CollectiveClock:
 
 
 def run(model: Path, tp: int, ep: bool, batch: int, new_tokens: int, clock: CollectiveClock) -> dict:
-    llm = LLM(str(model), tensor_parallel_size=tp, enable_expert_parallel=ep, mtp=0)
+    llm = LLM(str(model), tensor_parallel_size=tp, enable_expert_parallel=ep, mtp=0,
+              compile="off")  # eager at every size: compile is for one process only
     try:
         prompts = [[(7 * i + j) % 200 + 10 for j in range(16)] for i in range(batch)]
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)

@@ -134,6 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from stepflash.multimodal import MediaPolicy
     from stepflash.server.app import create_app
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     engine = make_engine(args)
     model_dir = Path(args.model) if args.model else default_model_dir()
     api_key = args.api_key or os.environ.get("STEPFLASH_API_KEY")
@@ -144,7 +145,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=10))
     front.on_fatal = lambda error: setattr(server, "should_exit", True)  # a rank failed: shut down, exit 1
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"stepflash: serving {model_dir} as {args.served_model_name or model_dir.name!r} on "
           f"http://{args.host}:{args.port}/v1 (api key {'required' if api_key else 'off'})", file=sys.stderr)
     # uvicorn re-raises SIGTERM once it has shut down: leave through `finally`, so that the ranks stop
@@ -317,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require this bearer token on /v1 (or set STEPFLASH_API_KEY)")
     serve.add_argument("--served-model-name", help="model id clients use (default: the directory name)")
-    for p in (gen, chat):  # one request at a time; --seed is the request's
-        add_engine_args(p, skip=("seed",), max_num_seqs=1)
+    for p in (gen, chat):  # one request at a time, too short to pay for compiling; --seed is the request's
+        add_engine_args(p, skip=("seed",), max_num_seqs=1, compile="off")
     add_engine_args(serve)
     serve.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
     serve.add_argument("--thinking-token-budget", type=int, default=None,

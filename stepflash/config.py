@@ -421,10 +421,11 @@ class EngineConfig:
     cuda_graphs: str = _option("auto", "decode/verify steps from CUDA graphs per batch bucket (auto: on "
                                        "with the kernels on CUDA; on without CUDA runs the same bucketed "
                                        "step eagerly)", ("auto", "on", "off"))
-    compile: str = _option("off", "decode, verify and MTP drafting steps through torch.compile (inductor): "
-                                  "2-3x faster on the CPU, after compiling at start (about 40 s on 2 cores with "
-                                  "inductor's disk cache warm, more when cold); auto: on for the CPU PyTorch "
-                                  "path when a C++ compiler is found", ("auto", "on", "off"))
+    compile: str = _option("auto", "decode, verify and MTP drafting steps through torch.compile (inductor): "
+                                   "2-3x faster on the CPU, after compiling at start (about 40 s on 2 cores with "
+                                   "inductor's disk cache warm, more when cold); auto: on for the CPU PyTorch "
+                                   "path of one process when a C++ compiler is found and TORCH_COMPILE_DISABLE "
+                                   "is not 1", ("auto", "on", "off"))
     quantization: str | None = _option(None, "not supported yet (FP8/INT4 checkpoints are read as stored)")
     tensor_parallel_size: int = _option(1, "ranks (GPUs; processes on the CPU) to shard the model over: heads, "
                                            "intermediate dims and vocabulary split, one all-reduce after attention "

@@ -3,6 +3,10 @@ its own library functions (tl.sum, tl.sigmoid, ...) are defined, i.e. at its fir
 other import may trigger before tests/test_kernels.py runs: so it is set here, before any test module.
 With CUDA the kernels are compiled and run on the GPU: tests/kernel_env.py says where and in which dtypes.
 
+torch.compile is off for the suite (TORCH_COMPILE_DISABLE, which the engine's compile='auto' honours, and
+which the servers the tests start inherit): compiling every test engine's steps would take minutes.
+tests/test_compiled.py turns it back on for its own engines.
+
 STEPFLASH_TEST_KERNELS=triton (set by benchmarks/gpu_check.sh) runs every `LLM` a test builds without
 naming `kernels` on the Triton kernels with CUDA graphs, so the engine tests check that path."""
 
@@ -13,6 +17,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["TORCH_COMPILE_DISABLE"] = "1"
 
 import torchvision_stub  # noqa: E402,F401  (before anything imports transformers)
 

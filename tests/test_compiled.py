@@ -1,7 +1,8 @@
 """Compiled steps: with compile on, decode, verify and MTP drafting steps run through torch.compile
 (engine/runner.py CompiledStep), compiled at start (LLMEngine._compile_steps). The compiled engine's
 tokens and log-probabilities equal the transformers reference and the eager engine's, over ragged
-batches whose steps change shape (rows, sequences, table widths) as requests arrive and finish."""
+batches whose steps change shape (rows, sequences, table widths) as requests arrive and finish.
+(conftest.py turns torch.compile off for the suite: on again here.)"""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch._inductor.cpp_builder import get_cpp_compiler
 from torch._inductor.exc import InvalidCxxCompiler
 
 from stepflash import LLM
+from stepflash.cli import build_parser
 from stepflash.config import EngineConfig
 from stepflash.engine.engine import LLMEngine, _use_compile
 from checkpoints import write_checkpoint
@@ -21,6 +23,11 @@ try:
     get_cpp_compiler()
 except InvalidCxxCompiler:
     pytest.skip("torch.compile on the CPU needs a C++ compiler (g++)", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _compile_enabled(monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +70,22 @@ def test_a_failed_compile_warns_and_runs_the_step_eagerly(ckpt):
     assert_matches_reference(ckpt, prompts, outputs)
 
 
-def test_compile_settings_are_checked(ckpt):
+def test_compile_settings_are_checked(ckpt, monkeypatch):
     with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
         EngineConfig(compile="always")
     with pytest.raises(ValueError, match="not with the Triton kernels"):
         LLMEngine(ckpt, EngineConfig(compile="on", kernels="triton"))
+    assert EngineConfig().compile == "auto"
+    parser = build_parser()  # the CLI's one-off jobs would spend longer compiling than generating
+    assert parser.parse_args(["generate", "x"]).compile == parser.parse_args(["chat"]).compile == "off"
+    assert parser.parse_args(["serve"]).compile == "auto"
     cpu = torch.device("cpu")
+    assert not _use_compile("auto", kernels=False, device=cpu, ranks=1)  # TORCH_COMPILE_DISABLE=1 (conftest.py)
+    assert not LLMEngine(ckpt, EngineConfig()).runner.compiled
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE")
     assert _use_compile("auto", kernels=False, device=cpu, ranks=1)  # the CPU's PyTorch path, a C++ compiler here
     assert not _use_compile("auto", kernels=False, device=cpu, ranks=2)
-    assert not LLMEngine(ckpt, EngineConfig()).runner.compiled  # off by default
+    assert not _use_compile("auto", kernels=True, device=cpu, ranks=1)
 
 
 def test_two_engines_of_different_models_in_one_process(ckpt, tmp_path):

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import importlib.util
 import itertools
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +34,7 @@ from stepflash.sampling import SamplingParams
 from stepflash.structured import Constraint, StructuredOutputs
 from stepflash.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class EngineStats:
@@ -82,7 +84,9 @@ def _use_compile(option: str, kernels: bool, device: torch.device, ranks: int) -
     if option == "on" and (kernels or ranks > 1):
         raise ValueError("compile='on' compiles the PyTorch path of one process: not with the Triton kernels "
                          "(they use cuda_graphs) nor under tensor parallelism")
-    if option == "on" or (option == "auto" and not kernels and device.type == "cpu" and ranks == 1):
+    # TORCH_COMPILE_DISABLE=1, torch's own switch, also turns auto off (the test suite sets it)
+    if option == "on" or (option == "auto" and not kernels and device.type == "cpu" and ranks == 1
+                          and os.environ.get("TORCH_COMPILE_DISABLE") != "1"):
         from torch._inductor.cpp_builder import get_cpp_compiler  # inductor: a second's import, only here
         from torch._inductor.exc import InvalidCxxCompiler
 
@@ -164,6 +168,9 @@ class LLMEngine:
         """Compile now, not in the first requests (tens of seconds), each step kind in its two
         variants (one row, several: runner.CompiledStep): two requests together, one short enough
         to be computed like a verify step, then one alone. Their statistics are then forgotten."""
+        log.info("stepflash: compiling the decode, verify and drafting steps (torch.compile; compile='off', "
+                 "--compile off, skips it) ...")
+        start = time.monotonic()
         for batch in (((20, 16), (5, 4)), ((12, 8),)):
             for i, (prompt_len, max_tokens) in enumerate(batch):
                 self.add_request(f"compile-{i}", [t % self.model_config.vocab_size for t in range(2, 2 + prompt_len)],
@@ -172,6 +179,7 @@ class LLMEngine:
                 self.step()
         self.num_steps, self.output.spec = 0, SpecStats()
         self.kv.prefix_hits = self.kv.prefix_queries = 0
+        log.info("stepflash: steps compiled in %.0f s", time.monotonic() - start)
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
