@@ -26,7 +26,6 @@ copy-on-write and window release treat them exactly like KV.
 
 import array
 import bisect
-import dataclasses
 import types
 import warnings
 import weakref
@@ -109,8 +108,8 @@ class StepCall:
         meta = {k: v for k, v in vars(self).items() if k != "upload"}
         if self.upload is None:
             return meta, b""
-        meta["parts"] = [(start, length, width, str(dtype).removeprefix("torch."))
-                         for start, length, width, dtype in self.upload.parts]
+        meta["parts"] = [(start, count, width, str(dtype).removeprefix("torch."))
+                         for start, count, width, dtype in self.upload.parts]
         return meta, self.upload.data.tobytes()
 
     @classmethod
@@ -121,7 +120,7 @@ class StepCall:
         if parts is not None:
             call.upload = Upload()
             call.upload.data.frombytes(data)
-            call.upload.parts = [(start, length, width, WIRE_DTYPES[dtype]) for start, length, width, dtype in parts]
+            call.upload.parts = [(start, count, width, WIRE_DTYPES[dtype]) for start, count, width, dtype in parts]
         return call
 
 
@@ -207,7 +206,8 @@ class ModelRunner:
             for s in layers
         }
         # the block tables, one row per sequence holding blocks (BlockTables.row), updated with new entries only
-        self.tables = {kind: torch.zeros(layout.max_num_seqs + 1, layout.table_width(kind), dtype=torch.int32,
+        # (two columns at least: see _pack's padding)
+        self.tables = {kind: torch.zeros(layout.max_num_seqs + 1, max(layout.table_width(kind), 2), dtype=torch.int32,
                                          device=self.device) for kind in self.kinds}
         self.num_mtp = len(model.mtp)
         hidden_rows = (num_blocks.get(SLIDING, 0) + 1) * block_size
@@ -288,24 +288,7 @@ class ModelRunner:
             return None
         if graphs and graphs.fits(len(x.ids), x.ctx.tables):
             return graphs.run(_step_inputs(x))
-        return compiled(self._no_sizes_of_one(_step_inputs(x))) if compiled else None
-
-    def _no_sizes_of_one(self, step: StepInputs) -> StepInputs:
-        """The step with at least two sequences (table rows), table columns and (tiles of several
-        rows, i.e. with MTP) tiles: torch.compile compiles a variant of its own for each dimension of
-        size 1, so a new kind of step would otherwise stall the engine while it compiles (one-row
-        tiles are one per row: one row, one tile, the single-row variant). The extra table row (the
-        padding sequence, which no row reads) and columns point at the scratch block, and keys past
-        a row's position are masked; the extra tile is empty (the twin recomputes row 0 for it, to
-        the same values)."""
-        tables, first = {}, {}
-        for kind, table in step.tables.items():
-            rows, width = table.shape
-            pad = table.new_full((max(rows, 2), max(width, 2)), self.scratch[kind])
-            pad[:rows, :width] = table
-            tables[kind], first[kind] = pad, torch.cat([step.first_blocks[kind], pad.new_zeros(pad.shape[0] - rows)])
-        tiles = torch.cat([step.tiles, step.tiles.new_zeros(1, 2)]) if self.tile_rows > 1 else step.tiles
-        return dataclasses.replace(step, tiles=tiles, tables=tables, first_blocks=first)
+        return compiled(_step_inputs(x)) if compiled else None
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention,
                  embeds: Embeds | None = None) -> torch.Tensor:
@@ -363,14 +346,25 @@ class ModelRunner:
               inject: Inject | None) -> StepCall:
         """The forward's integer inputs, gathered on the host for one copy to the device: ids and
         positions, per layer kind the cache slots, the new block-table entries and each row's table
-        start, and the rows and tiles of each attention op."""
+        start, and the rows and tiles of each attention op.
+
+        Compiled steps get at least two sequences (step-table rows), table columns and (tiles of
+        several rows, i.e. with MTP) tiles: torch.compile compiles a variant of its own for each
+        dimension of size 1, so a new kind of step would otherwise stall the engine while it
+        compiles (one-row tiles are one per row: one row, one tile, the single-row variant). The
+        extra table row (a padding sequence, a copy of the first) is read by no row, the extra
+        columns by none either (keys past a row's position are masked), and the extra tile is empty
+        (the twin recomputes row 0 for it, to the same values)."""
+        pad = bool(self.compiled)
+        one_more = pad and len(chunks) == 1  # a second (padding) sequence
         ids = [t for c in chunks for t in c.ids]
         positions = [p for c in chunks for p in range(c.start, c.end)]
         seq_of = [i for i, c in enumerate(chunks) for _ in c.ids]
+        rows = [c.seq.blocks.row for c in chunks]
         up = Upload()
         sent = {"ids": up.add(ids), "positions": up.add(positions), "logit_rows": up.add(logit_rows),
-                "rows": up.add([c.seq.blocks.row for c in chunks])}
-        call = StepCall(op, depth, kinds, up, sent, table_rows=max((c.seq.blocks.row for c in chunks), default=0) + 1)
+                "rows": up.add(rows + rows if one_more else rows)}
+        call = StepCall(op, depth, kinds, up, sent, table_rows=max(rows, default=0) + 1)
         if inject and inject.rows:
             sent["inject_rows"], sent["inject_index"] = up.add(inject.rows), up.add(inject.index)
             call.source_shape = list(inject.source.shape)
@@ -379,9 +373,11 @@ class ModelRunner:
         for kind in kinds:
             # sliding layers: each table from the first block the chunk's window can reach
             first = [max(0, c.start - self.window + 1) // self.block_size if kind == SLIDING else 0 for c in chunks]
-            call.widths[kind] = max(len(c.seq.blocks.table(kind)) - f for c, f in zip(chunks, first))
-            sent[f"first {kind}"] = up.add(first, dtype=torch.int32)
-            sent[f"new {kind}"] = up.add(self._new_entries(chunks, kind), width=3)
+            width = max(len(c.seq.blocks.table(kind)) - f for c, f in zip(chunks, first))
+            call.widths[kind] = max(width, 2) if pad else width
+            sent[f"first {kind}"] = up.add(first + first if one_more else first, dtype=torch.int32)
+            new = self._new_entries(chunks, kind)
+            sent[f"new {kind}"] = up.add(new, width=3) if new else None
             sent[f"slots {kind}"] = up.add([s for c in chunks
                                             for s in _slots(c.seq.blocks.table(kind), c.start, c.end, self.block_size)])
         long_rows = [len(c.ids) > SHORT_CHUNK for c in chunks for _ in c.ids]
@@ -392,8 +388,10 @@ class ModelRunner:
                 sent[f"index {flag}"] = up.add(index) if len(index) < len(ids) else None
                 sent[f"seq_of {flag}"] = up.add(set_seq, dtype=torch.int32)
                 sent[f"q_pos {flag}"] = up.add([positions[i] for i in index], dtype=torch.int32)
-                sent[f"tiles {flag}"] = up.add(tile_runs(set_seq, PREFILL_TILE if flag else self.tile_rows),
-                                               dtype=torch.int32, width=2)
+                tiles = tile_runs(set_seq, PREFILL_TILE if flag else self.tile_rows)
+                if pad and not flag and self.tile_rows > 1:
+                    tiles += [0, 0]  # an empty tile
+                sent[f"tiles {flag}"] = up.add(tiles, dtype=torch.int32, width=2)
         return call
 
     def _unpack(self, call: StepCall, source: torch.Tensor | None, embeds: Embeds | None = None) -> Inputs:
@@ -406,7 +404,8 @@ class ModelRunner:
         for kind in call.kinds:
             self._grow_tables(kind, call.table_rows)
             new = got(sent[f"new {kind}"])
-            self.tables[kind][new[:, 0], new[:, 1]] = new[:, 2].to(torch.int32)
+            if new is not None:
+                self.tables[kind][new[:, 0], new[:, 1]] = new[:, 2].to(torch.int32)
             tables[kind] = self._step_table(kind, got(sent["rows"]), got(sent[f"first {kind}"]), call.widths[kind])
         sets = {flag: AttentionRows(got(sent[f"index {flag}"]), got(sent[f"seq_of {flag}"]),
                                     got(sent[f"q_pos {flag}"]), got(sent[f"tiles {flag}"]),
@@ -493,7 +492,7 @@ class ModelRunner:
 
 class CompiledStep:
     """A step forward through torch.compile (inductor; shapes dynamic, so one compilation serves
-    every batch size and context length: `_no_sizes_of_one` pads the other dimensions, and steps of
+    every batch size and context length: `_pack` pads the other dimensions, and steps of
     one row get a variant of their own). Compiled code is cached on disk across runs (inductor's cache). If
     compiling fails (no working C++ toolchain, an unsupported torch), a warning and eager execution
     from then on: the same function, uncompiled. (A step run under a TorchDispatchMode is eager and
@@ -547,22 +546,27 @@ def _input_guards(guards: list) -> list[bool]:
             for g, keep in zip(guards, modules)]
 
 
+ARRAY_CODES = {torch.int32: "i", torch.float32: "f", torch.bool: "b"}  # array.array's codes, for Upload
+
+
 class Upload:
     """Host arrays bound for the device, packed (array.array: several times faster than torch.tensor
     on Python lists) and sent in a single non-blocking copy from pinned memory, instead of one
-    blocking copy (a wait for the device) per array. Floats travel as float64 bit patterns."""
+    blocking copy (a wait for the device) per array. Each array is stored in its own dtype (from a
+    64-bit boundary), so that on the device it is a view, not a conversion."""
 
     def __init__(self) -> None:
         self.data = array.array("q")
-        self.parts: list[tuple[int, int, int, torch.dtype]] = []  # start, length, row width (0: 1-D), dtype
+        self.parts: list[tuple[int, int, int, torch.dtype]] = []  # start (64-bit word), count, row width (0: 1-D), dtype
 
     def add(self, values: list, dtype: torch.dtype = torch.int64, width: int = 0) -> int:
         start = len(self.data)
-        if dtype.is_floating_point:
-            self.data.frombytes(array.array("d", values).tobytes())
-        else:
+        if dtype == torch.int64:
             self.data.extend(values)
-        self.parts.append((start, len(self.data) - start, width, dtype))
+        else:
+            raw = array.array(ARRAY_CODES[dtype], values).tobytes()
+            self.data.frombytes(raw + bytes(-len(raw) % 8))
+        self.parts.append((start, len(values), width, dtype))
         return len(self.parts) - 1
 
     def send(self, device: torch.device) -> Callable[[int | None], torch.Tensor | None]:
@@ -576,11 +580,9 @@ class Upload:
         def get(handle: int | None) -> torch.Tensor | None:
             if handle is None:
                 return None
-            start, length, width, dtype = self.parts[handle]
-            part = flat[start:start + length]
-            part = part.view(torch.float64) if dtype.is_floating_point else part
-            part = part.view(-1, width) if width else part
-            return part.to(dtype)
+            start, count, width, dtype = self.parts[handle]
+            part = flat[start:].view(dtype)[:count]
+            return part.view(-1, width) if width else part
 
         return get
 
