@@ -56,17 +56,18 @@ def test_compiled_steps_match_the_reference_and_the_eager_engine(ckpt, mtp=2):
 
 
 def test_a_failed_compile_warns_and_runs_the_step_eagerly(ckpt):
-    llm = LLM(str(ckpt), mtp=0, compile="on")
-    step = llm.engine.runner.compiled[0]
+    llm = LLM(str(ckpt), mtp=1, compile="on")
+    steps = llm.engine.runner.compiled  # the target's and the MTP module's
 
     def no_toolchain(graph, example_inputs):
         raise RuntimeError("no C++ compiler here")
 
-    step.compiled = torch.compile(step.forward, backend=no_toolchain, dynamic=True)
+    for step in steps:
+        step.compiled = torch.compile(step.forward, backend=no_toolchain, dynamic=True)
     prompts = mixed_prompts()[:4]
     with pytest.warns(UserWarning, match="(?s)torch.compile failed.*no C\\+\\+ compiler here"):
         outputs = llm.generate(prompts, greedy())
-    assert step.compiled is None
+    assert [step.compiled for step in steps] == [None, None]
     assert_matches_reference(ckpt, prompts, outputs)
 
 

@@ -231,8 +231,8 @@ class ModelRunner:
                                           self.scratch, block_size, self.device, capture, pool)
                                for depth in range(self.num_mtp)]
         # short-chunk steps through torch.compile instead (the CPU): one compiled function per forward
-        self.compiled = (CompiledStep(self._step_forward), *(CompiledStep(self._step_mtp_forward, depth)
-                                                             for depth in range(self.num_mtp))) if compiled else ()
+        self.compiled = (CompiledStep(self._step_logits), *(CompiledStep(self._step_mtp_logits, depth)
+                                                            for depth in range(self.num_mtp))) if compiled else ()
 
     def execute(self, chunks: list[Chunk], logit_rows: list[int], inject: Inject | None = None) -> torch.Tensor:
         """Run the target over `chunks`; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
@@ -269,26 +269,23 @@ class ModelRunner:
             self._copy_blocks([BlockCopy(LayerKind(kind), src, dst) for kind, src, dst in call.copies])
             return None
         x = self._unpack(call, source, embeds)
+        short = x.ctx.prefill is None and x.embeds is None  # decodes, verify steps, drafting: graphed or compiled
+        if short and self.compiled:  # the head too; its rows padded to two (no size of one, see _pack)
+            rows, count = x.logit_rows, len(x.logit_rows)
+            rows = torch.cat([rows, rows.new_zeros(2 - count)]) if count < 2 else rows
+            return self.compiled[call.depth + 1 if call.op == "mtp" else 0](_step_inputs(x), rows)[:count]
         if call.op == "mtp":
-            d = call.depth
-            z = self._short_step(x, self.mtp_graphs[d] if self.mtp_graphs else None,
-                                 self.compiled[1 + d] if self.compiled else None)
-            if z is None:
+            d, graphs = call.depth, self.mtp_graphs[call.depth] if self.mtp_graphs else None
+            if short and graphs and graphs.fits(len(x.ids), x.ctx.tables):
+                z = graphs.run(_step_inputs(x))
+            else:
                 z = self._mtp_forward(d, x.ids, x.positions, x.prev_slots, x.ctx, x.embeds)
             return self.model.mtp_logits(d, z.index_select(0, x.logit_rows))
-        hidden = self._short_step(x, self.graphs, self.compiled[0] if self.compiled else None)
-        if hidden is None:
+        if short and self.graphs and self.graphs.fits(len(x.ids), x.ctx.tables):
+            hidden = self.graphs.run(_step_inputs(x))
+        else:
             hidden = self._forward(x.ids, x.positions, x.ctx, x.embeds)
         return self.model.compute_logits(hidden.index_select(0, x.logit_rows))
-
-    def _short_step(self, x: Inputs, graphs: StepGraphs | None, compiled: "CompiledStep | None") -> torch.Tensor | None:
-        """A forward of short chunks only (decodes, verify steps, drafting) from its CUDA graph bucket
-        or compiled, where the runner has them; None: run it eagerly."""
-        if x.ctx.prefill is not None or x.embeds is not None:
-            return None
-        if graphs and graphs.fits(len(x.ids), x.ctx.tables):
-            return graphs.run(_step_inputs(x))
-        return compiled(_step_inputs(x)) if compiled else None
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention,
                  embeds: Embeds | None = None) -> torch.Tensor:
@@ -304,9 +301,17 @@ class ModelRunner:
         return self._forward(step.ids, step.positions, self._step_context(step, self.kinds))
 
     def _step_mtp_forward(self, step: StepInputs, depth: int = 0) -> torch.Tensor:
-        """Module `depth` over a drafting step, as graphed or compiled."""
+        """Module `depth` over a drafting step, as graphed."""
         ctx = self._step_context(step, [SLIDING])
         return self._mtp_forward(depth, step.ids, step.positions, step.prev_slots, ctx)
+
+    def _step_logits(self, step: StepInputs, logit_rows: torch.Tensor) -> torch.Tensor:
+        """What torch.compile compiles: the target over a step of short chunks, and its head."""
+        return self.model.compute_logits(self._step_forward(step).index_select(0, logit_rows))
+
+    def _step_mtp_logits(self, step: StepInputs, logit_rows: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """Module `depth` over a drafting step, and its head, compiled."""
+        return self.model.mtp_logits(depth, self._step_mtp_forward(step, depth).index_select(0, logit_rows))
 
     def _step_context(self, step: StepInputs, kinds: list[str]) -> PagedAttention:
         return PagedAttention(self.ops, self.caches, self.kind_of, {k: step.slots[k] for k in kinds},
@@ -499,16 +504,17 @@ class CompiledStep:
     stays so in that process: torch skips the code for good.)"""
 
     def __init__(self, forward: Callable[..., torch.Tensor], *defaults: int) -> None:
-        """forward(step, *defaults): a runner's step method and its trailing arguments (MTP: the depth)."""
+        """forward(step, logit_rows, *defaults): a runner's step method and its trailing arguments
+        (MTP: the depth)."""
         from torch._dynamo import config as dynamo_config  # dynamo and inductor: a second's import, only here
         from torch._dynamo.exc import TorchDynamoException
         from torch._inductor.exc import InductorError
         from torch.fx.experimental import _config as shape_config
 
         self.errors = (TorchDynamoException, InductorError)  # what a failed compile raises
-        self.forward = partial(forward, *defaults) if defaults else forward
-        self.compiled: Callable[[StepInputs], torch.Tensor] | None = torch.compile(
-            _own_method(forward, defaults), dynamic=True, options={"guard_filter_fn": _input_guards})
+        self.forward = _own_method(forward, defaults)
+        self.compiled: Callable[[StepInputs, torch.Tensor], torch.Tensor] | None = torch.compile(
+            self.forward, dynamic=True, options={"guard_filter_fn": _input_guards})
         # Process-wide (patching them around each call cost 50 us): floats (eps, rope theta) are
         # constants, not graph inputs (which restarts the analysis); no guards on sizes that are
         # equal by chance; room for more variants than the two a step kind needs.
@@ -516,14 +522,14 @@ class CompiledStep:
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         shape_config.use_duck_shape = False
 
-    def __call__(self, step: StepInputs) -> torch.Tensor:
+    def __call__(self, step: StepInputs, logit_rows: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:
             try:
-                return self.compiled(step)
+                return self.compiled(step, logit_rows)
             except self.errors as e:
                 warnings.warn(f"torch.compile failed, running this step kind eagerly from now on: {e}", stacklevel=2)
                 self.compiled = None
-        return self.forward(step)
+        return self.forward(step, logit_rows)
 
 
 def _own_method(method: Callable, defaults: tuple) -> Callable:
