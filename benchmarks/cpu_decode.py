@@ -3,10 +3,10 @@
 Peers: transformers `generate` (greedy) and a hand-written cached loop (DynamicCache, argmax), at
 batch 1 and with 16 concurrent requests (transformers: one batch of 16 equal-length prompts).
 stepflash runs once per MTP setting (`--mtp 0,3`: 0 = plain decoding; 3 = the default with the
-bundled model's trained MTP modules), computing in fp32 like the peers (dtype auto), its decode steps
-compiled (compile auto: on, on the CPU; each engine's first run is not timed, and its time printed)
-and once more eagerly (`stepflash_mtp0_eager`, compile off) to show what compiling
-gives. Prints
+bundled model's trained MTP modules) with the default settings: computing in fp32 like the peers
+(dtype auto), its decode steps compiled (compile auto: on, on the CPU; each engine's first run is not
+timed, and its time printed); and once more eagerly (`stepflash_mtp0_eager`, compile off) to show
+what compiling gives. Prints
 tokens/s, the ratio to each peer, achieved GFLOP/s (2 x active params per token) and GB/s of
 weights read, and what a batch-1 step is made of (torch ops per token by the stepflash function that
 calls them, and the ops' share of the profiled time); writes JSON to benchmarks/results/.
@@ -183,7 +183,7 @@ def main() -> None:
     else:
         model_dir = Path(args.model) if args.model else default_model_dir()
     options = dict(device="cpu", max_num_seqs=64, max_num_batched_tokens=2048)
-    llms = {f"stepflash_mtp{k}": LLM(str(model_dir), mtp=k, compile="auto", **options)
+    llms = {f"stepflash_mtp{k}": LLM(str(model_dir), mtp=k, **options)
             for k in (int(m) for m in args.mtp.split(","))}
     llms["stepflash_mtp0_eager"] = LLM(str(model_dir), mtp=0, compile="off", **options)
     llm = next(iter(llms.values()))

@@ -165,13 +165,14 @@ class LLMEngine:
             self._compile_steps()
 
     def _compile_steps(self) -> None:
-        """Compile now, not in the first requests (tens of seconds), each step kind in its two
-        variants (one row, several: runner.CompiledStep): two requests together, one short enough
-        to be computed like a verify step, then one alone. Their statistics are then forgotten."""
+        """Compile now, not in the first requests (tens of seconds), each step kind in each of its
+        variants (runner.CompiledStep: one row; a few; many, where the MoE turns from gathering its
+        experts to the grouped GEMM): two requests together, one short enough to be computed like a
+        verify step, then one alone, then a full batch. Their statistics are then forgotten."""
         log.info("stepflash: compiling the decode, verify and drafting steps (torch.compile; compile='off', "
                  "--compile off, skips it) ...")
         start = time.monotonic()
-        for batch in (((20, 16), (5, 4)), ((12, 8),)):
+        for batch in (((20, 16), (5, 4)), ((12, 8),), ((12, 8),) * self.layout.max_num_seqs):
             for i, (prompt_len, max_tokens) in enumerate(batch):
                 self.add_request(f"compile-{i}", [t % self.model_config.vocab_size for t in range(2, 2 + prompt_len)],
                                  SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
