@@ -89,15 +89,17 @@ WIRE_DTYPES = {"int64": torch.int64, "int32": torch.int32}  # the dtypes of a fo
 @dataclass
 class StepCall:
     """One runner call as every rank runs it: `op` "target", "mtp" (module `depth`) or "copy"; the
-    forward's host arrays packed for one copy (`upload`) and their handles; per layer kind the step
-    table width; how many table rows the device tables need; the shape of the device-only ids
-    (MTP drafts) to inject, whose values rank 0 sends beside the call; the block copies."""
+    forward's host arrays packed for one copy (`upload`) and their handles; how many rows of logits
+    it returns; per layer kind the step table width; how many table rows the device tables need; the
+    shape of the device-only ids (MTP drafts) to inject, whose values rank 0 sends beside the call;
+    the block copies."""
 
     op: str
     depth: int = 0
     kinds: list[LayerKind] = field(default_factory=list)
     upload: "Upload | None" = None
     handles: dict[str, int | None] = field(default_factory=dict)
+    logits: int = 0
     widths: dict[str, int] = field(default_factory=dict)
     table_rows: int = 0
     source_shape: list[int] | None = None
@@ -268,12 +270,13 @@ class ModelRunner:
         if call.op == "copy":
             self._copy_blocks([BlockCopy(LayerKind(kind), src, dst) for kind, src, dst in call.copies])
             return None
-        x = self._unpack(call, source, embeds)
+        return self._logits(call, self._unpack(call, source, embeds))[:call.logits]  # not _pack's padding
+
+    def _logits(self, call: StepCall, x: Inputs) -> torch.Tensor:
+        """The call's forward and head: compiled, from its CUDA graph bucket, or eagerly."""
         short = x.ctx.prefill is None and x.embeds is None  # decodes, verify steps, drafting: graphed or compiled
-        if short and self.compiled:  # the head too; its rows padded to two (no size of one, see _pack)
-            rows, count = x.logit_rows, len(x.logit_rows)
-            rows = torch.cat([rows, rows.new_zeros(2 - count)]) if count < 2 else rows
-            return self.compiled[call.depth + 1 if call.op == "mtp" else 0](_step_inputs(x), rows)[:count]
+        if short and self.compiled:  # the head too
+            return self.compiled[call.depth + 1 if call.op == "mtp" else 0](_step_inputs(x), x.logit_rows)
         if call.op == "mtp":
             d, graphs = call.depth, self.mtp_graphs[call.depth] if self.mtp_graphs else None
             if short and graphs and graphs.fits(len(x.ids), x.ctx.tables):
@@ -359,7 +362,7 @@ class ModelRunner:
         compiles (one-row tiles are one per row: one row, one tile, the single-row variant). The
         extra table row (a padding sequence, a copy of the first) is read by no row, the extra
         columns by none either (keys past a row's position are masked), and the extra tile is empty
-        (the twin recomputes row 0 for it, to the same values)."""
+        (the twin recomputes row 0 for it, to the same values); `run` drops the extra logit row."""
         pad = bool(self.compiled)
         one_more = pad and len(chunks) == 1  # a second (padding) sequence
         ids = [t for c in chunks for t in c.ids]
@@ -367,9 +370,10 @@ class ModelRunner:
         seq_of = [i for i, c in enumerate(chunks) for _ in c.ids]
         rows = [c.seq.blocks.row for c in chunks]
         up = Upload()
-        sent = {"ids": up.add(ids), "positions": up.add(positions), "logit_rows": up.add(logit_rows),
+        padded_logits = logit_rows + [0] * (2 - len(logit_rows)) if pad else logit_rows
+        sent = {"ids": up.add(ids), "positions": up.add(positions), "logit_rows": up.add(padded_logits),
                 "rows": up.add(rows + rows if one_more else rows)}
-        call = StepCall(op, depth, kinds, up, sent, table_rows=max(rows, default=0) + 1)
+        call = StepCall(op, depth, kinds, up, sent, len(logit_rows), table_rows=max(rows, default=0) + 1)
         if inject and inject.rows:
             sent["inject_rows"], sent["inject_index"] = up.add(inject.rows), up.add(inject.index)
             call.source_shape = list(inject.source.shape)
