@@ -15,11 +15,9 @@ calls them, and the ops' share of the profiled time); writes JSON to benchmarks/
 """
 
 import argparse
-import datetime
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,7 @@ from stepflash import LLM, SamplingParams
 from stepflash.model.step3p5 import active_weight_bytes
 from stepflash.models import default_model_dir
 from stepflash.train.configs import small_config
+from record import write_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # random checkpoints, the oracle
 from checkpoints import write_checkpoint  # noqa: E402
@@ -235,22 +234,10 @@ def main() -> None:
                       f"{r[name + '_weight_gbps']:>6.2f}" if name in llms else "")
             print(f"{r['batch']:>5} {name:>20} {t[name]:>8.1f} {ratios}")
         print("      first runs (compiling), s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["first_run_s"].items()))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    result = {
-        "benchmark": "cpu_decode", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "commit": commit, "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                                      "cpus": torch.get_num_threads(), "torch": torch.__version__},
-        "model": "random small_config()" if args.random else str(model_dir), "active_params": active_params,
-        "threads": torch.get_num_threads(), "repeats": args.repeats, "copy_bandwidth_gbps": copy_gbps,
-        "results": rows, "profile_batch1_mtp0": profiled,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "bench27m" if args.random else model_dir.name
-    path = out / f"cpu_decode-{name}-t{torch.get_num_threads()}-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_record("cpu_decode", f"cpu_decode-{'bench27m' if args.random else model_dir.name}-t{torch.get_num_threads()}", {
+        "platform": platform.platform(), "model": "random small_config()" if args.random else str(model_dir),
+        "active_params": active_params, "repeats": args.repeats, "copy_bandwidth_gbps": copy_gbps, "results": rows,
+        "profile_batch1_mtp0": profiled}, Path(args.out))
 
 
 if __name__ == "__main__":

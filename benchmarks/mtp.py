@@ -11,10 +11,6 @@ between tau and the speed-up is explained. Writes JSON to benchmarks/results/.
 """
 
 import argparse
-import datetime
-import json
-import platform
-import subprocess
 import sysconfig
 import time
 from collections import defaultdict
@@ -27,6 +23,7 @@ from stepflash.model.step3p5 import active_weight_bytes
 from stepflash.models import default_model_dir
 from stepflash.train.tokenizer import corpus_files
 from stepflash.train.trainer import split_files
+from record import write_record
 
 
 def heldout_prompts(llm: LLM, count: int, length: int) -> list[list[int]]:
@@ -141,16 +138,9 @@ def main() -> None:
                   f"[{accept}]  {point['weight_gb_per_s']:.2f} GB/s  per step: {steps}", flush=True)
     for point in results:
         del point["outputs"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    record = {"benchmark": "mtp", "date": datetime.date.today().isoformat(), "commit": commit,
-              "model": str(model), "threads": args.threads, "prompt_len": args.prompt_len,
-              "max_tokens": args.max_tokens, "cpu": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "results": results}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"mtp-{Path(model).name}-t{args.threads}-{record['date']}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(f"wrote {path}")
+    write_record("mtp", f"mtp-{Path(model).name}-t{args.threads}", {
+        "model": str(model), "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "results": results},
+        args.out_dir)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,16 @@ Targets (issue 14): host time <= 10% of the step everywhere, and within 10% betw
 """
 
 import argparse
-import datetime
 import functools
 import json
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from stepflash import LLM, SamplingParams
+from record import write_record
 
 
 class ForwardClock:
@@ -112,14 +109,8 @@ def main() -> None:
                 rows.append(r)
                 print(f"{mtp:>3} {batch:>5} {context:>5} {r['step_ms']:>8.2f} {r['forward_ms']:>8.2f} "
                       f"{r['host_ms']:>8.2f} {100 * r['host_share']:>5.1f}% {r['tau']:>5.2f}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"benchmark": "step_overhead", "date": datetime.date.today().isoformat(), "commit": commit,
-              "machine": platform.processor() or platform.machine(), "threads": args.threads,
-              "torch": torch.__version__, "steps": args.steps, "command": " ".join(sys.argv), "points": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"step_overhead-tiny-t{args.threads}-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_record("step_overhead", f"step_overhead-tiny-t{args.threads}", {"steps": args.steps, "points": rows},
+                 args.out)
 
 
 if __name__ == "__main__":

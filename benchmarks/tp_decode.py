@@ -11,10 +11,7 @@ not as a speed-up. Writes JSON to benchmarks/results/.
 """
 
 import argparse
-import datetime
 import functools
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +22,7 @@ import torch.distributed as dist
 
 from stepflash import LLM, SamplingParams
 from stepflash.train.configs import small_config
+from record import write_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from checkpoints import write_checkpoint  # noqa: E402
@@ -105,14 +103,8 @@ def main() -> None:
                       + ("" if "same_tokens_as_tp1" not in row else f", same tokens as TP=1: {row['same_tokens_as_tp1']}"))
     for row in rows:
         row.pop("tokens")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    result = {"benchmark": "tp_decode", "date": datetime.date.today().isoformat(), "device": device,
-              "threads": torch.get_num_threads(), "model": str(args.model or "random small (27M)"),
-              "new_tokens": args.new_tokens, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"tp_decode-{'cuda' if torch.cuda.is_available() else 'cpu'}-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_record("tp_decode", f"tp_decode-{'cuda' if torch.cuda.is_available() else 'cpu'}", {
+        "model": str(args.model or "random small (27M)"), "new_tokens": args.new_tokens, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":
