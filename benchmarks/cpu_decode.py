@@ -234,7 +234,8 @@ def main() -> None:
                       f"{r[name + '_weight_gbps']:>6.2f}" if name in llms else "")
             print(f"{r['batch']:>5} {name:>20} {t[name]:>8.1f} {ratios}")
         print("      first runs (compiling), s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["first_run_s"].items()))
-    write_record("cpu_decode", f"cpu_decode-{'bench27m' if args.random else model_dir.name}-t{torch.get_num_threads()}", {
+    model_name = "bench27m" if args.random else model_dir.name
+    write_record("cpu_decode", f"cpu_decode-{model_name}-t{torch.get_num_threads()}", {
         "platform": platform.platform(), "model": "random small_config()" if args.random else str(model_dir),
         "active_params": active_params, "repeats": args.repeats, "copy_bandwidth_gbps": copy_gbps, "results": rows,
         "profile_batch1_mtp0": profiled}, Path(args.out))

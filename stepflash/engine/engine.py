@@ -36,6 +36,7 @@ from stepflash.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class EngineStats:
     num_running: int

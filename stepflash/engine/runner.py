@@ -567,7 +567,7 @@ class Upload:
 
     def __init__(self) -> None:
         self.data = array.array("q")
-        self.parts: list[tuple[int, int, int, torch.dtype]] = []  # start (64-bit word), count, row width (0: 1-D), dtype
+        self.parts: list[tuple[int, int, int, torch.dtype]] = []  # start (word), count, row width (0: 1-D), dtype
 
     def add(self, values: list, dtype: torch.dtype = torch.int64, width: int = 0) -> int:
         start = len(self.data)
