@@ -235,6 +235,8 @@ class ModelRunner:
         # short-chunk steps through torch.compile instead (the CPU): one compiled function per forward
         self.compiled = (CompiledStep(self._step_logits), *(CompiledStep(self._step_mtp_logits, depth)
                                                             for depth in range(self.num_mtp))) if compiled else ()
+        for cache in [t for kv in self.caches.values() for t in kv] + self.hidden if compiled else []:
+            torch._dynamo.mark_static(cache)  # their shapes never change: no sizes to read per call
 
     def execute(self, chunks: list[Chunk], logit_rows: list[int], inject: Inject | None = None) -> torch.Tensor:
         """Run the target over `chunks`; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
