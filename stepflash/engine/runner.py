@@ -277,20 +277,18 @@ class ModelRunner:
     def _logits(self, call: StepCall, x: Inputs) -> torch.Tensor:
         """The call's forward and head: compiled, from its CUDA graph bucket, or eagerly."""
         short = x.ctx.prefill is None and x.embeds is None  # decodes, verify steps, drafting: graphed or compiled
+        mtp, d = call.op == "mtp", call.depth
         if short and self.compiled:  # the head too
-            return self.compiled[call.depth + 1 if call.op == "mtp" else 0](_step_inputs(x), x.logit_rows)
-        if call.op == "mtp":
-            d, graphs = call.depth, self.mtp_graphs[call.depth] if self.mtp_graphs else None
-            if short and graphs and graphs.fits(len(x.ids), x.ctx.tables):
-                z = graphs.run(_step_inputs(x))
-            else:
-                z = self._mtp_forward(d, x.ids, x.positions, x.prev_slots, x.ctx, x.embeds)
-            return self.model.mtp_logits(d, z.index_select(0, x.logit_rows))
-        if short and self.graphs and self.graphs.fits(len(x.ids), x.ctx.tables):
-            hidden = self.graphs.run(_step_inputs(x))
+            return self.compiled[d + 1 if mtp else 0](_step_inputs(x), x.logit_rows)
+        graphs = (self.mtp_graphs[d] if mtp else self.graphs) if self.graphs else None
+        if short and graphs and graphs.fits(len(x.ids), x.ctx.tables):
+            hidden = graphs.run(_step_inputs(x))
+        elif mtp:
+            hidden = self._mtp_forward(d, x.ids, x.positions, x.prev_slots, x.ctx, x.embeds)
         else:
             hidden = self._forward(x.ids, x.positions, x.ctx, x.embeds)
-        return self.model.compute_logits(hidden.index_select(0, x.logit_rows))
+        rows = hidden.index_select(0, x.logit_rows)
+        return self.model.mtp_logits(d, rows) if mtp else self.model.compute_logits(rows)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention,
                  embeds: Embeds | None = None) -> torch.Tensor:
@@ -301,7 +299,7 @@ class ModelRunner:
         return hidden
 
     def _step_forward(self, step: StepInputs) -> torch.Tensor:
-        """What a target graph captures (over a bucket's static inputs) and torch.compile compiles:
+        """What a target graph captures (over a bucket's static inputs), and `_step_logits` compiles:
         the target over a step of short chunks."""
         return self._forward(step.ids, step.positions, self._step_context(step, self.kinds))
 
