@@ -5,7 +5,8 @@ Grid: batch 1/16/64 x MTP 0/3 x context 256/4K (the bundled model's longest). Th
 share all but their last 16 tokens (so one prefill serves them: the prefix cache), then every
 sequence decodes `--steps` steps; only those decode steps are timed. Forward time is wall time
 inside the model's forward calls (target, MTP modules, heads; compiled steps as the engine runs them,
-compile auto), which on the CPU run synchronously.
+by default), which on the CPU run synchronously; the host time's parts (packing and unpacking the
+runner's inputs, planning, outputs) are printed after it.
 Targets (issue 14): host time <= 10% of the step everywhere, and within 10% between 256 and 4K.
 
     python benchmarks/step_overhead.py [--steps 24] [--batches 1,16,64] [--contexts 256,4096] [--threads 1]
@@ -24,18 +25,31 @@ from stepflash import LLM, SamplingParams
 from record import write_record
 
 
-class ForwardClock:
-    """Wall time spent inside the model's forward calls: the runner's compiled steps and the
-    model's eager forwards and heads (patched on the instances)."""
+class StepClock:
+    """Wall time per part of a step, from methods patched on the engine's instances: "forward" (the
+    runner's compiled steps, the model's eager forwards and heads) and the host parts the runner's
+    inputs (pack, unpack), the scheduler (plan: schedule and update) and the outputs take."""
 
-    def __init__(self, runner) -> None:
-        self.seconds = 0.0
+    PARTS = [("pack", "runner", "_pack"), ("unpack", "runner", "_unpack"), ("plan", "scheduler", "schedule"),
+             ("plan", "scheduler", "update"), ("output", "output", "process")]
+
+    def __init__(self, engine) -> None:
+        self.seconds: dict[str, float] = {}
+        runner = engine.runner
         for name in ("forward", "mtp_hidden", "compute_logits", "mtp_logits"):
-            setattr(runner.model, name, self._timed(getattr(runner.model, name)))
+            self._patch(runner.model, name, "forward")
         for step in runner.compiled:  # timed from outside: a clock inside would be traced
-            step.compiled = self._timed(step.compiled) if step.compiled else None
+            self._patch(step, "compiled", "forward") if step.compiled else None
+        for part, owner, name in self.PARTS:
+            self._patch(getattr(engine, owner), name, part)
 
-    def _timed(self, fn):
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+
+    def _patch(self, owner, name: str, part: str) -> None:
+        fn = getattr(owner, name)
+        self.seconds.setdefault(part, 0.0)
+
         @functools.wraps(fn)
         def run(*args, **kwargs):
             if torch.compiler.is_compiling():  # traced into a compiled step (a recompile): no clock there
@@ -44,8 +58,8 @@ class ForwardClock:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
-        return run
+                self.seconds[part] += time.perf_counter() - start
+        setattr(owner, name, run)
 
 
 def stdlib_tokens(llm: LLM, count: int) -> list[int]:
@@ -56,7 +70,7 @@ def stdlib_tokens(llm: LLM, count: int) -> list[int]:
 
 
 def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int]) -> dict:
-    llm = LLM(mtp=mtp, max_num_seqs=max(batch, 1), max_num_batched_tokens=max(1024, 16 * batch), compile="auto")
+    llm = LLM(mtp=mtp, max_num_seqs=max(batch, 1), max_num_batched_tokens=max(1024, 16 * batch))
     engine = llm.engine
     max_tokens = (steps + 5) * (1 + mtp) + 4
     length = min(context, engine.max_model_len - max_tokens)  # the context reached by the timed steps
@@ -70,21 +84,24 @@ def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int]) -
         engine.step()
     for _ in range(4):  # untimed decode steps: first verify shapes, and what they compile
         engine.step()
-    clock = ForwardClock(engine.runner)
-    step_times, forward_times = [], []
+    clock = StepClock(engine)
+    step_times, parts = [], []
     for _ in range(steps):
-        clock.seconds = 0.0
+        clock.reset()
         start = time.perf_counter()
         engine.step()
         step_times.append(time.perf_counter() - start)
-        forward_times.append(clock.seconds)
+        parts.append(dict(clock.seconds))
     running = len(engine.scheduler.running)
     for i in range(batch):
         engine.abort_request(f"p{i}")
-    step, forward = statistics.median(step_times), statistics.median(forward_times)
+    step, forward = statistics.median(step_times), statistics.median(p["forward"] for p in parts)
+    host_parts = {part: round(statistics.median(p[part] for p in parts) * 1e3, 3) for part in parts[0]
+                  if part != "forward"}
     return {"mtp": mtp, "batch": batch, "context": context, "running": running,
             "step_ms": round(step * 1e3, 3), "forward_ms": round(forward * 1e3, 3),
             "host_ms": round((step - forward) * 1e3, 3), "host_share": round((step - forward) / step, 4),
+            "host_parts_ms": host_parts,  # the rest of the host time: sampling, drafting's own work, the engine
             "tau": round(engine.output.spec.mean_accepted_length, 3)}
 
 
@@ -101,14 +118,16 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     tokens = stdlib_tokens(LLM(mtp=0, max_num_seqs=1, compile="off"), max(contexts) + 16 * 70)
     rows = []
-    print(f"{'mtp':>3} {'batch':>5} {'ctx':>5} {'step ms':>8} {'fwd ms':>8} {'host ms':>8} {'host %':>6} {'tau':>5}")
+    print(f"{'mtp':>3} {'batch':>5} {'ctx':>5} {'step ms':>8} {'fwd ms':>8} {'host ms':>8} {'host %':>6} {'tau':>5}"
+          "  host parts, ms")
     for mtp in (int(m) for m in args.mtp.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             for context in contexts:
                 r = measure(mtp, batch, context, args.steps, tokens)
                 rows.append(r)
                 print(f"{mtp:>3} {batch:>5} {context:>5} {r['step_ms']:>8.2f} {r['forward_ms']:>8.2f} "
-                      f"{r['host_ms']:>8.2f} {100 * r['host_share']:>5.1f}% {r['tau']:>5.2f}", flush=True)
+                      f"{r['host_ms']:>8.2f} {100 * r['host_share']:>5.1f}% {r['tau']:>5.2f}  "
+                      + " ".join(f"{part} {ms:.2f}" for part, ms in r["host_parts_ms"].items()), flush=True)
     write_record("step_overhead", f"step_overhead-tiny-t{args.threads}", {"steps": args.steps, "points": rows},
                  args.out)
 
