@@ -209,43 +209,41 @@ def draft_tokens(batch: RowBatch, logits: torch.Tensor, drafts: torch.Tensor | N
     return torch.where(batch.greedy, tokens, drawn), q
 
 
-def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor, drafts: torch.Tensor | None,
-           q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | None, drafts: torch.Tensor | None,
+           q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows [S, K + 1] (sequence s: its newest token, then K drafts, of which the first num_drafts[s]
     are real) -> (tokens [S, K + 1], accepted [S]): sequence s emits tokens[s, :accepted[s] + 1].
-    drafts [S, K]; q [S, K, V] (the draft distributions, sampled sequences; None when all greedy)."""
+    drafts [S, K]; q [S, K, V] (the draft distributions, sampled sequences; None when all greedy).
+    Without drafts (K = 0; num_drafts and drafts may be None) every row emits its token, and
+    `accepted` is None."""
     S, width, V = logits.shape
     K = width - 1
     processed = batch.process(logits.reshape(S * width, V), drafts).view(S, width, V)
     target = processed.argmax(-1)
-    real = torch.arange(K, device=logits.device)[None, :] < num_drafts[:, None]
+    if K == 0 and not batch.any_sampled:
+        return target, None
     if K == 0:
-        match = real
-    else:
-        match = real & (target[:, :K] == drafts)
-    accepted = match.long().cumprod(-1).sum(-1)
+        p = batch.probs(processed.view(S, V))
+        token = draw(p, batch.seeds, batch.positions, DRAW)[:, None]
+        return torch.where(batch.greedy[:, None], target, token), None
+    real = torch.arange(K, device=logits.device)[None, :] < num_drafts[:, None]
+    accepted = (real & (target[:, :K] == drafts)).long().cumprod(-1).sum(-1)
     if not batch.any_sampled:
         return target, accepted
     p = batch.probs(processed.view(S * width, V)).view(S, width, V)
     seeds, positions = batch.seeds.view(S, width), batch.positions.view(S, width)
-    if K:
-        d = drafts[..., None]
-        p_d, q_d = p[:, :K].gather(-1, d)[..., 0], q.gather(-1, d)[..., 0]
-        u = uniforms(seeds[:, :K].reshape(-1), positions[:, :K].reshape(-1), ACCEPT, 1).view(S, K)
-        kept = (real & (u * q_d <= p_d)).long().cumprod(-1).sum(-1)
-    else:
-        kept = torch.zeros(S, dtype=torch.long, device=logits.device)
+    d = drafts[..., None]
+    p_d, q_d = p[:, :K].gather(-1, d)[..., 0], q.gather(-1, d)[..., 0]
+    u = uniforms(seeds[:, :K].reshape(-1), positions[:, :K].reshape(-1), ACCEPT, 1).view(S, K)
+    kept = (real & (u * q_d <= p_d)).long().cumprod(-1).sum(-1)
     rows = torch.arange(S, device=logits.device)
     final = p[rows, kept]
-    if K:  # a rejection at position kept < num_drafts: draw from the residual there
-        rejected = kept < num_drafts
-        q_at = q[rows, kept.clamp(max=K - 1)]
-        residual = (final - q_at).clamp(min=0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, final)
-        final = torch.where(rejected[:, None], residual, final)
+    # a rejection at position kept < num_drafts: draw from the residual there
+    residual = (final - q[rows, kept.clamp(max=K - 1)]).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, final)
+    final = torch.where((kept < num_drafts)[:, None], residual, final)
     token = draw(final, seeds[rows, kept], positions[rows, kept], DRAW)
-    sampled = torch.cat([drafts, token[:, None]], 1) if K else token[:, None]
-    sampled = sampled.scatter(1, kept[:, None], token[:, None])
+    sampled = torch.cat([drafts, token[:, None]], 1).scatter(1, kept[:, None], token[:, None])
     greedy = batch.greedy.view(S, width)[:, 0]
     return torch.where(greedy[:, None], target, sampled), torch.where(greedy, accepted, kept)
 
@@ -264,7 +262,8 @@ class Readback:
         """Each added tensor as (nested) Python lists, in the order added."""
         if not self.parts:
             return []
-        flat = torch.cat([p.reshape(-1).double() for p in self.parts]).cpu()
+        dtype = self.parts[0].dtype if all(p.dtype == self.parts[0].dtype for p in self.parts) else torch.float64
+        flat = torch.cat([p.reshape(-1).to(dtype) for p in self.parts]).cpu()
         out, start = [], 0
         for p in self.parts:
             out.append(flat[start:start + p.numel()].view(p.shape).tolist())
@@ -296,22 +295,24 @@ class Sampler:
         batch = RowBatch([m for _, m in rows.members], [i for i in range(S) for _ in range(width)],
                          list(range(width)) * S, self.eos_token_ids, device, self._mask(rows, staged, device))
         sample_logits = logits[:S * width].view(S, width, V)
-        up = Upload()
-        sent = {"num_drafts": up.add([s.num_drafts for s, _ in rows.members]),
-                "drafts": up.add([drafts.row(s) if s.num_drafts else 0 for s, _ in rows.members]
-                                 if width > 1 else []),
-                "chosen": up.add([seq.token_ids[p + 1] for seq, p in rows.prompt])}
-        got = up.send(device)
-        num_drafts = got(sent["num_drafts"])
-        tokens_in, probs_in = None, None
+        up, sent = Upload(), {}
+        if width > 1:
+            sent["num_drafts"] = up.add([s.num_drafts for s, _ in rows.members])
+            sent["drafts"] = up.add([drafts.row(s) if s.num_drafts else 0 for s, _ in rows.members])
+        if rows.prompt:
+            sent["chosen"] = up.add([seq.token_ids[p + 1] for seq, p in rows.prompt])
+        got = up.send(device) if sent else None
+        num_drafts, tokens_in, probs_in = None, None, None
         if width > 1:  # each member's drafts (a stand-in row where it has none: never compared)
-            index = got(sent["drafts"])
+            num_drafts, index = got(sent["num_drafts"]), got(sent["drafts"])
             tokens_in = drafts.tokens.index_select(0, index)
             if drafts.probs is not None:
                 probs_in = drafts.probs.index_select(0, index)
         tokens, accepted = verify(batch, sample_logits, num_drafts, tokens_in, probs_in)
         back = Readback()
-        handles = {"tokens": back.add(tokens), "accepted": back.add(accepted)}
+        handles = {"tokens": back.add(tokens)}
+        if accepted is not None:
+            handles["accepted"] = back.add(accepted)
         k = max((m.params.logprobs for _, m in rows.members if m.params.logprobs is not None), default=None)
         if k is not None:
             handles["logprobs"] = [back.add(t) for t in top_logprobs(sample_logits.log_softmax(-1), tokens, k)]
@@ -357,7 +358,8 @@ class Sampler:
 
     @staticmethod
     def _sampled(rows: StepRows, fetched: list[list], got: dict) -> dict[Sequence, Sampled]:
-        tokens, accepted = fetched[got["tokens"]], fetched[got["accepted"]]
+        tokens = fetched[got["tokens"]]
+        accepted = fetched[got["accepted"]] if "accepted" in got else [0] * len(tokens)
         sampled = {}
         for i, (s, member) in enumerate(rows.members):
             n = int(accepted[i]) + 1
