@@ -518,7 +518,7 @@ class CompiledStep:
         self.errors = (TorchDynamoException, InductorError)  # what a failed compile raises
         self.forward = _own_method(forward, defaults)
         self.compiled: Callable[[StepInputs, torch.Tensor], torch.Tensor] | None = torch.compile(
-            self.forward, dynamic=True, options={"guard_filter_fn": _input_guards})
+            self.forward, dynamic=True, options={"guard_filter_fn": _input_guards, "cpp_wrapper": True})
         # Process-wide (patching them around each call cost 50 us): floats (eps, rope theta) are
         # constants, not graph inputs (which restarts the analysis); no guards on sizes that are
         # equal by chance; room for more variants than the two a step kind needs.
@@ -587,11 +587,13 @@ class Upload:
         else:
             flat = flat.clone()  # not a view of the array, which the caller may drop
 
+        views = {dtype: flat.view(dtype) for dtype in {p[3] for p in self.parts}}  # one view per dtype
+
         def get(handle: int | None) -> torch.Tensor | None:
             if handle is None:
                 return None
             start, count, width, dtype = self.parts[handle]
-            part = flat[start:].view(dtype)[:count]
+            part = views[dtype].narrow(0, start * (8 // dtype.itemsize), count)
             return part.view(-1, width) if width else part
 
         return get
