@@ -56,22 +56,22 @@ def paged_keys(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ta
     [B, W] reach (blocks first_block[b] .. + W - 1), gathered from the caches; positions a query may
     not see (or whose table entry is unused) are masked. Static shapes: nothing is read back."""
     block_size = k_cache.shape[1]
-    offsets = torch.arange(block_size, dtype=tables.dtype, device=q.device)
-    slots = ((tables.clamp(0, k_cache.shape[0] - 1) * block_size)[:, :, None] + offsets).flatten(1)  # [B, W * bs]
-    k_pos = first_block[:, None] * block_size + torch.arange(slots.shape[1], dtype=tables.dtype, device=q.device)
-    keys, values = (c.flatten(0, 1).index_select(0, slots.flatten()).view(*slots.shape, *c.shape[2:])
-                    for c in (k_cache, v_cache))
+    k_pos = first_block[:, None] * block_size + torch.arange(tables.shape[1] * block_size, dtype=tables.dtype,
+                                                             device=q.device)
+    blocks = tables.clamp(0, k_cache.shape[0] - 1).flatten()
+    keys, values = (c.index_select(0, blocks).view(*k_pos.shape, *c.shape[2:]) for c in (k_cache, v_cache))
     return masked_attention(q, keys, values, q_pos, k_pos, window)
 
 
 @dataclass
 class KeyPlan:
     """What every layer of one kind reads the same way in a step: the query rows of each tile, the
-    cache slots of the keys their table rows reach, and which of those each query sees."""
+    cache blocks their table rows reach (gathered whole: a block's rows are adjacent), and which of
+    those keys each query sees."""
 
     rows: torch.Tensor  # [C, R]
-    slots: torch.Tensor  # [C * K]
-    visible: torch.Tensor  # [C, 1, R, K]
+    blocks: torch.Tensor  # [C * W]
+    visible: torch.Tensor  # [C, 1, R, W * block_size]
 
 
 def key_plan(k_cache: torch.Tensor, block_tables: torch.Tensor, seq_of: torch.Tensor, q_pos: torch.Tensor,
@@ -84,11 +84,9 @@ def key_plan(k_cache: torch.Tensor, block_tables: torch.Tensor, seq_of: torch.Te
         rows = tiles[:, :1] + torch.arange(tile_rows, dtype=tiles.dtype, device=q_pos.device).minimum(last)  # [C, R]
     seq = seq_of[rows[:, 0]]
     tables, block_size = block_tables[seq], k_cache.shape[1]
-    offsets = torch.arange(block_size, dtype=tables.dtype, device=q_pos.device)
-    slots = ((tables.clamp(0, k_cache.shape[0] - 1) * block_size)[:, :, None] + offsets).flatten(1)  # [C, K]
     k_pos = first_blocks(first_block, block_tables)[seq][:, None] * block_size + torch.arange(
-        slots.shape[1], dtype=tables.dtype, device=q_pos.device)
-    return KeyPlan(rows, slots.flatten(), visible_keys(q_pos[rows], k_pos, window))
+        tables.shape[1] * block_size, dtype=tables.dtype, device=q_pos.device)
+    return KeyPlan(rows, tables.clamp(0, k_cache.shape[0] - 1).flatten(), visible_keys(q_pos[rows], k_pos, window))
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -105,7 +103,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if window not in plans:
         plans[window] = key_plan(k_cache, block_tables, seq_of, q_pos, window, tiles, tile_rows, first_block)
     plan = plans[window]
-    keys, values = (c.flatten(0, 1).index_select(0, plan.slots).view(*plan.visible.shape[::3], *c.shape[2:])
+    keys, values = (c.index_select(0, plan.blocks).view(*plan.visible.shape[::3], *c.shape[2:])
                     for c in (k_cache, v_cache))
     out = attend(q[plan.rows], keys, values, plan.visible)
     if gate is not None:
