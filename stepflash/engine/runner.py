@@ -539,6 +539,9 @@ class CompiledStep:
         return self.forward(step, logit_rows)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's options (glibc's malloc.h)
+
+
 def keep_freed_memory() -> None:
     """Let glibc's malloc keep freed memory for the next allocation instead of handing it back to the
     OS (each block over 128 KB is its own mmap, unmapped when freed; the heap's top is trimmed).
@@ -552,9 +555,6 @@ def keep_freed_memory() -> None:
         return
     for option in (M_TRIM_THRESHOLD, M_MMAP_THRESHOLD):
         mallopt(option, 1 << 30)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 def _own_method(method: Callable, defaults: tuple) -> Callable:
