@@ -39,7 +39,8 @@ class StepClock:
         for name in ("forward", "mtp_hidden", "compute_logits", "mtp_logits"):
             self._patch(runner.model, name, "forward")
         for step in runner.compiled:  # timed from outside: a clock inside would be traced
-            self._patch(step, "compiled", "forward") if step.compiled else None
+            if step.compiled:
+                self._patch(step, "compiled", "forward")
         for part, owner, name in self.PARTS:
             self._patch(getattr(engine, owner), name, part)
 

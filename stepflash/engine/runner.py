@@ -546,8 +546,8 @@ def keep_freed_memory() -> None:
     """Let glibc's malloc keep freed memory for the next allocation instead of handing it back to the
     OS (each block over 128 KB is its own mmap, unmapped when freed; the heap's top is trimmed).
     Otherwise every large tensor a CPU step makes (a step's gathered keys: tens of MB at 4K
-    context) starts on fresh pages, one page fault per 4 KB: at 16 sequences of 4K tokens that
-    took the step from 55 to 128 ms. Process-wide, like PyTorch's caching allocator on a GPU: the
+    context) starts on fresh pages, one page fault per 4 KB, which at 16 sequences of 4K tokens
+    more than doubled the step time. Process-wide, like PyTorch's caching allocator on a GPU: the
     process keeps its peak memory. Nothing happens where the C library is not glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
