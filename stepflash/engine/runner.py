@@ -591,6 +591,8 @@ class Upload:
         self.parts: list[tuple[int, int, int, torch.dtype]] = []  # start (word), count, row width (0: 1-D), dtype
 
     def add(self, values: list, dtype: torch.dtype = torch.int64, width: int = 0) -> int:
+        if len(self.data) % 2:
+            self.data.append(0)  # each part 16-byte aligned (inductor copies misaligned inputs)
         start = len(self.data)
         if dtype == torch.int64:
             self.data.extend(values)
@@ -601,21 +603,28 @@ class Upload:
         return len(self.parts) - 1
 
     def send(self, device: torch.device) -> Callable[[int | None], torch.Tensor | None]:
-        """One copy to `device`; returns the lookup from `add`'s handles to device tensors."""
-        flat = torch.frombuffer(self.data, dtype=torch.int64) if self.data else torch.zeros(0, dtype=torch.int64)
-        if device.type == "cuda":
-            flat = flat.pin_memory().to(device, non_blocking=True)
+        """One copy to `device`; returns the lookup from `add`'s handles to device tensors. On the
+        CPU no copy: each part is a tensor of its own over the array (which it keeps alive), from
+        storage offset 0, so that a compiled step's inputs carry no offsets (each one an input that
+        inductor's wrapper would turn into a tensor per call)."""
+        if device.type == "cpu":
+            def part(start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+                return torch.frombuffer(self.data, dtype=dtype, count=count, offset=8 * start) if count \
+                    else torch.empty(0, dtype=dtype)
         else:
-            flat = flat.clone()  # not a view of the array, which the caller may drop
+            flat = torch.frombuffer(self.data, dtype=torch.int64) if self.data else torch.zeros(0, dtype=torch.int64)
+            flat = flat.pin_memory().to(device, non_blocking=True)
+            views = {dtype: flat.view(dtype) for dtype in {p[3] for p in self.parts}}  # one view per dtype
 
-        views = {dtype: flat.view(dtype) for dtype in {p[3] for p in self.parts}}  # one view per dtype
+            def part(start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+                return views[dtype].narrow(0, start * (8 // dtype.itemsize), count)
 
         def get(handle: int | None) -> torch.Tensor | None:
             if handle is None:
                 return None
             start, count, width, dtype = self.parts[handle]
-            part = views[dtype].narrow(0, start * (8 // dtype.itemsize), count)
-            return part.view(-1, width) if width else part
+            got = part(start, count, dtype)
+            return got.view(-1, width) if width else got
 
         return get
 
