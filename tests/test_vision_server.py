@@ -60,6 +60,18 @@ def test_chat_with_an_image_equals_the_offline_engine(ckpt, client) -> None:
     assert "".join(parts) == text
 
 
+def test_responses_input_image_is_the_chat_image(client) -> None:
+    url = _data_url(_png(120, 80, 3))
+    chat = client.chat.completions.create(model=MODEL, messages=_messages(url), temperature=0, max_tokens=8)
+    content = [{"type": "input_image", "image_url": url, "detail": "auto"},
+               {"type": "input_text", "text": "What is in this picture?"}]
+    out = client.responses.create(model=MODEL, input=[{"role": "user", "content": content}], temperature=0,
+                                  max_output_tokens=8)
+    assert out.usage.input_tokens == chat.usage.prompt_tokens
+    text = "".join(part.text for item in out.output for part in (item.content or []))  # reasoning, then message
+    assert text == (chat.choices[0].message.reasoning_content or "") + (chat.choices[0].message.content or "")
+
+
 def test_a_different_image_changes_the_prompt_not_its_length(client) -> None:
     a = client.chat.completions.create(model=MODEL, messages=_messages(_data_url(_png(90, 90, 1))), max_tokens=1)
     b = client.chat.completions.create(model=MODEL, messages=_messages(_data_url(_png(90, 90, 2))), max_tokens=1)

@@ -439,7 +439,7 @@ def check_content_parts(messages: list[ChatMessage], takes_images: bool) -> None
     for i, m in enumerate(messages):
         for j, part in enumerate(m.content if isinstance(m.content, list) else []):
             if part.type not in readable:
-                reads = "text and images" if takes_images else "text only"
+                reads = "text and images" if takes_images else "text only (images need a vision model: Step 3.7)"
                 raise ApiError(400, f"messages.{i}.content.{j}: content parts of type {part.type!r} are not "
                                f"supported: this model reads {reads}", param=f"messages.{i}.content.{j}.type")
 

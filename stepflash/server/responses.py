@@ -82,14 +82,25 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
 
 
 def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
-    """A string stays one; parts become chat parts: text kinds become "text", others keep their
-    type so the content-part check names them (an image on a text-only model)."""
+    """A string stays one; parts become chat parts: text kinds become "text", an input_image an
+    image_url part, others keep their type so the content-part check names them (audio, ...)."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
         raise ApiError(400, f"{where}: must be a string or a list of content parts", param=where)
-    return [{"type": "text", "text": p.get("text") or ""} if p.get("type") in _TEXT_PARTS else {"type": p.get("type")}
-            for p in content]
+    return [_part(p, f"{where}.{j}") for j, p in enumerate(content)]
+
+
+def _part(part: dict[str, Any], where: str) -> dict[str, Any]:
+    kind = part.get("type")
+    if kind in _TEXT_PARTS:
+        return {"type": "text", "text": part.get("text") or ""}
+    if kind == "input_image":
+        if not isinstance(part.get("image_url"), str):
+            raise ApiError(400, f"{where}: an input_image needs image_url (a data: URL); file_id is not supported: "
+                           "this server keeps no files", param=f"{where}.image_url")
+        return {"type": "image_url", "image_url": {"url": part["image_url"], "detail": part.get("detail")}}
+    return {"type": kind}
 
 
 def _joined(parts: str | list[dict[str, Any]]) -> str:
