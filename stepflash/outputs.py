@@ -69,8 +69,8 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     logprobs: list[dict[int, float]] | None
-    finish_reason: str | None = None  # "stop", "length" or "abort"
-    stop_reason: int | str | None = None  # the stop string or token id that ended it
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" (its grammar failed)
+    stop_reason: int | str | None = None  # the stop string or token id that ended it; with "error", why
 
     @property
     def finished(self) -> bool:

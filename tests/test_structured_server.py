@@ -18,6 +18,7 @@ from checkpoints import write_checkpoint  # noqa: E402
 from stepflash.config import EngineConfig  # noqa: E402
 from stepflash.engine.engine import AsyncLLMEngine, LLMEngine  # noqa: E402
 from stepflash.server.app import create_app  # noqa: E402
+from stepflash.structured import Constraint  # noqa: E402
 from stepflash.train.configs import tiny_config  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": {
@@ -91,3 +92,26 @@ def test_bad_structured_requests_get_a_400_naming_the_problem(client, body, need
         client.chat.completions.create(model="tiny", messages=USER, max_tokens=5, extra_body=body)
     r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3)  # the server carries on
     assert r.choices[0].finish_reason == "length"
+
+
+def test_a_grammar_failure_mid_reply_reaches_the_client_with_its_reason(client, monkeypatch):
+    accept = Constraint.accept
+
+    def faulty(self, token, think_end):  # a library fault once the grammar takes over: its sticky error state
+        if not self.reasoning and self.grammar is not None:
+            self.grammar.matcher.consume_token(tiny_config()["eos_token_id"][0])  # EOS inside unfinished JSON
+        return accept(self, token, think_end)
+
+    monkeypatch.setattr(Constraint, "accept", faulty)
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    kwargs = dict(model="tiny", messages=USER, max_tokens=40, temperature=1.0, seed=3,
+                  response_format={"type": "json_schema", "json_schema": {"name": "point", "schema": schema}})
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "error" and "structured output failed" in choice.stop_reason
+    last = [c.choices[0] for c in client.chat.completions.create(**kwargs, stream=True) if c.choices][-1]
+    assert last.finish_reason == "error" and "structured output failed" in last.stop_reason
+    r = client.responses.create(model="tiny", input="Weather in Paris?", max_output_tokens=40, temperature=1.0,
+                                text={"format": {"type": "json_schema", "name": "point", "schema": schema}})
+    assert r.status == "failed" and "structured output failed" in r.error.message
+    ok = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3)  # no grammar: untouched
+    assert ok.choices[0].finish_reason == "length" and ok.choices[0].stop_reason is None

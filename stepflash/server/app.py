@@ -535,7 +535,7 @@ def _chat_body(out: RequestOutput, request_id: str, model: str, body: ChatComple
         if calls:
             message["tool_calls"] = [t.to_openai() for t in calls]
         choices.append({"index": c.index, "message": message, "logprobs": _chat_logprobs(c, engine),
-                        "finish_reason": _finish_reason(c, bool(calls))})
+                        "finish_reason": _finish_reason(c, bool(calls)), "stop_reason": c.stop_reason})
     reasoning = sum(_reasoning_tokens(c, prompt, engine) for c in out.outputs)
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": _usage([out], reasoning_tokens=reasoning)}
@@ -546,9 +546,11 @@ async def _chat_chunks(streams: AsyncIterator[tuple[int, RequestOutput]], reques
                        metrics: ServerMetrics) -> AsyncIterator[dict]:
     created = int(time.time())
 
-    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None,
+              stop_reason: int | str | None = None) -> dict:
         return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+                             "stop_reason": stop_reason}]}
 
     parsers: dict[int, StreamingParser] = {}
     calls: dict[int, int] = {}
@@ -571,7 +573,7 @@ async def _chat_chunks(streams: AsyncIterator[tuple[int, RequestOutput]], reques
             if logprobs is not None:
                 yield chunk(c.index, {}, logprobs=logprobs)
             if c.finished:
-                yield chunk(c.index, {}, finish=_finish_reason(c, calls[c.index] > 0))
+                yield chunk(c.index, {}, finish=_finish_reason(c, calls[c.index] > 0), stop_reason=c.stop_reason)
     if final is not None:
         metrics.observe_finished(final)
         if body.stream_options and body.stream_options.include_usage:
@@ -602,7 +604,8 @@ class _ResponseReply:
             return response_object(self.response_id, self.created, self.model, self.body, output, None, None)
         c = final.outputs[0]
         usage = response_usage(_usage([final], reasoning_tokens=_reasoning_tokens(c, self.prompt, self.engine)))
-        return response_object(self.response_id, self.created, self.model, self.body, output, c.finish_reason, usage)
+        return response_object(self.response_id, self.created, self.model, self.body, output, c.finish_reason, usage,
+                               c.stop_reason if c.finish_reason == "error" else None)
 
 
 async def _response_events(streams: AsyncIterator[tuple[int, RequestOutput]], reply: _ResponseReply,
@@ -668,7 +671,8 @@ class _CompletionView:
         logprobs = None if lps is None else self.logprobs(tokens, lps, start)
         if logprobs is not None:
             self.offsets[index] = start + sum(len(t) for t in logprobs["tokens"])
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish,
+                "stop_reason": c.stop_reason}
 
     def logprobs(self, tokens: list[int], lps: list[dict[int, float] | None], start: int) -> dict:
         texts = [self.decode([t]) for t in tokens]

@@ -161,12 +161,13 @@ def output_items(parsed: ParsedOutput, calls: list[ToolCall]) -> list[dict[str, 
 
 
 def response_object(response_id: str, created: int, model: str, body: ResponsesRequest, output: list[dict],
-                    finish_reason: str | None, usage: dict | None) -> dict[str, Any]:
-    """The Response; `finish_reason` None means still in progress."""
-    status = {None: "in_progress", "length": "incomplete", "abort": "cancelled"}.get(finish_reason, "completed")
+                    finish_reason: str | None, usage: dict | None, error: str | None = None) -> dict[str, Any]:
+    """The Response; `finish_reason` None means still in progress, "error" failed (`error` says why)."""
+    status = {None: "in_progress", "length": "incomplete", "abort": "cancelled", "error": "failed"}.get(
+        finish_reason, "completed")
     return {
         "id": response_id, "object": "response", "created_at": created, "status": status, "model": model,
-        "output": output, "usage": usage, "error": None,
+        "output": output, "usage": usage, "error": {"code": "server_error", "message": error} if error else None,
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
         "parallel_tool_calls": body.parallel_tool_calls is not False, "previous_response_id": None,
