@@ -308,6 +308,15 @@ class StructuredOutputs:
         return bitmask
 
 
+    def draft_bitmask(self, rows: list[tuple[Constraint, list[int], list[int], int]], num_rows: int) -> torch.Tensor:
+        """MTP drafting: [num_rows, words] for (constraint, tail tokens, drafts so far, row) per
+        constrained sequence, each row masked for the position after its drafts (where its next
+        draft is drawn); all other rows -1. Every sequence has as many drafts (the depth)."""
+        width = len(rows[0][2]) + 1
+        full = self.bitmask([(c, tail, drafts, row * width) for c, tail, drafts, row in rows], num_rows * width)
+        return full[width - 1::width]
+
+
 def _bit(j: int) -> int:
     """Word value with only bit j set, as a signed int32."""
     return (1 << j) - (1 << 32 if j == 31 else 0)

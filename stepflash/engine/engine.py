@@ -155,7 +155,7 @@ class LLMEngine:
         compiled = _use_compile(ec.compile, kernels, device, ec.tensor_parallel_size)
         self.runner = ModelRunner(self.model, layout, kernels, graph_rows, capture, channel, compiled)
         self.sampler = Sampler(self.eos_token_ids, self.structured)
-        self.drafter = MTPDrafter(self.runner, self.eos_token_ids) if self.num_mtp else None
+        self.drafter = MTPDrafter(self.runner, self.eos_token_ids, self.structured) if self.num_mtp else None
         self.output = OutputProcessor(self.tokenizer)
         self.images = ImageProcessor.of(cfg.vision, self.tokenizer.token_to_id, max_pixels=ec.max_image_pixels,
                                         max_image_tokens=ec.max_image_tokens) if cfg.vision else None

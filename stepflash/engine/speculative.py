@@ -12,7 +12,8 @@ sequence that drafts, the speculative rows start .. start + d: the newest token,
 modules 0..d-1, read from the device. Its last row gives draft d + 1. Speculative rows are scratch:
 the next step's catch-up starts at `start` again and overwrites them before anything reads them.
 The target then verifies the drafts in the same step (engine/sampler.py `verify`); the drafts never
-leave the device.
+leave the device, except those of constrained sequences, read back at each depth so that the next
+draft is drawn under the grammar's mask after them.
 """
 
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch
 from stepflash.engine.runner import Chunk, Inject, ModelRunner
 from stepflash.engine.sampler import RowBatch, draft_tokens
 from stepflash.engine.scheduler import ScheduledSeq, StepPlan
+from stepflash.structured import UTF8_GRACE, StructuredOutputs
 
 
 @dataclass
@@ -41,8 +43,8 @@ class Drafts:
 
 
 class MTPDrafter:
-    def __init__(self, runner: ModelRunner, eos_token_ids: list[int]) -> None:
-        self.runner, self.eos_token_ids = runner, eos_token_ids
+    def __init__(self, runner: ModelRunner, eos_token_ids: list[int], structured: StructuredOutputs) -> None:
+        self.runner, self.eos_token_ids, self.structured = runner, eos_token_ids, structured
 
     def propose(self, plan: StepPlan) -> Drafts:
         """Catch up every scheduled sequence's MTP caches and draft for those that verify this step.
@@ -73,7 +75,7 @@ class MTPDrafter:
             if not members:
                 continue
             batch = RowBatch([s.seq for s in members], list(range(len(members))), [depth] * len(members),
-                             self.eos_token_ids, self.runner.device)
+                             self.eos_token_ids, self.runner.device, self._mask(members, tokens, depth))
             new, q = draft_tokens(batch, logits, tokens[:len(members)])
             tokens[:len(members), depth] = new
             if q is not None:
@@ -81,3 +83,15 @@ class MTPDrafter:
                     drafts.probs = q.new_zeros(len(drafting), width, q.shape[-1])
                 drafts.probs[:len(members), depth] = q
         return drafts
+
+    def _mask(self, members: list[ScheduledSeq], tokens: torch.Tensor, depth: int) -> torch.Tensor | None:
+        """The grammar bitmask of the constrained members' drafting rows (None when none is), so that
+        their drafts follow the grammar (and a spent thinking budget) as the target's verify rows
+        will: drafts the target's mask would reject are not proposed. Reads the drafts so far to
+        the host (constrained steps only)."""
+        constrained = [i for i, s in enumerate(members) if s.seq.constraint and s.seq.constraint.active]
+        if not constrained:
+            return None
+        drafted = tokens[:len(members), :depth].tolist()
+        rows = [(members[i].seq.constraint, members[i].seq.token_ids[-UTF8_GRACE:], drafted[i], i) for i in constrained]
+        return self.structured.draft_bitmask(rows, len(members)).to(self.runner.device, non_blocking=True)
