@@ -142,10 +142,11 @@ class GuidanceBackend:
 # -- Step's XML tool calls -----------------------------------------------------------------------------
 def tool_call_grammar(tools: list[dict], mode: str, parallel: bool, whitespace: str | None = None) -> str:
     """A Lark grammar for Step-3.5 tool calls (step3p5-architecture.md section 5) whose arguments follow
-    each tool's parameter schema: string parameters are free text up to the closing tag, string enums
-    one of their values, the others JSON of their schema (`%json`). Parameters come in schema order;
-    required ones must appear. mode "required": only calls (at least one); "auto": free text, then
-    optionally calls; `parallel` False: at most one call."""
+    each tool's parameter schema: string parameters are free text up to the closing tag (within
+    min/maxLength, or matching an anchored `pattern`; `format` is an annotation, as JSON Schema has
+    it), string enums one of their values, the others JSON of their schema (`%json`). Parameters
+    come in schema order; required ones must appear. mode "required": only calls (at least one);
+    "auto": free text, then optionally calls; `parallel` False: at most one call."""
     rules = []
     for i, tool in enumerate(tools):
         function = tool["function"] if "function" in tool else tool
@@ -177,9 +178,8 @@ def _value(rule: str, name: str, schema: Any, root: dict, whitespace: str | None
     if isinstance(schema.get("enum"), list) and schema["enum"] and all(isinstance(v, str) for v in schema["enum"]):
         return f"({' | '.join(_lit(v) for v in schema['enum'])}) {close}"
     if kind == "string" or (isinstance(kind, list) and "string" in kind and not schema.get("enum")):
-        if "pattern" in schema or "format" in schema:
-            raise ValueError(f"tool parameter {name!r}: 'pattern' and 'format' are not supported on string "
-                             "parameters (their values are raw text)")
+        if "pattern" in schema:
+            return _pattern_value(rule, name, schema, rules)
         low, high = schema.get("minLength", 0), schema.get("maxLength", "")
         repeat = "*" if (low, high) == (0, "") else f"{{{low},{high}}}"
         rules.append(f"{rule}_v[lazy]: /(.|\\n){repeat}\\n<\\/parameter>/")  # lazy: ends at the first closing tag
@@ -187,6 +187,19 @@ def _value(rule: str, name: str, schema: Any, root: dict, whitespace: str | None
     sub = {**schema, **{k: root[k] for k in ("$defs", "definitions") if k in root}}
     sub["x-guidance"] = {"whitespace_pattern": whitespace or WHITESPACE}
     return f"%json{json.dumps(sub)} {close}"
+
+
+def _pattern_value(rule: str, name: str, schema: dict, rules: list[str]) -> str:
+    """A string parameter's raw text matching its pattern, which must be anchored (^...$: the whole
+    value; an unanchored one would let the value run on past its closing tag)."""
+    pattern = schema["pattern"]
+    if not (isinstance(pattern, str) and pattern.startswith("^") and pattern.endswith("$")) \
+            or "minLength" in schema or "maxLength" in schema:
+        raise ValueError(f"tool parameter {name!r}: a string 'pattern' must be anchored (^...$) and not combined "
+                         "with minLength/maxLength (string values are raw text)")
+    body = pattern[1:-1].replace("/", "\\/")
+    rules.append(f"{rule}_v[lazy]: /(?:{body})\\n<\\/parameter>/")
+    return f'{rule}_v "\\n"'
 
 
 # -- per-sequence state --------------------------------------------------------------------------------

@@ -108,6 +108,26 @@ def test_tool_call_grammar_follows_each_parameter_schema(so, tok):
     assert not valid("Sure. " + call) and valid("Sure. " + call, mode="auto") and valid("No call.", mode="auto")
 
 
+def test_string_tool_parameters_take_an_anchored_pattern_and_any_format(so, tok):
+    tool = {"function": {"name": "book", "parameters": {"properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{3}/[0-9]{2}$"}, "when": {"type": "string", "format": "date-time"}},
+        "required": ["code", "when"]}}}
+    g = so.backend.compile(SO(tool_calls={"tools": [tool], "mode": "required", "parallel": False}))
+
+    def valid(code: str, when: str) -> bool:
+        text = (f"<tool_call>\n<function=book>\n<parameter=code>\n{code}\n</parameter>\n<parameter=when>\n{when}"
+                "\n</parameter>\n</function>\n</tool_call>")
+        ids = tok.encode(text)
+        return g.fork().validate(ids) == len(ids)
+
+    assert valid("ABC/12", "2026-11-27T10:00:00Z") and valid("XYZ/00", "tomorrow at ten")  # format: annotation
+    assert not valid("AB/12", "now") and not valid("ABC/123", "now") and not valid("ABC/12 ", "now")
+    for pattern in ("[A-Z]+", "^[A-Z]+"):
+        bad = {"function": {"name": "f", "parameters": {"properties": {"s": {"type": "string", "pattern": pattern}}}}}
+        with pytest.raises(ValueError, match="must be anchored"):
+            so.backend.compile(SO(tool_calls={"tools": [bad], "mode": "required", "parallel": False}))
+
+
 def test_json_whitespace_is_capped(so, tok):
     """A degenerate model cannot pad JSON with whitespace until max_tokens: 16 characters per gap."""
     g = so.backend.compile(SO(json={"type": "object"})).fork()
