@@ -16,6 +16,7 @@ logits on the device by `apply_bitmask` before greedy choice and rejection sampl
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -197,7 +198,7 @@ def _pattern_value(rule: str, name: str, schema: dict, rules: list[str]) -> str:
             or "minLength" in schema or "maxLength" in schema:
         raise ValueError(f"tool parameter {name!r}: a string 'pattern' must be anchored (^...$) and not combined "
                          "with minLength/maxLength (string values are raw text)")
-    body = pattern[1:-1].replace("/", "\\/")
+    body = re.sub(r"(?<!\\)/", r"\/", pattern[1:-1])  # a slash ends Lark's /regex/ unless escaped
     rules.append(f"{rule}_v[lazy]: /(?:{body})\\n<\\/parameter>/")
     return f'{rule}_v "\\n"'
 
@@ -319,7 +320,6 @@ class StructuredOutputs:
             if grammar.error() is not None:  # the sampled token fails in `accept`, which ends the request
                 bitmask[row] = -1
         return bitmask
-
 
     def draft_bitmask(self, rows: list[tuple[Constraint, list[int], list[int], int]], num_rows: int) -> torch.Tensor:
         """MTP drafting: [num_rows, words] for (constraint, tail tokens, drafts so far, row) per

@@ -108,10 +108,11 @@ def test_tool_call_grammar_follows_each_parameter_schema(so, tok):
     assert not valid("Sure. " + call) and valid("Sure. " + call, mode="auto") and valid("No call.", mode="auto")
 
 
-def test_string_tool_parameters_take_an_anchored_pattern_and_any_format(so, tok):
+@pytest.mark.parametrize("slash", ["/", "\\/"])  # a slash, plain or escaped
+def test_string_tool_parameters_take_an_anchored_pattern_and_any_format(so, tok, slash):
     tool = {"function": {"name": "book", "parameters": {"properties": {
-        "code": {"type": "string", "pattern": "^[A-Z]{3}/[0-9]{2}$"}, "when": {"type": "string", "format": "date-time"}},
-        "required": ["code", "when"]}}}
+        "code": {"type": "string", "pattern": f"^[A-Z]{{3}}{slash}[0-9]{{2}}$"},
+        "when": {"type": "string", "format": "date-time"}}, "required": ["code", "when"]}}}
     g = so.backend.compile(SO(tool_calls={"tools": [tool], "mode": "required", "parallel": False}))
 
     def valid(code: str, when: str) -> bool:
@@ -310,7 +311,8 @@ def test_mtp_drafts_follow_the_grammar(llms, temperature):
     assert len(llm.tokenizer.encode(text)) == len(text) and not set(text) & set(_SAMPLE_TEXT)
     before = llm.get_stats().spec
     drafted, accepted = before.num_draft_tokens, before.num_accepted_tokens
-    params = SamplingParams(temperature=temperature, seed=1, max_tokens=40, structured_outputs=SO(regex=re.escape(text)))
+    params = SamplingParams(temperature=temperature, seed=1, max_tokens=40,
+                            structured_outputs=SO(regex=re.escape(text)))
     out = llm.generate([[5, 6, 7]], params)[0].outputs[0]
     assert out.text == text and out.finish_reason == "stop"
     after = llm.get_stats().spec
