@@ -10,9 +10,7 @@ slower at batch 16.
 """
 
 import argparse
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 
 from stepflash import LLM, SamplingParams
 from stepflash.sampling import StructuredOutputsParams
+from record import write_record
 
 SCHEMA = {"type": "array", "items": {"type": "object", "properties": {
     "id": {"type": "integer"}, "tag": {"enum": ["a", "b", "c"]}, "note": {"type": "string"}},
@@ -68,7 +67,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--mtp", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/structured-...json)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(mtp=args.mtp, max_num_seqs=max(int(b) for b in args.batches.split(",")))
@@ -80,11 +79,8 @@ def main() -> None:
         rows += [plain, constrained]
         print(f"batch {batch}: {constrained['tokens_per_s'] / plain['tokens_per_s']:.2f}x the unconstrained tokens/s, "
               f"masks {constrained['mask_ms_per_step']} ms of {constrained['ms_per_step']} ms per step")
-    out = Path(args.out or Path(__file__).parent / "results" /
-               f"structured-tiny-t{args.threads}-mtp{args.mtp}-{datetime.date.today()}.json")
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": args.threads,
-                               "mtp": args.mtp, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_record("structured", f"structured-tiny-t{args.threads}-mtp{args.mtp}", {"mtp": args.mtp, "rows": rows},
+                 args.out)
 
 
 if __name__ == "__main__":
