@@ -73,9 +73,6 @@ def check_shardable(cfg: ModelConfig, size: int, expert_parallel: bool) -> None:
     """Refuse, naming the dimension, a tensor_parallel_size the model cannot be split by."""
     if size < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {size}")
-    if size > 1 and cfg.vision is not None:
-        raise ValueError("images under tensor parallelism are not supported yet: serve this vision model "
-                         "with tensor_parallel_size=1")
     dims = {"vocab_size": cfg.vocab_size, "intermediate_size": cfg.intermediate_size}
     if cfg.share_expert_dim:
         dims["share_expert_dim"] = cfg.share_expert_dim

@@ -1,6 +1,7 @@
 """Tensor and expert parallelism on the CPU (gloo, 2 processes): TP=2 and TP=2 with EP give TP=1's
 greedy tokens and log-probabilities (and the transformers oracle's), MTP-3 and engine pressure
-included, FP8 checkpoints whose blocks the slices cut included; each rank holds and reads only its
+included, FP8 checkpoints whose blocks the slices cut included, images (rank 0's vision features
+sent to the other rank) included; each rank holds and reads only its
 slices; a rank that dies or hangs fails the engine with a clear error in bounded time, and no
 process is left behind."""
 
@@ -16,7 +17,7 @@ import torch
 from safetensors import safe_open
 from test_engine import assert_matches_reference, mixed_prompts
 
-from checkpoints import write_checkpoint
+from checkpoints import write_checkpoint, write_vision_checkpoint
 from scripted import write_scripted_checkpoint
 from stepflash import LLM, SamplingParams
 from stepflash.config import ModelConfig
@@ -28,6 +29,7 @@ from stepflash.kernels.moe import dequantize_int4
 from stepflash.model import loader
 from stepflash.model.loader import hub_state_dict, load_model
 from stepflash.model.quant import quantize_checkpoint
+from stepflash.multimodal import IMAGE_TOKEN
 from stepflash.train.configs import tiny_config
 
 FP8_BLOCK = (24, 40)  # TP=2 halves of 32 (experts, shared expert), 64 (q rows), 96 / 48 (MLP) cut these blocks
@@ -104,6 +106,25 @@ def test_tp2_equals_tp1_and_the_oracle_with_mtp3_under_pressure(ckpt, expert_par
     if not expert_parallel:  # (TP=1 is checked against the oracle elsewhere; here TP=2 directly once)
         assert_matches_reference(ckpt, prompts, outputs)
     assert stats.num_preemptions > 0 and stats.prefix_cache_hit_rate > 0 and stats.spec.num_verify_steps > 0
+
+
+def test_images_over_two_ranks_equal_tp1(tmp_path):
+    """Rank 0 alone holds the vision tower; the features it computes reach the other rank beside
+    each call: chunked prefill cutting the images, MTP-3 (its modules take the features too)."""
+    ckpt = write_vision_checkpoint(tmp_path, seed=3)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(w))
+              for w, h in ((200, 100), (60, 150))]
+    prompts = [{"prompt": f"Compare {IMAGE_TOKEN} with {IMAGE_TOKEN}, please.", "multi_modal_data": {"image": images}},
+               {"prompt": f"Describe {IMAGE_TOKEN}.", "multi_modal_data": {"image": images[:1]}}]
+    kw = dict(max_model_len=256, max_num_batched_tokens=16, mtp=3)
+    reference = LLM(str(ckpt), **kw).generate(prompts, greedy(12))
+    llm = LLM(str(ckpt), tensor_parallel_size=2, **kw)
+    try:
+        outputs = llm.generate(prompts, greedy(12))
+        assert llm.engine.model.vision is not None and llm.get_stats().spec.num_verify_steps > 0
+    finally:
+        llm.shutdown()
+    assert_same(reference, outputs)
 
 
 def test_fp8_slices_that_cut_blocks_compute_what_tp1_computes(fp8_ckpt):

@@ -152,8 +152,3 @@ def test_image_errors_leave_the_engine_working(checkpoint) -> None:
         llm.generate({"prompt": IMAGE_TOKEN, "multi_modal_data": {"image": WIDE.float()}})
     out = llm.generate({"prompt": IMAGE_TOKEN, "multi_modal_data": {"image": WIDE}}, SamplingParams(max_tokens=2))
     assert len(out[0].outputs[0].token_ids) == 2
-
-
-def test_tensor_parallelism_refuses_images(checkpoint) -> None:
-    with pytest.raises(ValueError, match="images under tensor parallelism"):
-        LLM(str(checkpoint), tensor_parallel_size=2)

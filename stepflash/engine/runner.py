@@ -92,8 +92,9 @@ class StepCall:
     """One runner call as every rank runs it: `op` "target", "mtp" (module `depth`) or "copy"; the
     forward's host arrays packed for one copy (`upload`) and their handles; how many rows of logits
     it returns; per layer kind the step table width; how many table rows the device tables need; the
-    shape of the device-only ids (MTP drafts) to inject, whose values rank 0 sends beside the call;
-    the block copies."""
+    shape of the device-only ids (MTP drafts) to inject and the number of image rows, whose values
+    (drafts; image features, which rank 0 alone computes) rank 0 sends beside the call; the block
+    copies."""
 
     op: str
     depth: int = 0
@@ -104,6 +105,7 @@ class StepCall:
     widths: dict[str, int] = field(default_factory=dict)
     table_rows: int = 0
     source_shape: list[int] | None = None
+    image_rows: int = 0
     copies: list[tuple[str, int, int]] = field(default_factory=list)
 
     def wire(self) -> tuple[dict, bytes]:
@@ -259,13 +261,17 @@ class ModelRunner:
             self._run_shared(StepCall("copy", copies=[(c.kind, c.src, c.dst) for c in copies]), None)
 
     def _run_shared(self, call: StepCall, inject: Inject | None, embeds: Embeds | None = None) -> torch.Tensor | None:
-        """Hand the call to the other ranks (tensor parallelism), then run it here (`embeds`: image
-        features, which only a single rank takes: the engine refuses images under tensor parallelism)."""
+        """Hand the call to the other ranks (tensor parallelism), with the device tensors they
+        cannot compute (drafts to inject, image features), then run it here."""
         source = inject.source if inject and inject.rows else None
         if self.channel is not None:
+            if embeds is not None:
+                embeds = embeds[0], embeds[1].to(self.dtype)
+                call.image_rows = len(embeds[0])
             self.channel.send(*call.wire())
-            if source is not None:
-                self.channel.share_tensor(source)
+            for t in [source] + list(embeds or []):
+                if t is not None:
+                    self.channel.share_tensor(t)
         return self.run(call, source, embeds)
 
     @torch.inference_mode()

@@ -156,10 +156,14 @@ def serve_rank(rank: int, init_method: str, model_dir: str | Path, ec: EngineCon
             if meta == STOP:
                 return
             call = StepCall.from_wire(meta, data)
-            source = None
+            source, embeds = None, None
             if call.source_shape is not None:
                 source = channel.share_tensor(torch.zeros(call.source_shape, dtype=torch.long, device=device))
-            runner.run(call, source)
+            if call.image_rows:
+                embeds = (channel.share_tensor(torch.zeros(call.image_rows, dtype=torch.long, device=device)),
+                          channel.share_tensor(torch.zeros(call.image_rows, model.config.hidden_size,
+                                                           dtype=runner.dtype, device=device)))
+            runner.run(call, source, embeds)
     finally:
         shutdown()
 

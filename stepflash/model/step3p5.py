@@ -145,7 +145,9 @@ class Step3p5ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         n = cfg.num_mtp_layers if num_mtp is None else num_mtp
         self.mtp = nn.ModuleList(MTPLayer(spec, cfg, parallel) for spec in cfg.mtp_layers[:n])
-        self.vision = Step3p7Vision(cfg.vision) if cfg.vision else None
+        # under tensor parallelism rank 0 alone holds the vision tower: it encodes the images and
+        # sends their features to the other ranks beside each call (engine/runner.py)
+        self.vision = Step3p7Vision(cfg.vision) if cfg.vision and parallel.rank == 0 else None
 
     def embed(self, input_ids: torch.Tensor, embeds: Embeds | None = None) -> torch.Tensor:
         """Token embeddings, with the rows of `embeds` (image features) put in their places."""
