@@ -1,9 +1,8 @@
 """Tensor and expert parallelism on the CPU (gloo, 2 processes): TP=2 and TP=2 with EP give TP=1's
 greedy tokens and log-probabilities (and the transformers oracle's), MTP-3 and engine pressure
 included, FP8 checkpoints whose blocks the slices cut included, images (rank 0's vision features
-sent to the other rank) included; each rank holds and reads only its
-slices; a rank that dies or hangs fails the engine with a clear error in bounded time, and no
-process is left behind."""
+sent to the other rank) included; each rank holds and reads only its slices; a rank that dies or
+hangs fails the engine with a clear error in bounded time, and no process is left behind."""
 
 import json
 import os
