@@ -92,6 +92,6 @@ class MTPDrafter:
         constrained = [i for i, s in enumerate(members) if s.seq.constraint and s.seq.constraint.active]
         if not constrained:
             return None
-        drafted = tokens[:len(members), :depth].tolist()
+        drafted = tokens[:len(members), :depth].tolist() if depth else [[]] * len(members)  # no read at depth 0
         rows = [(members[i].seq.constraint, members[i].seq.token_ids[-UTF8_GRACE:], drafted[i], i) for i in constrained]
         return self.structured.draft_bitmask(rows, len(members)).to(self.runner.device, non_blocking=True)
