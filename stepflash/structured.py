@@ -179,28 +179,27 @@ def _value(rule: str, name: str, schema: Any, root: dict, whitespace: str | None
     if isinstance(schema.get("enum"), list) and schema["enum"] and all(isinstance(v, str) for v in schema["enum"]):
         return f"({' | '.join(_lit(v) for v in schema['enum'])}) {close}"
     if kind == "string" or (isinstance(kind, list) and "string" in kind and not schema.get("enum")):
-        if "pattern" in schema:
-            return _pattern_value(rule, name, schema, rules)
-        low, high = schema.get("minLength", 0), schema.get("maxLength", "")
-        repeat = "*" if (low, high) == (0, "") else f"{{{low},{high}}}"
-        rules.append(f"{rule}_v[lazy]: /(.|\\n){repeat}\\n<\\/parameter>/")  # lazy: ends at the first closing tag
+        # lazy: the value ends at the first closing tag
+        rules.append(f"{rule}_v[lazy]: /{_raw_text(name, schema)}\\n<\\/parameter>/")
         return f'{rule}_v "\\n"'
     sub = {**schema, **{k: root[k] for k in ("$defs", "definitions") if k in root}}
     sub["x-guidance"] = {"whitespace_pattern": whitespace or WHITESPACE}
     return f"%json{json.dumps(sub)} {close}"
 
 
-def _pattern_value(rule: str, name: str, schema: dict, rules: list[str]) -> str:
-    """A string parameter's raw text matching its pattern, which must be anchored (^...$: the whole
-    value; an unanchored one would let the value run on past its closing tag)."""
-    pattern = schema["pattern"]
+def _raw_text(name: str, schema: dict) -> str:
+    """The regex of a string parameter's raw text: any text within min/maxLength, or the whole of its
+    `pattern`, which must then be anchored (^...$; an unanchored one would let the value run on past
+    its closing tag)."""
+    pattern = schema.get("pattern")
+    if pattern is None:
+        low, high = schema.get("minLength", 0), schema.get("maxLength", "")
+        return "(.|\\n)" + ("*" if (low, high) == (0, "") else f"{{{low},{high}}}")
     if not (isinstance(pattern, str) and pattern.startswith("^") and pattern.endswith("$")) \
             or "minLength" in schema or "maxLength" in schema:
         raise ValueError(f"tool parameter {name!r}: a string 'pattern' must be anchored (^...$) and not combined "
                          "with minLength/maxLength (string values are raw text)")
-    body = re.sub(r"(?<!\\)/", r"\/", pattern[1:-1])  # a slash ends Lark's /regex/ unless escaped
-    rules.append(f"{rule}_v[lazy]: /(?:{body})\\n<\\/parameter>/")
-    return f'{rule}_v "\\n"'
+    return "(?:" + re.sub(r"(?<!\\)/", r"\/", pattern[1:-1]) + ")"  # a slash ends Lark's /regex/ unless escaped
 
 
 # -- per-sequence state --------------------------------------------------------------------------------
