@@ -266,7 +266,6 @@ class ModelRunner:
         source = inject.source if inject and inject.rows else None
         if self.channel is not None:
             if embeds is not None:
-                embeds = embeds[0], embeds[1].to(self.dtype)
                 call.image_rows = len(embeds[0])
             self.channel.send(*call.wire())
             for t in [source] + list(embeds or []):
@@ -460,8 +459,8 @@ class ModelRunner:
             return None
         if todo:
             self._encode(todo)
-        values = torch.cat([cached[i][first:last] for cached, i, first, last in parts])
-        return torch.tensor(rows, device=self.device), values
+        values = torch.cat([cached[i][first:last] for cached, i, first, last in parts]).to(self.dtype)
+        return torch.tensor(rows, device=self.device), values  # in the model's dtype: what other ranks receive
 
     def _drop_passed(self, seq: Sequence, cached: dict[int, torch.Tensor]) -> None:
         """Forget the features of images that the target and the MTP caches have both passed."""
