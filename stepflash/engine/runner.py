@@ -90,18 +90,16 @@ WIRE_DTYPES = {"int64": torch.int64, "int32": torch.int32}  # the dtypes of a fo
 @dataclass
 class StepCall:
     """One runner call as every rank runs it: `op` "target", "mtp" (module `depth`) or "copy"; the
-    forward's host arrays packed for one copy (`upload`) and their handles; how many rows of logits
-    it returns; per layer kind the step table width; how many table rows the device tables need; the
-    shape of the device-only ids (MTP drafts) to inject and the number of image rows, whose values
-    (drafts; image features, which rank 0 alone computes) rank 0 sends beside the call; the block
-    copies."""
+    forward's host arrays packed for one copy (`upload`) and their handles; per layer kind the step
+    table width; how many table rows the device tables need; the shape of the device-only ids (MTP
+    drafts) to inject and the number of image rows, whose values (drafts; image features, which
+    rank 0 alone computes) rank 0 sends beside the call; the block copies."""
 
     op: str
     depth: int = 0
     kinds: list[LayerKind] = field(default_factory=list)
     upload: "Upload | None" = None
     handles: dict[str, int | None] = field(default_factory=dict)
-    logits: int = 0
     widths: dict[str, int] = field(default_factory=dict)
     table_rows: int = 0
     source_shape: list[int] | None = None
@@ -280,7 +278,7 @@ class ModelRunner:
         if call.op == "copy":
             self._copy_blocks([BlockCopy(LayerKind(kind), src, dst) for kind, src, dst in call.copies])
             return None
-        return self._logits(call, self._unpack(call, source, embeds))[:call.logits]  # not _pack's padding
+        return self._logits(call, self._unpack(call, source, embeds))
 
     def _logits(self, call: StepCall, x: Inputs) -> torch.Tensor:
         """The call's forward and head: compiled, from its CUDA graph bucket, or eagerly."""
@@ -370,7 +368,8 @@ class ModelRunner:
         compiles (one-row tiles are one per row: one row, one tile, the single-row variant). The
         extra table row (a padding sequence, a copy of the first) is read by no row, the extra
         columns by none either (keys past a row's position are masked), and the extra tile is empty
-        (the twin recomputes row 0 for it, to the same values); `run` drops the extra logit row."""
+        (the twin recomputes row 0 for it, to the same values). Logit rows are not padded (each
+        would cost a row of the vocabulary head): their count is unbacked (CompiledStep)."""
         pad = bool(self.compiled)
         one_more = pad and len(chunks) == 1  # a second (padding) sequence
         ids = [t for c in chunks for t in c.ids]
@@ -378,10 +377,9 @@ class ModelRunner:
         seq_of = [i for i, c in enumerate(chunks) for _ in c.ids]
         rows = [c.seq.blocks.row for c in chunks]
         up = Upload()
-        padded_logits = logit_rows + [0] * (2 - len(logit_rows)) if pad else logit_rows
-        sent = {"ids": up.add(ids), "positions": up.add(positions), "logit_rows": up.add(padded_logits),
+        sent = {"ids": up.add(ids), "positions": up.add(positions), "logit_rows": up.add(logit_rows),
                 "rows": up.add(rows + rows if one_more else rows)}
-        call = StepCall(op, depth, kinds, up, sent, len(logit_rows), table_rows=max(rows, default=0) + 1)
+        call = StepCall(op, depth, kinds, up, sent, table_rows=max(rows, default=0) + 1)
         if inject and inject.rows:
             sent["inject_rows"], sent["inject_index"] = up.add(inject.rows), up.add(inject.index)
             call.source_shape = list(inject.source.shape)
@@ -537,6 +535,7 @@ class CompiledStep:
     def __call__(self, step: StepInputs, logit_rows: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:
             try:
+                torch._dynamo.decorators.mark_unbacked(logit_rows, 0)  # one graph for any count, 0 and 1 too
                 return self.compiled(step, logit_rows)
             except self.errors as e:
                 warnings.warn(f"torch.compile failed, running this step kind eagerly from now on: {e}", stacklevel=2)
