@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stepflash.engine import sampler as sampling
-from stepflash.engine.sampler import RowBatch, top_logprobs, verify
-from stepflash.engine.sequence import Sequence
+from stepflash.engine.sampler import RowBatch, TokenCounts, top_logprobs, verify
+from stepflash.engine.sequence import Sequence, Status
 from stepflash.sampling import SamplingParams
 
 EOS = 1
@@ -33,17 +33,19 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return sampling.filter_logits(logits[None], row(max(top_k, 0)), row(top_p), row(min_p))[0]
 
 
-def batch_of(seqs: list[Sequence]) -> RowBatch:
-    return RowBatch(seqs, list(range(len(seqs))), [0] * len(seqs), [EOS], torch.device("cpu"))
+def batch_of(seqs: list[Sequence], vocab_size: int) -> RowBatch:
+    return RowBatch(seqs, list(range(len(seqs))), [0] * len(seqs), [EOS], torch.device("cpu"),
+                    counts=TokenCounts(vocab_size, torch.device("cpu")))
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    return batch_of(seqs).process(logits, None)
+    return batch_of(seqs, logits.shape[-1]).process(logits, None)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
     """One token per row (a verify step without drafts), with the requested logprobs."""
-    tokens, _ = verify(batch_of(seqs), logits[:, None], torch.zeros(len(seqs), dtype=torch.long), None, None)
+    no_drafts = torch.zeros(len(seqs), dtype=torch.long)
+    tokens, _ = verify(batch_of(seqs, logits.shape[-1]), logits[:, None], no_drafts, None, None)
     chosen, ids, values = top_logprobs(logits.log_softmax(-1), tokens[:, 0], 20)
     out = []
     for i, seq in enumerate(seqs):
@@ -191,6 +193,33 @@ def test_penalties_per_row_and_default_noop(make_seq: MakeSeq) -> None:
 
 
 # -- Sampler --------------------------------------------------------------------------------------
+
+def test_token_counts_take_each_new_token_once_and_reuse_finished_rows(make_seq: MakeSeq) -> None:
+    """Penalties' counts live on the device across steps: a batch sends a sequence's tokens appended
+    since the last batch only, the counts equal those of its whole history, and a finished
+    sequence's row serves the next sequence from empty."""
+    vocab, cpu = 12, torch.device("cpu")
+    counts = TokenCounts(vocab, cpu)
+    params = SamplingParams(repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.25)
+    first = make_seq([1, 2, 3], [4, 4], params)
+
+    def batch(seq: Sequence) -> RowBatch:
+        return RowBatch([seq], [0], [0], [EOS], cpu, counts=counts)
+
+    assert batch(first).new_ids.tolist() == [1, 2, 3, 4, 4]
+    first.token_ids += [5, 4]
+    step = batch(first)
+    assert step.new_ids.tolist() == [5, 4]
+    row = counts.rows[first]
+    assert counts.output[row].tolist() == torch.bincount(torch.tensor([4, 4, 5, 4]), minlength=vocab).float().tolist()
+    assert counts.seen[row].nonzero().flatten().tolist() == [1, 2, 3, 4, 5]
+    logits = torch.randn(1, vocab)
+    assert torch.equal(step.process(logits, None), apply_penalties(logits, [first]))  # a fresh count agrees
+    first.status = Status.FINISHED
+    second = make_seq([7], [], params)
+    assert batch(second).new_ids.tolist() == [7] and counts.rows[second] == row
+    assert counts.output[row].sum() == 0 and counts.seen[row].nonzero().flatten().tolist() == [7]
+
 
 def test_greedy_is_argmax_after_penalties(make_seq: MakeSeq) -> None:
     logits = torch.tensor([[3.0, 0.0, 2.9, 1.0, -1.0]])

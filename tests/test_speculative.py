@@ -16,6 +16,7 @@ from stepflash.engine.sampler import RowBatch, verify
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.scheduler import ScheduledSeq, StepPlan
 from checkpoints import write_checkpoint
+from reference import reference_logits
 from stepflash.train.configs import tiny_config
 from stepflash.tokenizer import Tokenizer
 from checkpoints import write_byte_level_tokenizer
@@ -199,6 +200,40 @@ def _goodness_of_fit(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, 
     keep = expected > 0
     assert counts[~keep].sum() == 0, "a token with probability 0 was emitted"
     return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
+
+
+def penalised_reference_logits(ckpt: Path, history: list[int], prompt_len: int, params: SamplingParams) -> torch.Tensor:
+    """The reference model's logits after the last token of `history`, penalised as vLLM defines it,
+    from the whole history: repetition over every token seen, frequency and presence over the output."""
+    logits = reference_logits(ckpt, history)[-1]
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen[history] = True
+    rep = params.repetition_penalty
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    counts = torch.bincount(torch.tensor(history[prompt_len:], dtype=torch.long), minlength=len(logits)).float()
+    return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+
+
+def test_penalties_count_every_step_as_the_reference_does(trained):
+    """Penalties read token counts the engine keeps on the device across steps, adding each step's
+    new tokens only (engine/sampler.py TokenCounts): over 40 greedy tokens, with MTP-3 (accepted
+    drafts counted too) and without, every token is the reference model's argmax after penalties
+    computed here from the whole history; a sequence without penalties in the same batch is
+    untouched. The penalties do change the output here (else the test would show nothing)."""
+    prompts = code_prompts(trained)[-2:]
+    penalised = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, repetition_penalty=1.3,
+                               frequency_penalty=0.4, presence_penalty=0.3)
+    plain = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    outs = {mtp: [o.outputs[0].token_ids for o in LLM(str(trained), mtp=mtp).generate(prompts, [penalised, plain])]
+            for mtp in (0, 3)}
+    assert outs[3] == outs[0]
+    unpenalised = [o.outputs[0].token_ids for o in LLM(str(trained), mtp=0).generate(prompts, plain)]
+    assert outs[0][0] != unpenalised[0] and outs[0][1] == unpenalised[1]
+    history = list(prompts[0])
+    for token in outs[0][0]:
+        logits = penalised_reference_logits(trained, history, len(prompts[0]), penalised)
+        assert logits[token] >= logits.max() - 1e-4
+        history.append(token)
 
 
 @pytest.mark.parametrize("top_k", [-1, 3])

@@ -21,7 +21,7 @@ from stepflash.config import EngineConfig, ModelConfig
 from stepflash.engine.kv_cache import FULL, KVCacheManager, plan_kv_layout
 from stepflash.engine.output import OutputProcessor
 from stepflash.engine.runner import ModelRunner, StepRows
-from stepflash.engine.sampler import Sampler
+from stepflash.engine.sampler import Sampler, TokenCounts
 from stepflash.engine.scheduler import Scheduler, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.speculative import MTPDrafter
@@ -154,8 +154,9 @@ class LLMEngine:
             channel.send(layout_message(layout, graph_rows, capture))
         compiled = _use_compile(ec.compile, kernels, device, ec.tensor_parallel_size)
         self.runner = ModelRunner(self.model, layout, kernels, graph_rows, capture, channel, compiled)
-        self.sampler = Sampler(self.eos_token_ids, self.structured)
-        self.drafter = MTPDrafter(self.runner, self.eos_token_ids, self.structured) if self.num_mtp else None
+        counts = TokenCounts(cfg.vocab_size, device)
+        self.sampler = Sampler(self.eos_token_ids, counts, self.structured)
+        self.drafter = MTPDrafter(self.runner, self.eos_token_ids, counts, self.structured) if self.num_mtp else None
         self.output = OutputProcessor(self.tokenizer)
         self.images = ImageProcessor.of(cfg.vision, self.tokenizer.token_to_id, max_pixels=ec.max_image_pixels,
                                         max_image_tokens=ec.max_image_tokens) if cfg.vision else None

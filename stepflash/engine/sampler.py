@@ -88,13 +88,15 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 class RowBatch:
     """R rows of logits to process: row i continues sequence seqs[seq_of[i]] (its token ids, then
     `extra[i]` of its drafts). Everything the rows' settings ask for (sampling parameters, seeds and
-    positions, logit bias, bans, the tokens penalties count) is gathered on the host here and sent in
-    one non-blocking copy (none for plain greedy rows); `process` and `probs` then run on the device
-    without reading anything back. `mask`: the rows' grammar bitmask on the device (see structured.py)."""
+    positions, logit bias, bans, the tokens penalties have yet to count) is gathered on the host here
+    and sent in one non-blocking copy (none for plain greedy rows); `process` and `probs` then run on
+    the device without reading anything back. `mask`: the rows' grammar bitmask on the device (see
+    structured.py); `counts`: the penalties' token counts (TokenCounts; needed where a row has any)."""
 
     def __init__(self, seqs: list[Sequence], seq_of: list[int], extra: list[int], eos_token_ids: list[int],
-                 device: torch.device, mask: torch.Tensor | None = None) -> None:
-        self.seq_of, self.extra, self.mask = seq_of, extra, mask
+                 device: torch.device, mask: torch.Tensor | None = None,
+                 counts: "TokenCounts | None" = None) -> None:
+        self.seq_of, self.extra, self.mask, self.counts = seq_of, extra, mask, counts
         params = [seqs[s].params for s in seq_of]
         sampled = [p for p in params if not p.greedy]
         self.any_sampled = bool(sampled)
@@ -113,11 +115,15 @@ class RowBatch:
         if added[0]:
             sent.update(add_rows=up.add(added[0]), add_ids=up.add(added[1]), add_values=up.add(added[2], f32))
         if self.penalised:
+            if counts is None:
+                raise ValueError("rows with penalties need the engine's TokenCounts")
             sent.update(self._penalty_inputs(seqs, params, up))
         self.add_rows = None
         got = up.send(device) if sent else None
         for name, handle in sent.items():
             setattr(self, name, got(handle))
+        if self.penalised:
+            counts.add(self.new_rows, self.new_ids, self.new_output)
 
     def _added(self, seqs: list[Sequence], params: list[SamplingParams], eos_token_ids: list[int]
                ) -> tuple[list[int], list[int], list[float]]:
@@ -134,21 +140,18 @@ class RowBatch:
         return rows, ids, values
 
     def _penalty_inputs(self, seqs: list[Sequence], params: list[SamplingParams], up: Upload) -> dict[str, int]:
-        """Per penalised row: its output tokens (counted), every token it has seen, and which
-        drafts precede it (as (sequence, draft) pairs, read from the device drafts)."""
-        out, seen, drafts = ([], []), ([], []), ([], [], [])
+        """Per penalised row: its sequence's row of the token counts, the tokens that sequence appended
+        since they were last counted, and which drafts precede the row (as (sequence, draft) pairs,
+        read from the device drafts)."""
+        rows, new = self.counts.track([seqs[self.seq_of[i]] for i in self.penalised])
+        drafts = ([], [], [])
         for j, i in enumerate(self.penalised):
-            seq = seqs[self.seq_of[i]]
-            output = seq.token_ids[seq.num_prompt_tokens:]
-            out[0].extend([j] * len(output))
-            out[1].extend(output)
-            seen[0].extend([j] * len(seq.token_ids))
-            seen[1].extend(seq.token_ids)
             drafts[0].extend([j] * self.extra[i])
             drafts[1].extend([self.seq_of[i]] * self.extra[i])
             drafts[2].extend(range(self.extra[i]))
-        names = ("out_rows", "out_ids", "seen_rows", "seen_ids", "draft_rows", "draft_seqs", "draft_index")
-        handles = {name: up.add(values) for name, values in zip(names, (*out, *seen, *drafts))}
+        names = ("count_rows", "new_rows", "new_ids", "draft_rows", "draft_seqs", "draft_index")
+        handles = {name: up.add(values) for name, values in zip(names, (rows, *new[:2], *drafts))}
+        handles["new_output"] = up.add(new[2], torch.bool)
         handles["penalised_rows"] = up.add(self.penalised)
         for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"):
             handles[name] = up.add([getattr(params[i], name) for i in self.penalised], torch.float32)
@@ -169,10 +172,8 @@ class RowBatch:
         """Repetition (prompt + output tokens), presence and frequency (output tokens) penalties;
         a row's drafts count as output tokens."""
         rows = self.penalised_rows
-        counts = logits.new_zeros(len(rows), logits.shape[1])
-        seen = torch.zeros_like(counts, dtype=torch.bool)
-        counts.index_put_((self.out_rows, self.out_ids), counts.new_ones(self.out_ids.shape), accumulate=True)
-        seen[self.seen_rows, self.seen_ids] = True
+        counts = self.counts.output.index_select(0, self.count_rows)
+        seen = self.counts.seen.index_select(0, self.count_rows)
         if drafts is not None and self.draft_rows.numel():
             tokens = drafts[self.draft_seqs, self.draft_index]
             counts.index_put_((self.draft_rows, tokens), counts.new_ones(tokens.shape), accumulate=True)
@@ -187,6 +188,51 @@ class RowBatch:
         """The distributions sampled rows draw from: temperature, then top-k / top-p / min-p."""
         return filter_logits(processed / self.temperature[:, None], self.top_k, self.top_p, self.min_p,
                              self.sort, self.floor).softmax(-1)
+
+
+class TokenCounts:
+    """What penalties count, per penalised sequence, kept on the device between steps: how often each
+    token occurs in its output (frequency, presence penalties) and whether it occurs at all, prompt
+    included (repetition penalty). A step sends only the tokens appended since the last (host work
+    per step does not grow with the context); a finished sequence's row goes to the next one."""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.output = torch.zeros(0, vocab_size, device=device)
+        self.seen = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
+        self.rows: dict[Sequence, int] = {}
+        self.counted: dict[Sequence, int] = {}  # a sequence's tokens counted so far
+
+    def track(self, seqs: list[Sequence]) -> tuple[list[int], tuple[list[int], list[int], list[bool]]]:
+        """Each sequence's row (a new one starts empty) and what to add: (row, token, in the output)
+        for every token appended since its last count, each sequence once."""
+        for seq in [s for s in self.rows if s.finished]:
+            self.counted.pop(seq)
+            self.rows.pop(seq)
+        new: tuple[list[int], list[int], list[bool]] = ([], [], [])
+        for seq in dict.fromkeys(seqs):
+            if seq not in self.rows:
+                self._assign(seq)
+            start = self.counted[seq]
+            new[0].extend([self.rows[seq]] * (seq.num_tokens - start))
+            new[1].extend(seq.token_ids[start:])
+            new[2].extend(i >= seq.num_prompt_tokens for i in range(start, seq.num_tokens))
+            self.counted[seq] = seq.num_tokens
+        return [self.rows[seq] for seq in seqs], new
+
+    def add(self, rows: torch.Tensor, ids: torch.Tensor, output: torch.Tensor) -> None:
+        """Count tokens (`track`'s triples, on the device)."""
+        self.seen[rows, ids] = True
+        self.output.index_put_((rows, ids), output.float(), accumulate=True)
+
+    def _assign(self, seq: Sequence) -> None:
+        row = min(set(range(len(self.output))) - set(self.rows.values()), default=len(self.output))
+        if row == len(self.output):  # grow: twice the rows
+            grown = max(4, 2 * row)
+            self.output = torch.cat([self.output, self.output.new_zeros(grown - row, self.output.shape[1])])
+            self.seen = torch.cat([self.seen, self.seen.new_zeros(grown - row, self.seen.shape[1])])
+        self.output[row] = 0
+        self.seen[row] = False
+        self.rows[seq], self.counted[seq] = row, 0
 
 
 def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -285,15 +331,17 @@ class Sampler:
     """Logits of a step -> each member's tokens (drafts verified) and logprobs, and the scored prompt
     positions' logprobs, with one device-to-host copy."""
 
-    def __init__(self, eos_token_ids: list[int], structured: StructuredOutputs | None = None) -> None:
-        self.eos_token_ids, self.structured = eos_token_ids, structured
+    def __init__(self, eos_token_ids: list[int], counts: TokenCounts,
+                 structured: StructuredOutputs | None = None) -> None:
+        self.eos_token_ids, self.counts, self.structured = eos_token_ids, counts, structured
 
     def __call__(self, rows: StepRows, logits: torch.Tensor, drafts: "Drafts | None",
                  staged: "StagedDrafts | None" = None) -> StepResult:
         device, width = logits.device, rows.width
         S, V = len(rows.members), logits.shape[-1]
-        batch = RowBatch([m for _, m in rows.members], [i for i in range(S) for _ in range(width)],
-                         list(range(width)) * S, self.eos_token_ids, device, self._mask(rows, staged, device))
+        seq_of, extra = [i for i in range(S) for _ in range(width)], list(range(width)) * S
+        batch = RowBatch([m for _, m in rows.members], seq_of, extra, self.eos_token_ids, device,
+                         self._mask(rows, staged, device), self.counts)
         sample_logits = logits[:S * width].view(S, width, V)
         up, sent = Upload(), {}
         if width > 1:

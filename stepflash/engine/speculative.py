@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from stepflash.engine.runner import Chunk, Inject, ModelRunner
-from stepflash.engine.sampler import RowBatch, draft_tokens
+from stepflash.engine.sampler import RowBatch, TokenCounts, draft_tokens
 from stepflash.engine.scheduler import ScheduledSeq, StepPlan
 from stepflash.structured import UTF8_GRACE, StructuredOutputs
 
@@ -43,8 +43,9 @@ class Drafts:
 
 
 class MTPDrafter:
-    def __init__(self, runner: ModelRunner, eos_token_ids: list[int], structured: StructuredOutputs) -> None:
-        self.runner, self.eos_token_ids, self.structured = runner, eos_token_ids, structured
+    def __init__(self, runner: ModelRunner, eos_token_ids: list[int], counts: TokenCounts,
+                 structured: StructuredOutputs) -> None:
+        self.runner, self.eos_token_ids, self.counts, self.structured = runner, eos_token_ids, counts, structured
 
     def propose(self, plan: StepPlan) -> Drafts:
         """Catch up every scheduled sequence's MTP caches and draft for those that verify this step.
@@ -75,7 +76,7 @@ class MTPDrafter:
             if not members:
                 continue
             batch = RowBatch([s.seq for s in members], list(range(len(members))), [depth] * len(members),
-                             self.eos_token_ids, self.runner.device, self._mask(members, tokens, depth))
+                             self.eos_token_ids, self.runner.device, self._mask(members, tokens, depth), self.counts)
             new, q = draft_tokens(batch, logits, tokens[:len(members)])
             tokens[:len(members), depth] = new
             if q is not None:
