@@ -122,7 +122,7 @@ class RowBatch:
         got = up.send(device) if sent else None
         for name, handle in sent.items():
             setattr(self, name, got(handle))
-        if self.penalised:
+        if "new_ids" in sent:
             counts.add(self.new_rows, self.new_ids, self.new_output)
 
     def _added(self, seqs: list[Sequence], params: list[SamplingParams], eos_token_ids: list[int]
@@ -149,9 +149,10 @@ class RowBatch:
             drafts[0].extend([j] * self.extra[i])
             drafts[1].extend([self.seq_of[i]] * self.extra[i])
             drafts[2].extend(range(self.extra[i]))
-        names = ("count_rows", "new_rows", "new_ids", "draft_rows", "draft_seqs", "draft_index")
-        handles = {name: up.add(values) for name, values in zip(names, (rows, *new[:2], *drafts))}
-        handles["new_output"] = up.add(new[2], torch.bool)
+        names = ("count_rows", "draft_rows", "draft_seqs", "draft_index")
+        handles = {name: up.add(values) for name, values in zip(names, (rows, *drafts))}
+        if new[0]:  # nothing to count at the later drafting depths of a step
+            handles.update(new_rows=up.add(new[0]), new_ids=up.add(new[1]), new_output=up.add(new[2], torch.bool))
         handles["penalised_rows"] = up.add(self.penalised)
         for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"):
             handles[name] = up.add([getattr(params[i], name) for i in self.penalised], torch.float32)
@@ -199,40 +200,37 @@ class TokenCounts:
     def __init__(self, vocab_size: int, device: torch.device) -> None:
         self.output = torch.zeros(0, vocab_size, device=device)
         self.seen = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
-        self.rows: dict[Sequence, int] = {}
-        self.counted: dict[Sequence, int] = {}  # a sequence's tokens counted so far
+        self.rows: dict[Sequence, tuple[int, int]] = {}  # its row, and how many of its tokens it counts
 
     def track(self, seqs: list[Sequence]) -> tuple[list[int], tuple[list[int], list[int], list[bool]]]:
         """Each sequence's row (a new one starts empty) and what to add: (row, token, in the output)
         for every token appended since its last count, each sequence once."""
         for seq in [s for s in self.rows if s.finished]:
-            self.counted.pop(seq)
-            self.rows.pop(seq)
+            del self.rows[seq]
         new: tuple[list[int], list[int], list[bool]] = ([], [], [])
         for seq in dict.fromkeys(seqs):
-            if seq not in self.rows:
-                self._assign(seq)
-            start = self.counted[seq]
-            new[0].extend([self.rows[seq]] * (seq.num_tokens - start))
+            row, start = self.rows.get(seq) or (self._free_row(), 0)
+            new[0].extend([row] * (seq.num_tokens - start))
             new[1].extend(seq.token_ids[start:])
             new[2].extend(i >= seq.num_prompt_tokens for i in range(start, seq.num_tokens))
-            self.counted[seq] = seq.num_tokens
-        return [self.rows[seq] for seq in seqs], new
+            self.rows[seq] = row, seq.num_tokens
+        return [self.rows[seq][0] for seq in seqs], new
 
     def add(self, rows: torch.Tensor, ids: torch.Tensor, output: torch.Tensor) -> None:
         """Count tokens (`track`'s triples, on the device)."""
         self.seen[rows, ids] = True
         self.output.index_put_((rows, ids), output.float(), accumulate=True)
 
-    def _assign(self, seq: Sequence) -> None:
-        row = min(set(range(len(self.output))) - set(self.rows.values()), default=len(self.output))
-        if row == len(self.output):  # grow: twice the rows
+    def _free_row(self) -> int:
+        """A row no tracked sequence holds, emptied (the tables grow to twice their rows when full)."""
+        row = min(set(range(len(self.output))) - {r for r, _ in self.rows.values()}, default=len(self.output))
+        if row == len(self.output):
             grown = max(4, 2 * row)
             self.output = torch.cat([self.output, self.output.new_zeros(grown - row, self.output.shape[1])])
             self.seen = torch.cat([self.seen, self.seen.new_zeros(grown - row, self.seen.shape[1])])
         self.output[row] = 0
         self.seen[row] = False
-        self.rows[seq], self.counted[seq] = row, 0
+        return row
 
 
 def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
