@@ -353,6 +353,30 @@ def test_prefill_attention_matches_reference(dtype, case):
     torch.testing.assert_close(out.float().cpu(), ref.float(), atol=tol, rtol=tol)
 
 
+def test_attention_kernels_reach_blocks_past_2_31_cache_elements():
+    """A sequence whose blocks lie at the end of a cache of more than 2^31 elements (4 GiB in fp16: a
+    real engine's caches are tens of GB) is read where it lies: int32 offsets wrapped there (an
+    illegal address on the GPU). Keys and values share the one big tensor; the twins read a small
+    cache holding the same blocks."""
+    from stepflash.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+
+    block_size, head_dim, rows = 16, 64, 40
+    q, k, _, tables, seq_of, q_pos, gate = paged_batch([rows], [rows], 2, 1, head_dim, block_size, torch.float16, seed=5)
+    far = (1 << 31) // (block_size * head_dim) + 1  # block `far` starts past element 2^31
+    cache = torch.empty(far + k.shape[0], block_size, 1, head_dim, dtype=torch.float16, device=KERNEL_DEVICE)
+    cache[far:] = on_kernel_device(k)
+    decode_rows = slice(rows - 4, rows)  # a verify step's rows: one tile
+    ref = paged_attention_ref(q[decode_rows], k, k, tables, seq_of[decode_rows], q_pos[decode_rows], None,
+                              gate[decode_rows])
+    out = paged_attention(on_kernel_device(q[decode_rows]), cache, cache, on_kernel_device(tables + far),
+                          *on_kernel_device(seq_of[decode_rows], q_pos[decode_rows]), None,
+                          on_kernel_device(gate[decode_rows]))
+    torch.testing.assert_close(out.float().cpu(), ref.float(), atol=2e-3, rtol=2e-3)
+    ref = prefill_attention_ref(q, k, k, tables, seq_of, q_pos, 16)
+    out = prefill_attention(on_kernel_device(q), cache, cache, *on_kernel_device(tables + far, seq_of, q_pos), 16)
+    torch.testing.assert_close(out.float().cpu(), ref.float(), atol=3e-3, rtol=3e-3)
+
+
 @pytest.mark.parametrize("tokens, group", [(1, 16), (4, 32)])
 def test_fused_moe_reads_int4_experts_packed(tokens, group):
     """INT4 experts used packed inside the kernel equal the twin on the dequantized weights."""

@@ -118,8 +118,10 @@ if triton is not None:
     @triton.jit
     def kv_tile(Cache, row_ptr, n, n_ok, d, d_ok, kv_head, stride_b, stride_s, stride_h, BLOCK_SIZE: tl.constexpr):
         """Keys (or values) at positions n of one sequence, found through its block table (`row_ptr`
-        points where block 0's entry would be, see `table_row`): [len(n), len(d)]."""
-        block = tl.load(row_ptr + n // BLOCK_SIZE, mask=n_ok, other=0)
+        points where block 0's entry would be, see `table_row`): [len(n), len(d)]. Offsets in int64:
+        a cache of a few GB holds more than 2^31 elements (int32 offsets wrapped into illegal
+        addresses on an H200, where the engine's caches fill most of the card)."""
+        block = tl.load(row_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         offsets = block[:, None] * stride_b + (n % BLOCK_SIZE)[:, None] * stride_s + kv_head * stride_h + d[None, :]
         return tl.load(Cache + offsets, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
 
