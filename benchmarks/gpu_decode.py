@@ -240,7 +240,8 @@ def step_bytes(cfg: ModelConfig, layers, batch: int, context: int, rows: int, el
     for spec, layer in zip(cfg.decoder_layers, layers):
         for name, p in list(layer.named_parameters()) + list(layer.named_buffers()):
             size = p.numel() * p.element_size()
-            total += size * (1 - (1 - k / e) ** n) if ".moe." in name and p.dim() == 3 else size
+            routed = name.startswith("moe.") and p.dim() == 3  # stacked experts (and their scales)
+            total += size * (1 - (1 - k / e) ** n) if routed else size
         keys = min(context + rows, cfg.sliding_window) if spec.sliding_window else context + rows
         total += batch * keys * 2 * spec.num_kv_heads * spec.head_dim * elem
     return total

@@ -8,7 +8,11 @@ which the servers the tests start inherit): compiling every test engine's steps 
 tests/test_compiled.py turns it back on for its own engines.
 
 STEPFLASH_TEST_KERNELS=triton (set by benchmarks/gpu_check.sh) runs every `LLM` a test builds without
-naming `kernels` on the Triton kernels with CUDA graphs, so the engine tests check that path."""
+naming `kernels` on the Triton kernels with CUDA graphs, so the engine tests check that path.
+
+Under pytest-xdist on a GPU (gpu_check.sh runs `-n 8`), each worker sees its share of the card's free
+memory: an engine without kv_cache_bytes takes 90% of what `torch.cuda.mem_get_info` reports, and
+the first worker's engine would otherwise leave the others none."""
 
 import os
 
@@ -17,6 +21,14 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+elif int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    _workers, _mem_get_info = int(os.environ["PYTEST_XDIST_WORKER_COUNT"]), torch.cuda.mem_get_info
+
+    def _worker_share(device=None) -> tuple[int, int]:
+        free, total = _mem_get_info(device)
+        return min(free, total // (_workers + 1)), total  # +1: room for the tests' own tensors
+
+    torch.cuda.mem_get_info = _worker_share
 os.environ["TORCH_COMPILE_DISABLE"] = "1"
 
 import torchvision_stub  # noqa: E402,F401  (before anything imports transformers)

@@ -98,9 +98,11 @@ def test_fp8_linear_matches_twin(dtype, m, n, k, block):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("tokens, block", [(1, (16, 32)), (4, (128, 128))])
+@pytest.mark.parametrize("tokens, block", [(1, (16, 32)), (4, (128, 128)), (3, (16, 24))])
 def test_fused_moe_reads_fp8_experts(dtype, tokens, block):
-    """FP8 experts read byte-wise by the kernel equal the twin on the dequantized weights."""
+    """FP8 experts read byte-wise by the kernel equal the twin on the dequantized weights; kernel tiles
+    of 16 columns lie inside one scale block (scaled once per row and tile) except with blocks of 24
+    columns (scaled per value)."""
     from stepflash.kernels.moe import fused_moe, fused_moe_ref
 
     gen = torch.Generator().manual_seed(tokens)

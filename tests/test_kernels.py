@@ -4,6 +4,8 @@ windows crossing block boundaries, ragged batches, one and several query rows pe
 groups of 1 to 4 and unpadded head dims. Inputs are built on the CPU and moved to the kernel's
 device; the twins run on the CPU."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -394,8 +396,10 @@ def test_fused_moe_reads_int4_experts_packed(tokens, group):
     ref = fused_moe_ref(x, *(dequantize_int4(p, s, group) for p, s in zip(packed, scales)), ids, weights, 0.0)
     assert torch.equal(fused_moe_ref(x, *packed, ids, weights, 0.0, int4_scales=scales, group_size=group), ref)
     args, kernel_scales = on_kernel_device(x, *packed, ids, weights), on_kernel_device(*scales)
-    for grouped in (False, True):
-        out = fused_moe(*args, 0.0, block=16, int4_scales=kernel_scales, group_size=group, grouped=grouped)
+    # tiles of 16 or 32 columns: inside one group (scaled per row and tile, each byte read once) or
+    # across groups (scaled per value); the grouped path's tl.dot takes half a tile of 32 per nibble
+    for block, grouped in itertools.product((16, 32), (False, True)):
+        out = fused_moe(*args, 0.0, block=block, int4_scales=kernel_scales, group_size=group, grouped=grouped)
         torch.testing.assert_close(out.cpu(), ref, atol=1e-3, rtol=1e-4)
     assert not torch.allclose(ref, fused_moe_ref(x, *dense, ids, weights, 0.0), atol=1e-3)  # it is lossy
 

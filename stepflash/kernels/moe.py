@@ -3,8 +3,9 @@ weight are applied inside the kernels.
 
 Two launches over the (token, expert) pairs of the step (weights in the model's dtype, INT4 packed
 as `model/quant.py` writes them, or FP8 block-scaled as published; quantized weights are decoded in
-registers and multiplied by their scale S[expert, r // SR, c // SC], SR x SC = 1 x group for INT4
-and the FP8 block): the first computes
+registers, their scale S[expert, r // SR, c // SC], SR x SC = 1 x group for INT4 and the FP8 block,
+applied once per row and column tile where the tile lies in one scale block (the usual case: tiles
+are cut to fit), else per value): the first computes
 a = swiglu(x W_gate^T, x W_up^T) for a tile of the intermediate dimension, the second y = a W_down^T
 times the pair's routing weight; the k pairs of a token are summed in fp32. For a few tokens (decode)
 each program takes one pair (a matrix-vector product); for many (prefill), the pairs are sorted by
@@ -147,27 +148,57 @@ if triton is not None:
                        mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _row_dots(W, S, X, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, stride_se, stride_sr, stride_sc,
+                  BLOCK_C: tl.constexpr, INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
+                  PER_TILE: tl.constexpr):
+        """sum over c in c0 .. c0 + BLOCK_C of W[expert, r, c] x[c] (x at X, fp32 products): [len(r)].
+        Quantized weights whose column tile lies in one scale block (PER_TILE) are summed as stored
+        and scaled once per row, not once per value; INT4 then reads each byte once, its low and high
+        nibbles against x's even and odd columns."""
+        if (INT4 or FP8) and PER_TILE:
+            if INT4:
+                c = c0 + 2 * tl.arange(0, BLOCK_C // 2)
+                c_ok = c < C
+                byte = tl.load(W + expert * stride_we + r[:, None] * stride_wr + (c // 2)[None, :] * stride_wc,
+                               mask=r_ok[:, None] & c_ok[None, :], other=0).to(tl.int32)
+                x_even = tl.load(X + c, mask=c_ok, other=0.0).to(tl.float32)
+                x_odd = tl.load(X + c + 1, mask=c_ok, other=0.0).to(tl.float32)
+                dots = tl.sum(((byte & 0xF).to(tl.float32) - 8.0) * x_even[None, :]
+                              + ((byte >> 4).to(tl.float32) - 8.0) * x_odd[None, :], axis=1)
+            else:
+                c = c0 + tl.arange(0, BLOCK_C)
+                c_ok = c < C
+                w = fp8_decode(tl.load(W + expert * stride_we + r[:, None] * stride_wr + c[None, :] * stride_wc,
+                                       mask=r_ok[:, None] & c_ok[None, :], other=0))
+                dots = tl.sum(w * tl.load(X + c, mask=c_ok, other=0.0).to(tl.float32)[None, :], axis=1)
+            scale = tl.load(S + expert * stride_se + (r // SR) * stride_sr + (c0 // SC) * stride_sc, mask=r_ok,
+                            other=0.0).to(tl.float32)
+            dots = dots * scale
+        else:
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            w = _weight_tile(W, S, expert, r, c, r_ok[:, None] & c_ok[None, :], stride_we, stride_wr, stride_wc,
+                             stride_se, stride_sr, stride_sc, INT4, FP8, SR, SC)
+            dots = tl.sum(w * tl.load(X + c, mask=c_ok, other=0.0).to(tl.float32)[None, :], axis=1)
+        return dots
+
+    @triton.jit
     def _gate_up_kernel(X, Wg, Wu, Sg, Su, Ids, A, H, I, limit, top_k, stride_x, stride_we, stride_wi, stride_wh,
                         stride_se, stride_si, stride_sh, stride_a, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
-                        INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr):
+                        INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
+                        PER_TILE: tl.constexpr):
         pair = tl.program_id(0)
         i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < I
         expert = tl.load(Ids + pair)
-        token = pair // top_k
+        x_row = X + (pair // top_k) * stride_x
         acc_g = tl.zeros([BLOCK_I], tl.float32)
         acc_u = tl.zeros([BLOCK_I], tl.float32)
         for h0 in range(0, H, BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)
-            h_ok = h < H
-            x = tl.load(X + token * stride_x + h, mask=h_ok, other=0.0).to(tl.float32)
-            mask = i_ok[:, None] & h_ok[None, :]
-            wg = _weight_tile(Wg, Sg, expert, i, h, mask, stride_we, stride_wi, stride_wh, stride_se, stride_si,
-                              stride_sh, INT4, FP8, SR, SC)
-            wu = _weight_tile(Wu, Su, expert, i, h, mask, stride_we, stride_wi, stride_wh, stride_se, stride_si,
-                              stride_sh, INT4, FP8, SR, SC)
-            acc_g += tl.sum(wg * x[None, :], axis=1)
-            acc_u += tl.sum(wu * x[None, :], axis=1)
+            acc_g += _row_dots(Wg, Sg, x_row, expert, i, i_ok, h0, H, stride_we, stride_wi, stride_wh, stride_se,
+                               stride_si, stride_sh, BLOCK_H, INT4, FP8, SR, SC, PER_TILE)
+            acc_u += _row_dots(Wu, Su, x_row, expert, i, i_ok, h0, H, stride_we, stride_wi, stride_wh, stride_se,
+                               stride_si, stride_sh, BLOCK_H, INT4, FP8, SR, SC, PER_TILE)
         act = acc_g * tl.sigmoid(acc_g)
         if limit > 0:
             act = tl.minimum(act, limit)
@@ -177,19 +208,16 @@ if triton is not None:
     @triton.jit
     def _down_kernel(A, Wd, Sd, Ids, RouteW, Y, H, I, stride_a, stride_we, stride_wo, stride_wi, stride_se,
                      stride_so, stride_si, stride_y, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-                     INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr):
+                     INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
+                     PER_TILE: tl.constexpr):
         pair = tl.program_id(0)
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         o_ok = o < H
         expert = tl.load(Ids + pair)
         acc = tl.zeros([BLOCK_O], tl.float32)
         for i0 in range(0, I, BLOCK_I):
-            i = i0 + tl.arange(0, BLOCK_I)
-            i_ok = i < I
-            a = tl.load(A + pair * stride_a + i, mask=i_ok, other=0.0)
-            w = _weight_tile(Wd, Sd, expert, o, i, o_ok[:, None] & i_ok[None, :], stride_we, stride_wo, stride_wi,
-                             stride_se, stride_so, stride_si, INT4, FP8, SR, SC)
-            acc += tl.sum(w * a[None, :], axis=1)
+            acc += _row_dots(Wd, Sd, A + pair * stride_a, expert, o, o_ok, i0, I, stride_we, stride_wo, stride_wi,
+                             stride_se, stride_so, stride_si, BLOCK_I, INT4, FP8, SR, SC, PER_TILE)
         route = tl.load(RouteW + pair).to(tl.float32)
         tl.store(Y + pair * stride_y + o, acc * route, mask=o_ok)
 
@@ -204,35 +232,71 @@ if triton is not None:
         return tl.load(BlockExpert + b), count, m_ok, pair
 
     @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """a @ b with an fp32 accumulator; fp32 inputs stay fp32 on a GPU (IEEE, not tf32)."""
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _tile_dots(W, S, x_rows, m_ok, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, stride_se,
+                   stride_sr, stride_sc, BLOCK_C: tl.constexpr, INT4: tl.constexpr, FP8: tl.constexpr,
+                   SR: tl.constexpr, SC: tl.constexpr, PER_TILE: tl.constexpr, IEEE: tl.constexpr):
+        """[M, len(r)]: rows x (pointers x_rows [M, 1], masked by m_ok) times W[expert, r, c]^T over the
+        columns c0 .. c0 + BLOCK_C, by tl.dot in x's dtype. With PER_TILE (the column tile inside one
+        scale block) quantized values enter the product as stored (exact in fp16 / bf16) and each
+        output column is scaled once; INT4 as two products, low nibbles against x's even columns and
+        high ones against its odd columns."""
+        if (INT4 or FP8) and PER_TILE:
+            if INT4:
+                c = c0 + 2 * tl.arange(0, BLOCK_C // 2)
+                c_ok = c < C
+                byte = tl.load(W + expert * stride_we + r[:, None] * stride_wr + (c // 2)[None, :] * stride_wc,
+                               mask=r_ok[:, None] & c_ok[None, :], other=0).to(tl.int32)
+                x_even = tl.load(x_rows + c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+                x_odd = tl.load(x_rows + c[None, :] + 1, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+                low = ((byte & 0xF) - 8).to(x_even.dtype)
+                high = ((byte >> 4) - 8).to(x_even.dtype)
+                dots = _dot(x_even, tl.trans(low), IEEE) + _dot(x_odd, tl.trans(high), IEEE)
+            else:
+                c = c0 + tl.arange(0, BLOCK_C)
+                c_ok = c < C
+                x = tl.load(x_rows + c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+                w = fp8_decode(tl.load(W + expert * stride_we + r[:, None] * stride_wr + c[None, :] * stride_wc,
+                                       mask=r_ok[:, None] & c_ok[None, :], other=0))
+                dots = _dot(x, tl.trans(w.to(x.dtype)), IEEE)
+            scale = tl.load(S + expert * stride_se + (r // SR) * stride_sr + (c0 // SC) * stride_sc, mask=r_ok,
+                            other=0.0).to(tl.float32)
+            dots = dots * scale[None, :]
+        else:
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            x = tl.load(x_rows + c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            w = _weight_tile(W, S, expert, r, c, r_ok[:, None] & c_ok[None, :], stride_we, stride_wr, stride_wc,
+                             stride_se, stride_sr, stride_sc, INT4, FP8, SR, SC).to(x.dtype)
+            dots = _dot(x, tl.trans(w), IEEE)
+        return dots
+
+    @triton.jit
     def _grouped_gate_up_kernel(X, Wg, Wu, Sg, Su, Sorted, BlockExpert, BlockStart, BlockRows, A, H, I, limit, top_k,
                                 stride_x, stride_we, stride_wi, stride_wh, stride_se, stride_si, stride_sh, stride_a,
                                 BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
                                 INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
-                                IEEE: tl.constexpr):
+                                PER_TILE: tl.constexpr, IEEE: tl.constexpr):
         """One program per (block of up to BLOCK_M pairs routed to one expert, tile of I): x rows
         [BLOCK_M, BLOCK_H] times the expert's weight tiles by tl.dot, so a weight tile is read once
         for the block. Blocks with no rows (the static grid's spare ones) read nothing."""
         expert, rows, m_ok, pair = _block_of_pairs(Sorted, BlockExpert, BlockStart, BlockRows, BLOCK_M)
-        token = pair // top_k
+        x_rows = X + (pair // top_k)[:, None] * stride_x
         i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < I
         acc_g = tl.zeros([BLOCK_M, BLOCK_I], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_I], tl.float32)
         for h0 in range(0, tl.where(rows > 0, H, 0), BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)
-            h_ok = h < H
-            x = tl.load(X + token[:, None] * stride_x + h[None, :], mask=m_ok[:, None] & h_ok[None, :], other=0.0)
-            mask = i_ok[:, None] & h_ok[None, :]
-            wg = _weight_tile(Wg, Sg, expert, i, h, mask, stride_we, stride_wi, stride_wh, stride_se, stride_si,
-                              stride_sh, INT4, FP8, SR, SC).to(x.dtype)
-            wu = _weight_tile(Wu, Su, expert, i, h, mask, stride_we, stride_wi, stride_wh, stride_se, stride_si,
-                              stride_sh, INT4, FP8, SR, SC).to(x.dtype)
-            if IEEE:
-                acc_g += tl.dot(x, tl.trans(wg), input_precision="ieee")
-                acc_u += tl.dot(x, tl.trans(wu), input_precision="ieee")
-            else:
-                acc_g += tl.dot(x, tl.trans(wg))
-                acc_u += tl.dot(x, tl.trans(wu))
+            acc_g += _tile_dots(Wg, Sg, x_rows, m_ok, expert, i, i_ok, h0, H, stride_we, stride_wi, stride_wh,
+                                stride_se, stride_si, stride_sh, BLOCK_H, INT4, FP8, SR, SC, PER_TILE, IEEE)
+            acc_u += _tile_dots(Wu, Su, x_rows, m_ok, expert, i, i_ok, h0, H, stride_we, stride_wi, stride_wh,
+                                stride_se, stride_si, stride_sh, BLOCK_H, INT4, FP8, SR, SC, PER_TILE, IEEE)
         act = acc_g * tl.sigmoid(acc_g)
         if limit > 0:
             act = tl.minimum(act, limit)
@@ -244,21 +308,14 @@ if triton is not None:
                              stride_we, stride_wo, stride_wi, stride_se, stride_so, stride_si, stride_y,
                              BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
                              INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
-                             IEEE: tl.constexpr):
+                             PER_TILE: tl.constexpr, IEEE: tl.constexpr):
         expert, rows, m_ok, pair = _block_of_pairs(Sorted, BlockExpert, BlockStart, BlockRows, BLOCK_M)
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         o_ok = o < H
         acc = tl.zeros([BLOCK_M, BLOCK_O], tl.float32)
         for i0 in range(0, tl.where(rows > 0, I, 0), BLOCK_I):
-            i = i0 + tl.arange(0, BLOCK_I)
-            i_ok = i < I
-            a = tl.load(A + pair[:, None] * stride_a + i[None, :], mask=m_ok[:, None] & i_ok[None, :], other=0.0)
-            w = _weight_tile(Wd, Sd, expert, o, i, o_ok[:, None] & i_ok[None, :], stride_we, stride_wo, stride_wi,
-                             stride_se, stride_so, stride_si, INT4, FP8, SR, SC).to(a.dtype)
-            if IEEE:
-                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(w))
+            acc += _tile_dots(Wd, Sd, A + pair[:, None] * stride_a, m_ok, expert, o, o_ok, i0, I, stride_we, stride_wo,
+                              stride_wi, stride_se, stride_so, stride_si, BLOCK_I, INT4, FP8, SR, SC, PER_TILE, IEEE)
         route = tl.load(RouteW + pair, mask=m_ok, other=0.0).to(tl.float32)
         tl.store(Y + pair[:, None] * stride_y + o[None, :], acc * route[:, None], mask=m_ok[:, None] & o_ok[None, :])
 
@@ -328,6 +385,8 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     quant = {"INT4": int4_scales is not None, "FP8": fp8_scales is not None, "SR": scale_block[0],
              "SC": scale_block[1]}
     tiles = tile_sizes(x.device) if block is None else MoETiles(block, block, block)
+    if quant["SC"] & (quant["SC"] - 1) == 0 and (int4_scales is not None or fp8_scales is not None):
+        tiles.inner = min(tiles.inner, quant["SC"])  # column tiles inside one scale block: see _row_dots
     x = x.contiguous()
     flat_ids = ids.reshape(-1).to(torch.int32).contiguous()
     flat_w = weights.reshape(-1).float().contiguous()
@@ -336,7 +395,9 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     if grouped if grouped is not None else tokens >= GROUPED_MIN_TOKENS:
         a = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # rounded as the model's own FFN rounds
         blocks = expert_blocks(ids, w_gate.shape[0], block_m)
-        dots = {**quant, "BLOCK_M": block_m, "IEEE": x.dtype == torch.float32}
+        # INT4 per tile takes two products of half the tile's columns: tl.dot wants 16 at least
+        per_tile = quant["SC"] % tiles.grouped == 0 and (int4_scales is None or tiles.grouped >= 32)
+        dots = {**quant, "BLOCK_M": block_m, "PER_TILE": per_tile, "IEEE": x.dtype == torch.float32}
         _grouped_gate_up_kernel[(blocks[1].numel(), triton.cdiv(inter, tiles.grouped))](
             x, w_gate, w_up, s_gate, s_up, *blocks, a, hidden, inter, float(limit), top_k, x.stride(0),
             *w_gate.stride(), *s_gate.stride(), a.stride(0), BLOCK_I=tiles.grouped, BLOCK_H=tiles.grouped, **dots)
@@ -345,10 +406,11 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
             y.stride(0), BLOCK_O=tiles.grouped, BLOCK_I=tiles.grouped, **dots)
         return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
     a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
+    per_tile = quant["SC"] % tiles.inner == 0
     _gate_up_kernel[(pairs, triton.cdiv(inter, tiles.rows))](
         x, w_gate, w_up, s_gate, s_up, flat_ids, a, hidden, inter, float(limit), top_k, x.stride(0), *w_gate.stride(),
-        *s_gate.stride(), a.stride(0), BLOCK_I=tiles.rows, BLOCK_H=tiles.inner, **quant)
+        *s_gate.stride(), a.stride(0), BLOCK_I=tiles.rows, BLOCK_H=tiles.inner, **quant, PER_TILE=per_tile)
     _down_kernel[(pairs, triton.cdiv(hidden, tiles.rows))](
         a, w_down, s_down, flat_ids, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), *s_down.stride(),
-        y.stride(0), BLOCK_O=tiles.rows, BLOCK_I=tiles.inner, **quant)
+        y.stride(0), BLOCK_O=tiles.rows, BLOCK_I=tiles.inner, **quant, PER_TILE=per_tile)
     return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
