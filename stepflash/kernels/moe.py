@@ -14,6 +14,7 @@ block's rows by a weight tile with tl.dot, reading each weight tile once per blo
 per pair. `fused_moe_ref` is the PyTorch twin, and the model's own MoE where the kernels are off.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -386,7 +387,7 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
              "SC": scale_block[1]}
     tiles = tile_sizes(x.device) if block is None else MoETiles(block, block, block)
     if quant["SC"] & (quant["SC"] - 1) == 0 and (int4_scales is not None or fp8_scales is not None):
-        tiles.inner = min(tiles.inner, quant["SC"])  # column tiles inside one scale block: see _row_dots
+        tiles = dataclasses.replace(tiles, inner=min(tiles.inner, quant["SC"]))  # inside one scale block: _row_dots
     x = x.contiguous()
     flat_ids = ids.reshape(-1).to(torch.int32).contiguous()
     flat_w = weights.reshape(-1).float().contiguous()

@@ -1,0 +1,113 @@
+"""The routed-expert kernels alone at the real Step-3.5-Flash shape (288 experts of 4096 x 1280, top 8),
+for each weight format and a few tile sizes: what to set `kernels.moe.tile_sizes` to on this card.
+
+One-pair kernels (decode: 1 and 8 tokens) with 8, 16 or 32 weight rows per program; grouped kernels
+(16 and 64 tokens) with tl.dot tiles of 32, 64 or 128. Each point: CUDA-event median of `--iters`
+calls on fresh random routes (distinct experts per token), achieved GB/s = the selected experts'
+bytes (weights and scales, each read once) / time, and its fraction of the measured copy bandwidth.
+The JSON is rewritten after every point.
+
+    python benchmarks/gpu_moe.py --out moe.json
+    TRITON_INTERPRET=1 python benchmarks/gpu_moe.py --device cpu --tiny   # a dry run of the code path
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+import stepflash.kernels.moe as moe
+from stepflash.model.quant import quantize_int4
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_decode import FP8_BLOCK, copy_bandwidth, git_commit, time_ms  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from checkpoints import quantize_fp8  # noqa: E402
+
+
+def expert_weights(experts: int, hidden: int, inter: int, weights: str, device, dtype) -> tuple[list, dict]:
+    """Random gate, up, down stacks in the format, and the fused_moe keywords that say it (INT4 in
+    groups of 128, or fewer where a dimension is smaller: tiny shapes)."""
+    dense = [torch.randn(experts, inter, hidden, device=device, dtype=dtype) * 0.02 for _ in range(2)]
+    dense.append(torch.randn(experts, hidden, inter, device=device, dtype=dtype) * 0.02)
+    group = math.gcd(128, hidden, inter)
+    if weights == "bf16":
+        return dense, {}
+    chunk = 32  # experts quantized at a time: bounds the fp32 temporaries
+    stored, scales = [], []
+    for w in dense:
+        parts = [(quantize_int4(w[e:e + chunk], group) if weights == "int4" else quantize_fp8(w[e:e + chunk], FP8_BLOCK))
+                 for e in range(0, experts, chunk)]
+        stored.append(torch.cat([p[0] for p in parts]))
+        scales.append(torch.cat([p[1] for p in parts]))
+    del dense
+    if weights == "int4":
+        return stored, {"int4_scales": tuple(s.to(dtype) for s in scales), "group_size": group}
+    return stored, {"fp8_scales": tuple(scales), "fp8_block": FP8_BLOCK}
+
+
+def routes(tokens: int, experts: int, top_k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.stack([torch.randperm(experts, device=device)[:top_k] for _ in range(tokens)])
+    return ids, torch.rand(tokens, top_k, device=device)
+
+
+def selected_bytes(stored: list, kwargs: dict, ids: torch.Tensor) -> int:
+    """Bytes of the distinct selected experts' weights and scales."""
+    scales = kwargs.get("int4_scales") or kwargs.get("fp8_scales") or ()
+    per_expert = sum(t[0].numel() * t.element_size() for t in [*stored, *scales])
+    return ids.unique().numel() * per_expert
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the code path")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    experts, hidden, inter, top_k = (16, 64, 32, 4) if args.tiny else (288, 4096, 1280, 8)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter has no bf16
+    bandwidth = copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    record = {"benchmark": "gpu_moe", "commit": git_commit(), "device": name, "copy_gb_per_s": bandwidth,
+              "shape": {"experts": experts, "hidden": hidden, "inter": inter, "top_k": top_k}, "results": []}
+    print(f"device {name}; copy bandwidth {bandwidth or math.nan:.0f} GB/s; default tiles {moe.tile_sizes(device)}")
+    one_pair = [moe.MoETiles(rows, 256, 64) for rows in (8, 16, 32)]
+    grouped = [moe.MoETiles(16, 256, edge) for edge in (32, 64, 128)]
+    points = [(1, one_pair), (8, one_pair), (16, grouped), (64, grouped)]
+    if args.tiny:  # the interpreter takes seconds a call
+        points = [(1, one_pair[:1]), (16, grouped[:1])]
+    for weights in ("int4", "fp8", "bf16"):
+        stored, kwargs = expert_weights(experts, hidden, inter, weights, device, dtype)
+        for tokens, configs in points:
+            x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+            for tiles in configs:
+                moe.tile_sizes = lambda _device, tiles=tiles: tiles
+                calls = [routes(tokens, experts, top_k, device) for _ in range(1 if args.tiny else 4)]
+                ms = []
+                for ids, w in calls:  # fresh routes: no call re-reads the last one's weights from L2
+                    ms.append(time_ms(lambda: moe.fused_moe(x, *stored, ids, w, 0.0, **kwargs), device,
+                                      max(1, args.iters // len(calls))))
+                ms = sorted(ms)[len(ms) // 2]
+                nbytes = sum(selected_bytes(stored, kwargs, ids) for ids, _ in calls) / len(calls)
+                gb_per_s = nbytes / (ms / 1e3) / 1e9
+                point = {"weights": weights, "tokens": tokens, "rows": tiles.rows, "inner": tiles.inner,
+                         "grouped": tiles.grouped, "ms": ms, "gb_per_s": gb_per_s,
+                         "roofline_fraction": gb_per_s / bandwidth if bandwidth else None}
+                record["results"].append(point)
+                args.out.write_text(json.dumps(record, indent=1))
+                print(f"{weights:>4} tokens {tokens:>3} tiles {tiles.rows}x{tiles.inner}/{tiles.grouped}: {ms * 1e3:8.1f} us, "
+                      f"{gb_per_s:6.0f} GB/s ({100 * (point['roofline_fraction'] or math.nan):.0f}% of copy)")
+        del stored, kwargs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
