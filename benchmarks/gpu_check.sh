@@ -13,7 +13,8 @@
 #   decode-fp8, decode-int4, decode-bf16   benchmarks/gpu_decode.py at the real shape: 4 layers
 #                  extrapolated to 45, except int4 with all 45 layers where the card holds them
 #                  (>= 130 GiB: H200); batch 1/8/32 x context 1K/32K/128K, verify steps k = 1..3,
-#                  achieved GB/s vs measured copy GB/s; projection with tau 3.5 (MTP-3, bundled model)
+#                  achieved GB/s vs measured copy GB/s; projection with tau 3.5 (MTP-3, bundled model);
+#                  first, the time per kernel of a batch-1 step (torch.profiler)
 #   e2e            benchmarks/gpu_e2e.py: LLM at the real layer shapes with kernels + graphs + MTP-3,
 #                  greedy tokens equal to kernels="torch" (float32; bfloat16 agreement reported)
 #
@@ -83,7 +84,7 @@ PYTEST=(python3 -m pytest -v -p no:cacheprovider --tb=short)
 # compiler on the CPU (~3-16 s a test, 16 cores); tests/conftest.py gives each worker its share of
 # the card's memory
 [[ $DRY != 1 ]] && python3 -c "import xdist" 2>/dev/null && PYTEST+=(-n 8 -p no:benchmark)
-DECODE=(python3 benchmarks/gpu_decode.py --iters 10 --tau 3.5 --tau-source "tau measured on the bundled model (MTP-3)")
+DECODE=(python3 benchmarks/gpu_decode.py --iters 10 --profile --tau 3.5 --tau-source "tau measured on the bundled model (MTP-3)")
 E2E=(python3 benchmarks/gpu_e2e.py)
 MOE=(python3 benchmarks/gpu_moe.py)
 INT4_LAYERS=4
@@ -191,6 +192,10 @@ for w, d in decode.items():
             verify = " | ".join(num(best_ms(by.get((b, c, j)))) for j in (1, 2, 3))
             print(f"| {w} | {d['layers']} | {b} | {c} | {num(best_ms(r))} | {num(r['gb_per_s'], 0)} | "
                   f"{num(r['roofline_fraction'])} | {verify} | {num(r['tokens_per_s_45_layers'], 0)} |")
+for w, d in decode.items():
+    for point, kernels in ((d or {}).get("profile") or {}).items():
+        print(f"\nkernels ({w}, {d['layers']} layers, {point}): " + "; ".join(
+            f"{k['kernel'][:40]} {num(k['us_per_step'], 0)} us x{num(k['calls_per_step'], 0)}" for k in kernels[:6]))
 for w, d in decode.items():
     if d and (p := d.get("projection")):
         print(f"\nprojection ({w}): {num(p['tokens_per_s'], 0)} tokens/s single stream with MTP-3, tau {p['tau']}: "

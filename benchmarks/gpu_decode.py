@@ -40,6 +40,7 @@ from stepflash.kernels.rope_kv import rope_kv_write, rope_kv_write_ref
 from stepflash.kernels.tiles import prefill_tiles
 from stepflash.kernels.paged_attention import paged_attention, paged_attention_ref
 from stepflash.model.linear import Fp8Linear
+from stepflash.model.loader import FP32_PARAMS
 from stepflash.model.quant import quantize_int4
 from stepflash.model.step3p5 import DecoderLayer, rope_tables
 from stepflash.model.step3p5 import use_kernels as set_kernels
@@ -138,8 +139,10 @@ def build(cfg: ModelConfig, device, dtype, weights: str, seed: int = 0) -> list[
         finally:
             torch.set_default_dtype(default)
         with torch.no_grad():
-            for p in layer.parameters():
+            for name, p in layer.named_parameters():
                 p.normal_(0, 0.02) if p.dim() > 1 else p.zero_()
+                if f".{name}".endswith(FP32_PARAMS):  # the router in fp32, as the loader keeps it
+                    p.data = p.data.float()
         quantize_layer(layer, weights)
         layers.append(layer)
     return layers
@@ -258,6 +261,27 @@ def copy_bandwidth(device) -> float | None:
     return 2 * (1 << 30) / (ms / 1e3) / 1e9
 
 
+def kernel_profile(layers, cfg, device, dtype, context: int, rows: int, steps: int = 5) -> list[dict]:
+    """Device time per kernel name in one step of batch 1 (eager: the kernels a graph replays), the
+    largest first: where the step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ctx = make_context(cfg, 1, context, rows, device, dtype)
+    use_kernels(layers, ctx, True)
+    fn = step_fn(layers, cfg, ctx, torch.randn(rows, cfg.hidden_size, device=device, dtype=dtype))
+    fn()
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 or device.type != "cuda"]
+    total = (lambda e: e.device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    return [{"kernel": e.key, "calls_per_step": e.count / steps, "us_per_step": total(e) / steps}
+            for e in sorted(events, key=total, reverse=True)[:20]]
+
+
 def measure(layers, cfg, device, dtype, batch: int, context: int, rows: int, iters: int, peer: bool) -> dict:
     """One step of `rows` query rows per sequence: kernels eager and graphed, and (peer) the PyTorch path."""
     ctx = make_context(cfg, batch, context, rows, device, dtype)
@@ -323,6 +347,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the code path")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--profile", action="store_true", help="first, the time per kernel of a batch-1 step "
+                    "(1 and 4 rows) at the first context, from torch.profiler")
     ap.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/gpu_decode-...json; "
                     "none with --tiny)")
     args = ap.parse_args()
@@ -360,6 +386,16 @@ def main() -> int:
         print(f"kernel path vs PyTorch path: max relative difference {err:.2e}")
         save()
         contexts = [min(int(c), 64) if args.tiny else int(c) for c in args.context.split(",")]
+        if args.profile:  # before the grid, which may run out of time
+            record["profile"] = {}
+            for rows in (1, 4):
+                kernels = record["profile"][f"batch 1, context {contexts[0]}, rows {rows}"] = kernel_profile(
+                    layers, cfg, device, dtype, contexts[0], rows)
+                print(f"kernels of one step, batch 1, context {contexts[0]}, {rows} row(s), {args.layers} layers "
+                      f"(us per step, calls per step):")
+                for k in kernels[:12]:
+                    print(f"  {k['us_per_step']:9.1f} us {k['calls_per_step']:6.0f}x  {k['kernel'][:90]}")
+            save()
         for batch in [int(b) for b in args.batch.split(",")]:
             for context in contexts:
                 for k in [0] + [int(m) for m in args.mtp.split(",")]:
