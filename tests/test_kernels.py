@@ -203,6 +203,28 @@ def test_fused_moe_matches_the_model_moe(dtype, tokens, hidden, inter, experts, 
         torch.testing.assert_close(ref, moe_loop(x, *ws, ids, weights, limit), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tokens, experts, top_k, bias, renormalize", [
+    (1, 288, 8, True, True),  # the release's router at batch 1
+    (5, 288, 8, False, True),
+    (3, 12, 3, True, False),  # experts not a power of two, k not either, weights not renormalised
+])
+def test_route_kernel_matches_its_twin(tokens, experts, top_k, bias, renormalize):
+    """The routing kernel picks the twin's experts (in its order: by score + bias, highest first)
+    and gives them the twin's weights; the bias steers the choice but not the weights."""
+    from stepflash.kernels.router import route, route_ref
+
+    gen = torch.Generator().manual_seed(experts + tokens)
+    logits = torch.randn(tokens, experts, generator=gen) * 2
+    b = torch.randn(experts, generator=gen) if bias else None
+    ref_ids, ref_w = route_ref(logits, b, top_k, 2.5, renormalize)
+    ids, w = route(*on_kernel_device(logits, b), top_k, 2.5, renormalize)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert torch.equal(ids.cpu().long(), ref_ids)
+    torch.testing.assert_close(w.cpu(), ref_w, atol=1e-6, rtol=1e-6)
+    if bias:  # the bias changed the choice here, so the test sees it used
+        assert not torch.equal(ref_ids, route_ref(logits, None, top_k, 2.5, renormalize)[0])
+
+
 def moe_loop(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
              weights: torch.Tensor, limit: float) -> torch.Tensor:
     """The routed experts written out, token by token and expert by expert, in fp32."""

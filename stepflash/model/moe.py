@@ -6,6 +6,7 @@ from torch import nn
 
 from stepflash.distributed import Parallel
 from stepflash.kernels.moe import fused_moe, fused_moe_ref, swiglu
+from stepflash.kernels.router import route, route_ref
 from stepflash.model.linear import PackedLinear, StackedLinear
 
 
@@ -63,14 +64,10 @@ class MoE(nn.Module):
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sigmoid scores in fp32; the bias steers selection only; chosen weights renormalised and
-        scaled. Returns (expert ids [T, k], weights [T, k] fp32)."""
-        scores = torch.sigmoid(F.linear(h.float(), self.gate.weight.float()))
-        choice = scores if self.router_bias is None else scores + self.router_bias.float()
-        ids = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, ids)
-        if self.renormalize:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return ids, weights * self.scaling
+        scaled (kernels/router.py). Returns (expert ids [T, k], weights [T, k] fp32)."""
+        logits = F.linear(h.float(), self.gate.weight.float())
+        return (route if self.use_kernel else route_ref)(logits, self.router_bias, self.top_k, self.scaling,
+                                                         self.renormalize)
 
     def local_routes(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routes in this rank's expert numbering; another rank's expert becomes local expert 0 at weight 0."""
