@@ -25,8 +25,12 @@ elif int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     _workers, _mem_get_info = int(os.environ["PYTEST_XDIST_WORKER_COUNT"]), torch.cuda.mem_get_info
 
     def _worker_share(device=None) -> tuple[int, int]:
+        """What this worker may still take: its share (+1: room for the tests' own tensors) less what
+        it holds, and no more than the card has free plus what its allocator keeps cached (an engine
+        a test dropped leaves its cache there, for the next engine to reuse)."""
         free, total = _mem_get_info(device)
-        return min(free, total // (_workers + 1)), total  # +1: room for the tests' own tensors
+        held, cached = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+        return max(0, min(free + cached - held, total // (_workers + 1) - held)), total
 
     torch.cuda.mem_get_info = _worker_share
 os.environ["TORCH_COMPILE_DISABLE"] = "1"

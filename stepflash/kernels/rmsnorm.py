@@ -53,6 +53,8 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     projection: no copy first)."""
     if triton is None:
         raise RuntimeError("add_rmsnorm needs triton (pip install triton)")
+    if delta is not None and x.dim() != 2:
+        raise ValueError(f"add_rmsnorm with a delta takes rows [T, H], got x of shape {tuple(x.shape)}")
     if delta is not None or x.dim() != 3 or x.stride(-1) != 1:
         x = x.contiguous()
     rows = x if x.dim() == 3 else x.view(x.shape[0], 1, x.shape[1])  # [T, heads, H]
