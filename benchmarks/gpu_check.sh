@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check (issue 13) in one device call of at most 8 minutes; what is worth keeping lands in
-# $OUT: log.txt (all output), moe.json (gpu_moe.py), decode-fp8.json, decode-int4.json, decode-bf16.json
+# $OUT: log.txt (all output), tiles.json (gpu_tiles.py), decode-fp8.json, decode-int4.json, decode-bf16.json
 # (gpu_decode.py), e2e.json (gpu_e2e.py) and summary.md, the table printed last. Steps, each under `timeout` (a failure
 # is recorded and the next step runs; exit status 1 if any step was not ok):
 #   tests-kernels  tests/test_kernels.py tests/test_fp8.py compiled on CUDA, bf16 cases included
@@ -8,8 +8,9 @@
 #   tests-engine   tests/test_engine.py tests/test_speculative.py tests/test_structured.py (grammar
 #                  masks applied on the device, under MTP) with every `LLM` a test builds on
 #                  kernels="triton" + CUDA graphs (STEPFLASH_TEST_KERNELS=triton, see tests/conftest.py)
-#   moe-tiles      benchmarks/gpu_moe.py: the routed-expert kernels alone at the real shape, each weight
-#                  format, 1/8/16/64 tokens, three tile sizes each (moe.json): what tile_sizes should say
+#   tiles          benchmarks/gpu_tiles.py: the routed-expert kernels alone at the real shape, each weight
+#                  format, 1/8/16/64 tokens, and the FP8 linear at 1/4 rows, three tile sizes each
+#                  (tiles.json): what their default tiles should be
 #   decode-fp8, decode-int4, decode-bf16   benchmarks/gpu_decode.py at the real shape: 4 layers
 #                  extrapolated to 45, except int4 with all 45 layers where the card holds them
 #                  (>= 130 GiB: H200); batch 1/8/32 x context 1K/32K/128K, verify steps k = 1..3,
@@ -26,7 +27,7 @@
 # the H200 holds all 45 int4 layers, which the single-stream projection wants: where none is lent,
 # leave kind out and int4 is measured on 4 layers and extrapolated, like fp8 and bf16).
 # Knobs: STEPS (the steps to run, by name), T_TESTS_KERNELS, T_TESTS_GRAPHS, T_TESTS_ENGINE, T_DECODE_FP8,
-# T_MOE_TILES, T_DECODE_INT4, T_DECODE_BF16, T_E2E (each step's seconds), TOTAL (the whole script's, 500): a second
+# T_TILES, T_DECODE_INT4, T_DECODE_BF16, T_E2E (each step's seconds), TOTAL (the whole script's, 500): a second
 # call can rerun a part with more time, e.g. STEPS="tests-engine e2e" T_TESTS_ENGINE=300.
 # Dry run on a CPU (tests/test_gpu_check.py): GPU_CHECK_DRY=1 OUT=/tmp/gc bash benchmarks/gpu_check.sh
 # (Triton's interpreter, tiny shapes, a few tests per group).
@@ -39,7 +40,7 @@ LOG=$OUT/log.txt
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 DRY=${GPU_CHECK_DRY:-0}
-STEPS=${STEPS:-tests-kernels tests-graphs tests-engine moe-tiles decode-fp8 decode-int4 decode-bf16 e2e}
+STEPS=${STEPS:-tests-kernels tests-graphs tests-engine tiles decode-fp8 decode-int4 decode-bf16 e2e}
 TOTAL=${TOTAL:-500}  # seconds for the whole script: a step never runs past it
 START=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -86,7 +87,7 @@ PYTEST=(python3 -m pytest -v -p no:cacheprovider --tb=short)
 [[ $DRY != 1 ]] && python3 -c "import xdist" 2>/dev/null && PYTEST+=(-n 8 -p no:benchmark)
 DECODE=(python3 benchmarks/gpu_decode.py --iters 10 --profile --tau 3.5 --tau-source "tau measured on the bundled model (MTP-3)")
 E2E=(python3 benchmarks/gpu_e2e.py)
-MOE=(python3 benchmarks/gpu_moe.py)
+TILES=(python3 benchmarks/gpu_tiles.py)
 INT4_LAYERS=4
 if [[ $DRY == 1 ]]; then
     export TRITON_INTERPRET=1
@@ -96,7 +97,7 @@ if [[ $DRY == 1 ]]; then
     DECODE+=(--device cpu --tiny --layers 2 --batch 1 --context 16 --mtp 3 --iters 1)
     INT4_LAYERS=2
     E2E+=(--device cpu --tiny --dtypes float32)
-    MOE+=(--device cpu --tiny --iters 1)
+    TILES+=(--device cpu --tiny --iters 1)
 else
     K_KERNELS=() K_GRAPHS=() K_ENGINE=()
     gib=$(python3 -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30)' || echo 0)
@@ -107,11 +108,11 @@ step tests-kernels "${T_TESTS_KERNELS:-70}" "${PYTEST[@]}" tests/test_kernels.py
 step tests-graphs "${T_TESTS_GRAPHS:-25}" "${PYTEST[@]}" tests/test_graphs.py "${K_GRAPHS[@]}"
 step tests-engine "${T_TESTS_ENGINE:-110}" env STEPFLASH_TEST_KERNELS=triton "${PYTEST[@]}" tests/test_engine.py \
     tests/test_speculative.py tests/test_structured.py "${K_ENGINE[@]}"
-step moe-tiles "${T_MOE_TILES:-45}" "${MOE[@]}" --out "$OUT/moe.json"
-step decode-fp8 "${T_DECODE_FP8:-55}" "${DECODE[@]}" --weights fp8 --out "$OUT/decode-fp8.json"
+step tiles "${T_TILES:-55}" "${TILES[@]}" --out "$OUT/tiles.json"
+step decode-fp8 "${T_DECODE_FP8:-50}" "${DECODE[@]}" --weights fp8 --out "$OUT/decode-fp8.json"
 step decode-int4 "${T_DECODE_INT4:-70}" "${DECODE[@]}" --weights int4 --layers "$INT4_LAYERS" \
     --out "$OUT/decode-int4.json"
-step decode-bf16 "${T_DECODE_BF16:-35}" "${DECODE[@]}" --weights bf16 --out "$OUT/decode-bf16.json"
+step decode-bf16 "${T_DECODE_BF16:-30}" "${DECODE[@]}" --weights bf16 --out "$OUT/decode-bf16.json"
 step e2e "${T_E2E:-90}" "${E2E[@]}" --out "$OUT/e2e.json"
 
 # The summary: steps, test counts (read off the log, so a step stopped at its limit still counts),
@@ -169,14 +170,16 @@ for name, status, seconds in rows:
                   f"kernels vs torch {err and f'{err:.1e}'}")
         if p := next((r for r in d["results"] if r["batch"] == 1 and r["mtp_k"] == 0), None):
             detail += f"; batch 1, context {p['context']}: roofline_fraction {num(p['roofline_fraction'])}"
-    elif name == "moe-tiles" and (m := load("moe.json")):
+    elif name == "tiles" and (m := load("tiles.json")):
         best = {}
-        for r in m["results"]:  # the fastest tiles per weight format and token count
-            key = (r["weights"], r["tokens"])
+        for r in m["results"]:  # the fastest tiles per kernel, format or shape, and rows
+            key = (r["weights"], r["tokens"]) if r["kernel"] == "fused_moe" else (f"fp8 {r['n']}x{r['k']}", r["rows"])
             if key not in best or r["ms"] < best[key]["ms"]:
                 best[key] = r
-        detail = "; ".join(f"{w} x{t}: {r['rows']}x{r['inner']}/{r['grouped']} {num(r['ms'] * 1e3, 0)} us "
-                           f"({num(r['roofline_fraction'])} of copy)" for (w, t), r in best.items())
+        detail = "; ".join(f"{w} x{t}: " + (f"{r['rows']}x{r['inner']}/{r['grouped']}" if r["kernel"] == "fused_moe"
+                                            else f"block_n {r['block_n']}") +
+                           f" {num(r['ms'] * 1e3, 0)} us ({num(r['roofline_fraction'])} of copy)"
+                           for (w, t), r in best.items())
     elif name == "e2e" and e2e:
         detail = "; ".join(f"{dt}: tokens equal {c['tokens_equal']}{'' if c['required'] else ' (not required)'}, "
                            f"kernels + graphs {num(c['speedup'])}x torch" for dt, c in e2e["checks"].items())

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["tests-kernels", "tests-graphs", "tests-engine", "moe-tiles", "decode-fp8", "decode-int4", "decode-bf16",
+STEPS = ["tests-kernels", "tests-graphs", "tests-engine", "tiles", "decode-fp8", "decode-int4", "decode-bf16",
          "e2e"]
 
 
@@ -19,7 +19,7 @@ def test_gpu_check_dry_run(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "decode-bf16.json", "decode-fp8.json", "decode-int4.json", "e2e.json", "log.txt", "moe.json", "summary.md"]
+        "decode-bf16.json", "decode-fp8.json", "decode-int4.json", "e2e.json", "log.txt", "summary.md", "tiles.json"]
     summary = (tmp_path / "summary.md").read_text()
     assert summary.strip() in proc.stdout  # printed, last but one line (the count of steps not ok)
     lines = {line.split(" | ")[0].removeprefix("| "): line for line in summary.splitlines() if line.startswith("| ")}
@@ -32,10 +32,11 @@ def test_gpu_check_dry_run(tmp_path):
         assert [r["mtp_k"] for r in record["results"]] == [0, 3]
         assert all("roofline_fraction" in r for r in record["results"])
         assert record["projection"]["tau"] == 3.5
-    moe = json.loads((tmp_path / "moe.json").read_text())
-    assert {(r["weights"], r["tokens"]) for r in moe["results"]} == {(w, t) for w in ("int4", "fp8", "bf16")
-                                                                      for t in (1, 16)}
-    assert " us (" in lines["moe-tiles"]
+    tiles = json.loads((tmp_path / "tiles.json").read_text())
+    assert {(r["weights"], r["tokens"]) for r in tiles["results"] if r["kernel"] == "fused_moe"} == {
+        (w, t) for w in ("int4", "fp8", "bf16") for t in (1, 16)}
+    assert [r["rows"] for r in tiles["results"] if r["kernel"] == "fp8_linear"] == [1]
+    assert " us (" in lines["tiles"] and "block_n 16" in lines["tiles"]
     e2e = json.loads((tmp_path / "e2e.json").read_text())
     assert e2e["checks"]["float32"]["tokens_equal"]
     runs = [(r["kernels"], r["cuda_graphs"], r["mtp"]) for r in e2e["runs"]]

@@ -1,14 +1,17 @@
-"""The routed-expert kernels alone at the real Step-3.5-Flash shape (288 experts of 4096 x 1280, top 8),
-for each weight format and a few tile sizes: what to set `kernels.moe.tile_sizes` to on this card.
+"""Kernels alone at the real Step-3.5-Flash shapes, for a few tile sizes each: what their defaults
+should be on this card. The routed experts (288 of 4096 x 1280, top 8) in each weight format, and the
+FP8 linear at decode (1 and 4 rows) on the projections' shapes, beside PyTorch's bf16 GEMM of the
+same shape (the peer).
 
 One-pair kernels (decode: 1 and 8 tokens) with 8, 16 or 32 weight rows per program; grouped kernels
 (16 and 64 tokens) with tl.dot tiles of 32, 64 or 128. Each point: CUDA-event median of `--iters`
 calls on fresh random routes (distinct experts per token), achieved GB/s = the selected experts'
 bytes (weights and scales, each read once) / time, and its fraction of the measured copy bandwidth.
-The JSON is rewritten after every point.
+FP8 linear: tiles of 8, 16 or 32 output rows x 128 inputs; bytes = the weight and its scales. The
+JSON is rewritten after every point.
 
-    python benchmarks/gpu_moe.py --out moe.json
-    TRITON_INTERPRET=1 python benchmarks/gpu_moe.py --device cpu --tiny   # a dry run of the code path
+    python benchmarks/gpu_tiles.py --out tiles.json
+    TRITON_INTERPRET=1 python benchmarks/gpu_tiles.py --device cpu --tiny   # a dry run of the code path
 """
 
 import argparse
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 import stepflash.kernels.moe as moe
+from stepflash.kernels.fp8_linear import fp8_linear
 from stepflash.model.quant import quantize_int4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,7 +78,7 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter has no bf16
     bandwidth = copy_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    record = {"benchmark": "gpu_moe", "commit": git_commit(), "device": name, "copy_gb_per_s": bandwidth,
+    record = {"benchmark": "gpu_tiles", "commit": git_commit(), "device": name, "copy_gb_per_s": bandwidth,
               "shape": {"experts": experts, "hidden": hidden, "inter": inter, "top_k": top_k}, "results": []}
     print(f"device {name}; copy bandwidth {bandwidth or math.nan:.0f} GB/s; default tiles {moe.tile_sizes(device)}")
     one_pair = [moe.MoETiles(rows, 256, 64) for rows in (8, 16, 32)]
@@ -96,7 +100,7 @@ def main() -> int:
                 ms = sorted(ms)[len(ms) // 2]
                 nbytes = sum(selected_bytes(stored, kwargs, ids) for ids, _ in calls) / len(calls)
                 gb_per_s = nbytes / (ms / 1e3) / 1e9
-                point = {"weights": weights, "tokens": tokens, "rows": tiles.rows, "inner": tiles.inner,
+                point = {"kernel": "fused_moe", "weights": weights, "tokens": tokens, "rows": tiles.rows, "inner": tiles.inner,
                          "grouped": tiles.grouped, "ms": ms, "gb_per_s": gb_per_s,
                          "roofline_fraction": gb_per_s / bandwidth if bandwidth else None}
                 record["results"].append(point)
@@ -106,7 +110,32 @@ def main() -> int:
         del stored, kwargs
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    fp8_linears(args, device, dtype, bandwidth, record)
     return 0
+
+
+def fp8_linears(args, device, dtype, bandwidth: float | None, record: dict) -> None:
+    """The FP8 linear at decode on the projections' shapes (full layer's q/k/v/g, sliding layer's
+    o_proj, the shared expert's gate/up), tiles of 8/16/32 rows, and torch's bf16 GEMM as the peer."""
+    shapes = [(96, 64)] if args.tiny else [(10304, 4096), (4096, 12288), (2560, 4096)]
+    for n, k in shapes:
+        weight, scale_inv = quantize_fp8(torch.randn(n, k, device=device, dtype=dtype), FP8_BLOCK)
+        dense = torch.randn(n, k, device=device, dtype=dtype)
+        nbytes = weight.numel() + scale_inv.numel() * scale_inv.element_size()
+        for rows in (1,) if args.tiny else (1, 4):
+            x = torch.randn(rows, k, device=device, dtype=dtype)
+            peer_ms = time_ms(lambda: torch.nn.functional.linear(x, dense), device, args.iters)
+            for block_n in (16,) if args.tiny else (8, 16, 32):
+                ms = time_ms(lambda: fp8_linear(x, weight, scale_inv, FP8_BLOCK, block_n=block_n), device, args.iters)
+                gb_per_s = nbytes / (ms / 1e3) / 1e9
+                record["results"].append({"kernel": "fp8_linear", "n": n, "k": k, "rows": rows, "block_n": block_n,
+                                          "ms": ms, "gb_per_s": gb_per_s,
+                                          "roofline_fraction": gb_per_s / bandwidth if bandwidth else None,
+                                          "bf16_torch_ms": peer_ms})
+                args.out.write_text(json.dumps(record, indent=1))
+                print(f"fp8_linear {n}x{k} rows {rows} block_n {block_n}: {ms * 1e3:7.1f} us, {gb_per_s:6.0f} GB/s "
+                      f"({100 * (record['results'][-1]['roofline_fraction'] or math.nan):.0f}% of copy); "
+                      f"torch bf16 GEMM {peer_ms * 1e3:.1f} us")
 
 
 if __name__ == "__main__":
