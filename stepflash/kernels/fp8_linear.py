@@ -53,10 +53,13 @@ if triton is not None:
     def _fp8_linear_kernel(X, W, S, Y, M, N, K, k_run, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn,
                            stride_sk, stride_ys, stride_ym, stride_yn, BR: tl.constexpr, BC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           ONE_SCALE: tl.constexpr, IEEE: tl.constexpr):
+                           ONE_SCALE: tl.constexpr, GEMV: tl.constexpr, IEEE: tl.constexpr):
         """Program (m tile, n tile, split): the inputs k_run * split .. k_run * (split + 1) (split-K:
         at M = 1 the n tiles alone are too few programs to keep the memory system busy); with
-        several splits Y holds fp32 partial sums [splits, M, N]."""
+        several splits Y holds fp32 partial sums [splits, M, N]. GEMV (a few rows, one m tile): each
+        weight tile is decoded once and multiplied into every row in fp32 registers, no tl.dot (whose
+        rows would be padded to 16 and operands rounded to x's dtype); a tile inside one scale block is
+        then scaled once per output column, after its sum."""
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = m < M, n < N
@@ -68,49 +71,25 @@ if triton is not None:
             x = tl.load(X + m[:, None] * stride_xm + k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
             w_mask = n_ok[:, None] & k_ok[None, :]
-            byte = tl.load(W + n[:, None] * stride_wn + k[None, :] * stride_wk, mask=w_mask, other=0)
-            if ONE_SCALE:  # the tile lies in one scale block: one load, not one per value
-                scale = tl.load(S + (tl.program_id(1) * BLOCK_N // BR) * stride_sn + (k0 // BC) * stride_sk)
-            else:
-                scale = tl.load(S + (n // BR)[:, None] * stride_sn + (k // BC)[None, :] * stride_sk, mask=w_mask,
-                                other=0.0)
-            w = (fp8_decode(byte) * scale).to(x.dtype)
-            if IEEE:  # fp32 stays fp32 on a GPU (not tf32)
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
-        tl.store(Y + tl.program_id(2) * stride_ys + m[:, None] * stride_ym + n[None, :] * stride_yn,
-                 acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-    @triton.jit
-    def _fp8_gemv_kernel(X, W, S, Y, M, N, K, k_run, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn,
-                         stride_sk, stride_ys, stride_ym, stride_yn, BR: tl.constexpr, BC: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         ONE_SCALE: tl.constexpr):
-        """`_fp8_linear_kernel`'s contract for a few rows (M <= BLOCK_M, one m tile): each weight tile is
-        decoded once and multiplied into every row in fp32 registers (no tl.dot, whose rows would be
-        padded to 16 and whose operands would be rounded to x's dtype); a tile inside one scale block
-        is scaled once per output column after its sum."""
-        m = tl.arange(0, BLOCK_M)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok, n_ok = m < M, n < N
-        k_lo = tl.program_id(2) * k_run
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(k_lo, tl.minimum(k_lo + k_run, K), BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < K
-            x = tl.load(X + m[:, None] * stride_xm + k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
-            w_mask = n_ok[:, None] & k_ok[None, :]
             w = fp8_decode(tl.load(W + n[:, None] * stride_wn + k[None, :] * stride_wk, mask=w_mask, other=0))
-            if ONE_SCALE:
+            if ONE_SCALE:  # the tile lies in one scale block: a load per output column, not per value
                 scale = tl.load(S + (n // BR) * stride_sn + (k0 // BC) * stride_sk, mask=n_ok, other=0.0)
-                acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2) * scale[None, :]
             else:
                 w = w * tl.load(S + (n // BR)[:, None] * stride_sn + (k // BC)[None, :] * stride_sk, mask=w_mask,
                                 other=0.0)
-                acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
+            if GEMV:
+                part = tl.sum(w[None, :, :] * x.to(tl.float32)[:, None, :], axis=2)
+                if ONE_SCALE:
+                    part = part * scale[None, :]
+                acc += part
+            else:
+                if ONE_SCALE:
+                    w = w * scale[:, None]
+                w = w.to(x.dtype)
+                if IEEE:  # fp32 stays fp32 on a GPU (not tf32)
+                    acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, tl.trans(w), acc)
         tl.store(Y + tl.program_id(2) * stride_ys + m[:, None] * stride_ym + n[None, :] * stride_yn,
                  acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -123,7 +102,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     """The Triton kernel; same contract as `fp8_linear_ref` (x fp32, fp16 or bf16, rows M). The weight
     (float8_e4m3fn, or its uint8 view) is read as bytes in any memory layout; N and K need not be
     multiples of the tiles or of the scale blocks. Up to GEMV_MAX_ROWS rows (decode, a verify step at
-    batch 1) take matrix-vector products in fp32 (`_fp8_gemv_kernel`, tiles of 16 x 128 by default);
+    batch 1) take matrix-vector products in fp32 (the kernel's GEMV, tiles of 16 x 128 by default);
     more take tl.dot on rows padded to a tile of at least 16 (tiles of 64 x 64). `split_k` cuts K
     into that many runs summed afterwards (default: enough for ~2 programs per SM on a GPU, 1
     elsewhere)."""
@@ -151,8 +130,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     partial = split_k > 1
     y = torch.empty(split_k, rows, out_features, dtype=torch.float32 if partial else x.dtype, device=x.device)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n), split_k)
-    kernel, dots = (_fp8_gemv_kernel, {}) if gemv else (_fp8_linear_kernel, {"IEEE": x.dtype == torch.float32})
-    kernel[grid](x, w, scale_inv, y, rows, out_features, inner, k_run, *x.stride(), *w.stride(),
-                 *scale_inv.stride(), *y.stride(), BR=block[0], BC=block[1], BLOCK_M=block_m, BLOCK_N=block_n,
-                 BLOCK_K=block_k, ONE_SCALE=block[0] % block_n == 0 and block[1] % block_k == 0, **dots)
+    _fp8_linear_kernel[grid](x, w, scale_inv, y, rows, out_features, inner, k_run, *x.stride(), *w.stride(),
+                             *scale_inv.stride(), *y.stride(), BR=block[0], BC=block[1], BLOCK_M=block_m,
+                             BLOCK_N=block_n, BLOCK_K=block_k,
+                             ONE_SCALE=block[0] % block_n == 0 and block[1] % block_k == 0, GEMV=gemv,
+                             IEEE=x.dtype == torch.float32)
     return (y.sum(0).to(x.dtype) if partial else y[0]).view(*lead, out_features)

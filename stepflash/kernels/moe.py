@@ -149,6 +149,31 @@ if triton is not None:
                        mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _int4_pairs(W, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, BLOCK_C: tl.constexpr):
+        """The bytes of W[expert, r, c0 .. c0 + BLOCK_C] as int32 [len(r), BLOCK_C // 2] (low nibble: the
+        even column c, high: c + 1), with those even columns and their mask."""
+        c = c0 + 2 * tl.arange(0, BLOCK_C // 2)
+        c_ok = c < C
+        byte = tl.load(W + expert * stride_we + r[:, None] * stride_wr + (c // 2)[None, :] * stride_wc,
+                       mask=r_ok[:, None] & c_ok[None, :], other=0).to(tl.int32)
+        return byte, c, c_ok
+
+    @triton.jit
+    def _fp8_values(W, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, BLOCK_C: tl.constexpr):
+        """W[expert, r, c0 .. c0 + BLOCK_C] decoded to fp32 (unscaled), with the columns and their mask."""
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        w = fp8_decode(tl.load(W + expert * stride_we + r[:, None] * stride_wr + c[None, :] * stride_wc,
+                               mask=r_ok[:, None] & c_ok[None, :], other=0))
+        return w, c, c_ok
+
+    @triton.jit
+    def _row_scales(S, expert, r, r_ok, c0, stride_se, stride_sr, stride_sc, SR: tl.constexpr, SC: tl.constexpr):
+        """The scales of rows r in the scale block of column c0: [len(r)] fp32."""
+        return tl.load(S + expert * stride_se + (r // SR) * stride_sr + (c0 // SC) * stride_sc, mask=r_ok,
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
     def _row_dots(W, S, X, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, stride_se, stride_sr, stride_sc,
                   BLOCK_C: tl.constexpr, INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
                   PER_TILE: tl.constexpr):
@@ -158,23 +183,15 @@ if triton is not None:
         nibbles against x's even and odd columns."""
         if (INT4 or FP8) and PER_TILE:
             if INT4:
-                c = c0 + 2 * tl.arange(0, BLOCK_C // 2)
-                c_ok = c < C
-                byte = tl.load(W + expert * stride_we + r[:, None] * stride_wr + (c // 2)[None, :] * stride_wc,
-                               mask=r_ok[:, None] & c_ok[None, :], other=0).to(tl.int32)
+                byte, c, c_ok = _int4_pairs(W, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, BLOCK_C)
                 x_even = tl.load(X + c, mask=c_ok, other=0.0).to(tl.float32)
                 x_odd = tl.load(X + c + 1, mask=c_ok, other=0.0).to(tl.float32)
                 dots = tl.sum(((byte & 0xF).to(tl.float32) - 8.0) * x_even[None, :]
                               + ((byte >> 4).to(tl.float32) - 8.0) * x_odd[None, :], axis=1)
             else:
-                c = c0 + tl.arange(0, BLOCK_C)
-                c_ok = c < C
-                w = fp8_decode(tl.load(W + expert * stride_we + r[:, None] * stride_wr + c[None, :] * stride_wc,
-                                       mask=r_ok[:, None] & c_ok[None, :], other=0))
+                w, c, c_ok = _fp8_values(W, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, BLOCK_C)
                 dots = tl.sum(w * tl.load(X + c, mask=c_ok, other=0.0).to(tl.float32)[None, :], axis=1)
-            scale = tl.load(S + expert * stride_se + (r // SR) * stride_sr + (c0 // SC) * stride_sc, mask=r_ok,
-                            other=0.0).to(tl.float32)
-            dots = dots * scale
+            dots = dots * _row_scales(S, expert, r, r_ok, c0, stride_se, stride_sr, stride_sc, SR, SC)
         else:
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < C
@@ -250,25 +267,17 @@ if triton is not None:
         high ones against its odd columns."""
         if (INT4 or FP8) and PER_TILE:
             if INT4:
-                c = c0 + 2 * tl.arange(0, BLOCK_C // 2)
-                c_ok = c < C
-                byte = tl.load(W + expert * stride_we + r[:, None] * stride_wr + (c // 2)[None, :] * stride_wc,
-                               mask=r_ok[:, None] & c_ok[None, :], other=0).to(tl.int32)
+                byte, c, c_ok = _int4_pairs(W, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, BLOCK_C)
                 x_even = tl.load(x_rows + c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
                 x_odd = tl.load(x_rows + c[None, :] + 1, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
                 low = ((byte & 0xF) - 8).to(x_even.dtype)
                 high = ((byte >> 4) - 8).to(x_even.dtype)
                 dots = _dot(x_even, tl.trans(low), IEEE) + _dot(x_odd, tl.trans(high), IEEE)
             else:
-                c = c0 + tl.arange(0, BLOCK_C)
-                c_ok = c < C
+                w, c, c_ok = _fp8_values(W, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, BLOCK_C)
                 x = tl.load(x_rows + c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-                w = fp8_decode(tl.load(W + expert * stride_we + r[:, None] * stride_wr + c[None, :] * stride_wc,
-                                       mask=r_ok[:, None] & c_ok[None, :], other=0))
                 dots = _dot(x, tl.trans(w.to(x.dtype)), IEEE)
-            scale = tl.load(S + expert * stride_se + (r // SR) * stride_sr + (c0 // SC) * stride_sc, mask=r_ok,
-                            other=0.0).to(tl.float32)
-            dots = dots * scale[None, :]
+            dots = dots * _row_scales(S, expert, r, r_ok, c0, stride_se, stride_sr, stride_sc, SR, SC)[None, :]
         else:
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < C
