@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check (issue 13) in one device call of at most 8 minutes; what is worth keeping lands in
+# Every GPU check (issue 13) in one device call of about 8 minutes (TOTAL); what is worth keeping lands in
 # $OUT: log.txt (all output), tiles.json (gpu_tiles.py), decode-fp8.json, decode-int4.json, decode-bf16.json
 # (gpu_decode.py), e2e.json (gpu_e2e.py) and summary.md, the table printed last. Steps, each under `timeout` (a failure
 # is recorded and the next step runs; exit status 1 if any step was not ok):
@@ -116,7 +116,7 @@ step decode-bf16 "${T_DECODE_BF16:-30}" "${DECODE[@]}" --weights bf16 --out "$OU
 step e2e "${T_E2E:-90}" "${E2E[@]}" --out "$OUT/e2e.json"
 
 # The summary: steps, test counts (read off the log, so a step stopped at its limit still counts),
-# the fastest MoE tiles, batch-1..32 decode figures and the projection, the end-to-end check.
+# the fastest tiles, batch-1..32 decode figures and the projection, the end-to-end check.
 python3 - "$OUT" "$WORK/steps.tsv" <<'EOF' 2>&1 | tee "$OUT/summary.md"
 import datetime, json, os, re, sys
 from pathlib import Path

@@ -4,17 +4,19 @@ FP8 linear at decode (1 and 4 rows) on the projections' shapes, beside PyTorch's
 same shape (the peer).
 
 One-pair kernels (decode: 1 and 8 tokens) with 8, 16 or 32 weight rows per program; grouped kernels
-(16 and 64 tokens) with tl.dot tiles of 32, 64 or 128. Each point: CUDA-event median of `--iters`
-calls on fresh random routes (distinct experts per token), achieved GB/s = the selected experts'
-bytes (weights and scales, each read once) / time, and its fraction of the measured copy bandwidth.
-FP8 linear: tiles of 8, 16 or 32 output rows x 128 inputs; bytes = the weight and its scales. The
-JSON is rewritten after every point.
+(16 and 64 tokens) with tl.dot tiles of 32, 64 or 128. Each point: 8 calls on 8 sets of random
+routes (distinct experts per token) replayed from one CUDA graph, the CUDA-event median of `--iters`
+replays per call; achieved GB/s = the selected experts' bytes (weights and scales, each read once) /
+time, and its fraction of the measured copy bandwidth. FP8 linear: tiles of 8, 16 or 32 output rows
+x 128 inputs, 8 copies of the weight (one a call); bytes = the weight and its scales. The JSON is
+rewritten after every point.
 
     python benchmarks/gpu_tiles.py --out tiles.json
     TRITON_INTERPRET=1 python benchmarks/gpu_tiles.py --device cpu --tiny   # a dry run of the code path
 """
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -27,7 +29,7 @@ from stepflash.kernels.fp8_linear import fp8_linear
 from stepflash.model.quant import quantize_int4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_decode import FP8_BLOCK, copy_bandwidth, git_commit, time_ms  # noqa: E402
+from gpu_decode import FP8_BLOCK, copy_bandwidth, git_commit, graphed, time_ms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from checkpoints import quantize_fp8  # noqa: E402
@@ -44,7 +46,7 @@ def expert_weights(experts: int, hidden: int, inter: int, weights: str, device, 
     chunk = 32  # experts quantized at a time: bounds the fp32 temporaries
     stored, scales = [], []
     for w in dense:
-        parts = [(quantize_int4(w[e:e + chunk], group) if weights == "int4" else quantize_fp8(w[e:e + chunk], FP8_BLOCK))
+        parts = [quantize_int4(w[e:e + chunk], group) if weights == "int4" else quantize_fp8(w[e:e + chunk], FP8_BLOCK)
                  for e in range(0, experts, chunk)]
         stored.append(torch.cat([p[0] for p in parts]))
         scales.append(torch.cat([p[1] for p in parts]))
@@ -57,6 +59,17 @@ def expert_weights(experts: int, hidden: int, inter: int, weights: str, device, 
 def routes(tokens: int, experts: int, top_k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.stack([torch.randperm(experts, device=device)[:top_k] for _ in range(tokens)])
     return ids, torch.rand(tokens, top_k, device=device)
+
+
+def per_call_ms(calls: list, device, iters: int) -> float:
+    """Device time per call of `calls` run back to back from one CUDA graph (as the engine's graphed
+    steps run them: no host time in between). Each call reads other weights (other routes, or another
+    copy), so none finds the last one's in L2 (60 MB on an H200: a layer's INT4 experts would fit)."""
+    def run():
+        for call in calls:
+            call()
+
+    return time_ms(graphed(run, device) or run, device, iters) / len(calls)
 
 
 def selected_bytes(stored: list, kwargs: dict, ids: torch.Tensor) -> int:
@@ -81,6 +94,7 @@ def main() -> int:
     record = {"benchmark": "gpu_tiles", "commit": git_commit(), "device": name, "copy_gb_per_s": bandwidth,
               "shape": {"experts": experts, "hidden": hidden, "inter": inter, "top_k": top_k}, "results": []}
     print(f"device {name}; copy bandwidth {bandwidth or math.nan:.0f} GB/s; default tiles {moe.tile_sizes(device)}")
+    copies = 1 if args.tiny else 8  # calls per timing, each on other weights (per_call_ms)
     one_pair = [moe.MoETiles(rows, 256, 64) for rows in (8, 16, 32)]
     grouped = [moe.MoETiles(16, 256, edge) for edge in (32, 64, 128)]
     points = [(1, one_pair), (8, one_pair), (16, grouped), (64, grouped)]
@@ -92,41 +106,42 @@ def main() -> int:
             x = torch.randn(tokens, hidden, device=device, dtype=dtype)
             for tiles in configs:
                 moe.tile_sizes = lambda _device, tiles=tiles: tiles
-                calls = [routes(tokens, experts, top_k, device) for _ in range(1 if args.tiny else 4)]
-                ms = []
-                for ids, w in calls:  # fresh routes: no call re-reads the last one's weights from L2
-                    ms.append(time_ms(lambda: moe.fused_moe(x, *stored, ids, w, 0.0, **kwargs), device,
-                                      max(1, args.iters // len(calls))))
-                ms = sorted(ms)[len(ms) // 2]
+                calls = [routes(tokens, experts, top_k, device) for _ in range(copies)]
+                ms = per_call_ms([functools.partial(moe.fused_moe, x, *stored, ids, w, 0.0, **kwargs)
+                                  for ids, w in calls], device, args.iters)
                 nbytes = sum(selected_bytes(stored, kwargs, ids) for ids, _ in calls) / len(calls)
                 gb_per_s = nbytes / (ms / 1e3) / 1e9
-                point = {"kernel": "fused_moe", "weights": weights, "tokens": tokens, "rows": tiles.rows, "inner": tiles.inner,
-                         "grouped": tiles.grouped, "ms": ms, "gb_per_s": gb_per_s,
+                point = {"kernel": "fused_moe", "weights": weights, "tokens": tokens, "rows": tiles.rows,
+                         "inner": tiles.inner, "grouped": tiles.grouped, "ms": ms, "gb_per_s": gb_per_s,
                          "roofline_fraction": gb_per_s / bandwidth if bandwidth else None}
                 record["results"].append(point)
                 args.out.write_text(json.dumps(record, indent=1))
-                print(f"{weights:>4} tokens {tokens:>3} tiles {tiles.rows}x{tiles.inner}/{tiles.grouped}: {ms * 1e3:8.1f} us, "
+                print(f"{weights:>4} tokens {tokens:>3} tiles {tiles.rows}x{tiles.inner}/{tiles.grouped}: "
+                      f"{ms * 1e3:8.1f} us, "
                       f"{gb_per_s:6.0f} GB/s ({100 * (point['roofline_fraction'] or math.nan):.0f}% of copy)")
         del stored, kwargs
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    fp8_linears(args, device, dtype, bandwidth, record)
+    fp8_linears(args, device, dtype, bandwidth, record, copies)
     return 0
 
 
-def fp8_linears(args, device, dtype, bandwidth: float | None, record: dict) -> None:
+def fp8_linears(args, device, dtype, bandwidth: float | None, record: dict, copies: int) -> None:
     """The FP8 linear at decode on the projections' shapes (full layer's q/k/v/g, sliding layer's
-    o_proj, the shared expert's gate/up), tiles of 8/16/32 rows, and torch's bf16 GEMM as the peer."""
+    o_proj, the shared expert's gate/up), tiles of 8/16/32 rows, and torch's bf16 GEMM as the peer;
+    `copies` copies of each weight, one per call (per_call_ms)."""
     shapes = [(96, 64)] if args.tiny else [(10304, 4096), (4096, 12288), (2560, 4096)]
     for n, k in shapes:
-        weight, scale_inv = quantize_fp8(torch.randn(n, k, device=device, dtype=dtype), FP8_BLOCK)
-        dense = torch.randn(n, k, device=device, dtype=dtype)
-        nbytes = weight.numel() + scale_inv.numel() * scale_inv.element_size()
+        fp8 = [quantize_fp8(torch.randn(n, k, device=device, dtype=dtype), FP8_BLOCK) for _ in range(copies)]
+        dense = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(copies)]
+        nbytes = fp8[0][0].numel() + fp8[0][1].numel() * fp8[0][1].element_size()
         for rows in (1,) if args.tiny else (1, 4):
             x = torch.randn(rows, k, device=device, dtype=dtype)
-            peer_ms = time_ms(lambda: torch.nn.functional.linear(x, dense), device, args.iters)
+            peer_ms = per_call_ms([functools.partial(torch.nn.functional.linear, x, w) for w in dense], device,
+                                  args.iters)
             for block_n in (16,) if args.tiny else (8, 16, 32):
-                ms = time_ms(lambda: fp8_linear(x, weight, scale_inv, FP8_BLOCK, block_n=block_n), device, args.iters)
+                ms = per_call_ms([functools.partial(fp8_linear, x, w, s, FP8_BLOCK, block_n=block_n) for w, s in fp8],
+                                 device, args.iters)
                 gb_per_s = nbytes / (ms / 1e3) / 1e9
                 record["results"].append({"kernel": "fp8_linear", "n": n, "k": k, "rows": rows, "block_n": block_n,
                                           "ms": ms, "gb_per_s": gb_per_s,

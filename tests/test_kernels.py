@@ -238,7 +238,7 @@ def test_route_kernel_matches_its_twin(tokens, experts, top_k, bias, renormalize
     ids, w = route(*on_kernel_device(logits, b), top_k, 2.5, renormalize)
     assert ids.dtype == torch.int32 and w.dtype == torch.float32
     assert torch.equal(ids.cpu().long(), ref_ids)
-    torch.testing.assert_close(w.cpu(), ref_w, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(w.cpu(), ref_w, atol=1e-5, rtol=1e-5)  # a GPU's exp may differ in the last bits
     if bias:  # the bias changed the choice here, so the test sees it used
         assert not torch.equal(ref_ids, route_ref(logits, None, top_k, 2.5, renormalize)[0])
 
@@ -403,7 +403,8 @@ def test_attention_kernels_reach_blocks_past_2_31_cache_elements():
     from stepflash.kernels.prefill_attention import prefill_attention, prefill_attention_ref
 
     block_size, head_dim, rows = 16, 64, 40
-    q, k, _, tables, seq_of, q_pos, gate = paged_batch([rows], [rows], 2, 1, head_dim, block_size, torch.float16, seed=5)
+    q, k, _, tables, seq_of, q_pos, gate = paged_batch([rows], [rows], 2, 1, head_dim, block_size, torch.float16,
+                                                       seed=5)
     far = (1 << 31) // (block_size * head_dim) + 1  # block `far` starts past element 2^31
     cache = torch.empty(far + k.shape[0], block_size, 1, head_dim, dtype=torch.float16, device=KERNEL_DEVICE)
     cache[far:] = on_kernel_device(k)
