@@ -403,9 +403,9 @@ def main() -> int:
         contexts = [min(int(c), 64) if args.tiny else int(c) for c in args.context.split(",")]
         if args.profile:  # before the grid, which may run out of time
             record["profile"] = {}
-            for rows in (1, 4):
+            for rows in (1,) if args.tiny else (1, 4):  # the interpreter: seconds a step
                 kernels = record["profile"][f"batch 1, context {contexts[0]}, rows {rows}"] = kernel_profile(
-                    layers, cfg, device, dtype, contexts[0], rows)
+                    layers, cfg, device, dtype, contexts[0], rows, steps=1 if args.tiny else 5)
                 print(f"kernels of one step, batch 1, context {contexts[0]}, {rows} row(s), {args.layers} layers "
                       f"(us per step, calls per step):")
                 for k in kernels[:12]:
