@@ -401,9 +401,11 @@ class EngineConfig:
     device: str = _option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = _option("auto", "compute dtype; auto: float32 on the CPU, the checkpoint's dtype on a GPU",
                          ("auto", "float32", "float16", "bfloat16"))
-    kv_cache_bytes: int | None = _option(None, "KV cache size in bytes (default: 90%% of free GPU memory; on "
-                                               "the CPU what max_num_seqs full sequences need, at most a "
-                                               "quarter of available memory)")
+    kv_cache_bytes: int | None = _option(None, "KV cache size in bytes (default: gpu_memory_utilization of the "
+                                               "GPU memory free after loading; on the CPU what max_num_seqs full "
+                                               "sequences need, at most a quarter of available memory)")
+    gpu_memory_utilization: float = _option(0.9, "share of the GPU memory free after loading the model that the "
+                                                 "KV cache takes, when kv_cache_bytes is not given")
     max_num_seqs: int | None = _option(None, "sequences running at once (default 64, fewer when the KV "
                                              "cache holds fewer)")
     max_model_len: int | None = _option(None, "longest prompt + output (default: the model's context, or "
@@ -460,6 +462,8 @@ class EngineConfig:
             raise ValueError(f"quantization={self.quantization!r} is not supported yet")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.distributed_timeout_s < 1:
             raise ValueError(f"distributed_timeout_s must be >= 1, got {self.distributed_timeout_s!r}")
 

@@ -11,8 +11,8 @@ STEPFLASH_TEST_KERNELS=triton (set by benchmarks/gpu_check.sh) runs every `LLM` 
 naming `kernels` on the Triton kernels with CUDA graphs, so the engine tests check that path.
 
 Under pytest-xdist on a GPU (gpu_check.sh runs `-n 8`), each worker sees its share of the card's free
-memory: an engine without kv_cache_bytes takes 90% of what `torch.cuda.mem_get_info` reports, and
-the first worker's engine would otherwise leave the others none."""
+memory: an engine without kv_cache_bytes takes gpu_memory_utilization (0.9) of what
+`torch.cuda.mem_get_info` reports, and the first worker's engine would otherwise leave the others none."""
 
 import os
 

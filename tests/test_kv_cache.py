@@ -554,3 +554,32 @@ def test_image_keys_separate_blocks_of_equal_tokens(monkeypatch: pytest.MonkeyPa
             probe = BlockTables()
             assert kv.match_prefix(probe, ids, [image(key)]) == expected, (collide, key)
             kv.free(probe)
+
+
+@pytest.mark.parametrize("share", [0.0, -0.1, 1.5])
+def test_gpu_memory_utilization_outside_0_1_is_refused_by_name(share: float) -> None:
+    from stepflash.config import EngineConfig
+
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        EngineConfig(gpu_memory_utilization=share)
+
+
+def test_gpu_memory_utilization_sizes_the_default_gpu_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without kv_cache_bytes, a GPU's KV cache is that share of its free memory (the planner asks
+    torch how much is free: here a card with 256 MiB free)."""
+    import torch
+
+    from stepflash.config import EngineConfig, ModelConfig
+    from stepflash.engine.kv_cache import kv_bytes_per_block, plan_kv_layout
+    from stepflash.train.configs import tiny_config
+
+    free = 256 << 20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
+    cfg = ModelConfig.from_dict(tiny_config())
+    full_layers = [s.index for s in cfg.decoder_layers if not s.sliding_window]
+    per_block = kv_bytes_per_block(cfg, full_layers, 16, torch.float32)
+    blocks = {share: plan_kv_layout(cfg, EngineConfig(gpu_memory_utilization=share), 0, torch.float32,
+                                    torch.device("cuda")).num_blocks[FULL] for share in (0.3, 0.9)}
+    for share, n in blocks.items():  # the sliding layers' fixed part aside, the full layers get the rest
+        assert share * free - 2 * free // 10 < n * per_block <= share * free
+    assert blocks[0.9] > 2 * blocks[0.3]

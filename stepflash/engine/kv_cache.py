@@ -113,7 +113,7 @@ def plan_kv_layout(cfg: ModelConfig, ec: EngineConfig, num_mtp: int, dtype: torc
     tokens need, full layers all the rest, so context length is limited by the full layers alone.
     Settings the user left open shrink to fit (concurrency first, then the prefill chunk, then the
     context); the engine refuses only when one sequence of the context cannot fit. The default
-    budget: on a GPU 90% of free memory; on the CPU what max_num_seqs sequences of the whole
+    budget: on a GPU gpu_memory_utilization of free memory; on the CPU what max_num_seqs sequences of the whole
     context need, at most a quarter of available memory. Under tensor parallelism every size is
     one rank's (its KV heads; kv_cache_bytes per rank), and rank 0's plan holds for all ranks."""
     bs = ec.block_size
@@ -127,7 +127,7 @@ def plan_kv_layout(cfg: ModelConfig, ec: EngineConfig, num_mtp: int, dtype: torc
     one_seq = math.ceil((length + num_mtp + 1) / bs) + 1  # a block of slack for copy-on-write
     budget = ec.kv_cache_bytes
     if budget is None and device.type == "cuda":
-        budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
+        budget = int(torch.cuda.mem_get_info(device)[0] * ec.gpu_memory_utilization)
     elif budget is None:
         want = seqs * one_seq * bpb[FULL] + KVLayout.sliding_blocks(window, num_mtp, bs, seqs, chunk) * bpb[SLIDING]
         budget = min(want, _available_memory() // 4)

@@ -169,11 +169,11 @@ def serve_rank(rank: int, init_method: str, model_dir: str | Path, ec: EngineCon
 
 
 def kv_budget(ec: EngineConfig, device: torch.device, channel: PlanChannel) -> EngineConfig:
-    """On GPUs without a set kv_cache_bytes: 90% of the free memory of the rank with the least
-    (every rank runs this after loading its shard; rank 0 plans with the result)."""
+    """On GPUs without a set kv_cache_bytes: gpu_memory_utilization of the free memory of the rank with
+    the least (every rank runs this after loading its shard; rank 0 plans with the result)."""
     if device.type != "cuda" or ec.kv_cache_bytes is not None:
         return ec
-    free = torch.tensor([int(torch.cuda.mem_get_info(device)[0] * 0.9)], dtype=torch.int64)
+    free = torch.tensor([int(torch.cuda.mem_get_info(device)[0] * ec.gpu_memory_utilization)], dtype=torch.int64)
     torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN, group=channel.group)
     return dataclasses.replace(ec, kv_cache_bytes=int(free))
 
