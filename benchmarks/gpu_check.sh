@@ -9,7 +9,7 @@
 #                  masks applied on the device, under MTP) with every `LLM` a test builds on
 #                  kernels="triton" + CUDA graphs (STEPFLASH_TEST_KERNELS=triton, see tests/conftest.py)
 #   tiles          benchmarks/gpu_tiles.py: the routed-expert kernels alone at the real shape, each weight
-#                  format, 1/8/16/64 tokens, and the FP8 linear at 1/4 rows, three tile sizes each
+#                  format, 1/8/16 tokens, and the FP8 linear at 1/4 rows, three tile sizes each
 #                  (tiles.json): what their default tiles should be
 #   decode-fp8, decode-int4, decode-bf16   benchmarks/gpu_decode.py at the real shape: 4 layers
 #                  extrapolated to 45, except int4 with all 45 layers where the card holds them
