@@ -436,6 +436,11 @@ def main() -> int:
                              "speedup_vs_torch": times["torch_ms"] / best if times["torch_ms"] else None,
                              "tokens_per_s_45_layers": batch * 1e3 / full_model_ms if k == 0 else None}
                     results.append(point)
+                    if args.tau and record["projection"] is None:  # as soon as it can: the grid may run out of time
+                        record["projection"] = p = projection(results, cfg, device, dtype, args)
+                        if p:
+                            print(f"projection, single stream with MTP-3 (tau {args.tau}, {args.tau_source}): "
+                                  f"{p['tokens_per_s']:.0f} tokens/s from a {p['step_ms']:.1f} ms step ({p['note']})")
                     save()
                     graph, torch_ms = times["graph_ms"], times["torch_ms"]
                     print(f"batch {batch:>3} ctx {context:>6} rows/seq {rows}: eager {times['eager_ms']:.2f} ms, "
@@ -444,11 +449,6 @@ def main() -> int:
                           f"{gb_per_s:.0f} GB/s ({100 * (point['roofline_fraction'] or float('nan')):.0f}% of copy), "
                           f"45 layers ~{full_model_ms:.1f} ms "
                           f"({'measured' if args.layers == 45 else 'extrapolated'})")
-    if args.tau:
-        record["projection"] = p = projection(results, cfg, device, dtype, args)
-        if p:
-            print(f"projection, single stream with MTP-3 (tau {args.tau}, {args.tau_source}): "
-                  f"{p['tokens_per_s']:.0f} tokens/s from a {p['step_ms']:.1f} ms step ({p['note']})")
     save()
     if out:
         print(f"wrote {out}")
