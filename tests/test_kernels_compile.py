@@ -1,8 +1,9 @@
 """Every Triton kernel variant the wrappers launch at the release's shapes compiles for sm_90 (H100 /
-H200), checked on any machine: the interpreter that runs the kernel tests on a CPU accepts code a GPU
-compiler refuses (a non-power-of-two arange, a dtype mismatch in tl.dot), and a GPU is lent to few
-sessions. tests/sm90_compile.py does it in a process of its own (the kernels must be JIT functions,
-and conftest.py turns the interpreter on here)."""
+H200), checked on any machine: the interpreter that runs the kernel tests on a CPU compiles nothing
+and runs no bf16 (numpy has none), so a bf16-only mistake (an fp32 tile fed to a bf16 tl.dot) or a
+construct the GPU backend refuses would first show on a GPU, which few sessions are lent.
+tests/sm90_compile.py does it in a process of its own (the kernels must be JIT functions, and
+conftest.py turns the interpreter on here)."""
 
 import os
 import subprocess
