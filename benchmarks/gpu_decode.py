@@ -100,6 +100,17 @@ FP8_BLOCK = (128, 128)
 EXPERT_CHUNK = 32  # experts quantized at a time: bounds the fp32 temporaries
 
 
+def quantize_experts(stack: torch.Tensor, weights: str, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked expert weights [E, out, in] -> (INT4 packed in groups of `group`, scales in the stack's
+    dtype) or (FP8, block scales), EXPERT_CHUNK experts at a time."""
+    chunks = [stack[e:e + EXPERT_CHUNK] for e in range(0, stack.shape[0], EXPERT_CHUNK)]
+    if weights == "int4":
+        packed, scales = zip(*(quantize_int4(c, group) for c in chunks))
+        return torch.cat(packed), torch.cat(scales).to(stack.dtype)
+    fp8, scales = zip(*(quantize_fp8(c, FP8_BLOCK) for c in chunks))
+    return torch.cat(fp8), torch.cat(scales)
+
+
 def quantize_layer(layer: DecoderLayer, weights: str) -> None:
     """Routed experts kept in INT4 (groups of 128, as `stepflash quantize` stores them) or FP8; with
     fp8, every other nn.Linear but the router too (the release keeps the small head gate in bf16:
@@ -111,13 +122,8 @@ def quantize_layer(layer: DecoderLayer, weights: str) -> None:
     group = math.gcd(128, *(m.weight.shape[-1] for m in experts)) if experts else 0  # one size, as on disk
     with torch.no_grad():
         for m in experts:
-            chunks = [m.weight[e:e + EXPERT_CHUNK] for e in range(0, m.weight.shape[0], EXPERT_CHUNK)]
-            if weights == "int4":
-                packed, scales = zip(*(quantize_int4(c, group) for c in chunks))
-                m.keep_int4(torch.cat(packed), torch.cat(scales).to(m.weight.dtype), group)
-            else:
-                fp8, scales = zip(*(quantize_fp8(c, FP8_BLOCK) for c in chunks))
-                m.keep_fp8(torch.cat(fp8), torch.cat(scales), FP8_BLOCK)
+            stored, scales = quantize_experts(m.weight, weights, group)
+            m.keep_int4(stored, scales, group) if weights == "int4" else m.keep_fp8(stored, scales, FP8_BLOCK)
         if weights == "fp8":
             for parent in list(layer.modules()):
                 for name, child in list(parent.named_children()):
@@ -341,6 +347,23 @@ def projection(results: list[dict], cfg, device, dtype, args) -> dict | None:
             "note": f"step times {measured} ({args.weights} weights, random); tau: {args.tau_source}"}
 
 
+def recount(path: Path) -> int:
+    """Print an earlier run's points with this version's byte count: GB/s and roofline_fraction from its
+    measured times (the layers built on the meta device: sizes only, nothing computed)."""
+    record = json.loads(path.read_text())
+    cfg = ModelConfig.from_dict(real_config(record["layers"], record["tiny"]))
+    dtype = torch.float32 if record["device"] == "cpu" else torch.bfloat16
+    layers = build(cfg, torch.device("meta"), dtype, record["weights"])
+    print(f"{path}: {record['weights']}, {record['layers']} layers, copy {record['copy_gb_per_s']:.0f} GB/s")
+    for r in record["results"]:
+        best = min(t for t in (r["eager_ms"], r["graph_ms"]) if t is not None)
+        gigabytes = step_bytes(cfg, layers, r["batch"], r["context"], r["rows_per_seq"], dtype.itemsize) / 1e9
+        gb_per_s = gigabytes / (best / 1e3)
+        print(f"batch {r['batch']:>3} ctx {r['context']:>6} k {r['mtp_k']}: {best:.2f} ms, {gigabytes:.2f} GB, "
+              f"{gb_per_s:.0f} GB/s, roofline {gb_per_s / record['copy_gb_per_s']:.2f}")
+    return 0
+
+
 def git_commit() -> str:
     """STEPFLASH_COMMIT (set by gpu_check.sh: the device's copy of the tree has no .git), else git's."""
     if os.environ.get("STEPFLASH_COMMIT"):
@@ -371,7 +394,11 @@ def main() -> int:
                     "(1 and 4 rows) at the first context, from torch.profiler")
     ap.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/gpu_decode-...json; "
                     "none with --tiny)")
+    ap.add_argument("--recount", type=Path, help="a JSON of an earlier run: print its GB/s and roofline with "
+                    "this version's byte count, and exit")
     args = ap.parse_args()
+    if args.recount:
+        return recount(args.recount)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = ModelConfig.from_dict(real_config(args.layers, args.tiny))

@@ -26,13 +26,10 @@ import torch
 
 import stepflash.kernels.moe as moe
 from stepflash.kernels.fp8_linear import fp8_linear
-from stepflash.model.quant import quantize_int4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_decode import FP8_BLOCK, copy_bandwidth, git_commit, graphed, time_ms  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from checkpoints import quantize_fp8  # noqa: E402
+from gpu_decode import (FP8_BLOCK, copy_bandwidth, git_commit, graphed, quantize_experts,  # noqa: E402
+                        quantize_fp8, time_ms)
 
 
 def expert_weights(experts: int, hidden: int, inter: int, weights: str, device, dtype) -> tuple[list, dict]:
@@ -43,17 +40,11 @@ def expert_weights(experts: int, hidden: int, inter: int, weights: str, device, 
     group = math.gcd(128, hidden, inter)
     if weights == "bf16":
         return dense, {}
-    chunk = 32  # experts quantized at a time: bounds the fp32 temporaries
-    stored, scales = [], []
-    for w in dense:
-        parts = [quantize_int4(w[e:e + chunk], group) if weights == "int4" else quantize_fp8(w[e:e + chunk], FP8_BLOCK)
-                 for e in range(0, experts, chunk)]
-        stored.append(torch.cat([p[0] for p in parts]))
-        scales.append(torch.cat([p[1] for p in parts]))
+    stored, scales = zip(*(quantize_experts(w, weights, group) for w in dense))
     del dense
     if weights == "int4":
-        return stored, {"int4_scales": tuple(s.to(dtype) for s in scales), "group_size": group}
-    return stored, {"fp8_scales": tuple(scales), "fp8_block": FP8_BLOCK}
+        return list(stored), {"int4_scales": scales, "group_size": group}
+    return list(stored), {"fp8_scales": scales, "fp8_block": FP8_BLOCK}
 
 
 def routes(tokens: int, experts: int, top_k: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -417,8 +417,8 @@ class EngineConfig:
     seed: int = _option(0, "seeds requests that bring no seed of their own")
     mtp: int | None = _option(None, "MTP drafts per step for speculative decoding, 0 to 3 (default: every "
                                     "MTP module the checkpoint holds)")
-    kernels: str = _option("torch", "attention, MoE, norms and FP8 GEMMs in Triton (auto: on CUDA); torch "
-                                    "by default until the kernels have run on a GPU",
+    kernels: str = _option("torch", "attention, MoE, routing, norms and FP8 GEMMs in Triton (auto: on CUDA); "
+                                    "torch by default until the engine's tests pass on a GPU with them",
                            ("torch", "triton", "auto"))
     cuda_graphs: str = _option("auto", "decode/verify steps from CUDA graphs per batch bucket (auto: on "
                                        "with the kernels on CUDA; on without CUDA runs the same bucketed "

@@ -391,12 +391,11 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     s_gate, s_up, s_down = int4_scales or fp8_scales or (w_gate, w_up, w_down)  # unread unless quantized
     if w_gate.stride() != w_up.stride() or s_gate.stride() != s_up.stride():
         raise ValueError("gate and up expert weights must share one memory layout")
-    scale_block = (1, group_size) if int4_scales is not None else fp8_block
-    quant = {"INT4": int4_scales is not None, "FP8": fp8_scales is not None, "SR": scale_block[0],
-             "SC": scale_block[1]}
+    sr, sc = (1, group_size) if int4_scales is not None else fp8_block  # the scale block
+    quant = {"INT4": int4_scales is not None, "FP8": fp8_scales is not None, "SR": sr, "SC": sc}
     tiles = tile_sizes(x.device) if block is None else MoETiles(block, block, block)
-    if quant["SC"] & (quant["SC"] - 1) == 0 and (int4_scales is not None or fp8_scales is not None):
-        tiles = dataclasses.replace(tiles, inner=min(tiles.inner, quant["SC"]))  # inside one scale block: _row_dots
+    if (quant["INT4"] or quant["FP8"]) and sc & (sc - 1) == 0:
+        tiles = dataclasses.replace(tiles, inner=min(tiles.inner, sc))  # inside one scale block: _row_dots
     x = x.contiguous()
     flat_ids = ids.reshape(-1).to(torch.int32).contiguous()
     flat_w = weights.reshape(-1).float().contiguous()
@@ -406,7 +405,7 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
         a = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # rounded as the model's own FFN rounds
         blocks = expert_blocks(ids, w_gate.shape[0], block_m)
         # INT4 per tile takes two products of half the tile's columns: tl.dot wants 16 at least
-        per_tile = quant["SC"] % tiles.grouped == 0 and (int4_scales is None or tiles.grouped >= 32)
+        per_tile = sc % tiles.grouped == 0 and (not quant["INT4"] or tiles.grouped >= 32)
         dots = {**quant, "BLOCK_M": block_m, "PER_TILE": per_tile, "IEEE": x.dtype == torch.float32}
         _grouped_gate_up_kernel[(blocks[1].numel(), triton.cdiv(inter, tiles.grouped))](
             x, w_gate, w_up, s_gate, s_up, *blocks, a, hidden, inter, float(limit), top_k, x.stride(0),
@@ -416,7 +415,7 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
             y.stride(0), BLOCK_O=tiles.grouped, BLOCK_I=tiles.grouped, **dots)
         return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
     a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
-    per_tile = quant["SC"] % tiles.inner == 0
+    per_tile = sc % tiles.inner == 0
     _gate_up_kernel[(pairs, triton.cdiv(inter, tiles.rows))](
         x, w_gate, w_up, s_gate, s_up, flat_ids, a, hidden, inter, float(limit), top_k, x.stride(0), *w_gate.stride(),
         *s_gate.stride(), a.stride(0), BLOCK_I=tiles.rows, BLOCK_H=tiles.inner, **quant, PER_TILE=per_tile)
