@@ -69,7 +69,11 @@ def report_speed(engine: LLMEngine, seconds: float, count: int) -> None:
 
 
 def make_engine(args: argparse.Namespace) -> LLMEngine:
-    """The engine; under `torchrun` (several nodes) the engine on rank 0, while every other rank
+    return LLMEngine(*engine_source(args))
+
+
+def engine_source(args: argparse.Namespace) -> tuple[Path, EngineConfig]:
+    """The model directory and engine options; under `torchrun` (several nodes) every rank but 0
     serves its shard here until rank 0 stops, then exits."""
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not model_dir.is_dir():
@@ -81,7 +85,7 @@ def make_engine(args: argparse.Namespace) -> LLMEngine:
                              f"{ec.tensor_parallel_size}")
         serve_rank(int(os.environ["RANK"]), "env://", model_dir, ec, int(os.environ.get("LOCAL_RANK", 0)))
         raise SystemExit(0)
-    return LLMEngine(model_dir, ec)
+    return model_dir, ec
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -130,16 +134,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from stepflash.engine.engine import AsyncLLMEngine
+    from stepflash.engine.front import AsyncLLMEngine
     from stepflash.multimodal import MediaPolicy
     from stepflash.server.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    engine = make_engine(args)
-    model_dir = Path(args.model) if args.model else default_model_dir()
+    model_dir, ec = engine_source(args)
     api_key = args.api_key or os.environ.get("STEPFLASH_API_KEY")
     media = MediaPolicy(args.max_image_bytes, tuple(args.allowed_media_domains or ()), args.allowed_local_media_path)
-    front = AsyncLLMEngine(engine)
+    front = AsyncLLMEngine(model_dir, ec)  # the engine's own process (engine/front.py)
     app = create_app(front, args.served_model_name or model_dir.name, api_key, args.max_queue,
                      args.thinking_token_budget, media, args.allowed_origins)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
@@ -159,7 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         server.run()
     finally:
-        engine.shutdown()
+        front.shutdown()
         if terminated:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.raise_signal(signal.SIGTERM)

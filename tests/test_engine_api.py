@@ -1,19 +1,34 @@
 """Engine behaviour around the model: stop conditions, text streaming, abort, errors, async front."""
 
 import asyncio
+import contextlib
 
 import pytest
 
 from stepflash import LLM, SamplingParams
-from stepflash.engine.engine import AsyncLLMEngine
+from stepflash.config import EngineConfig
+from stepflash.engine.front import AsyncLLMEngine
 from checkpoints import write_checkpoint
 
 PROMPT = [5, 17, 42, 99, 7, 250, 31, 64, 12, 200]
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    return LLM(str(write_checkpoint(tmp_path_factory.mktemp("api"), seed=8)), max_num_batched_tokens=64)
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("api"), seed=8)
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    return LLM(str(ckpt), max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def front(ckpt):
+    """The server's engine: the same options, in a process of its own."""
+    engine = AsyncLLMEngine(ckpt, EngineConfig(max_num_batched_tokens=64))
+    yield engine
+    engine.shutdown()
 
 
 def greedy(**kw) -> SamplingParams:
@@ -94,11 +109,10 @@ def test_small_kv_cache_lowers_concurrency_and_chunk_to_fit(tmp_path):
         LLM(str(ckpt), kv_cache_bytes=budget, max_num_seqs=64)
 
 
-def test_async_stream_deltas_concatenate_to_the_final_output(llm):
+def test_async_stream_deltas_concatenate_to_the_final_output(llm, front):
     async def run() -> list:
-        engine = AsyncLLMEngine(llm.engine)
-        return [out async for out in engine.generate(PROMPT, greedy(skip_special_tokens=False, stop=["zz"],
-                                                                        logprobs=2))]
+        return [out async for out in front.generate(PROMPT, greedy(skip_special_tokens=False, stop=["zz"],
+                                                                       logprobs=2))]
 
     deltas = asyncio.run(run())
     final = llm.generate([PROMPT], greedy(skip_special_tokens=False, stop=["zz"], logprobs=2))[0].outputs[0]
@@ -111,37 +125,70 @@ def test_async_stream_deltas_concatenate_to_the_final_output(llm):
     assert completions[-1].finish_reason == final.finish_reason == "length"
 
 
-def test_async_abort_frees_blocks_and_spares_other_requests(llm):
-    async def run() -> tuple[list[int], int]:
-        engine = AsyncLLMEngine(llm.engine)
-
+def test_async_abort_frees_blocks_and_spares_other_requests(llm, front):
+    async def run() -> tuple[list[int], int, object]:
         async def consume(params: SamplingParams, stop_after: int | None) -> list[int]:
             tokens: list[int] = []
-            async for out in engine.generate(PROMPT, params):
-                tokens += out.outputs[0].token_ids if out.outputs else []
-                if stop_after is not None and len(tokens) >= stop_after:
-                    break  # a client going away mid-stream
+            async with contextlib.aclosing(front.generate(PROMPT, params)) as stream:  # closed (aborting) at break
+                async for out in stream:
+                    tokens += out.outputs[0].token_ids if out.outputs else []
+                    if stop_after is not None and len(tokens) >= stop_after:
+                        break  # a client going away mid-stream
             return tokens
 
         survivor, aborted = await asyncio.gather(consume(greedy(), None), consume(greedy(max_tokens=200), 3))
-        while engine._loop_task and not engine._loop_task.done():
-            await asyncio.sleep(0.01)
-        return survivor, len(aborted)
+        for _ in range(100):  # the survivor's blocks: freed after one more (MTP catch-up) step
+            stats = await front.stats()
+            if not stats.num_running and not sum(kind["used"] for kind in stats.kv_blocks.values()):
+                break
+            await asyncio.sleep(0.02)
+        return survivor, len(aborted), stats
 
-    survivor, aborted_len = asyncio.run(run())
+    survivor, aborted_len, stats = asyncio.run(run())
     assert aborted_len == 3
     assert survivor == llm.generate([PROMPT], greedy())[0].outputs[0].token_ids
-    assert used_blocks(llm) == 0 and not llm.engine.has_unfinished_requests()
+    assert sum(kind["used"] for kind in stats.kv_blocks.values()) == 0
+    assert stats.num_running == stats.num_waiting == 0 and front.num_active == 0
 
 
-def test_async_rejects_bad_input_at_submission(llm):
+def test_async_rejects_bad_input_at_submission_and_several_prompts_all_or_none(front):
+    async def run() -> tuple[object, object]:
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            async for _ in front.generate([10**6], SamplingParams()):
+                pass
+        with pytest.raises(ValueError, match="prompt 1: .*max_model_len"):
+            await front.add_all([PROMPT, PROMPT * 1000], greedy(), ["good", "long"])
+        with pytest.raises(ValueError, match="'twice' is already in use"):
+            await front.add_all([PROMPT, PROMPT], greedy(), ["twice", "twice"])
+        return await front.stats(), front.num_active
+
+    stats, active = asyncio.run(run())
+    assert stats.num_running == stats.num_waiting == 0 and active == 0  # the good prompt was not queued
+
+
+def test_async_engine_reports_startup_errors_and_a_dead_engine(ckpt):
+    with pytest.raises(ValueError, match="block_size"):
+        AsyncLLMEngine(ckpt, EngineConfig(block_size=12))
+    front = AsyncLLMEngine(ckpt, EngineConfig(max_num_batched_tokens=64))
+    fatal = []
+    front.on_fatal = fatal.append
+
     async def run() -> None:
-        engine = AsyncLLMEngine(llm.engine)
-        async for _ in engine.generate([10**6], SamplingParams()):
-            pass
+        stream = front.generate(PROMPT, greedy(max_tokens=200))
+        await stream.__anext__()
+        front._process.kill()  # the engine's process dies mid-request
+        with pytest.raises(RuntimeError, match="engine process exited"):
+            async with asyncio.timeout(30):  # not a hang
+                async for _ in stream:
+                    pass
+        with pytest.raises(RuntimeError, match="engine has stopped"):
+            await front.add(PROMPT, greedy())
 
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    try:
         asyncio.run(run())
+    finally:
+        front.shutdown()
+    assert len(fatal) == 1 and front.fatal is fatal[0]
 
 
 def test_chat_renders_the_template(llm):

@@ -350,8 +350,9 @@ def test_server_streams_a_tool_call_over_two_ranks_and_exits_when_a_rank_dies(tm
         calls = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
         assert [(t.function.name, json.loads(t.function.arguments)) for t in calls] == [
             ("get_weather", {"city": "Paris", "days": 3})]
-        ranks = [p for p in children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
-        assert len(ranks) == 1
+        (engine,) = [p for p in children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        ranks = [p for p in children(engine) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(ranks) == 1  # the engine's process is rank 0
         os.kill(ranks[0], signal.SIGKILL)
         with pytest.raises(openai.APIError):
             list(client.chat.completions.create(model="scripted", messages=USER, max_tokens=20, stream=True))

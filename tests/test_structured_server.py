@@ -16,7 +16,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from checkpoints import write_checkpoint  # noqa: E402
 from stepflash.config import EngineConfig  # noqa: E402
-from stepflash.engine.engine import AsyncLLMEngine, LLMEngine  # noqa: E402
+from stepflash.engine.front import AsyncLLMEngine  # noqa: E402
 from stepflash.server.app import create_app  # noqa: E402
 from stepflash.structured import Constraint  # noqa: E402
 from stepflash.train.configs import tiny_config  # noqa: E402
@@ -36,10 +36,14 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     ckpt = write_checkpoint(tmp_path_factory.mktemp("random"), tiny_config())
-    engine = LLMEngine(ckpt, EngineConfig(mtp=0))  # MTP under grammars: test_structured.py
-    app = create_app(AsyncLLMEngine(engine), "tiny", thinking_token_budget=4)  # the server's default budget
-    with TestClient(app) as http:
-        yield openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
+    # MTP under grammars: test_structured.py; in this process: a test patches the engine's code
+    engine = AsyncLLMEngine(ckpt, EngineConfig(mtp=0), in_process=True)
+    app = create_app(engine, "tiny", thinking_token_budget=4)  # the server's default budget
+    try:
+        with TestClient(app) as http:
+            yield openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
+    finally:
+        engine.shutdown()
 
 
 def _check_calls(calls, named: str | None):

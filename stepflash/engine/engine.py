@@ -1,17 +1,15 @@
 """The step loop: requests in, one planned step at a time, deltas out.
 
-`LLMEngine` is synchronous (used by `LLM` and the CLI); `AsyncLLMEngine` runs the same step loop
-in a worker thread behind an asyncio interface (submit, stream deltas, abort) for the server.
+`LLMEngine` is synchronous (used by `LLM` and the CLI); the server runs it in a process of its own
+behind an asyncio front (engine/front.py).
 """
 
-import asyncio
 import dataclasses
 import importlib.util
 import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from stepflash.engine.sampler import Sampler, TokenCounts
 from stepflash.engine.scheduler import Scheduler, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.engine.speculative import MTPDrafter
-from stepflash.engine.worker import RankFailure, Ranks, kv_budget, layout_message
+from stepflash.engine.worker import Ranks, kv_budget, layout_message
 from stepflash.distributed import Parallel, check_shardable, use_expert_parallel
 from stepflash.model.loader import load_model, mtp_modules_in
 from stepflash.multimodal import ImageInput, ImageProcessor, PlacedImage
@@ -61,6 +59,12 @@ class Request:
     arrival: float
     constraint: Constraint | None = None
     images: list[PlacedImage] = field(default_factory=list)
+
+
+def image_processor(cfg: ModelConfig, tokenizer: Tokenizer, ec: EngineConfig) -> ImageProcessor | None:
+    """The preprocessor of a vision model's images (None: the model takes none)."""
+    return ImageProcessor.of(cfg.vision, tokenizer.token_to_id, max_pixels=ec.max_image_pixels,
+                             max_image_tokens=ec.max_image_tokens) if cfg.vision else None
 
 
 def _use_kernels(kernels: str, device: torch.device) -> bool:
@@ -158,8 +162,7 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids, counts, self.structured)
         self.drafter = MTPDrafter(self.runner, self.eos_token_ids, counts, self.structured) if self.num_mtp else None
         self.output = OutputProcessor(self.tokenizer)
-        self.images = ImageProcessor.of(cfg.vision, self.tokenizer.token_to_id, max_pixels=ec.max_image_pixels,
-                                        max_image_tokens=ec.max_image_tokens) if cfg.vision else None
+        self.images = image_processor(cfg, self.tokenizer, ec)
         self._seq_ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(ec.seed)
         self.num_steps = 0
@@ -263,6 +266,15 @@ class LLMEngine:
             self.scheduler.abort(seq)
         return self.output.abort(request_id, time.monotonic())
 
+    def abort_all(self) -> list[str]:
+        """Abort every request, sequences that drain included (after a failed step); their ids."""
+        request_ids = list(self.output.requests)
+        for request_id in request_ids:
+            self.abort_request(request_id)
+        for seq in list(self.scheduler.draining):
+            self.scheduler.abort(seq)
+        return request_ids
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.output.requests) or self.scheduler.has_work()
 
@@ -307,105 +319,3 @@ class LLMEngine:
             prefix_cache_hit_rate=self.kv.prefix_hits / self.kv.prefix_queries if self.kv.prefix_queries else 0.0,
             num_steps=self.num_steps, num_mtp=self.num_mtp, spec=self.output.spec,
         )
-
-
-class AsyncLLMEngine:
-    """asyncio front for the server: `add` validates and queues a request, `stream` yields its
-    deltas (RequestOutputs holding what each step added) until finished (`generate` does both).
-
-    Steps run in a worker thread; requests are added and aborted on the event loop between steps,
-    so the engine's state is only ever touched by one thread at a time. A consumer that stops
-    iterating (e.g. a client that disconnects) aborts its request, freeing its blocks at once.
-    """
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._pending: list[Request] = []
-        self._aborts: set[str] = set()
-        self._loop_task: asyncio.Task | None = None
-        self._ids = itertools.count()
-        self.fatal: RankFailure | None = None  # the engine cannot go on (a tensor-parallel rank failed)
-        self.on_fatal: Callable[[RankFailure], None] | None = None
-
-    def add(self, prompt: str | list[int], params: SamplingParams | None = None,
-            request_id: str | None = None, images: list | None = None) -> str:
-        """Validate (ValueError on bad input) and queue a request; returns its id."""
-        request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._queues:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.engine.make_request(request_id, prompt, params, images)
-        self._queues[request_id] = asyncio.Queue()
-        self._pending.append(request)
-        self._ensure_loop()
-        return request_id
-
-    @property
-    def num_active(self) -> int:
-        """Requests added and not yet fully streamed."""
-        return len(self._queues)
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, images: list | None = None) -> AsyncIterator[RequestOutput]:
-        async for out in self.stream(self.add(prompt, params, request_id, images)):
-            yield out
-
-    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
-        queue = self._queues[request_id]
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
-
-    def abort(self, request_id: str) -> None:
-        self._aborts.add(request_id)
-        self._ensure_loop()
-
-    def abort_all(self) -> None:
-        for request_id in list(self._queues):
-            self.abort(request_id)
-
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while self._pending or self._aborts or self.engine.has_unfinished_requests():
-            self._apply_aborts()
-            for request in self._pending:
-                self.engine.enqueue(request)
-            self._pending.clear()
-            if not self.engine.has_unfinished_requests():
-                continue
-            try:
-                outputs = await asyncio.to_thread(self.engine.step)
-            except Exception as e:  # a failed step must not hang every stream: fail them all
-                for request_id in list(self.engine.output.requests):
-                    self.engine.abort_request(request_id)
-                    self._deliver(request_id, RuntimeError(f"engine step failed: {e}"))
-                if isinstance(e, RankFailure) and self.fatal is None:
-                    self.fatal = e
-                    if self.on_fatal:
-                        self.on_fatal(e)
-                continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
-
-    def _apply_aborts(self) -> None:
-        for request_id in self._aborts:
-            self.engine.abort_request(request_id)
-            self._pending = [r for r in self._pending if r.request_id != request_id]
-        self._aborts.clear()
-
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(item)

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stepflash import __version__
-from stepflash.engine.engine import AsyncLLMEngine
+from stepflash.engine.front import AsyncLLMEngine
 from stepflash.multimodal import IMAGE_PART_TYPES, ImageInput, MediaPolicy, chat_images
 from stepflash.outputs import CompletionOutput, RequestOutput
 from stepflash.sampling import StructuredOutputsParams
@@ -164,10 +164,10 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(engine.engine.stats()), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(await engine.stats()), media_type="text/plain; version=0.0.4")
 
     card = {"id": model_name, "object": "model", "created": 0, "owned_by": "stepflash",
-            "max_model_len": engine.engine.max_model_len}
+            "max_model_len": engine.max_model_len}
 
     @app.get("/v1/models", dependencies=v1)
     async def models() -> dict[str, Any]:
@@ -191,7 +191,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         if body.echo and body.logprobs is not None:
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        ids = _submit_all(engine, prompts, params, request_id)
+        ids = await _submit_all(engine, prompts, params, request_id)
         streams = _merged([engine.stream(i) for i in ids])
         view = _CompletionView(body, engine, params.n)
         if body.stream:
@@ -208,7 +208,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _params(body, body.max_completion_tokens or body.max_tokens, logprobs, engine, prompt.structured,
                          thinking_token_budget)
-        ids = [_submit(engine, prompt.token_ids, params, f"chatcmpl-{uuid.uuid4().hex}", prompt.images)]
+        ids = [await _submit(engine, prompt.token_ids, params, f"chatcmpl-{uuid.uuid4().hex}", prompt.images)]
         streams = _merged([engine.stream(ids[0])])
         if body.stream:
             chunks = _chat_chunks(streams, ids[0], model_name, body, prompt, engine, metrics)
@@ -224,7 +224,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         prompt = await _chat_prompt(chat_body, engine, media)
         params = _params(chat_body, chat_body.max_completion_tokens, None, engine, prompt.structured,
                          thinking_token_budget)
-        ids = [_submit(engine, prompt.token_ids, params, f"resp_{uuid.uuid4().hex}", prompt.images)]
+        ids = [await _submit(engine, prompt.token_ids, params, f"resp_{uuid.uuid4().hex}", prompt.images)]
         streams = _merged([engine.stream(ids[0])])
         reply = _ResponseReply(ids[0], int(time.time()), model_name, body, chat_body, prompt, engine)
         if body.stream:
@@ -241,7 +241,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
 def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None, engine: AsyncLLMEngine,
             structured: StructuredOutputsParams | None, thinking_token_budget: int | None):
     try:
-        return body.sampling_params(max_tokens, logprobs, engine.engine.model_config.vocab_size, structured,
+        return body.sampling_params(max_tokens, logprobs, engine.model_config.vocab_size, structured,
                                     thinking_token_budget)
     except ValueError as e:
         raise ApiError(400, str(e)) from e
@@ -256,24 +256,28 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
     return list(prompt)
 
 
-def _submit_all(engine: AsyncLLMEngine, prompts: list[str | list[int]], params, request_id: str) -> list[str]:
-    """Queue one engine request per prompt; every prompt is validated first, so a bad one queues none."""
+async def _submit_all(engine: AsyncLLMEngine, prompts: list[str | list[int]], params, request_id: str) -> list[str]:
+    """Queue one engine request per prompt, or none: a bad prompt fails them all."""
     if len(prompts) == 1:
-        return [_submit(engine, prompts[0], params, request_id)]
-    for i, prompt in enumerate(prompts):
-        try:
-            engine.engine.make_request("check", prompt, params)
-        except ValueError as e:  # context overflow, ids outside the vocabulary, ...
-            raise ApiError(400, f"prompt {i}: {e}", param="prompt") from e
-    return [_submit(engine, prompt, params, f"{request_id}-{i}") for i, prompt in enumerate(prompts)]
-
-
-def _submit(engine: AsyncLLMEngine, prompt: str | list[int], params, request_id: str,
-            images: list | None = None) -> str:
+        return [await _submit(engine, prompts[0], params, request_id)]
+    ids = [f"{request_id}-{i}" for i in range(len(prompts))]
     try:
-        return engine.add(prompt, params, request_id, images)
+        await engine.add_all(prompts, params, ids)
+    except ValueError as e:  # context overflow, ids outside the vocabulary, ... (the message names the prompt)
+        raise ApiError(400, str(e), param="prompt") from e
+    except RuntimeError as e:  # the engine has stopped
+        raise ApiError(503, str(e), type_="server_error") from e
+    return ids
+
+
+async def _submit(engine: AsyncLLMEngine, prompt: str | list[int], params, request_id: str,
+                  images: list | None = None) -> str:
+    try:
+        return await engine.add(prompt, params, request_id, images)
     except ValueError as e:  # context overflow, ids outside the vocabulary, ...
         raise ApiError(400, str(e)) from e
+    except RuntimeError as e:  # the engine has stopped
+        raise ApiError(503, str(e), type_="server_error") from e
 
 
 async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -366,10 +370,10 @@ def _chat_images(messages: list[dict[str, Any]], media: MediaPolicy, engine: Asy
     takes none), checked against the limit first, then fetched, decoded and preprocessed."""
     count = sum(isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES
                 for m in messages if isinstance(m.get("content"), list) for part in m["content"])
-    limit = engine.engine.config.limit_images_per_prompt
+    limit = engine.config.limit_images_per_prompt
     if count > limit:
         raise ValueError(f"{count} images in one request; the limit is {limit} (--limit-images-per-prompt)")
-    return [engine.engine.images.process(data) for data in chat_images(messages, media)]
+    return [engine.images.process(data) for data in chat_images(messages, media)]
 
 
 def _template_message(m: ChatMessage) -> dict[str, Any]:
@@ -445,8 +449,8 @@ def check_content_parts(messages: list[ChatMessage], takes_images: bool) -> None
 
 
 async def _chat_prompt(body: ChatCompletionRequest, engine: AsyncLLMEngine, media: MediaPolicy) -> ChatPrompt:
-    check_content_parts(body.messages, engine.engine.images is not None)
-    tokenizer = engine.engine.tokenizer
+    check_content_parts(body.messages, engine.images is not None)
+    tokenizer = engine.tokenizer
     tools, structured = _tools_and_format(body)
     messages = [_template_message(m) for m in body.messages]
     try:
@@ -479,7 +483,7 @@ def _reasoning_tokens(c: CompletionOutput, prompt: ChatPrompt, engine: AsyncLLME
     """Generated tokens before the one that closes the reasoning (all of them if none does)."""
     if not prompt.reasoning:
         return 0
-    tokenizer = engine.engine.tokenizer
+    tokenizer = engine.tokenizer
     end = tokenizer.token_to_id(THINK_END)
     if end is not None and end in c.token_ids:
         return c.token_ids.index(end)
@@ -511,7 +515,7 @@ def _finish_reason(c: CompletionOutput, has_calls: bool = False) -> str | None:
 def _chat_logprobs(c: CompletionOutput, engine: AsyncLLMEngine) -> dict | None:
     if c.logprobs is None:
         return None
-    decode = engine.engine.tokenizer.decode
+    decode = engine.tokenizer.decode
 
     def entry(token_id: int, logprob: float) -> dict:
         text = decode([token_id])
@@ -652,7 +656,7 @@ class _CompletionView:
 
     def __init__(self, body: CompletionRequest, engine: AsyncLLMEngine, n: int) -> None:
         self.echo, self.scoring_only, self.n = body.echo, body.max_tokens == 0, n
-        self.decode = engine.engine.tokenizer.decode
+        self.decode = engine.tokenizer.decode
         self.offsets: dict[int, int] = {}  # choice index -> text offset of its next token (tokens' text summed)
 
     def choice(self, prompt_index: int, out: RequestOutput, c: CompletionOutput) -> dict:
