@@ -166,6 +166,22 @@ def test_async_rejects_bad_input_at_submission_and_several_prompts_all_or_none(f
     assert stats.num_running == stats.num_waiting == 0 and active == 0  # the good prompt was not queued
 
 
+def test_async_add_cancelled_by_its_caller_leaves_nothing_running(front):
+    async def run() -> object:
+        add = asyncio.create_task(front.add(PROMPT, greedy(max_tokens=4000)))  # ~10 s of decoding, if it ran
+        await asyncio.sleep(0)  # sent
+        add.cancel()
+        for _ in range(150):
+            stats = await front.stats()
+            if not stats.num_running and not stats.num_waiting:
+                break
+            await asyncio.sleep(0.02)
+        return stats
+
+    stats = asyncio.run(run())
+    assert stats.num_running == stats.num_waiting == 0 and front.num_active == 0
+
+
 def test_async_engine_reports_startup_errors_and_a_dead_engine(ckpt):
     with pytest.raises(ValueError, match="block_size"):
         AsyncLLMEngine(ckpt, EngineConfig(block_size=12))

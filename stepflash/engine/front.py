@@ -16,6 +16,7 @@ Messages are pickled over a socket pair private to the two processes (no other p
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import multiprocessing as mp
@@ -63,23 +64,25 @@ class AsyncLLMEngine:
         self._process.start()
         if not in_process:
             child.close()
-        self.tokenizer = Tokenizer.from_pretrained(model_dir)  # meanwhile the engine loads the model
-        self.model_config = ModelConfig.from_pretrained(model_dir)
-        self.images = image_processor(self.model_config, self.tokenizer, ec)
+        self._loop: asyncio.AbstractEventLoop | None = None
         try:
+            self.tokenizer = Tokenizer.from_pretrained(model_dir)  # meanwhile the engine loads the model
+            self.model_config = ModelConfig.from_pretrained(model_dir)
+            self.images = image_processor(self.model_config, self.tokenizer, ec)
             kind, *ready = _receive(self._conn)
+            if kind == "failed":
+                raise ready[0]
         except EOFError:
-            self._process.join()
+            self.shutdown()
             raise RuntimeError(f"the engine process exited (code {self._exitcode}) while starting") from None
-        if kind == "failed":
-            self._process.join()
-            raise ready[0]
+        except BaseException:
+            self.shutdown()
+            raise
         (self.max_model_len,) = ready
         self._queues: dict[str, asyncio.Queue] = {}
         self._added: dict[str, asyncio.Future] = {}  # first request id of an `add_all` -> its verdict
         self._stats: collections.deque[asyncio.Future] = collections.deque()
         self._ids = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.fatal: Exception | None = None
         self.on_fatal: Callable[[Exception], None] | None = None
 
@@ -107,9 +110,11 @@ class AsyncLLMEngine:
         try:
             self._send(("add", items))
             await verdict
-        except BaseException:
+        except BaseException as e:
             for request_id in request_ids:
                 self._queues.pop(request_id, None)
+                if not isinstance(e, ValueError):  # e.g. the caller cancelled: the engine may have queued it
+                    self.abort(request_id)
             raise
         finally:
             self._added.pop(request_ids[0], None)
@@ -141,7 +146,8 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str) -> None:
         if self.fatal is None:
-            self._send(("abort", request_id))
+            with contextlib.suppress(OSError):  # the engine is gone: its streams learn it from the reader
+                self._send(("abort", request_id))
 
     def abort_all(self) -> None:
         for request_id in list(self._queues):
@@ -158,6 +164,8 @@ class AsyncLLMEngine:
 
     def shutdown(self) -> None:
         """Stop the engine process (and its ranks); waits up to 30 s, then kills it."""
+        if self._conn.closed:
+            return
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._conn.fileno())
         if self._process.is_alive():
@@ -201,7 +209,7 @@ class AsyncLLMEngine:
         except (EOFError, OSError):
             self._loop.remove_reader(self._conn.fileno())
             self._process.join(5)
-            self._fail_all(RuntimeError(f"the engine process exited (code {self._exitcode})"), fatal=True)
+            self._fail_all(RuntimeError(f"the engine process exited (code {self._exitcode})"))
 
     def _handle(self, kind: str, *body) -> None:
         if kind == "outputs":
@@ -215,22 +223,24 @@ class AsyncLLMEngine:
                 else:
                     verdict.set_exception((ValueError if error == "ValueError" else RuntimeError)(message))
         elif kind == "stats":
-            self._stats.popleft().set_result(body[0])
+            if not (reply := self._stats.popleft()).done():  # done: its caller was cancelled
+                reply.set_result(body[0])
         elif kind == "step_failed":
             request_ids, message, fatal = body
             for request_id in request_ids:
                 self._deliver(request_id, RuntimeError(f"engine step failed: {message}"))
             if fatal:
-                self._fail_all(RankFailure(message), fatal=True)
+                self._fail_all(RankFailure(message))
 
-    def _fail_all(self, error: Exception, fatal: bool) -> None:
+    def _fail_all(self, error: Exception) -> None:
+        """The engine cannot go on: every stream and waiting call gets the error."""
         for request_id in list(self._queues):
             self._deliver(request_id, error)
         for future in [*self._added.values(), *self._stats]:
             if not future.done():
                 future.set_exception(RuntimeError(f"the engine has stopped: {error}"))
         self._stats.clear()
-        if fatal and self.fatal is None:
+        if self.fatal is None:
             self.fatal = error
             if self.on_fatal:
                 self.on_fatal(error)
