@@ -42,11 +42,12 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def start_server(ckpt, *args: str, name: str = MODEL) -> tuple[subprocess.Popen, str]:
-    """`stepflash serve` on a free loopback port, once /health answers."""
+def start_server(ckpt, *args: str, name: str = MODEL, new_session: bool = False) -> tuple[subprocess.Popen, str]:
+    """`stepflash serve` on a free loopback port, once /health answers (`new_session`: in a process
+    group of its own)."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "stepflash.cli", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--served-model-name", name, *args],
+                             "--served-model-name", name, *args], start_new_session=new_session,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -195,16 +196,19 @@ def test_metrics_exposed(server, client):
     assert tau > 1.5  # the scripted checkpoint's MTP modules draft its script: most drafts are accepted
 
 
-def test_sigterm_finishes_open_streams_then_exits(ckpt):
-    proc, base = start_server(ckpt)
+@pytest.mark.parametrize("group", [False, True], ids=["server", "process-group"])
+def test_sigterm_finishes_open_streams_then_exits(ckpt, group):
+    """SIGTERM to the server, or to its whole process group (the engine's process too, as a service
+    manager or a terminal sends it): open streams finish, then the server exits."""
+    proc, base = start_server(ckpt, new_session=group)
     try:
         lines = []
         with httpx.stream("POST", base + "/v1/completions", timeout=30,
                           json={"model": MODEL, "prompt": "abc", "max_tokens": 300, "stream": True}) as r:
             for line in filter(None, r.iter_lines()):
                 lines.append(line)
-                if len(lines) == 2:
-                    proc.terminate()  # SIGTERM while the stream is open
+                if len(lines) == 2:  # SIGTERM while the stream is open
+                    os.killpg(proc.pid, signal.SIGTERM) if group else proc.terminate()
         assert lines[-1] == "data: [DONE]"
         finishes = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines if x.startswith("data: {")]
         assert finishes[-1] in ("length", "stop")

@@ -262,7 +262,8 @@ def _send(conn: Connection, message: tuple) -> None:
 # -- the engine's process -------------------------------------------------------------------------
 def _engine_main(conn: Connection, model_dir: str, ec: EngineConfig, log_level: int) -> None:
     if threading.current_thread() is threading.main_thread():  # its own process
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the front stops it
+        for signum in (signal.SIGINT, signal.SIGTERM):  # sent to the process group (Ctrl-C, a service manager):
+            signal.signal(signum, signal.SIG_IGN)  # the front finishes open streams, then stops this process
     logging.basicConfig(level=log_level, format="%(message)s")
     try:
         engine = LLMEngine(model_dir, ec)
