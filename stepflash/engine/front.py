@@ -2,10 +2,10 @@
 
 Why a process: a step is Python driving many short torch calls, each of which releases the GIL and
 takes it back. Sharing a process with the HTTP server, the step waited at each of those points for
-the event loop (JSON, SSE, pydantic), which holds the GIL for up to the switch interval (5 ms): on
-the CPU the step ran ~23% slower in the server than offline, and the server reached ~72% of the
-offline tokens/s. vLLM (its engine core) and SGLang (its scheduler) run the loop in a process of its
-own for the same reason.
+the event loop (JSON, SSE, pydantic), which holds the GIL for up to the switch interval (5 ms). On
+the CPU the server reached 0.72-0.87x the offline tokens/s at one stream that way, and 0.93-0.97x
+with the engine in its own process (`benchmarks/serve_overhead.py` runs both). vLLM (its engine
+core) and SGLang (its scheduler) run the loop in a process of its own for the same reason.
 
 The front keeps what the server needs before and after the engine: the tokenizer (chat templates,
 logprob text), the model config and the image preprocessor (images are decoded here, not in the
