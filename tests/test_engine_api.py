@@ -117,6 +117,7 @@ def test_async_stream_deltas_concatenate_to_the_final_output(llm, front):
     deltas = asyncio.run(run())
     final = llm.generate([PROMPT], greedy(skip_special_tokens=False, stop=["zz"], logprobs=2))[0].outputs[0]
     assert len(deltas) > 1 and [d.finished for d in deltas] == [False] * (len(deltas) - 1) + [True]
+    assert all(d.prompt_token_ids == PROMPT for d in deltas)  # sent once by the engine, on every delta here
     completions = [c for d in deltas for c in d.outputs]
     assert sum(len(c.token_ids) for c in completions[:-1]) < len(final.token_ids)  # each delta only what is new
     assert "".join(c.text for c in completions) == final.text
@@ -164,6 +165,18 @@ def test_async_rejects_bad_input_at_submission_and_several_prompts_all_or_none(f
 
     stats, active = asyncio.run(run())
     assert stats.num_running == stats.num_waiting == 0 and active == 0  # the good prompt was not queued
+
+
+def test_the_engine_sends_a_requests_prompt_with_its_first_delta_only():
+    from stepflash.engine.front import EngineLoop
+    from stepflash.outputs import RequestOutput
+
+    loop = EngineLoop(None, None, None)
+    delta = lambda request_id, finished=False: RequestOutput(request_id, "text", PROMPT, None, [], finished)  # noqa: E731
+    sent = [loop._without_known_prompt(d) for d in (delta("a"), delta("b", True), delta("a"), delta("a", True),
+                                                     delta("a"), delta("b"))]
+    assert [d.prompt_token_ids is not None for d in sent] == [True, True, False, False, True, True]
+    assert [d.prompt is not None for d in sent] == [True, True, False, False, True, True]
 
 
 def test_async_add_cancelled_by_its_caller_leaves_nothing_running(front):

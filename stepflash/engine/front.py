@@ -17,6 +17,7 @@ Messages are pickled over a socket pair private to the two processes (no other p
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
@@ -82,6 +83,7 @@ class AsyncLLMEngine:
         self._queues: dict[str, asyncio.Queue] = {}
         self._added: dict[str, asyncio.Future] = {}  # first request id of an `add_all` -> its verdict
         self._stats: collections.deque[asyncio.Future] = collections.deque()
+        self._prompts: dict[str, tuple[str | None, list[int]]] = {}  # the engine sends a prompt once
         self._ids = itertools.count()
         self.fatal: Exception | None = None
         self.on_fatal: Callable[[Exception], None] | None = None
@@ -141,6 +143,7 @@ class AsyncLLMEngine:
                 yield item
         finally:
             self._queues.pop(request_id, None)
+            self._prompts.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
 
@@ -214,6 +217,14 @@ class AsyncLLMEngine:
     def _handle(self, kind: str, *body) -> None:
         if kind == "outputs":
             for out in body[0]:
+                if out.request_id not in self._queues:  # its stream has closed
+                    continue
+                if out.prompt_token_ids is None:
+                    out.prompt, out.prompt_token_ids = self._prompts[out.request_id]
+                else:
+                    self._prompts[out.request_id] = out.prompt, out.prompt_token_ids
+                if out.finished:
+                    del self._prompts[out.request_id]
                 self._deliver(out.request_id, out)
         elif kind == "added":
             first, error, message = body
@@ -297,6 +308,7 @@ class EngineLoop:
 
     def __init__(self, engine: LLMEngine, send: Callable[[tuple], None], inbox: queue.SimpleQueue) -> None:
         self.engine, self.send, self.inbox = engine, send, inbox
+        self.prompt_sent: set[str] = set()  # requests whose prompt went with an earlier delta
 
     def run(self) -> None:
         while True:
@@ -319,10 +331,21 @@ class EngineLoop:
             log.exception("engine step failed")
             fatal = isinstance(e, RankFailure)
             self.send(("step_failed", self.engine.abort_all(), str(e), fatal))
+            self.prompt_sent.clear()
             return not fatal
         if outputs:
-            self.send(("outputs", outputs))
+            self.send(("outputs", [self._without_known_prompt(out) for out in outputs]))
         return True
+
+    def _without_known_prompt(self, out: RequestOutput) -> RequestOutput:
+        """A delta carries its request's whole prompt; after the first, the front has it (a 100K-token
+        prompt would cost milliseconds a step to pickle and unpickle)."""
+        known = out.request_id in self.prompt_sent
+        if out.finished:
+            self.prompt_sent.discard(out.request_id)
+        elif not known:
+            self.prompt_sent.add(out.request_id)
+        return dataclasses.replace(out, prompt=None, prompt_token_ids=None) if known else out
 
     def _add(self, items: list[tuple[str, Prompt, SamplingParams | None, list]]) -> None:
         """All of the requests, or none (the first error, naming the prompt when there are several)."""
@@ -341,6 +364,7 @@ class EngineLoop:
 
     def _abort(self, request_id: str) -> None:
         self.engine.abort_request(request_id)
+        self.prompt_sent.discard(request_id)
 
     def _stats(self) -> None:
         self.send(("stats", self.engine.stats()))
