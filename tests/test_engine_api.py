@@ -179,6 +179,20 @@ def test_the_engine_sends_a_requests_prompt_with_its_first_delta_only():
     assert [d.prompt is not None for d in sent] == [True, True, False, False, True, True]
 
 
+def test_async_text_prompts_are_tokenized_by_the_front_as_the_engine_would(llm, front):
+    text = "def fib(n):\n    return n\n"
+
+    async def run() -> tuple[list, list[int]]:
+        long = text * 1000  # past LONG_TEXT: tokenized in a worker thread
+        return [out async for out in front.generate(text, greedy(max_tokens=3))], await front.encode(long, True)
+
+    deltas, long_ids = asyncio.run(run())
+    offline = llm.generate([text], greedy(max_tokens=3))[0]
+    assert all(d.prompt == text and d.prompt_token_ids == offline.prompt_token_ids for d in deltas)
+    assert [t for d in deltas for c in d.outputs for t in c.token_ids] == offline.outputs[0].token_ids
+    assert long_ids == llm.tokenizer.encode(text * 1000, add_special_tokens=True)
+
+
 def test_async_add_cancelled_by_its_caller_leaves_nothing_running(front):
     async def run() -> object:
         add = asyncio.create_task(front.add(PROMPT, greedy(max_tokens=4000)))  # ~10 s of decoding, if it ran

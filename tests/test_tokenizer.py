@@ -145,6 +145,12 @@ def test_encode_decode_round_trip(tokenizer: Tokenizer, text: str) -> None:
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
+@pytest.mark.parametrize("special", [False, True])
+def test_encode_unlocked_equals_encode(tokenizer: Tokenizer, special: bool) -> None:
+    text = ("Hello, world! def f(x): return x\n" + MULTI_BYTE_TEXT) * 50
+    assert tokenizer.encode_unlocked(text, special) == tokenizer.encode(text, special)
+
+
 def test_add_special_tokens_prepends_bos(tokenizer: Tokenizer) -> None:
     ids = tokenizer.encode("hi", add_special_tokens=True)
     assert ids[0] == tokenizer.bos_token_id == 0

@@ -194,12 +194,14 @@ class LLMEngine:
         self.enqueue(self.make_request(request_id, prompt, params, images))
 
     def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                     images: list | None = None) -> Request:
-        """Tokenize and validate; touches no engine state (the async front calls it on its own thread).
-        `images` (encoded bytes, PIL images, uint8 [3, H, W] tensors or preprocessed ImageInputs) go
-        to the prompt's image placeholders, in order."""
+                     images: list | None = None, text: str | None = None) -> Request:
+        """Tokenize and validate; touches no engine state. `images` (encoded bytes, PIL images, uint8
+        [3, H, W] tensors or preprocessed ImageInputs) go to the prompt's image placeholders, in order.
+        `text`: the prompt's text, where `prompt` holds the ids it was tokenized to elsewhere (the
+        server's front does it, off the engine's process)."""
         params = params or SamplingParams()
-        text, ids = self._tokenize(prompt)
+        own_text, ids = self._tokenize(prompt)
+        text = own_text if text is None else text
         ids, placed = self._place_images(ids, images or [])
         room = self.max_model_len - len(ids)
         if room < 1:

@@ -40,6 +40,7 @@ from stepflash.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+LONG_TEXT = 20_000  # characters: text tokenized in a worker thread, off the event loop
 
 
 class AsyncLLMEngine:
@@ -105,7 +106,9 @@ class AsyncLLMEngine:
         taken = [i for n, i in enumerate(request_ids) if i in self._queues or i in request_ids[:n]]
         if taken:
             raise ValueError(f"request id {taken[0]!r} is already in use")
-        items = [(i, p, params, im) for i, p, im in zip(request_ids, prompts, images or [[]] * len(prompts))]
+        tokenized = [await self._tokenize(p) for p in prompts]
+        items = [(i, ids, text, params, im) for i, (ids, text), im in zip(request_ids, tokenized,
+                                                                          images or [[]] * len(prompts))]
         verdict = self._added[request_ids[0]] = asyncio.get_running_loop().create_future()
         for request_id in request_ids:
             self._queues[request_id] = asyncio.Queue()
@@ -120,6 +123,17 @@ class AsyncLLMEngine:
             raise
         finally:
             self._added.pop(request_ids[0], None)
+
+    async def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; a long one in a worker thread, the event loop serving streams meanwhile."""
+        if len(text) <= LONG_TEXT:
+            return self.tokenizer.encode(text, add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode_unlocked, text, add_special_tokens)
+
+    async def _tokenize(self, prompt: Prompt) -> tuple[Prompt, str | None]:
+        """A text prompt's ids (and its text), here rather than in the engine's process, where a long
+        one would hold up every running request's next step (a 100K-token prompt: ~0.2 s)."""
+        return (await self.encode(prompt, add_special_tokens=True), prompt) if isinstance(prompt, str) else (prompt, None)
 
     @property
     def num_active(self) -> int:
@@ -347,12 +361,12 @@ class EngineLoop:
             self.prompt_sent.add(out.request_id)
         return dataclasses.replace(out, prompt=None, prompt_token_ids=None) if known else out
 
-    def _add(self, items: list[tuple[str, Prompt, SamplingParams | None, list]]) -> None:
+    def _add(self, items: list[tuple[str, Prompt, str | None, SamplingParams | None, list]]) -> None:
         """All of the requests, or none (the first error, naming the prompt when there are several)."""
         requests = []
-        for i, (request_id, prompt, params, images) in enumerate(items):
+        for i, (request_id, prompt, text, params, images) in enumerate(items):
             try:
-                requests.append(self.engine.make_request(request_id, prompt, params, images))
+                requests.append(self.engine.make_request(request_id, prompt, params, images, text))
             except Exception as e:  # ValueError: bad input (HTTP 400); anything else is a bug, logged
                 if not isinstance(e, ValueError):
                     log.exception("request %s could not be made", request_id)

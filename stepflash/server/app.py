@@ -459,7 +459,7 @@ async def _chat_prompt(body: ChatCompletionRequest, engine: AsyncLLMEngine, medi
     except ValueError as e:
         raise ApiError(400, str(e), param="messages") from e
     reasoning = text.rfind(THINK_START) > text.rfind(THINK_END)  # the prompt leaves thinking open
-    return ChatPrompt(tokenizer.encode(text), tools, structured, reasoning, images)
+    return ChatPrompt(await engine.encode(text), tools, structured, reasoning, images)
 
 
 _TEMPLATE_ARGUMENTS = {"messages", "tools", "documents", "add_generation_prompt"}
