@@ -118,6 +118,8 @@ def test_async_stream_deltas_concatenate_to_the_final_output(llm, front):
     final = llm.generate([PROMPT], greedy(skip_special_tokens=False, stop=["zz"], logprobs=2))[0].outputs[0]
     assert len(deltas) > 1 and [d.finished for d in deltas] == [False] * (len(deltas) - 1) + [True]
     assert all(d.prompt_token_ids == PROMPT for d in deltas)  # sent once by the engine, on every delta here
+    assert [d.metrics is not None for d in deltas] == [False] * (len(deltas) - 1) + [True]
+    assert deltas[-1].metrics.num_generated_tokens == len(final.token_ids)
     completions = [c for d in deltas for c in d.outputs]
     assert sum(len(c.token_ids) for c in completions[:-1]) < len(final.token_ids)  # each delta only what is new
     assert "".join(c.text for c in completions) == final.text
@@ -167,16 +169,18 @@ def test_async_rejects_bad_input_at_submission_and_several_prompts_all_or_none(f
     assert stats.num_running == stats.num_waiting == 0 and active == 0  # the good prompt was not queued
 
 
-def test_the_engine_sends_a_requests_prompt_with_its_first_delta_only():
+def test_the_engine_sends_a_requests_prompt_with_its_first_delta_only_and_metrics_with_its_last():
     from stepflash.engine.front import EngineLoop
-    from stepflash.outputs import RequestOutput
+    from stepflash.outputs import RequestMetrics, RequestOutput
 
     loop = EngineLoop(None, None, None)
-    delta = lambda request_id, finished=False: RequestOutput(request_id, "text", PROMPT, None, [], finished)  # noqa: E731
-    sent = [loop._without_known_prompt(d) for d in (delta("a"), delta("b", True), delta("a"), delta("a", True),
-                                                     delta("a"), delta("b"))]
+    delta = lambda request_id, finished=False: RequestOutput(request_id, "text", PROMPT, None, [], finished,  # noqa: E731
+                                                             RequestMetrics(0.0))
+    sent = [loop._wire(d) for d in (delta("a"), delta("b", True), delta("a"), delta("a", True), delta("a"),
+                                    delta("b"))]
     assert [d.prompt_token_ids is not None for d in sent] == [True, True, False, False, True, True]
     assert [d.prompt is not None for d in sent] == [True, True, False, False, True, True]
+    assert [d.metrics is not None for d in sent] == [False, True, False, True, False, False]
 
 
 def test_async_text_prompts_are_tokenized_by_the_front_as_the_engine_would(llm, front):

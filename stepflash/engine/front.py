@@ -45,8 +45,8 @@ LONG_TEXT = 20_000  # characters: text tokenized in a worker thread, off the eve
 
 class AsyncLLMEngine:
     """asyncio front: `add` queues a request once the engine has validated it (ValueError on bad
-    input), `stream` yields its deltas (RequestOutputs holding what each step added) until finished
-    (`generate` does both). A consumer that stops iterating (a client that disconnects) aborts its
+    input), `stream` yields its deltas (RequestOutputs holding what each step added; metrics only on
+    the last) until finished (`generate` does both). A consumer that stops iterating (a client that disconnects) aborts its
     request, freeing its blocks at once. If the engine process fails for good (a tensor-parallel rank
     died, or the process itself), every open stream gets the error, `fatal` holds it and `on_fatal`
     is called."""
@@ -348,18 +348,22 @@ class EngineLoop:
             self.prompt_sent.clear()
             return not fatal
         if outputs:
-            self.send(("outputs", [self._without_known_prompt(out) for out in outputs]))
+            self.send(("outputs", [self._wire(out) for out in outputs]))
         return True
 
-    def _without_known_prompt(self, out: RequestOutput) -> RequestOutput:
-        """A delta carries its request's whole prompt; after the first, the front has it (a 100K-token
-        prompt would cost milliseconds a step to pickle and unpickle)."""
+    def _wire(self, out: RequestOutput) -> RequestOutput:
+        """A delta as sent: its request's whole prompt only the first time (the front keeps it: a
+        100K-token prompt would cost milliseconds a step to pickle and unpickle), its metrics only
+        when it is the last (half the cost of pickling a short delta)."""
         known = out.request_id in self.prompt_sent
         if out.finished:
             self.prompt_sent.discard(out.request_id)
         elif not known:
             self.prompt_sent.add(out.request_id)
-        return dataclasses.replace(out, prompt=None, prompt_token_ids=None) if known else out
+        if not known and out.finished:
+            return out
+        return dataclasses.replace(out, **({"prompt": None, "prompt_token_ids": None} if known else {}),
+                                   **({} if out.finished else {"metrics": None}))
 
     def _add(self, items: list[tuple[str, Prompt, str | None, SamplingParams | None, list]]) -> None:
         """All of the requests, or none (the first error, naming the prompt when there are several)."""
