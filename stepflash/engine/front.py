@@ -3,7 +3,7 @@
 Why a process: a step is Python driving many short torch calls, each of which releases the GIL and
 takes it back. Sharing a process with the HTTP server, the step waited at each of those points for
 the event loop (JSON, SSE, pydantic), which holds the GIL for up to the switch interval (5 ms). On
-the CPU the server reached 0.72-0.87x the offline tokens/s at one stream that way, and 0.93-0.97x
+the CPU the server reached 0.72-0.87x the offline tokens/s at one stream that way, and 0.92-0.97x
 with the engine in its own process (`benchmarks/serve_overhead.py` runs both). vLLM (its engine
 core) and SGLang (its scheduler) run the loop in a process of its own for the same reason.
 
