@@ -113,8 +113,9 @@ def main() -> None:
     points = []
     llm = LLM(mtp=args.mtp, max_num_seqs=max(concurrency))
     servers = {
-        "process": lambda port: [sys.executable, "-m", "stepflash.cli", "serve", "--port", str(port), "--served-model-name",
-                                 MODEL, "--mtp", str(args.mtp), "--max-num-seqs", str(max(concurrency))],
+        "process": lambda port: [sys.executable, "-m", "stepflash.cli", "serve", "--port", str(port),
+                                 "--served-model-name", MODEL, "--mtp", str(args.mtp),
+                                 "--max-num-seqs", str(max(concurrency))],
         "thread": lambda port: [sys.executable, __file__, "--serve-in-thread", str(port), "--mtp", str(args.mtp),
                                 "--threads", str(args.threads), "--concurrency", args.concurrency],
     }

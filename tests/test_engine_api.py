@@ -173,9 +173,10 @@ def test_the_engine_sends_a_requests_prompt_with_its_first_delta_only_and_metric
     from stepflash.engine.front import EngineLoop
     from stepflash.outputs import RequestMetrics, RequestOutput
 
+    def delta(request_id: str, finished: bool = False) -> RequestOutput:
+        return RequestOutput(request_id, "text", PROMPT, None, [], finished, RequestMetrics(0.0))
+
     loop = EngineLoop(None, None, None)
-    delta = lambda request_id, finished=False: RequestOutput(request_id, "text", PROMPT, None, [], finished,  # noqa: E731
-                                                             RequestMetrics(0.0))
     sent = [loop._wire(d) for d in (delta("a"), delta("b", True), delta("a"), delta("a", True), delta("a"),
                                     delta("b"))]
     assert [d.prompt_token_ids is not None for d in sent] == [True, True, False, False, True, True]

@@ -46,10 +46,10 @@ LONG_TEXT = 20_000  # characters: text tokenized in a worker thread, off the eve
 class AsyncLLMEngine:
     """asyncio front: `add` queues a request once the engine has validated it (ValueError on bad
     input), `stream` yields its deltas (RequestOutputs holding what each step added; metrics only on
-    the last) until finished (`generate` does both). A consumer that stops iterating (a client that disconnects) aborts its
-    request, freeing its blocks at once. If the engine process fails for good (a tensor-parallel rank
-    died, or the process itself), every open stream gets the error, `fatal` holds it and `on_fatal`
-    is called."""
+    the last) until finished (`generate` does both). A consumer that stops iterating (a client that
+    disconnects) aborts its request, freeing its blocks at once. If the engine process fails for good
+    (a tensor-parallel rank died, or the process itself), every open stream gets the error, `fatal`
+    holds it and `on_fatal` is called."""
 
     def __init__(self, model_dir: str | Path, ec: EngineConfig | None = None, in_process: bool = False) -> None:
         """Start the engine process and wait until it is ready; its startup error (a bad option, a
@@ -106,13 +106,13 @@ class AsyncLLMEngine:
         taken = [i for n, i in enumerate(request_ids) if i in self._queues or i in request_ids[:n]]
         if taken:
             raise ValueError(f"request id {taken[0]!r} is already in use")
-        tokenized = [await self._tokenize(p) for p in prompts]
-        items = [(i, ids, text, params, im) for i, (ids, text), im in zip(request_ids, tokenized,
-                                                                          images or [[]] * len(prompts))]
-        verdict = self._added[request_ids[0]] = asyncio.get_running_loop().create_future()
         for request_id in request_ids:
             self._queues[request_id] = asyncio.Queue()
         try:
+            tokenized = [await self._tokenize(p) for p in prompts]
+            items = [(i, ids, text, params, im) for i, (ids, text), im in zip(request_ids, tokenized,
+                                                                              images or [[]] * len(prompts))]
+            verdict = self._added[request_ids[0]] = asyncio.get_running_loop().create_future()
             self._send(("add", items))
             await verdict
         except BaseException as e:
@@ -133,7 +133,9 @@ class AsyncLLMEngine:
     async def _tokenize(self, prompt: Prompt) -> tuple[Prompt, str | None]:
         """A text prompt's ids (and its text), here rather than in the engine's process, where a long
         one would hold up every running request's next step (a 100K-token prompt: ~0.2 s)."""
-        return (await self.encode(prompt, add_special_tokens=True), prompt) if isinstance(prompt, str) else (prompt, None)
+        if not isinstance(prompt, str):
+            return prompt, None
+        return await self.encode(prompt, add_special_tokens=True), prompt
 
     @property
     def num_active(self) -> int:
