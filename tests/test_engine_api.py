@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 
@@ -212,6 +213,26 @@ def test_async_add_cancelled_by_its_caller_leaves_nothing_running(front):
 
     stats = asyncio.run(run())
     assert stats.num_running == stats.num_waiting == 0 and front.num_active == 0
+
+
+def test_health_is_503_once_the_engine_process_is_gone(ckpt):
+    pytest.importorskip("fastapi")
+    from starlette.testclient import TestClient
+
+    from stepflash.server.app import create_app
+
+    front = AsyncLLMEngine(ckpt, EngineConfig(max_num_batched_tokens=64))
+    try:
+        with TestClient(create_app(front, "m")) as http:
+            assert http.get("/metrics").status_code == 200 and http.get("/health").json() == {"status": "ok"}
+            front._process.kill()
+            for _ in range(200):
+                if (health := http.get("/health")).status_code != 200:
+                    break
+                time.sleep(0.05)
+            assert health.status_code == 503 and "engine process exited" in health.json()["error"]["message"]
+    finally:
+        front.shutdown()
 
 
 def test_async_engine_reports_startup_errors_and_a_dead_engine(ckpt):

@@ -160,6 +160,8 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
 
     @app.get("/health")
     async def health() -> dict[str, str]:
+        if engine.fatal is not None:  # the server is about to exit
+            raise ApiError(503, f"the engine has stopped: {engine.fatal}", type_="server_error")
         return {"status": "ok"}
 
     @app.get("/metrics")
