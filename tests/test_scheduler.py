@@ -173,6 +173,20 @@ def test_abort_frees_everything_wherever_the_sequence_is() -> None:
     assert sched.sequences_of(running.request_id) == []
 
 
+def test_abort_all_ends_draining_sequences_too() -> None:
+    """After a failed step nothing may be left to step: a sequence draining its MTP caches included."""
+    sched = scheduler(mtp=2, max_seqs=2)
+    draining, running, waiting = seq(9, max_tokens=1), seq(6), seq(6)
+    sched.add(draining)
+    sched.add(running)
+    run(sched, sched.schedule())
+    sched.add(waiting)
+    assert (draining.status, running.status, waiting.status) == (Status.DRAINING, Status.RUNNING, Status.WAITING)
+    sched.abort_all()
+    assert not sched.has_work() and sched.kv.pools[FULL].num_free == 64
+    assert {s.status for s in (draining, running, waiting)} == {Status.FINISHED}
+
+
 def test_n_siblings_fork_off_the_prompt_and_sample_from_its_row() -> None:
     sched = scheduler()
     s = seq(6, n=3)

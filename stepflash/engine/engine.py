@@ -269,12 +269,11 @@ class LLMEngine:
         return self.output.abort(request_id, time.monotonic())
 
     def abort_all(self) -> list[str]:
-        """Abort every request, sequences that drain included (after a failed step); their ids."""
+        """Abort every request and sequence, draining ones included (after a failed step); the ids."""
         request_ids = list(self.output.requests)
+        self.scheduler.abort_all()
         for request_id in request_ids:
-            self.abort_request(request_id)
-        for seq in list(self.scheduler.draining):
-            self.scheduler.abort(seq)
+            self.output.abort(request_id, time.monotonic())
         return request_ids
 
     def has_unfinished_requests(self) -> bool:

@@ -3,8 +3,9 @@
 Why a process: a step is Python driving many short torch calls, each of which releases the GIL and
 takes it back. Sharing a process with the HTTP server, the step waited at each of those points for
 the event loop (JSON, SSE, pydantic), which holds the GIL for up to the switch interval (5 ms). On
-the CPU the server reached 0.72-0.87x the offline tokens/s at one stream that way, and 0.92-0.97x
-with the engine in its own process (`benchmarks/serve_overhead.py` runs both). vLLM (its engine
+the CPU the server reached 0.81x the offline tokens/s at one stream that way, and 0.92x with the
+engine in its own process (`benchmarks/serve_overhead.py` runs both; its 2026-11-28 results, MTP 0:
+runs there vary by ~10%). vLLM (its engine
 core) and SGLang (its scheduler) run the loop in a process of its own for the same reason.
 
 The front keeps what the server needs before and after the engine: the tokenizer (chat templates,
@@ -357,15 +358,13 @@ class EngineLoop:
         """A delta as sent: its request's whole prompt only the first time (the front keeps it: a
         100K-token prompt would cost milliseconds a step to pickle and unpickle), its metrics only
         when it is the last (half the cost of pickling a short delta)."""
-        known = out.request_id in self.prompt_sent
+        changes = {"prompt": None, "prompt_token_ids": None} if out.request_id in self.prompt_sent else {}
         if out.finished:
             self.prompt_sent.discard(out.request_id)
-        elif not known:
+        else:
             self.prompt_sent.add(out.request_id)
-        if not known and out.finished:
-            return out
-        return dataclasses.replace(out, **({"prompt": None, "prompt_token_ids": None} if known else {}),
-                                   **({} if out.finished else {"metrics": None}))
+            changes["metrics"] = None
+        return dataclasses.replace(out, **changes) if changes else out
 
     def _add(self, items: list[tuple[str, Prompt, str | None, SamplingParams | None, list]]) -> None:
         """All of the requests, or none (the first error, naming the prompt when there are several)."""

@@ -236,6 +236,11 @@ class Scheduler:
         self.kv.free(seq.blocks)
         seq.status = Status.FINISHED
 
+    def abort_all(self) -> None:
+        """Abort every sequence, those draining included (after a failed step)."""
+        for seq in [*self.waiting, *self.running, *self.draining]:
+            self.abort(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq.blocks)

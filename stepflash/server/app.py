@@ -193,7 +193,8 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         if body.echo and body.logprobs is not None:
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        ids = await _submit_all(engine, prompts, params, request_id)
+        ids = await _submit(engine, prompts, params,
+                            [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))])
         streams = _merged([engine.stream(i) for i in ids])
         view = _CompletionView(body, engine, params.n)
         if body.stream:
@@ -210,7 +211,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _params(body, body.max_completion_tokens or body.max_tokens, logprobs, engine, prompt.structured,
                          thinking_token_budget)
-        ids = [await _submit(engine, prompt.token_ids, params, f"chatcmpl-{uuid.uuid4().hex}", prompt.images)]
+        ids = await _submit(engine, [prompt.token_ids], params, [f"chatcmpl-{uuid.uuid4().hex}"], [prompt.images])
         streams = _merged([engine.stream(ids[0])])
         if body.stream:
             chunks = _chat_chunks(streams, ids[0], model_name, body, prompt, engine, metrics)
@@ -226,7 +227,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         prompt = await _chat_prompt(chat_body, engine, media)
         params = _params(chat_body, chat_body.max_completion_tokens, None, engine, prompt.structured,
                          thinking_token_budget)
-        ids = [await _submit(engine, prompt.token_ids, params, f"resp_{uuid.uuid4().hex}", prompt.images)]
+        ids = await _submit(engine, [prompt.token_ids], params, [f"resp_{uuid.uuid4().hex}"], [prompt.images])
         streams = _merged([engine.stream(ids[0])])
         reply = _ResponseReply(ids[0], int(time.time()), model_name, body, chat_body, prompt, engine)
         if body.stream:
@@ -258,28 +259,16 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
     return list(prompt)
 
 
-async def _submit_all(engine: AsyncLLMEngine, prompts: list[str | list[int]], params, request_id: str) -> list[str]:
-    """Queue one engine request per prompt, or none: a bad prompt fails them all."""
-    if len(prompts) == 1:
-        return [await _submit(engine, prompts[0], params, request_id)]
-    ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+async def _submit(engine: AsyncLLMEngine, prompts: list[str | list[int]], params, request_ids: list[str],
+                  images: list[list] | None = None) -> list[str]:
+    """Queue one engine request per prompt, or none: a bad prompt fails them all (400 naming it)."""
     try:
-        await engine.add_all(prompts, params, ids)
-    except ValueError as e:  # context overflow, ids outside the vocabulary, ... (the message names the prompt)
-        raise ApiError(400, str(e), param="prompt") from e
-    except RuntimeError as e:  # the engine has stopped
-        raise ApiError(503, str(e), type_="server_error") from e
-    return ids
-
-
-async def _submit(engine: AsyncLLMEngine, prompt: str | list[int], params, request_id: str,
-                  images: list | None = None) -> str:
-    try:
-        return await engine.add(prompt, params, request_id, images)
+        await engine.add_all(prompts, params, request_ids, images)
     except ValueError as e:  # context overflow, ids outside the vocabulary, ...
-        raise ApiError(400, str(e)) from e
+        raise ApiError(400, str(e), param="prompt" if len(prompts) > 1 else None) from e
     except RuntimeError as e:  # the engine has stopped
         raise ApiError(503, str(e), type_="server_error") from e
+    return request_ids
 
 
 async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
