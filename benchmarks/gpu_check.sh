@@ -90,7 +90,7 @@ E2E=(python3 benchmarks/gpu_e2e.py)
 TILES=(python3 benchmarks/gpu_tiles.py)
 INT4_LAYERS=4
 if [[ $DRY == 1 ]]; then
-    export TRITON_INTERPRET=1
+    export TRITON_INTERPRET=1 TORCH_COMPILE_DISABLE=1  # no torch.compile of the CPU steps (minutes) in a dry run
     K_KERNELS=(-k "add_rmsnorm and 1-64 or kernel_decodes_every_finite_byte or expert_blocks_cover and 1-2-8")
     K_GRAPHS=(-k graph_buckets_cover_every_row_count)
     K_ENGINE=(-k default_mtp_is_what_the_checkpoint_holds)

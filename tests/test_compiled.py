@@ -91,15 +91,20 @@ def test_compile_settings_are_checked(ckpt, monkeypatch):
 
 def test_two_engines_of_different_models_in_one_process(ckpt, tmp_path):
     """Compiled code is found by the step function's code, which every runner shares: an engine of
-    another shape in the same process must compile its own, not run the first engine's. (Also the
-    compiled single-row decode step, without MTP, against the reference, and no compiling after start.)"""
+    another shape in the same process must compile its own, not run the first engine's. Also: no
+    compiling after start, with MTP (verify and drafting steps) and without, and the compiled
+    single-row decode step against the reference. (The first engine is the first test's: inductor's
+    cache still holds its compiled code, so it builds in seconds, not a minute.)"""
     other = write_checkpoint(tmp_path, tiny_config(n=2, n_mtp=0, hidden_size=48), seed=5)
     prompts = mixed_prompts()[1:3]
-    first = LLM(str(ckpt), mtp=0, compile="on")
+    first = LLM(str(ckpt), mtp=2, compile="on")
     graphs = counters["stats"]["unique_graphs"]
     first.generate(prompts, greedy())
     first.generate(mixed_prompts() * 2, greedy())  # 18 sequences at once: the MoE's grouped GEMM
     assert counters["stats"]["unique_graphs"] == graphs  # every variant was compiled at start
     second = LLM(str(other), mtp=0, compile="on")
+    graphs = counters["stats"]["unique_graphs"]
     assert_matches_reference(other, prompts, second.generate(prompts, greedy()))
+    assert_matches_reference(other, prompts[:1], second.generate(prompts[:1], greedy()))  # decode steps of one row
+    assert counters["stats"]["unique_graphs"] == graphs
     assert_matches_reference(ckpt, prompts, first.generate(prompts, greedy()))
