@@ -20,9 +20,10 @@ sliding blocks) are filled after the target's, up to `mtp_computed`; blocks are 
 prefix cache, and sliding blocks released, only once both are past them. Positions written beyond
 num_computed are scratch (rejected drafts): `trim` drops the blocks that hold nothing else.
 
-A sequence holding blocks also holds a row of the runner's device copy of the tables, and every
-change to its tables is noted there: `synced[kind]` counts the leading entries the device already
-has, so a step uploads only new entries.
+A sequence holding blocks also holds a row of the runner's device copy of the full-attention
+table, and every change to its tables is noted there: `synced[kind]` counts the leading entries
+the device already has, so a step uploads only new entries (the runner keeps no sliding tables: a
+window long, they travel whole with each step).
 """
 
 import hashlib

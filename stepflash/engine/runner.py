@@ -210,10 +210,11 @@ class ModelRunner:
                                        s.head_dim, dtype=self.dtype, device=self.device) for _ in range(2))
             for s in layers
         }
-        # the block tables, one row per sequence holding blocks (BlockTables.row), updated with new entries only
-        # (two columns at least: see _pack's padding)
-        self.tables = {kind: torch.zeros(layout.max_num_seqs + 1, max(layout.table_width(kind), 2), dtype=torch.int32,
-                                         device=self.device) for kind in self.kinds}
+        # the full-attention block table, one row per sequence holding blocks (BlockTables.row), updated with
+        # new entries only (two columns at least: see _pack's padding); sliding tables, a window long, are sent
+        # whole with each call
+        self.full_table = torch.zeros(layout.max_num_seqs + 1, max(layout.table_width(FULL), 2), dtype=torch.int32,
+                                      device=self.device)
         self.num_mtp = len(model.mtp)
         hidden_rows = (num_blocks.get(SLIDING, 0) + 1) * block_size
         self.hidden = [torch.zeros(hidden_rows, cfg.hidden_size, dtype=self.dtype, device=self.device)
@@ -359,8 +360,9 @@ class ModelRunner:
     def _pack(self, op: str, depth: int, chunks: list[Chunk], kinds: list[LayerKind], logit_rows: list[int],
               inject: Inject | None) -> StepCall:
         """The forward's integer inputs, gathered on the host for one copy to the device: ids and
-        positions, per layer kind the cache slots, the new block-table entries and each row's table
-        start, and the rows and tiles of each attention op.
+        positions, per layer kind the cache slots and each row's table start, the new entries of the
+        full-attention table and the whole sliding tables (from the first block each chunk's window
+        reaches: a few entries, however long the context), and the rows and tiles of each attention op.
 
         Compiled steps get at least two sequences (step-table rows), table columns and (tiles of
         several rows, i.e. with MTP) tiles: torch.compile compiles a variant of its own for each
@@ -386,14 +388,18 @@ class ModelRunner:
         if op == "mtp":
             sent["prev"] = up.add([slot for c in chunks for slot in self._previous_slots(c)])
         for kind in kinds:
-            # sliding layers: each table from the first block the chunk's window can reach
+            name = kind.value  # (an f-string of the enum itself costs a microsecond, twice a key)
             first = [max(0, c.start - self.window + 1) // self.block_size if kind == SLIDING else 0 for c in chunks]
             width = max(len(c.seq.blocks.table(kind)) - f for c, f in zip(chunks, first))
-            call.widths[kind] = max(width, 2) if pad else width
-            sent[f"first {kind}"] = up.add(first + first if one_more else first, dtype=torch.int32)
-            new = self._new_entries(chunks, kind)
-            sent[f"new {kind}"] = up.add(new, width=3) if new else None
-            sent[f"slots {kind}"] = up.add([s for c in chunks
+            call.widths[kind] = width = max(width, 2) if pad else width
+            sent[f"first {name}"] = up.add(first + first if one_more else first, dtype=torch.int32)
+            if kind == SLIDING:
+                table = _window_tables(chunks, first, width)
+                sent["sliding table"] = up.add(table + table[:width] if one_more else table, torch.int32, width)
+            else:
+                new = self._new_entries(chunks)
+                sent["new full"] = up.add(new, width=3) if new else None
+            sent[f"slots {name}"] = up.add([s for c in chunks
                                             for s in _slots(c.seq.blocks.table(kind), c.start, c.end, self.block_size)])
         long_rows = [len(c.ids) > SHORT_CHUNK for c in chunks for _ in c.ids]
         for flag in (False, True):
@@ -410,24 +416,27 @@ class ModelRunner:
         return call
 
     def _unpack(self, call: StepCall, source: torch.Tensor | None, embeds: Embeds | None = None) -> Inputs:
-        """The call's inputs on the device, in one copy; the device block tables updated."""
+        """The call's inputs on the device, in one copy; the device's full-attention table updated."""
         got, sent = call.upload.send(self.device), call.handles
         ids_t = got(sent["ids"])
         if source is not None:
             ids_t.index_copy_(0, got(sent["inject_rows"]), source.view(-1)[got(sent["inject_index"])])
         tables = {}
-        for kind in call.kinds:
-            self._grow_tables(kind, call.table_rows)
-            new = got(sent[f"new {kind}"])
+        if FULL in call.kinds:
+            self._grow_full_table(call.table_rows)
+            new = got(sent["new full"])
             if new is not None:
-                self.tables[kind][new[:, 0], new[:, 1]] = new[:, 2].to(torch.int32)
-            tables[kind] = self._step_table(kind, got(sent["rows"]), got(sent[f"first {kind}"]), call.widths[kind])
+                self.full_table[new[:, 0], new[:, 1]] = new[:, 2].to(torch.int32)
+            tables[FULL] = self.full_table.index_select(0, got(sent["rows"]))[:, :call.widths[FULL]]
+        if SLIDING in call.kinds:
+            tables[SLIDING] = got(sent["sliding table"])
         sets = {flag: AttentionRows(got(sent[f"index {flag}"]), got(sent[f"seq_of {flag}"]),
                                     got(sent[f"q_pos {flag}"]), got(sent[f"tiles {flag}"]),
                                     PREFILL_TILE if flag else self.tile_rows)
                 for flag in (False, True) if f"seq_of {flag}" in sent}
-        ctx = PagedAttention(self.ops, self.caches, self.kind_of, {k: got(sent[f"slots {k}"]) for k in call.kinds},
-                             tables, {k: got(sent[f"first {k}"]) for k in call.kinds}, sets.get(False), sets.get(True))
+        ctx = PagedAttention(self.ops, self.caches, self.kind_of, {k: got(sent[f"slots {k.value}"]) for k in call.kinds},
+                             tables, {k: got(sent[f"first {k.value}"]) for k in call.kinds}, sets.get(False),
+                             sets.get(True))
         return Inputs(ids_t, got(sent["positions"]), ctx, got(sent["logit_rows"]), got(sent.get("prev")), embeds)
 
     # -- images -----------------------------------------------------------------------------------
@@ -478,31 +487,23 @@ class ModelRunner:
         for (cached, i, _), view, crop in zip(todo, views, crop_rows):
             cached[i] = view if crop is None or not len(crop) else torch.cat([crop.flatten(0, 1), view])
 
-    def _new_entries(self, chunks: list[Chunk], kind: LayerKind) -> list[int]:
-        """(row, column, block) of every table entry the device does not have yet, flat."""
+    def _new_entries(self, chunks: list[Chunk]) -> list[int]:
+        """(row, column, block) of every full-attention table entry the device does not have yet, flat."""
         out: list[int] = []
         for c in chunks:
             tables = c.seq.blocks
-            table, done = tables.table(kind), tables.synced.get(kind, 0)
-            for column in range(done, len(table)):
-                out += (tables.row, column, max(table[column], 0))  # NO_BLOCK (left the window): never read
-            tables.synced[kind] = len(table)
+            done = tables.synced.get(FULL, 0)
+            for column in range(done, len(tables.full)):
+                out += (tables.row, column, tables.full[column])
+            tables.synced[FULL] = len(tables.full)
         return out
 
-    def _grow_tables(self, kind: LayerKind, rows: int) -> None:
-        """The device tables grow when a row lies past them."""
-        if rows > self.tables[kind].shape[0]:
-            grown = self.tables[kind].new_zeros(2 * rows, self.tables[kind].shape[1])
-            grown[:self.tables[kind].shape[0]] = self.tables[kind]
-            self.tables[kind] = grown
-
-    def _step_table(self, kind: LayerKind, rows: torch.Tensor, first: torch.Tensor, width: int) -> torch.Tensor:
-        """[sequences, width]: each row's table from its first block on (a gather on the device)."""
-        table = self.tables[kind].index_select(0, rows)
-        if kind == FULL:
-            return table[:, :width]
-        columns = (first.long()[:, None] + torch.arange(width, device=self.device)).clamp_(max=table.shape[1] - 1)
-        return table.gather(1, columns)
+    def _grow_full_table(self, rows: int) -> None:
+        """The device table grows when a row lies past it."""
+        if rows > self.full_table.shape[0]:
+            grown = self.full_table.new_zeros(2 * rows, self.full_table.shape[1])
+            grown[:self.full_table.shape[0]] = self.full_table
+            self.full_table = grown
 
 
 class CompiledStep:
@@ -637,6 +638,17 @@ def _step_inputs(x: Inputs) -> StepInputs:
     ctx, d = x.ctx, x.ctx.decode
     return StepInputs(x.ids, x.positions, d.seq_of, d.q_pos, d.tiles, ctx.slots, ctx.tables, ctx.first_blocks,
                       x.prev_slots)
+
+
+def _window_tables(chunks: list[Chunk], first: list[int], width: int) -> list[int]:
+    """[chunks x width], flat: each chunk's sliding blocks from `first` on, padded with block 0 (keys
+    past a row's position are masked); a block that left the window (NO_BLOCK) is never read either."""
+    out: list[int] = []
+    for c, f in zip(chunks, first):
+        blocks = c.seq.blocks.sliding[f:f + width]
+        out += [max(b, 0) for b in blocks]
+        out += [0] * (width - len(blocks))
+    return out
 
 
 def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
