@@ -276,12 +276,13 @@ def test_logit_bias_forces_a_token(llm):
 
 
 def test_device_block_tables_follow_the_host_with_new_entries_only(llm):
-    """Each step uploads only table entries the device lacks (a decode step of a long sequence: at
-    most the block it grows into), and the device copy always equals the KV manager's tables."""
+    """Each step uploads only full-attention table entries the device lacks (a decode step of a long
+    sequence: at most the block it grows into, or one a trim dropped), and the device copy always
+    equals the KV manager's table. (Sliding tables, a window long, are sent whole with each call.)"""
     engine, runner = llm.engine, llm.engine.runner
     uploaded = []
     new_entries = runner._new_entries
-    runner._new_entries = lambda chunks, kind: uploaded.append(out := new_entries(chunks, kind)) or out
+    runner._new_entries = lambda chunks: uploaded.append(out := new_entries(chunks)) or out
     try:
         engine.add_request("long", PROMPT * 12, greedy(max_tokens=40))
         engine.add_request("short", PROMPT[:3], greedy(max_tokens=30))
@@ -292,12 +293,10 @@ def test_device_block_tables_follow_the_host_with_new_entries_only(llm):
             steps += 1
             running = engine.scheduler.running
             for seq in running:
-                for kind, device in runner.tables.items():
-                    host = seq.blocks.table(kind)  # entries left as NO_BLOCK (out of the window) are never read
-                    held = device[seq.blocks.row, :len(host)].tolist()
-                    assert [d for d, h in zip(held, host) if h >= 0] == [h for h in host if h >= 0]
+                host = seq.blocks.full
+                assert runner.full_table[seq.blocks.row, :len(host)].tolist() == host
             if steps > 2 and running and all(not s.is_prefilling for s in running):
-                assert sum(len(u) for u in uploaded) // 3 <= 2 * len(running) * (1 + engine.num_mtp)
+                assert sum(len(u) for u in uploaded) // 3 <= 2 * len(running)
     finally:
         runner._new_entries = new_entries
     assert steps > 10
