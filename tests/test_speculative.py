@@ -291,6 +291,35 @@ def test_sampled_tokens_have_the_same_distribution_with_and_without_mtp(trained)
         assert stat < _chi_square_bound(len(table) - 1), (position, table)
 
 
+def test_a_sampled_row_without_drafts_beside_greedy_drafts(trained, monkeypatch):
+    """A step where greedy sequences verify drafts while a sampled one verifies none (its prefill ends
+    in that step, or one token is left to it), so no draft distribution exists: the step runs (it
+    failed, and with it every running request, under load), and the sampled request emits what it
+    emits alone (its draws depend on its seed and positions only)."""
+    prompts = code_prompts(trained)
+    sampled = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, seed=7) for n in (12, 1)]
+    llm = LLM(str(trained), mtp=3)
+    alone = [llm.generate([prompts[6]], p)[0].outputs[0].token_ids for p in sampled]
+    engine, outputs, mixed = llm.engine, {}, []
+
+    def noting(batch, logits, num_drafts, drafts, q):  # drafts to verify, a sampled row, no draft distribution
+        mixed.append(num_drafts is not None and batch.any_sampled and q is None)
+        return verify(batch, logits, num_drafts, drafts, q)
+
+    monkeypatch.setattr("stepflash.engine.sampler.verify", noting)
+    for i in range(3):
+        engine.add_request(f"greedy-{i}", prompts[i], greedy(max_tokens=30))
+    for _ in range(3):
+        engine.step()
+    for j, p in enumerate(sampled):  # the greedy ones decode with drafts by now
+        engine.add_request(f"sampled-{j}", prompts[6], p)
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            outputs.setdefault(delta.request_id, []).extend(delta.outputs[0].token_ids)
+    assert any(mixed)
+    assert [outputs["sampled-0"], outputs["sampled-1"]] == alone
+
+
 def test_mtp_above_the_checkpoint_is_refused(trained):
     with pytest.raises(ValueError, match="MTP modules"):
         LLM(str(trained), mtp=4)

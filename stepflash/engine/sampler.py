@@ -257,7 +257,7 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | Non
            q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows [S, K + 1] (sequence s: its newest token, then K drafts, of which the first num_drafts[s]
     are real) -> (tokens [S, K + 1], accepted [S]): sequence s emits tokens[s, :accepted[s] + 1].
-    drafts [S, K]; q [S, K, V] (the draft distributions, sampled sequences; None when all greedy).
+    drafts [S, K]; q [S, K, V] (the draft distributions, sampled sequences; None when none of them drafts).
     Without drafts (K = 0; num_drafts and drafts may be None) every row emits its token, and
     `accepted` is None."""
     S, width, V = logits.shape
@@ -275,6 +275,8 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | Non
     if not batch.any_sampled:
         return target, accepted
     p = batch.probs(processed.view(S * width, V)).view(S, width, V)
+    if q is None:  # no sampled row drafted (greedy rows verify drafts beside sampled rows without): the
+        q = p.new_zeros(S, K, V)  # q of rows with no real draft, and of greedy rows, is never used
     seeds, positions = batch.seeds.view(S, width), batch.positions.view(S, width)
     d = drafts[..., None]
     p_d, q_d = p[:, :K].gather(-1, d)[..., 0], q.gather(-1, d)[..., 0]
