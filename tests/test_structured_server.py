@@ -119,3 +119,31 @@ def test_a_grammar_failure_mid_reply_reaches_the_client_with_its_reason(client, 
     assert r.status == "failed" and "structured output failed" in r.error.message
     ok = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3)  # no grammar: untouched
     assert ok.choices[0].finish_reason == "length" and ok.choices[0].stop_reason is None
+
+
+def test_a_step_failing_mid_stream_ends_the_stream_with_an_error_event(client, monkeypatch):
+    """The headers are sent when a step fails: the stream ends with an error event the clients read
+    (the chat client raises APIError with the cause; the Responses stream yields an `error` event),
+    not a cut connection; the engine serves the next request. (Not structured output: this file's
+    engine runs in the test's process, so its code can be patched.)"""
+    from stepflash.engine.engine import LLMEngine
+
+    step, calls = LLMEngine._step, []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 3:  # a decode step, after the first tokens went out
+            raise RuntimeError("a step failed on purpose")
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "_step", failing)
+    stream = client.chat.completions.create(model="tiny", messages=USER, max_tokens=20, stream=True)
+    with pytest.raises(openai.APIError, match="a step failed on purpose"):
+        for _ in stream:
+            pass
+    calls.clear()
+    events = list(client.responses.create(model="tiny", input="Weather in Paris?", max_output_tokens=20, stream=True))
+    assert events[-1].type == "error" and "a step failed on purpose" in events[-1].message
+    monkeypatch.setattr(LLMEngine, "_step", step)
+    ok = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
+    assert ok.choices[0].finish_reason == "length"

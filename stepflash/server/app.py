@@ -333,12 +333,26 @@ async def _sse(chunks: AsyncIterator[dict], engine: AsyncLLMEngine, request_ids:
     """Server-sent events. The first event is produced before the response exists: a generator that
     has started runs its `finally` (the abort) however it ends, even if the client leaves before the
     response body is sent; one never started would not, and its request would run on unseen.
-    `named` events (the Responses API) carry their type as the event name and end without [DONE]."""
+    `named` events (the Responses API) carry their type as the event name and end without [DONE].
+    If the engine fails mid-stream (a failed step), the stream ends with an error event naming the
+    cause, as the OpenAI clients read one, instead of a cut connection."""
+    def event(chunk: dict) -> str:
+        # ASCII-escaped: a raw U+2028 / U+0085 in generated text ends the line for some SSE clients
+        return (f"event: {chunk['type']}\n" if named else "") + f"data: {json.dumps(chunk)}\n\n"
+
     async def body() -> AsyncIterator[str]:
+        started = False
         try:
             async for chunk in chunks:
-                # ASCII-escaped: a raw U+2028 / U+0085 in generated text ends the line for some SSE clients
-                yield (f"event: {chunk['type']}\n" if named else "") + f"data: {json.dumps(chunk)}\n\n"
+                yield event(chunk)
+                started = True
+        except Exception as e:
+            if not started:  # no response yet: the error handlers answer
+                raise
+            logging.getLogger("stepflash.server").error("stream ended by an engine error: %s", e)
+            yield event({"type": "error", "code": "server_error", "message": str(e), "param": None} if named else
+                        {"error": {"message": str(e), "type": "server_error", "param": None, "code": 500}})
+        else:
             if not named:
                 yield "data: [DONE]\n\n"
         finally:
