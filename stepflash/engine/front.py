@@ -5,8 +5,8 @@ takes it back. Sharing a process with the HTTP server, the step waited at each o
 the event loop (JSON, SSE, pydantic), which holds the GIL for up to the switch interval (5 ms). On
 the CPU the server reached 0.81x the offline tokens/s at one stream that way, and 0.92x with the
 engine in its own process (`benchmarks/serve_overhead.py` runs both; its 2026-11-28 results, MTP 0:
-runs there vary by ~10%). vLLM (its engine
-core) and SGLang (its scheduler) run the loop in a process of its own for the same reason.
+runs there vary by ~10%). vLLM (its engine core) and SGLang (its scheduler) run the loop in a
+process of its own for the same reason.
 
 The front keeps what the server needs before and after the engine: the tokenizer (chat templates,
 logprob text), the model config and the image preprocessor (images are decoded here, not in the

@@ -21,8 +21,8 @@ prefix cache, and sliding blocks released, only once both are past them. Positio
 num_computed are scratch (rejected drafts): `trim` drops the blocks that hold nothing else.
 
 A sequence holding blocks also holds a row of the runner's device copy of the full-attention
-table, and every change to its tables is noted there: `synced[kind]` counts the leading entries
-the device already has, so a step uploads only new entries (the runner keeps no sliding tables: a
+table, and every change to that table is noted there: `synced` counts the leading entries the
+device already has, so a step uploads only new entries (the runner keeps no sliding tables: a
 window long, they travel whole with each step).
 """
 
@@ -239,15 +239,17 @@ class BlockTables:
     hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full, computed blocks
     num_computed: int = 0  # positions whose KV is in the cache
     mtp_computed: int = 0  # positions whose MTP caches are filled (when the manager tracks MTP)
-    synced: dict[LayerKind, int] = field(default_factory=dict, compare=False)  # entries the device holds
+    synced: int = field(default=0, compare=False)  # leading full-attention entries the device holds
     row: int = field(default=-1, compare=False)  # its row of the runner's device tables (-1: none yet)
 
     def table(self, kind: LayerKind) -> list[int]:
         return self.full if kind == FULL else self.sliding
 
     def changed(self, kind: LayerKind, index: int) -> None:
-        """Entry `index` of a table was (re)written: the device must copy it again."""
-        self.synced[kind] = min(self.synced.get(kind, 0), index)
+        """Entries from `index` on of a table were (re)written or dropped: the device's full-attention
+        table must take them again."""
+        if kind == FULL:
+            self.synced = min(self.synced, index)
 
 
 @dataclass(frozen=True)
@@ -352,7 +354,7 @@ class KVCacheManager:
                 block = table.pop()
                 if block != NO_BLOCK:
                     self.pools[kind].release(block)
-            tables.synced[kind] = min(tables.synced.get(kind, 0), len(table))
+            tables.changed(kind, len(table))
 
     # -- prefix cache ---------------------------------------------------------------------------
     def match_prefix(self, tables: BlockTables, token_ids: list[int], images: "Sequence[PlacedImage]" = ()) -> int:
@@ -410,7 +412,7 @@ class KVCacheManager:
         if tables.row < 0:
             tables.row = self._free_rows.pop() if self._free_rows else self.num_rows
             self.num_rows = max(self.num_rows, tables.row + 1)
-            tables.synced.clear()
+            tables.synced = 0
 
     def free(self, tables: BlockTables) -> None:
         for kind in self.kinds:
@@ -420,7 +422,7 @@ class KVCacheManager:
                     self.pools[kind].release(block)
             table.clear()
         tables.hashes.clear()
-        tables.synced.clear()
+        tables.synced = 0
         tables.num_computed = tables.mtp_computed = 0
         if tables.row >= 0:
             self._free_rows.append(tables.row)

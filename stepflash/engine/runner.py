@@ -492,10 +492,9 @@ class ModelRunner:
         out: list[int] = []
         for c in chunks:
             tables = c.seq.blocks
-            done = tables.synced.get(FULL, 0)
-            for column in range(done, len(tables.full)):
+            for column in range(tables.synced, len(tables.full)):
                 out += (tables.row, column, tables.full[column])
-            tables.synced[FULL] = len(tables.full)
+            tables.synced = len(tables.full)
         return out
 
     def _grow_full_table(self, rows: int) -> None:

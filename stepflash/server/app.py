@@ -341,18 +341,9 @@ async def _sse(chunks: AsyncIterator[dict], engine: AsyncLLMEngine, request_ids:
         return (f"event: {chunk['type']}\n" if named else "") + f"data: {json.dumps(chunk)}\n\n"
 
     async def body() -> AsyncIterator[str]:
-        started = False
         try:
             async for chunk in chunks:
                 yield event(chunk)
-                started = True
-        except Exception as e:
-            if not started:  # no response yet: the error handlers answer
-                raise
-            logging.getLogger("stepflash.server").error("stream ended by an engine error: %s", e)
-            yield event({"type": "error", "code": "server_error", "message": str(e), "param": None} if named else
-                        {"error": {"message": str(e), "type": "server_error", "param": None, "code": 500}})
-        else:
             if not named:
                 yield "data: [DONE]\n\n"
         finally:
@@ -360,12 +351,17 @@ async def _sse(chunks: AsyncIterator[dict], engine: AsyncLLMEngine, request_ids:
                 engine.abort(request_id)
 
     events = body()
-    first = await events.__anext__()
+    first = await events.__anext__()  # an error before it: the error handlers answer, with a status
 
     async def replay() -> AsyncIterator[str]:
         yield first
-        async for event in events:
-            yield event
+        try:
+            async for later in events:
+                yield later
+        except Exception as e:  # the headers are sent: only an event can still tell the client
+            logging.getLogger("stepflash.server").error("stream ended by an engine error: %s", e)
+            yield event({"type": "error", "code": "server_error", "message": str(e), "param": None} if named else
+                        {"error": {"message": str(e), "type": "server_error", "param": None, "code": 500}})
 
     return StreamingResponse(replay(), media_type="text/event-stream")
 
