@@ -124,8 +124,9 @@ def test_a_grammar_failure_mid_reply_reaches_the_client_with_its_reason(client, 
 def test_a_step_failing_mid_stream_ends_the_stream_with_an_error_event(client, monkeypatch):
     """The headers are sent when a step fails: the stream ends with an error event the clients read
     (the chat client raises APIError with the cause; the Responses stream yields an `error` event),
-    not a cut connection; the engine serves the next request. (Not structured output: this file's
-    engine runs in the test's process, so its code can be patched.)"""
+    not a cut connection; without a stream, a 500 names the cause; the engine serves the next
+    request. (Not structured output: this file's engine runs in the test's process, so its code can
+    be patched.)"""
     from stepflash.engine.engine import LLMEngine
 
     step, calls = LLMEngine._step, []
@@ -144,6 +145,9 @@ def test_a_step_failing_mid_stream_ends_the_stream_with_an_error_event(client, m
     calls.clear()
     events = list(client.responses.create(model="tiny", input="Weather in Paris?", max_output_tokens=20, stream=True))
     assert events[-1].type == "error" and "a step failed on purpose" in events[-1].message
+    calls.clear()
+    with pytest.raises(openai.InternalServerError, match="engine step failed: .*a step failed on purpose"):
+        client.chat.completions.create(model="tiny", messages=USER, max_tokens=20)  # no stream: a 500 naming it
     monkeypatch.setattr(LLMEngine, "_step", step)
     ok = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
     assert ok.choices[0].finish_reason == "length"

@@ -44,6 +44,11 @@ Prompt = str | list[int]
 LONG_TEXT = 20_000  # characters: text tokenized in a worker thread, off the event loop
 
 
+class EngineFailure(RuntimeError):
+    """The engine could not serve a request: its step failed, or the engine has stopped. The message
+    is the engine's own account of the cause; the server passes it on (500, or an error event)."""
+
+
 class AsyncLLMEngine:
     """asyncio front: `add` queues a request once the engine has validated it (ValueError on bad
     input), `stream` yields its deltas (RequestOutputs holding what each step added; metrics only on
@@ -103,7 +108,7 @@ class AsyncLLMEngine:
         """Queue one request per prompt, or none: a bad prompt fails them all (ValueError naming it)."""
         self._attach()
         if self.fatal is not None:
-            raise RuntimeError(f"the engine has stopped: {self.fatal}")
+            raise EngineFailure(f"the engine has stopped: {self.fatal}")
         taken = [i for n, i in enumerate(request_ids) if i in self._queues or i in request_ids[:n]]
         if taken:
             raise ValueError(f"request id {taken[0]!r} is already in use")
@@ -176,7 +181,7 @@ class AsyncLLMEngine:
     async def stats(self) -> EngineStats:
         self._attach()
         if self.fatal is not None:
-            raise RuntimeError(f"the engine has stopped: {self.fatal}")
+            raise EngineFailure(f"the engine has stopped: {self.fatal}")
         reply = asyncio.get_running_loop().create_future()
         self._stats.append(reply)
         self._send(("stats",))
@@ -229,7 +234,7 @@ class AsyncLLMEngine:
         except (EOFError, OSError):
             self._loop.remove_reader(self._conn.fileno())
             self._process.join(5)
-            self._fail_all(RuntimeError(f"the engine process exited (code {self._exitcode})"))
+            self._fail_all(EngineFailure(f"the engine process exited (code {self._exitcode})"))
 
     def _handle(self, kind: str, *body) -> None:
         if kind == "outputs":
@@ -249,16 +254,16 @@ class AsyncLLMEngine:
                 if error is None:
                     verdict.set_result(None)
                 else:
-                    verdict.set_exception((ValueError if error == "ValueError" else RuntimeError)(message))
+                    verdict.set_exception((ValueError if error == "ValueError" else EngineFailure)(message))
         elif kind == "stats":
             if not (reply := self._stats.popleft()).done():  # done: its caller was cancelled
                 reply.set_result(body[0])
         elif kind == "step_failed":
             request_ids, message, fatal = body
             for request_id in request_ids:
-                self._deliver(request_id, RuntimeError(f"engine step failed: {message}"))
+                self._deliver(request_id, EngineFailure(f"engine step failed: {message}"))
             if fatal:
-                self._fail_all(RankFailure(message))
+                self._fail_all(EngineFailure(message))
 
     def _fail_all(self, error: Exception) -> None:
         """The engine cannot go on: every stream and waiting call gets the error."""
@@ -266,7 +271,7 @@ class AsyncLLMEngine:
             self._deliver(request_id, error)
         for future in [*self._added.values(), *self._stats]:
             if not future.done():
-                future.set_exception(RuntimeError(f"the engine has stopped: {error}"))
+                future.set_exception(EngineFailure(f"the engine has stopped: {error}"))
         self._stats.clear()
         if self.fatal is None:
             self.fatal = error

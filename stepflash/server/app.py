@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stepflash import __version__
-from stepflash.engine.front import AsyncLLMEngine
+from stepflash.engine.front import AsyncLLMEngine, EngineFailure
 from stepflash.multimodal import IMAGE_PART_TYPES, ImageInput, MediaPolicy, chat_images
 from stepflash.outputs import CompletionOutput, RequestOutput
 from stepflash.sampling import StructuredOutputsParams
@@ -131,6 +131,10 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return ApiError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(EngineFailure)
+    async def engine_failure(request: Request, exc: EngineFailure) -> JSONResponse:
+        return ApiError(500, str(exc), type_="server_error").response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -266,7 +270,7 @@ async def _submit(engine: AsyncLLMEngine, prompts: list[str | list[int]], params
         await engine.add_all(prompts, params, request_ids, images)
     except ValueError as e:  # context overflow, ids outside the vocabulary, ...
         raise ApiError(400, str(e), param="prompt" if len(prompts) > 1 else None) from e
-    except RuntimeError as e:  # the engine has stopped
+    except EngineFailure as e:  # the engine has stopped
         raise ApiError(503, str(e), type_="server_error") from e
     return request_ids
 
