@@ -230,6 +230,16 @@ def test_greedy_is_argmax_after_penalties(make_seq: MakeSeq) -> None:
     assert tokens == [0, 2] and logprobs == [None, None]
 
 
+def test_argmax_takes_the_first_of_tied_maxima_as_tensor_argmax_does() -> None:
+    """Greedy tokens must be the reference's (transformers takes Tensor.argmax) on ties too."""
+    inf = float("inf")
+    rows = torch.tensor([[1.0, 3.0, 3.0, 0.0], [-inf, -inf, 2.0, 2.0], [-inf] * 4, [5.0, 5.0, 5.0, 5.0]])
+    wide = torch.randint(0, 3, (64, 4096), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    for x in (rows, wide, wide.double(), wide.view(64, 64, 64)):
+        assert torch.equal(sampling.argmax(x), x.argmax(-1))
+    assert sampling.argmax(rows).tolist() == [1, 2, 0, 0]
+
+
 def test_sampler_does_not_modify_logits(make_seq: MakeSeq) -> None:
     logits = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
     before = logits.clone()
