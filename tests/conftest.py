@@ -10,19 +10,26 @@ tests/test_compiled.py turns it back on for its own engines.
 STEPFLASH_TEST_KERNELS=triton (set by benchmarks/gpu_check.sh) runs every `LLM` a test builds without
 naming `kernels` on the Triton kernels with CUDA graphs, so the engine tests check that path.
 
-Under pytest-xdist on a GPU (gpu_check.sh runs `-n 8`), each worker sees its share of the card's free
-memory: an engine without kv_cache_bytes takes gpu_memory_utilization (0.9) of what
-`torch.cuda.mem_get_info` reports, and the first worker's engine would otherwise leave the others none."""
+The suite runs under pytest-xdist, a worker per core (pyproject's addopts; gpu_check.sh runs `-n 8` on a
+GPU). On the CPU each worker takes its share of the cores for torch's threads, in the engine and server
+processes its tests start too: torch would take every core in each process, and the workers' threads
+would fight over them. On a GPU each worker sees its share of the card's free memory: an engine without
+kv_cache_bytes takes gpu_memory_utilization (0.9) of what `torch.cuda.mem_get_info` reports, and the
+first worker's engine would otherwise leave the others none."""
 
 import os
 
 import pytest
 import torch
 
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-elif int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    _workers, _mem_get_info = int(os.environ["PYTEST_XDIST_WORKER_COUNT"]), torch.cuda.mem_get_info
+    if _workers > 1:  # threads: the worker's share of the cores, in the processes its tests start too
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _workers))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+elif _workers > 1:
+    _mem_get_info = torch.cuda.mem_get_info
 
     def _worker_share(device=None) -> tuple[int, int]:
         """What this worker may still take: its share (+1: room for the tests' own tensors) less what
