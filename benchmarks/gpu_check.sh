@@ -80,7 +80,7 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "triton", tr
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
     --format=csv 2>&1 | tee -a "$LOG"
 
-# without the project's addopts (`-n auto`: the image may lack xdist, and a dry run inside a test
+# without the project's addopts (`-n logical`: the image may lack xdist, and a dry run inside a test
 # worker would start workers of its own)
 PYTEST=(python3 -m pytest -o addopts= -v -p no:cacheprovider --tb=short)
 # 8 pytest-xdist workers where the image has it (the device's does): the tests are bound by Triton's

@@ -270,7 +270,7 @@ async def _submit(engine: AsyncLLMEngine, prompts: list[str | list[int]], params
         await engine.add_all(prompts, params, request_ids, images)
     except ValueError as e:  # context overflow, ids outside the vocabulary, ...
         raise ApiError(400, str(e), param="prompt" if len(prompts) > 1 else None) from e
-    except EngineFailure as e:  # the engine has stopped
+    except EngineFailure as e:  # the engine has stopped, or failed to take the requests
         raise ApiError(503, str(e), type_="server_error") from e
     return request_ids
 
