@@ -1,5 +1,6 @@
 """What every benchmark's JSON holds besides its numbers (when, which commit, on what, which torch,
-the command), and where it goes: OUT_DIR/STEM-DATE.json."""
+the command), and where it goes: OUT_DIR/STEM-DATE.json, or STEM-DATE-N.json for the day's Nth run (an
+earlier record is never overwritten)."""
 
 import datetime
 import json
@@ -18,7 +19,9 @@ def write_record(benchmark: str, stem: str, fields: dict, out_dir: Path) -> Path
     record = {"benchmark": benchmark, "date": datetime.date.today().isoformat(), "commit": commit, "device": device,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "command": " ".join(sys.argv), **fields}
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{stem}-{record['date']}.json"
+    path, n = out_dir / f"{stem}-{record['date']}.json", 2
+    while path.exists():
+        path, n = out_dir / f"{stem}-{record['date']}-{n}.json", n + 1
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}")
     return path
