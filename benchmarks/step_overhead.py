@@ -6,7 +6,9 @@ share all but their last 16 tokens (so one prefill serves them: the prefix cache
 sequence decodes `--steps` steps; only those decode steps are timed. Forward time is wall time
 inside the model's forward calls (target, MTP modules, heads; compiled steps as the engine runs them,
 by default), which on the CPU run synchronously; the host time's parts (packing and unpacking the
-runner's inputs, planning, outputs) are printed after it.
+runner's inputs, planning, outputs) are printed after it. "wrap ms": the part of the forward time
+that compiled steps spend outside their compiled graphs (dynamo's guards and input gathering,
+inductor's wrapper): host work too, though inside the forward calls.
 Targets (issue 14): host time <= 10% of the step everywhere, and within 10% between 256 and 4K.
 
     python benchmarks/step_overhead.py [--steps 24] [--batches 1,16,64] [--contexts 256,4096] [--threads 1]
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._inductor.output_code import CompiledFxGraph
 
 from stepflash import LLM, SamplingParams
 from record import write_record
@@ -28,28 +31,37 @@ from record import write_record
 class StepClock:
     """Wall time per part of a step, from methods patched on the engine's instances: "forward" (the
     runner's compiled steps, the model's eager forwards and heads) and the host parts the runner's
-    inputs (pack, unpack), the scheduler (plan: schedule and update) and the outputs take."""
+    inputs (pack, unpack), the scheduler (plan: schedule and update) and the outputs take. Also, for
+    compiled steps, the time inside inductor's compiled graphs ("graph", patched on their class until
+    `close`): the rest of a compiled step's time ("compiled" - "graph") is host work inside the
+    forward (dynamo's guards and input gathering, inductor's wrapper)."""
 
     PARTS = [("pack", "runner", "_pack"), ("unpack", "runner", "_unpack"), ("plan", "scheduler", "schedule"),
              ("plan", "scheduler", "update"), ("output", "output", "process")]
 
     def __init__(self, engine) -> None:
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, float] = {"compiled": 0.0, "graph": 0.0}
         runner = engine.runner
         for name in ("forward", "mtp_hidden", "compute_logits", "mtp_logits"):
             self._patch(runner.model, name, "forward")
         for step in runner.compiled:  # timed from outside: a clock inside would be traced
             if step.compiled:
-                self._patch(step, "compiled", "forward")
+                self._patch(step, "compiled", "forward", "compiled")
         for part, owner, name in self.PARTS:
             self._patch(getattr(engine, owner), name, part)
+        self._graph_call = CompiledFxGraph.__call__
+        self._patch(CompiledFxGraph, "__call__", "graph")
 
     def reset(self) -> None:
         self.seconds = dict.fromkeys(self.seconds, 0.0)
 
-    def _patch(self, owner, name: str, part: str) -> None:
+    def close(self) -> None:
+        CompiledFxGraph.__call__ = self._graph_call
+
+    def _patch(self, owner, name: str, *parts: str) -> None:
         fn = getattr(owner, name)
-        self.seconds.setdefault(part, 0.0)
+        for part in parts:
+            self.seconds.setdefault(part, 0.0)
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
@@ -59,7 +71,8 @@ class StepClock:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[part] += time.perf_counter() - start
+                for part in parts:
+                    self.seconds[part] += time.perf_counter() - start
         setattr(owner, name, run)
 
 
@@ -93,16 +106,20 @@ def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int]) -
         engine.step()
         step_times.append(time.perf_counter() - start)
         parts.append(dict(clock.seconds))
+    clock.close()
     running = len(engine.scheduler.running)
     for i in range(batch):
         engine.abort_request(f"p{i}")
     step, forward = statistics.median(step_times), statistics.median(p["forward"] for p in parts)
     host_parts = {part: round(statistics.median(p[part] for p in parts) * 1e3, 3) for part in parts[0]
-                  if part != "forward"}
+                  if part not in ("forward", "compiled", "graph")}
+    wrapper = statistics.median(p["compiled"] - p["graph"] for p in parts)
     return {"mtp": mtp, "batch": batch, "context": context, "running": running,
             "step_ms": round(step * 1e3, 3), "forward_ms": round(forward * 1e3, 3),
             "host_ms": round((step - forward) * 1e3, 3), "host_share": round((step - forward) / step, 4),
             "host_parts_ms": host_parts,  # the rest of the host time: sampling, drafting's own work, the engine
+            # inside forward_ms: compiled steps' time outside their graphs (dynamo, inductor's wrapper)
+            "compiled_wrapper_ms": round(wrapper * 1e3, 3),
             "tau": round(engine.output.spec.mean_accepted_length, 3)}
 
 
@@ -119,15 +136,16 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     tokens = stdlib_tokens(LLM(mtp=0, max_num_seqs=1, compile="off"), max(contexts) + 16 * 70)
     rows = []
-    print(f"{'mtp':>3} {'batch':>5} {'ctx':>5} {'step ms':>8} {'fwd ms':>8} {'host ms':>8} {'host %':>6} {'tau':>5}"
-          "  host parts, ms")
+    print(f"{'mtp':>3} {'batch':>5} {'ctx':>5} {'step ms':>8} {'fwd ms':>8} {'host ms':>8} {'host %':>6} "
+          f"{'wrap ms':>7} {'tau':>5}  host parts, ms")
     for mtp in (int(m) for m in args.mtp.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             for context in contexts:
                 r = measure(mtp, batch, context, args.steps, tokens)
                 rows.append(r)
                 print(f"{mtp:>3} {batch:>5} {context:>5} {r['step_ms']:>8.2f} {r['forward_ms']:>8.2f} "
-                      f"{r['host_ms']:>8.2f} {100 * r['host_share']:>5.1f}% {r['tau']:>5.2f}  "
+                      f"{r['host_ms']:>8.2f} {100 * r['host_share']:>5.1f}% {r['compiled_wrapper_ms']:>7.2f} "
+                      f"{r['tau']:>5.2f}  "
                       + " ".join(f"{part} {ms:.2f}" for part, ms in r["host_parts_ms"].items()), flush=True)
     write_record("step_overhead", f"step_overhead-tiny-t{args.threads}", {"steps": args.steps, "points": rows},
                  args.out)
