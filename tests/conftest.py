@@ -26,8 +26,9 @@ _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     if _workers > 1:  # threads: the worker's share of the cores, in the processes its tests start too
-        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _workers))
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        _threads = max(1, len(os.sched_getaffinity(0)) // _workers)
+        os.environ["OMP_NUM_THREADS"] = str(_threads)
+        torch.set_num_threads(_threads)
 elif _workers > 1:
     _mem_get_info = torch.cuda.mem_get_info
 

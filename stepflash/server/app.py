@@ -365,7 +365,7 @@ async def _sse(chunks: AsyncIterator[dict], engine: AsyncLLMEngine, request_ids:
         except Exception as e:  # the headers are sent: only an event can still tell the client
             logging.getLogger("stepflash.server").error("stream ended by an engine error: %s", e)
             yield event({"type": "error", "code": "server_error", "message": str(e), "param": None} if named else
-                        {"error": {"message": str(e), "type": "server_error", "param": None, "code": 500}})
+                        ApiError(500, str(e), type_="server_error").body())
 
     return StreamingResponse(replay(), media_type="text/event-stream")
 
