@@ -3,8 +3,9 @@ should be on this card. The routed experts (288 of 4096 x 1280, top 8) in each w
 FP8 linear at decode (1 and 4 rows) on the projections' shapes, beside PyTorch's bf16 GEMM of the
 same shape (the peer).
 
-One-pair kernels (decode: 1 and 8 tokens) with 8, 16 or 32 weight rows per program; grouped kernels
-(16 tokens) with tl.dot tiles of 32, 64 or 128. Each point: 8 calls on 8 sets of random
+One-pair kernels (decode: 1 and 8 tokens) with 8, 16 or 32 weight rows per program of 256 columns
+(INT4 and FP8 at 1 token also 512 and 1024 columns: 2 and 4 scale blocks); grouped kernels (16
+tokens) with tl.dot tiles of 32, 64 or 128. Each point: 8 calls on 8 sets of random
 routes (distinct experts per token) replayed from one CUDA graph, the CUDA-event median of `--iters`
 replays per call; achieved GB/s = the selected experts' bytes (weights and scales, each read once) /
 time, and its fraction of the measured copy bandwidth. FP8 linear: tiles of 8, 16 or 32 output rows
@@ -87,12 +88,18 @@ def main() -> int:
     print(f"device {name}; copy bandwidth {bandwidth or math.nan:.0f} GB/s; default tiles {moe.tile_sizes(device)}")
     copies = 1 if args.tiny else 8  # calls per timing, each on other weights (per_call_ms)
     one_pair = [moe.MoETiles(rows, 256, 64) for rows in (8, 16, 32)]
+    # quantized: fewer bytes a row, so also tiles of 2 and 4 scale blocks a row (1 and 2 KB of INT4
+    # a step for 16 rows of gate and up), best first where the time box ends the sweep
+    wide = [moe.MoETiles(rows, inner, 64) for rows, inner in ((16, 512), (32, 512), (16, 1024), (64, 256))]
     grouped = [moe.MoETiles(16, 256, edge) for edge in (32, 64, 128)]
-    points = [(1, one_pair), (8, one_pair), (16, grouped)]  # decode, a batch of 8, MTP-3 verify of 4 sequences
     if args.tiny:  # the interpreter takes seconds a call
-        points = [(1, one_pair[:1]), (16, grouped[:1])]
+        one_pair, wide, grouped = one_pair[:1], [moe.MoETiles(16, 128, 64)], grouped[:1]
     for weights in ("int4", "fp8", "bf16"):
         stored, kwargs = expert_weights(experts, hidden, inter, weights, device, dtype)
+        decode = one_pair + (wide if weights != "bf16" else [])
+        points = [(1, decode), (8, one_pair), (16, grouped)]  # decode, a batch of 8, MTP-3 verify of 4 sequences
+        if args.tiny:
+            points = [(1, decode), (16, grouped)]
         for tokens, configs in points:
             x = torch.randn(tokens, hidden, device=device, dtype=dtype)
             for tiles in configs:

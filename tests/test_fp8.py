@@ -4,6 +4,7 @@ tests/kernel_env.py), and a checkpoint loaded with `keep_fp8` that holds the che
 computes what the dequantized model computes."""
 
 import importlib.util
+import itertools
 import math
 import shutil
 from pathlib import Path
@@ -98,11 +99,12 @@ def test_fp8_linear_matches_twin(dtype, m, n, k, block):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("tokens, block", [(1, (16, 32)), (4, (128, 128)), (3, (16, 24))])
+@pytest.mark.parametrize("tokens, block", [(1, (16, 32)), (4, (128, 128)), (3, (16, 24)), (2, (16, 8))])
 def test_fused_moe_reads_fp8_experts(dtype, tokens, block):
     """FP8 experts read byte-wise by the kernel equal the twin on the dequantized weights; kernel tiles
-    of 16 columns lie inside one scale block (scaled once per row and tile) except with blocks of 24
-    columns (scaled per value)."""
+    of 16 or 32 columns lie inside one scale block (scaled once per row and tile), cover several
+    whole blocks of 8 columns (scaled once per row and block; the last tile of the 40 intermediate
+    columns past the last block) or cut blocks of 24 columns (scaled per value)."""
     from stepflash.kernels.moe import fused_moe, fused_moe_ref
 
     gen = torch.Generator().manual_seed(tokens)
@@ -122,8 +124,8 @@ def test_fused_moe_reads_fp8_experts(dtype, tokens, block):
     atol, rtol = {torch.float32: (1e-4, 1e-2), torch.float16: (1e-2 * scale, 1e-2),
                   torch.bfloat16: (2e-2 * scale, 2e-2)}[dtype]
     args, kernel_scales = on_kernel_device(x, *fp8, ids, weights), on_kernel_device(*scales)
-    for grouped in (False, True):
-        out = fused_moe(*args, 0.0, block=16, fp8_scales=kernel_scales, fp8_block=block, grouped=grouped)
+    for edge, grouped in itertools.product((16, 32), (False, True)):
+        out = fused_moe(*args, 0.0, block=edge, fp8_scales=kernel_scales, fp8_block=block, grouped=grouped)
         assert out.dtype == dtype and out.device.type == KERNEL_DEVICE
         torch.testing.assert_close(out.float().cpu(), ref.float(), atol=atol, rtol=rtol)
     assert not torch.allclose(ref.float(), fused_moe_ref(x, *dense, ids, weights, 0.0).float(), atol=1e-3)

@@ -437,9 +437,10 @@ def test_fused_moe_reads_int4_experts_packed(tokens, group):
     ref = fused_moe_ref(x, *(dequantize_int4(p, s, group) for p, s in zip(packed, scales)), ids, weights, 0.0)
     assert torch.equal(fused_moe_ref(x, *packed, ids, weights, 0.0, int4_scales=scales, group_size=group), ref)
     args, kernel_scales = on_kernel_device(x, *packed, ids, weights), on_kernel_device(*scales)
-    # tiles of 16 or 32 columns: inside one group (scaled per row and tile, each byte read once) or
+    # tiles of 16, 32 or 64 columns: inside one group (one pass: scaled per row and tile, each byte read
+    # once), over 2 or 4 whole groups (one pass: scaled per row and group) or, grouped through tl.dot,
     # across groups (scaled per value); the grouped path's tl.dot takes half a tile of 32 per nibble
-    for block, grouped in itertools.product((16, 32), (False, True)):
+    for block, grouped in itertools.product((16, 32, 64), (False, True)):
         out = fused_moe(*args, 0.0, block=block, int4_scales=kernel_scales, group_size=group, grouped=grouped)
         torch.testing.assert_close(out.cpu(), ref, atol=1e-3, rtol=1e-4)
     assert not torch.allclose(ref, fused_moe_ref(x, *dense, ids, weights, 0.0), atol=1e-3)  # it is lossy

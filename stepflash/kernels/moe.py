@@ -4,8 +4,8 @@ weight are applied inside the kernels.
 Two launches over the (token, expert) pairs of the step (weights in the model's dtype, INT4 packed
 as `model/quant.py` writes them, or FP8 block-scaled as published; quantized weights are decoded in
 registers, their scale S[expert, r // SR, c // SC], SR x SC = 1 x group for INT4 and the FP8 block,
-applied once per row and column tile where the tile lies in one scale block (the usual case: tiles
-are cut to fit), else per value): the first computes
+applied once per row and scale block where a tile covers whole blocks (the usual case), else per
+value): the first computes
 a = swiglu(x W_gate^T, x W_up^T) for a tile of the intermediate dimension, the second y = a W_down^T
 times the pair's routing weight; the k pairs of a token are summed in fp32. For a few tokens (decode)
 each program takes one pair (a matrix-vector product); for many (prefill), the pairs are sorted by
@@ -14,7 +14,6 @@ block's rows by a weight tile with tl.dot, reading each weight tile once per blo
 per pair. `fused_moe_ref` is the PyTorch twin, and the model's own MoE where the kernels are off.
 """
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -151,10 +150,13 @@ if triton is not None:
     @triton.jit
     def _int4_pairs(W, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, BLOCK_C: tl.constexpr):
         """The bytes of W[expert, r, c0 .. c0 + BLOCK_C] as int32 [len(r), BLOCK_C // 2] (low nibble: the
-        even column c, high: c + 1), with those even columns and their mask."""
-        c = c0 + 2 * tl.arange(0, BLOCK_C // 2)
-        c_ok = c < C
-        byte = tl.load(W + expert * stride_we + r[:, None] * stride_wr + (c // 2)[None, :] * stride_wc,
+        even column c, high: c + 1), with those even columns and their mask. Offsets and mask are
+        taken over the bytes (C is even: whole groups), so the compiler sees both contiguous and
+        loads several bytes at once, which c // 2 and c < C over the even columns would hide."""
+        half = c0 // 2 + tl.arange(0, BLOCK_C // 2)
+        c = 2 * half
+        c_ok = half < C // 2
+        byte = tl.load(W + expert * stride_we + r[:, None] * stride_wr + half[None, :] * stride_wc,
                        mask=r_ok[:, None] & c_ok[None, :], other=0).to(tl.int32)
         return byte, c, c_ok
 
@@ -176,22 +178,28 @@ if triton is not None:
     @triton.jit
     def _row_dots(W, S, X, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, stride_se, stride_sr, stride_sc,
                   BLOCK_C: tl.constexpr, INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
-                  PER_TILE: tl.constexpr):
+                  GROUPS: tl.constexpr):
         """sum over c in c0 .. c0 + BLOCK_C of W[expert, r, c] x[c] (x at X, fp32 products): [len(r)].
-        Quantized weights whose column tile lies in one scale block (PER_TILE) are summed as stored
-        and scaled once per row, not once per value; INT4 then reads each byte once, its low and high
-        nibbles against x's even and odd columns."""
-        if (INT4 or FP8) and PER_TILE:
+        Quantized weights whose column tile covers whole scale blocks (GROUPS of them: a tile of one
+        block, or of several, as wide tiles at decode read more bytes a step) are summed as stored
+        per block and each block's sum scaled once per row, not once per value; INT4 then reads each
+        byte once, its low and high nibbles against x's even and odd columns. GROUPS = 0: scaled
+        per value (a tile that cuts a scale block)."""
+        if (INT4 or FP8) and GROUPS > 0:
             if INT4:
                 byte, c, c_ok = _int4_pairs(W, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, BLOCK_C)
                 x_even = tl.load(X + c, mask=c_ok, other=0.0).to(tl.float32)
                 x_odd = tl.load(X + c + 1, mask=c_ok, other=0.0).to(tl.float32)
-                dots = tl.sum(((byte & 0xF).to(tl.float32) - 8.0) * x_even[None, :]
-                              + ((byte >> 4).to(tl.float32) - 8.0) * x_odd[None, :], axis=1)
+                products = (((byte & 0xF).to(tl.float32) - 8.0) * x_even[None, :]
+                            + ((byte >> 4).to(tl.float32) - 8.0) * x_odd[None, :])  # a column pair each
             else:
                 w, c, c_ok = _fp8_values(W, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, BLOCK_C)
-                dots = tl.sum(w * tl.load(X + c, mask=c_ok, other=0.0).to(tl.float32)[None, :], axis=1)
-            dots = dots * _row_scales(S, expert, r, r_ok, c0, stride_se, stride_sr, stride_sc, SR, SC)
+                products = w * tl.load(X + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            sums = tl.sum(tl.reshape(products, [products.shape[0], GROUPS, products.shape[1] // GROUPS]), axis=2)
+            g = c0 // SC + tl.arange(0, GROUPS)  # the tile's scale blocks
+            scales = tl.load(S + expert * stride_se + (r // SR)[:, None] * stride_sr + g[None, :] * stride_sc,
+                             mask=r_ok[:, None] & (g * SC < C)[None, :], other=0.0).to(tl.float32)
+            dots = tl.sum(sums * scales, axis=1)
         else:
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < C
@@ -201,10 +209,12 @@ if triton is not None:
         return dots
 
     @triton.jit
-    def _gate_up_kernel(X, Wg, Wu, Sg, Su, Ids, A, H, I, limit, top_k, stride_x, stride_we, stride_wi, stride_wh,
-                        stride_se, stride_si, stride_sh, stride_a, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
-                        INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
-                        PER_TILE: tl.constexpr):
+    def _gate_up_kernel(X, Wg, Wu, Sg, Su, Ids, A, H: tl.constexpr, I: tl.constexpr, limit, top_k, stride_x,
+                        stride_we, stride_wi, stride_wh, stride_se, stride_si, stride_sh, stride_a,
+                        BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, INT4: tl.constexpr, FP8: tl.constexpr,
+                        SR: tl.constexpr, SC: tl.constexpr, GROUPS: tl.constexpr):
+        """One program per (pair, tile of I). The shape is compiled in (one model, one variant): the
+        column masks are then known to hold on whole tiles, and the loads are as wide as they can be."""
         pair = tl.program_id(0)
         i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < I
@@ -214,9 +224,9 @@ if triton is not None:
         acc_u = tl.zeros([BLOCK_I], tl.float32)
         for h0 in range(0, H, BLOCK_H):
             acc_g += _row_dots(Wg, Sg, x_row, expert, i, i_ok, h0, H, stride_we, stride_wi, stride_wh, stride_se,
-                               stride_si, stride_sh, BLOCK_H, INT4, FP8, SR, SC, PER_TILE)
+                               stride_si, stride_sh, BLOCK_H, INT4, FP8, SR, SC, GROUPS)
             acc_u += _row_dots(Wu, Su, x_row, expert, i, i_ok, h0, H, stride_we, stride_wi, stride_wh, stride_se,
-                               stride_si, stride_sh, BLOCK_H, INT4, FP8, SR, SC, PER_TILE)
+                               stride_si, stride_sh, BLOCK_H, INT4, FP8, SR, SC, GROUPS)
         act = acc_g * tl.sigmoid(acc_g)
         if limit > 0:
             act = tl.minimum(act, limit)
@@ -224,10 +234,10 @@ if triton is not None:
         tl.store(A + pair * stride_a + i, act * acc_u, mask=i_ok)
 
     @triton.jit
-    def _down_kernel(A, Wd, Sd, Ids, RouteW, Y, H, I, stride_a, stride_we, stride_wo, stride_wi, stride_se,
-                     stride_so, stride_si, stride_y, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-                     INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
-                     PER_TILE: tl.constexpr):
+    def _down_kernel(A, Wd, Sd, Ids, RouteW, Y, H: tl.constexpr, I: tl.constexpr, stride_a, stride_we, stride_wo,
+                     stride_wi, stride_se, stride_so, stride_si, stride_y, BLOCK_O: tl.constexpr,
+                     BLOCK_I: tl.constexpr, INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr,
+                     SC: tl.constexpr, GROUPS: tl.constexpr):
         pair = tl.program_id(0)
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         o_ok = o < H
@@ -235,7 +245,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_O], tl.float32)
         for i0 in range(0, I, BLOCK_I):
             acc += _row_dots(Wd, Sd, A + pair * stride_a, expert, o, o_ok, i0, I, stride_we, stride_wo, stride_wi,
-                             stride_se, stride_so, stride_si, BLOCK_I, INT4, FP8, SR, SC, PER_TILE)
+                             stride_se, stride_so, stride_si, BLOCK_I, INT4, FP8, SR, SC, GROUPS)
         route = tl.load(RouteW + pair).to(tl.float32)
         tl.store(Y + pair * stride_y + o, acc * route, mask=o_ok)
 
@@ -288,9 +298,10 @@ if triton is not None:
         return dots
 
     @triton.jit
-    def _grouped_gate_up_kernel(X, Wg, Wu, Sg, Su, Sorted, BlockExpert, BlockStart, BlockRows, A, H, I, limit, top_k,
-                                stride_x, stride_we, stride_wi, stride_wh, stride_se, stride_si, stride_sh, stride_a,
-                                BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+    def _grouped_gate_up_kernel(X, Wg, Wu, Sg, Su, Sorted, BlockExpert, BlockStart, BlockRows, A, H: tl.constexpr,
+                                I: tl.constexpr, limit, top_k, stride_x, stride_we, stride_wi, stride_wh, stride_se,
+                                stride_si, stride_sh, stride_a, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
+                                BLOCK_H: tl.constexpr,
                                 INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
                                 PER_TILE: tl.constexpr, IEEE: tl.constexpr):
         """One program per (block of up to BLOCK_M pairs routed to one expert, tile of I): x rows
@@ -314,9 +325,9 @@ if triton is not None:
         tl.store(A + pair[:, None] * stride_a + i[None, :], act * acc_u, mask=m_ok[:, None] & i_ok[None, :])
 
     @triton.jit
-    def _grouped_down_kernel(A, Wd, Sd, Sorted, BlockExpert, BlockStart, BlockRows, RouteW, Y, H, I, stride_a,
-                             stride_we, stride_wo, stride_wi, stride_se, stride_so, stride_si, stride_y,
-                             BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+    def _grouped_down_kernel(A, Wd, Sd, Sorted, BlockExpert, BlockStart, BlockRows, RouteW, Y, H: tl.constexpr,
+                             I: tl.constexpr, stride_a, stride_we, stride_wo, stride_wi, stride_se, stride_so,
+                             stride_si, stride_y, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
                              INT4: tl.constexpr, FP8: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr,
                              PER_TILE: tl.constexpr, IEEE: tl.constexpr):
         expert, rows, m_ok, pair = _block_of_pairs(Sorted, BlockExpert, BlockStart, BlockRows, BLOCK_M)
@@ -360,9 +371,19 @@ class MoETiles:
 
 def tile_sizes(device: torch.device) -> MoETiles:
     """On a GPU, one-pair programs stream wide rows (16 x 256 values of gate and up per step: long
-    contiguous loads, ~600 programs for 8 pairs at the real shape); unmeasured, a starting point for
-    tuning. The interpreter on a CPU is fastest with small tiles."""
+    contiguous loads, ~600 programs for 8 pairs at the real shape; quantized, two scale blocks a
+    row, 128 bytes of INT4); bf16 measured at 2.2-4 TB/s on an H200 (benchmarks/results/GPU.md), the
+    quantized formats' tiles not yet (benchmarks/gpu_tiles.py sweeps them). The interpreter on a CPU
+    is fastest with small tiles."""
     return MoETiles(16, 256, 64) if device.type == "cuda" else MoETiles(32, 32, 32)
+
+
+def scale_blocks_per_tile(inner: int, block: int) -> int:
+    """How many whole scale blocks of `block` columns a one-pair kernel's column tile of `inner` covers:
+    1 for a tile inside one block, 0 for a tile that cuts a block (its values scaled one by one)."""
+    if inner % block == 0 and (inner // block) & (inner // block - 1) == 0:  # a power of two: tl.reshape
+        return inner // block
+    return 1 if block % inner == 0 else 0
 
 
 def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -394,8 +415,6 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     sr, sc = (1, group_size) if int4_scales is not None else fp8_block  # the scale block
     quant = {"INT4": int4_scales is not None, "FP8": fp8_scales is not None, "SR": sr, "SC": sc}
     tiles = tile_sizes(x.device) if block is None else MoETiles(block, block, block)
-    if (quant["INT4"] or quant["FP8"]) and sc & (sc - 1) == 0:
-        tiles = dataclasses.replace(tiles, inner=min(tiles.inner, sc))  # inside one scale block: _row_dots
     x = x.contiguous()
     flat_ids = ids.reshape(-1).to(torch.int32).contiguous()
     flat_w = weights.reshape(-1).float().contiguous()
@@ -415,11 +434,11 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
             y.stride(0), BLOCK_O=tiles.grouped, BLOCK_I=tiles.grouped, **dots)
         return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
     a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
-    per_tile = sc % tiles.inner == 0
+    groups = scale_blocks_per_tile(tiles.inner, sc) if quant["INT4"] or quant["FP8"] else 0
     _gate_up_kernel[(pairs, triton.cdiv(inter, tiles.rows))](
         x, w_gate, w_up, s_gate, s_up, flat_ids, a, hidden, inter, float(limit), top_k, x.stride(0), *w_gate.stride(),
-        *s_gate.stride(), a.stride(0), BLOCK_I=tiles.rows, BLOCK_H=tiles.inner, **quant, PER_TILE=per_tile)
+        *s_gate.stride(), a.stride(0), BLOCK_I=tiles.rows, BLOCK_H=tiles.inner, **quant, GROUPS=groups)
     _down_kernel[(pairs, triton.cdiv(hidden, tiles.rows))](
         a, w_down, s_down, flat_ids, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), *s_down.stride(),
-        y.stride(0), BLOCK_O=tiles.rows, BLOCK_I=tiles.inner, **quant, PER_TILE=per_tile)
+        y.stride(0), BLOCK_O=tiles.rows, BLOCK_I=tiles.inner, **quant, GROUPS=groups)
     return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
