@@ -103,6 +103,8 @@ def experts(dtype: torch.dtype) -> None:
                            ((inter, hidden), (inter, hidden), (hidden, inter))), ids, weights, 0.0, **int4)
         moe.fused_moe(x, *(torch.zeros(count, o, i, dtype=torch.uint8) for o, i in
                            ((inter, hidden), (inter, hidden), (hidden, inter))), ids, weights, 0.0, **fp8)
+        packed = torch.zeros(tokens, 2 * inter, dtype=dtype)  # the shared expert's gate/up projection
+        moe.swiglu(packed[:, :inter], packed[:, inter:], 7.0)
 
 
 for dtype in (torch.bfloat16, torch.float32):  # the release's; the tests' (IEEE dots)

@@ -201,12 +201,14 @@ def test_fused_moe_matches_the_model_moe(dtype, tokens, hidden, inter, experts, 
         for p in moe.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
     x = torch.randn(tokens, hidden, generator=gen)
+    shared = torch.randn(tokens, hidden, generator=gen)  # a shared expert's output, added to the sum
     with torch.no_grad():
         ids, weights = moe.route(x)
-        model_out = moe(x)
+        model_out, model_out_shared = moe(x), moe(x, shared)
     ws = [moe.gate_proj.weight, moe.up_proj.weight, moe.down_proj.weight]
     ws = [w.detach().contiguous().to(dtype) for w in ws]
     ref = fused_moe_ref(x.to(dtype), *ws, ids, weights, limit)
+    ref_shared = fused_moe_ref(x.to(dtype), *ws, ids, weights, limit, add=shared.to(dtype))
     # fp16 / bf16: the grouped path rounds the SwiGLU output to x's dtype before the down projection, as
     # the model does
     scale = float(ref.float().abs().max())
@@ -216,9 +218,31 @@ def test_fused_moe_matches_the_model_moe(dtype, tokens, hidden, inter, experts, 
     for grouped in (False, True):  # one pair per program; per-expert blocks of pairs through tl.dot
         out = fused_moe(*args, limit, block=16, grouped=grouped)
         torch.testing.assert_close(out.float().cpu(), ref.float(), atol=atol, rtol=rtol)
+        out = fused_moe(*args, limit, block=16, grouped=grouped, add=on_kernel_device(shared.to(dtype)))
+        torch.testing.assert_close(out.float().cpu(), ref_shared.float(), atol=atol, rtol=rtol)
     if dtype == torch.float32:  # the twin is the model's own MoE, and a loop over tokens and experts
-        assert torch.equal(ref, model_out)
+        assert torch.equal(ref, model_out) and torch.equal(ref_shared, model_out_shared)
+        assert torch.equal(ref_shared, ref + shared)
         torch.testing.assert_close(ref, moe_loop(x, *ws, ids, weights, limit), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("tokens, inter, limit", [(1, 48, 0.0), (5, 1280, 7.0)])
+def test_swiglu_kernel_matches_its_twin(dtype, tokens, inter, limit):
+    """The dense MLP's SwiGLU, on the two halves of a packed gate/up projection (strided rows), with
+    and without the clamp (values large enough for it to bite)."""
+    from stepflash.kernels.moe import swiglu, swiglu_ref
+
+    packed = (torch.randn(tokens, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 6).to(dtype)
+    gate, up = packed[:, :inter], packed[:, inter:]
+    ref = swiglu_ref(gate.float(), up.float(), limit)
+    if limit:
+        assert not torch.equal(ref, swiglu_ref(gate.float(), up.float(), 0.0))
+    kernel_packed = on_kernel_device(packed)
+    out = swiglu(kernel_packed[:, :inter], kernel_packed[:, inter:], limit)
+    assert out.dtype == dtype and out.shape == (tokens, inter)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(out.float().cpu(), ref, atol=tol * float(ref.abs().max()), rtol=tol)
 
 
 @pytest.mark.parametrize("tokens, experts, top_k, bias, renormalize", [

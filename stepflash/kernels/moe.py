@@ -7,11 +7,13 @@ registers, their scale S[expert, r // SR, c // SC], SR x SC = 1 x group for INT4
 applied once per row and scale block where a tile covers whole blocks (the usual case), else per
 value): the first computes
 a = swiglu(x W_gate^T, x W_up^T) for a tile of the intermediate dimension, the second y = a W_down^T
-times the pair's routing weight; the k pairs of a token are summed in fp32. For a few tokens (decode)
+times the pair's routing weight; the k pairs of a token are summed in fp32, with `add` (the shared
+expert's output) added before the one rounding to x's dtype (a third launch). For a few tokens (decode)
 each program takes one pair (a matrix-vector product); for many (prefill), the pairs are sorted by
 expert and cut into blocks of one expert's pairs (`expert_blocks`), and each program multiplies a
 block's rows by a weight tile with tl.dot, reading each weight tile once per block rather than once
 per pair. `fused_moe_ref` is the PyTorch twin, and the model's own MoE where the kernels are off.
+`swiglu` is the dense MLPs' (the shared expert's) activation in one launch; `swiglu_ref` its twin.
 """
 
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ except ImportError:  # the CPU engine never needs the kernels
 Scales = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     """silu(gate) * up; with limit L > 0: min(silu(gate), L) * clamp(up, -L, L)."""
     act = F.silu(gate)
     if limit > 0:
@@ -52,9 +54,10 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int)
 def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                   ids: torch.Tensor, weights: torch.Tensor, limit: float, int4_scales: Scales | None = None,
                   group_size: int = 128, fp8_scales: Scales | None = None,
-                  fp8_block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+                  fp8_block: tuple[int, int] = (128, 128), add: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H], w_gate/w_up [E, I, H], w_down [E, H, I] (or quantized, as `fused_moe` takes them),
-    ids/weights [T, k] -> [T, H] in x's dtype; matmuls in x's dtype, a token's k pairs summed in fp32.
+    ids/weights [T, k] -> [T, H] in x's dtype; matmuls in x's dtype, a token's k pairs summed in fp32
+    and `add` [T, H] (the shared expert's output) added to the sum before it is rounded.
     The (token, expert) pairs sorted by expert and each projection one grouped GEMM over them, every
     selected expert's weight read once where it lies; a single token's k experts (compiled: those
     of a few tokens) are gathered into one batched GEMM instead (fewer calls). Nothing is read back
@@ -75,8 +78,8 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     if ids.shape[0] == 1 or (torch.compiler.is_compiling() and ids.numel() <= gate.shape[0]):
         gate, up, down = (_take(m, experts) for m in (gate, up, down))
         rows = x[:, None].expand(-1, ids.shape[1], -1).reshape(-1, 1, x.shape[1])  # token t's row k times
-        y = torch.bmm(swiglu(torch.bmm(rows, gate.mT), torch.bmm(rows, up.mT), limit), down.mT)[:, 0]
-        return (y.float() * weights.reshape(-1, 1)).view(*ids.shape, -1).sum(1).to(x.dtype)
+        y = torch.bmm(swiglu_ref(torch.bmm(rows, gate.mT), torch.bmm(rows, up.mT), limit), down.mT)[:, 0]
+        return _plus(((y.float() * weights.reshape(-1, 1)).view(*ids.shape, -1).sum(1)), add).to(x.dtype)
     order = experts.argsort(stable=True)
     ends = torch.searchsorted(experts[order], torch.arange(gate.shape[0], device=x.device), right=True)
     token, ends = order // ids.shape[1], ends.to(torch.int32)
@@ -88,8 +91,13 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         # the custom op only where torch.compile traces: eager, its dispatch costs ~18 us a call
         return grouped_mm(a, w.mT, ends) if torch.compiler.is_compiling() else F.grouped_mm(a, w.mT, offs=ends)
 
-    y = linear(swiglu(linear(rows, gate), linear(rows, up), limit), down).float() * weights.reshape(-1, 1)[order]
-    return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y).to(x.dtype)
+    y = linear(swiglu_ref(linear(rows, gate), linear(rows, up), limit), down).float() * weights.reshape(-1, 1)[order]
+    return _plus(torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y), add).to(x.dtype)
+
+
+def _plus(total: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+    """The experts' fp32 sum plus `add` (none: unchanged)."""
+    return total if add is None else total + add.float()
 
 
 @torch.library.custom_op("stepflash::grouped_mm", mutates_args=())
@@ -251,6 +259,34 @@ if triton is not None:
 
 
     @triton.jit
+    def _swiglu_kernel(Gate, Up, Out, I, limit, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+        """One program per (row, tile of I): the dense MLP's SwiGLU in fp32, rounded once."""
+        t = tl.program_id(0)
+        i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        i_ok = i < I
+        gate = tl.load(Gate + t * stride_g + i, mask=i_ok, other=0.0).to(tl.float32)
+        up = tl.load(Up + t * stride_u + i, mask=i_ok, other=0.0).to(tl.float32)
+        act = gate * tl.sigmoid(gate)
+        if limit > 0:
+            act = tl.minimum(act, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        tl.store(Out + t * stride_o + i, (act * up).to(Out.dtype.element_ty), mask=i_ok)
+
+    @triton.jit
+    def _sum_pairs_kernel(Y, Add, Out, H, top_k, stride_y, stride_add, stride_out, HAS_ADD: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        """Out[t] = sum over the token's k pairs of Y (fp32) + Add[t], rounded once to Out's dtype."""
+        t = tl.program_id(0)
+        o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        o_ok = o < H
+        acc = tl.zeros([BLOCK], tl.float32)
+        for k in range(top_k):
+            acc += tl.load(Y + (t * top_k + k) * stride_y + o, mask=o_ok, other=0.0)
+        if HAS_ADD:
+            acc += tl.load(Add + t * stride_add + o, mask=o_ok, other=0.0).to(tl.float32)
+        tl.store(Out + t * stride_out + o, acc.to(Out.dtype.element_ty), mask=o_ok)
+
+    @triton.jit
     def _block_of_pairs(Sorted, BlockExpert, BlockStart, BlockRows, BLOCK_M: tl.constexpr):
         """This program's block (`expert_blocks`): its expert, row count, row mask and pair indices."""
         b = tl.program_id(0)
@@ -391,7 +427,7 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
               int4_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
               group_size: int = 128, fp8_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
               fp8_block: tuple[int, int] = (128, 128), grouped: bool | None = None,
-              block_m: int = 16) -> torch.Tensor:
+              block_m: int = 16, add: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernels; same contract as `fused_moe_ref` (weights in any memory layout, e.g. the
     column-major copies the loader makes on CPU; gate and up alike). With `int4_scales` the weights
     are INT4 as `model.quant.quantize_int4` packs them (uint8 [E, out, in / 2]) and are used packed;
@@ -432,7 +468,7 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
         _grouped_down_kernel[(blocks[1].numel(), triton.cdiv(hidden, tiles.grouped))](
             a, w_down, s_down, *blocks, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), *s_down.stride(),
             y.stride(0), BLOCK_O=tiles.grouped, BLOCK_I=tiles.grouped, **dots)
-        return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
+        return _sum_pairs(y, add, tokens, top_k, x.dtype)
     a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
     groups = scale_blocks_per_tile(tiles.inner, sc) if quant["INT4"] or quant["FP8"] else 0
     _gate_up_kernel[(pairs, triton.cdiv(inter, tiles.rows))](
@@ -441,4 +477,35 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     _down_kernel[(pairs, triton.cdiv(hidden, tiles.rows))](
         a, w_down, s_down, flat_ids, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), *s_down.stride(),
         y.stride(0), BLOCK_O=tiles.rows, BLOCK_I=tiles.inner, **quant, GROUPS=groups)
-    return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
+    return _sum_pairs(y, add, tokens, top_k, x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """The Triton kernel; same contract as `swiglu_ref` (gate and up [T, I], rows of any stride: the
+    two halves of the packed gate/up projection), one launch where the twin takes two to four."""
+    if triton is None:
+        raise RuntimeError("swiglu needs triton (pip install triton)")
+    if gate.stride(-1) != 1 or up.stride(-1) != 1:
+        gate, up = gate.contiguous(), up.contiguous()
+    tokens, inter = gate.shape
+    out = torch.empty(tokens, inter, dtype=gate.dtype, device=gate.device)
+    if tokens:
+        block = min(1024, triton.next_power_of_2(inter))
+        _swiglu_kernel[(tokens, triton.cdiv(inter, block))](gate, up, out, inter, float(limit), gate.stride(0),
+                                                             up.stride(0), out.stride(0), BLOCK=block)
+    return out
+
+
+def _sum_pairs(y: torch.Tensor, add: torch.Tensor | None, tokens: int, top_k: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Each token's k rows of y [T * k, H] (fp32) summed, plus add [T, H], in one launch (in place of
+    a sum, a cast and an add)."""
+    hidden = y.shape[1]
+    out = torch.empty(tokens, hidden, dtype=dtype, device=y.device)
+    if tokens:
+        add_arg = add.contiguous() if add is not None else out
+        block = min(1024, triton.next_power_of_2(hidden))
+        _sum_pairs_kernel[(tokens, triton.cdiv(hidden, block))](
+            y, add_arg, out, hidden, top_k, y.stride(0), add_arg.stride(0), out.stride(0), HAS_ADD=add is not None,
+            BLOCK=block)
+    return out

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepflash.distributed import Parallel
-from stepflash.kernels.moe import fused_moe, fused_moe_ref, swiglu
+from stepflash.kernels.moe import fused_moe, fused_moe_ref, swiglu, swiglu_ref
 from stepflash.kernels.router import route, route_ref
 from stepflash.model.linear import PackedLinear, StackedLinear
 
@@ -21,8 +21,10 @@ class MLP(nn.Module):
         self.gate_up_proj = PackedLinear(hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size})
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
+    use_kernel = False  # the SwiGLU through its Triton kernel (kernels/moe.py), else its PyTorch twin
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(*self.gate_up_proj(h), self.limit))
+        return self.down_proj((swiglu if self.use_kernel else swiglu_ref)(*self.gate_up_proj(h), self.limit))
 
 
 class MoE(nn.Module):
@@ -51,7 +53,8 @@ class MoE(nn.Module):
 
     use_kernel = False  # routed experts through the Triton kernel (kernels/moe.py), else its PyTorch twin
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed experts' output, plus `add` (the shared expert's) before it is rounded to h's dtype."""
         ids, weights = self.route(h)
         if self.first_expert is not None:
             ids, weights = self.local_routes(ids, weights)
@@ -60,7 +63,7 @@ class MoE(nn.Module):
         fp8 = tuple(m.weight_scale_inv for m in linears) if self.gate_proj.weight_scale_inv is not None else None
         experts = fused_moe if self.use_kernel else fused_moe_ref
         return experts(h, *(m.weight for m in linears), ids, weights, self.limit, int4_scales=int4,
-                       group_size=self.gate_proj.group_size, fp8_scales=fp8, fp8_block=self.gate_proj.block)
+                       group_size=self.gate_proj.group_size, fp8_scales=fp8, fp8_block=self.gate_proj.block, add=add)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sigmoid scores in fp32; the bias steers selection only; chosen weights renormalised and

@@ -94,10 +94,8 @@ class DecoderLayer(nn.Module):
         x, h = self.post_attention_layernorm.add_norm(x, attn)
         if not self.spec.is_moe:
             return x, self.parallel.all_reduce(self.mlp(h))
-        ffn = self.moe(h)
-        if self.share_expert is not None:
-            ffn = ffn + self.share_expert(h)
-        return x, self.parallel.all_reduce(ffn)
+        shared = self.share_expert(h) if self.share_expert is not None else None
+        return x, self.parallel.all_reduce(self.moe(h, shared))
 
 
 class SharedHead(nn.Module):
