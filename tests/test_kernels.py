@@ -227,6 +227,25 @@ def test_fused_moe_matches_the_model_moe(dtype, tokens, hidden, inter, experts, 
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("tokens, parts, hidden, with_add", [(1, 8, 64, True), (3, 2, 1100, False), (0, 4, 8, True)])
+def test_sum_parts_kernel_matches_its_twin(dtype, tokens, parts, hidden, with_add):
+    """Parts summed in fp32 plus the addend, rounded once: parts laid out [P, T, H] (split-K runs) and
+    read through a transposed view, hidden past one program's 1024 columns; no tokens at all."""
+    from stepflash.kernels.reduce import sum_parts, sum_parts_ref
+
+    gen = torch.Generator().manual_seed(tokens * parts + hidden)
+    buffer = torch.randn(parts, tokens, hidden, generator=gen)
+    add = torch.randn(tokens, hidden, generator=gen).to(dtype) if with_add else None
+    ref = sum_parts_ref(buffer.transpose(0, 1), add, dtype)
+    exact = buffer.double().sum(0) + (add.double() if with_add else 0)
+    torch.testing.assert_close(ref.double(), exact.to(dtype).double(), atol=1e-5, rtol=1e-5)
+    out = sum_parts(on_kernel_device(buffer).transpose(0, 1), on_kernel_device(add), dtype)
+    assert out.dtype == dtype and out.shape == (tokens, hidden)
+    ulp = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]  # fp32 sums in another order
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=ulp)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("tokens, inter, limit", [(1, 48, 0.0), (5, 1280, 7.0)])
 def test_swiglu_kernel_matches_its_twin(dtype, tokens, inter, limit):
     """The dense MLP's SwiGLU, on the two halves of a packed gate/up projection (strided rows), with

@@ -27,7 +27,7 @@ def test_every_kernel_variant_compiles_for_sm90():
     compiled = {line.split()[1] for line in lines if line.startswith("ok ")}
     assert compiled == {"_paged_attention_kernel", "_combine_kernel", "_prefill_kernel", "_rope_kv_kernel",
                         "_add_rmsnorm_kernel", "_fp8_linear_kernel", "_gate_up_kernel", "_down_kernel",
-                        "_grouped_gate_up_kernel", "_grouped_down_kernel", "_route_kernel", "_sum_pairs_kernel",
+                        "_grouped_gate_up_kernel", "_grouped_down_kernel", "_route_kernel", "_sum_parts_kernel",
                         "_swiglu_kernel"}
     assert any("('GEMV', True)" in line for line in lines) and any("('PER_TILE', True)" in line for line in lines)
     assert any("('GROUPS', 2)" in line and "('INT4', True)" in line for line in lines)  # tiles of 2 scale blocks

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from stepflash.kernels.reduce import sum_parts
 from stepflash.kernels.tiles import multiprocessors
 
 try:
@@ -135,4 +136,4 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
                              BLOCK_N=block_n, BLOCK_K=block_k,
                              ONE_SCALE=block[0] % block_n == 0 and block[1] % block_k == 0, GEMV=gemv,
                              IEEE=x.dtype == torch.float32)
-    return (y.sum(0).to(x.dtype) if partial else y[0]).view(*lead, out_features)
+    return (sum_parts(y.transpose(0, 1), None, x.dtype) if partial else y[0]).view(*lead, out_features)

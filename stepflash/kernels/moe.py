@@ -5,15 +5,15 @@ Two launches over the (token, expert) pairs of the step (weights in the model's 
 as `model/quant.py` writes them, or FP8 block-scaled as published; quantized weights are decoded in
 registers, their scale S[expert, r // SR, c // SC], SR x SC = 1 x group for INT4 and the FP8 block,
 applied once per row and scale block where a tile covers whole blocks (the usual case), else per
-value): the first computes
-a = swiglu(x W_gate^T, x W_up^T) for a tile of the intermediate dimension, the second y = a W_down^T
-times the pair's routing weight; the k pairs of a token are summed in fp32, with `add` (the shared
-expert's output) added before the one rounding to x's dtype (a third launch). For a few tokens (decode)
-each program takes one pair (a matrix-vector product); for many (prefill), the pairs are sorted by
-expert and cut into blocks of one expert's pairs (`expert_blocks`), and each program multiplies a
-block's rows by a weight tile with tl.dot, reading each weight tile once per block rather than once
-per pair. `fused_moe_ref` is the PyTorch twin, and the model's own MoE where the kernels are off.
-`swiglu` is the dense MLPs' (the shared expert's) activation in one launch; `swiglu_ref` its twin.
+value): the first computes a = swiglu(x W_gate^T, x W_up^T) for a tile of the intermediate
+dimension, the second y = a W_down^T times the pair's routing weight; the k pairs of a token are
+summed in fp32, with `add` (the shared expert's output) added before the one rounding to x's dtype
+(a third launch: kernels/reduce.py). For a few tokens (decode) each program takes one pair (a
+matrix-vector product); for many (prefill), the pairs are sorted by expert and cut into blocks of
+one expert's pairs (`expert_blocks`), and each program multiplies a block's rows by a weight tile
+with tl.dot, reading each weight tile once per block rather than once per pair. `fused_moe_ref` is
+the PyTorch twin, and the model's own MoE where the kernels are off. `swiglu` is the dense MLPs'
+(the shared expert's) activation in one launch; `swiglu_ref` its twin.
 """
 
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from stepflash.kernels.fp8_linear import dequantize_fp8
+from stepflash.kernels.reduce import sum_parts, sum_parts_ref
 
 GROUPED_MIN_TOKENS = 16  # from this many tokens on (prefill chunks, wide verify batches) pairs go in blocks
 
@@ -79,7 +80,7 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         gate, up, down = (_take(m, experts) for m in (gate, up, down))
         rows = x[:, None].expand(-1, ids.shape[1], -1).reshape(-1, 1, x.shape[1])  # token t's row k times
         y = torch.bmm(swiglu_ref(torch.bmm(rows, gate.mT), torch.bmm(rows, up.mT), limit), down.mT)[:, 0]
-        return _plus(((y.float() * weights.reshape(-1, 1)).view(*ids.shape, -1).sum(1)), add).to(x.dtype)
+        return sum_parts_ref((y.float() * weights.reshape(-1, 1)).view(*ids.shape, -1), add, x.dtype)
     order = experts.argsort(stable=True)
     ends = torch.searchsorted(experts[order], torch.arange(gate.shape[0], device=x.device), right=True)
     token, ends = order // ids.shape[1], ends.to(torch.int32)
@@ -92,12 +93,8 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         return grouped_mm(a, w.mT, ends) if torch.compiler.is_compiling() else F.grouped_mm(a, w.mT, offs=ends)
 
     y = linear(swiglu_ref(linear(rows, gate), linear(rows, up), limit), down).float() * weights.reshape(-1, 1)[order]
-    return _plus(torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y), add).to(x.dtype)
-
-
-def _plus(total: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
-    """The experts' fp32 sum plus `add` (none: unchanged)."""
-    return total if add is None else total + add.float()
+    total = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y)
+    return sum_parts_ref(total[:, None], add, x.dtype)
 
 
 @torch.library.custom_op("stepflash::grouped_mm", mutates_args=())
@@ -271,20 +268,6 @@ if triton is not None:
             act = tl.minimum(act, limit)
             up = tl.minimum(tl.maximum(up, -limit), limit)
         tl.store(Out + t * stride_o + i, (act * up).to(Out.dtype.element_ty), mask=i_ok)
-
-    @triton.jit
-    def _sum_pairs_kernel(Y, Add, Out, H, top_k, stride_y, stride_add, stride_out, HAS_ADD: tl.constexpr,
-                          BLOCK: tl.constexpr):
-        """Out[t] = sum over the token's k pairs of Y (fp32) + Add[t], rounded once to Out's dtype."""
-        t = tl.program_id(0)
-        o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        o_ok = o < H
-        acc = tl.zeros([BLOCK], tl.float32)
-        for k in range(top_k):
-            acc += tl.load(Y + (t * top_k + k) * stride_y + o, mask=o_ok, other=0.0)
-        if HAS_ADD:
-            acc += tl.load(Add + t * stride_add + o, mask=o_ok, other=0.0).to(tl.float32)
-        tl.store(Out + t * stride_out + o, acc.to(Out.dtype.element_ty), mask=o_ok)
 
     @triton.jit
     def _block_of_pairs(Sorted, BlockExpert, BlockStart, BlockRows, BLOCK_M: tl.constexpr):
@@ -468,7 +451,7 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
         _grouped_down_kernel[(blocks[1].numel(), triton.cdiv(hidden, tiles.grouped))](
             a, w_down, s_down, *blocks, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), *s_down.stride(),
             y.stride(0), BLOCK_O=tiles.grouped, BLOCK_I=tiles.grouped, **dots)
-        return _sum_pairs(y, add, tokens, top_k, x.dtype)
+        return sum_parts(y.view(tokens, top_k, hidden), add, x.dtype)
     a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
     groups = scale_blocks_per_tile(tiles.inner, sc) if quant["INT4"] or quant["FP8"] else 0
     _gate_up_kernel[(pairs, triton.cdiv(inter, tiles.rows))](
@@ -477,7 +460,7 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     _down_kernel[(pairs, triton.cdiv(hidden, tiles.rows))](
         a, w_down, s_down, flat_ids, flat_w, y, hidden, inter, a.stride(0), *w_down.stride(), *s_down.stride(),
         y.stride(0), BLOCK_O=tiles.rows, BLOCK_I=tiles.inner, **quant, GROUPS=groups)
-    return _sum_pairs(y, add, tokens, top_k, x.dtype)
+    return sum_parts(y.view(tokens, top_k, hidden), add, x.dtype)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -493,19 +476,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
         block = min(1024, triton.next_power_of_2(inter))
         _swiglu_kernel[(tokens, triton.cdiv(inter, block))](gate, up, out, inter, float(limit), gate.stride(0),
                                                              up.stride(0), out.stride(0), BLOCK=block)
-    return out
-
-
-def _sum_pairs(y: torch.Tensor, add: torch.Tensor | None, tokens: int, top_k: int,
-               dtype: torch.dtype) -> torch.Tensor:
-    """Each token's k rows of y [T * k, H] (fp32) summed, plus add [T, H], in one launch (in place of
-    a sum, a cast and an add)."""
-    hidden = y.shape[1]
-    out = torch.empty(tokens, hidden, dtype=dtype, device=y.device)
-    if tokens:
-        add_arg = add.contiguous() if add is not None else out
-        block = min(1024, triton.next_power_of_2(hidden))
-        _sum_pairs_kernel[(tokens, triton.cdiv(hidden, block))](
-            y, add_arg, out, hidden, top_k, y.stride(0), add_arg.stride(0), out.stride(0), HAS_ADD=add is not None,
-            BLOCK=block)
     return out
