@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import os
 import signal
+import socket
 import sys
 import time
 import types
@@ -128,6 +129,15 @@ def chat_loop(engine: LLMEngine, args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": content, "reasoning_content": (reasoning or "").strip("\n")})
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the engine starts: a port in use fails at once, and port 0
+    takes one the OS picks (the startup line names it)."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """OpenAI-compatible server; binds 127.0.0.1 unless told otherwise."""
     import logging
@@ -139,6 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from stepflash.server.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    listening = listen(args.host, args.port)
     model_dir, ec = engine_source(args)
     api_key = args.api_key or os.environ.get("STEPFLASH_API_KEY")
     media = MediaPolicy(args.max_image_bytes, tuple(args.allowed_media_domains or ()), args.allowed_local_media_path)
@@ -148,8 +159,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=10))
     front.on_fatal = lambda error: setattr(server, "should_exit", True)  # a rank failed: shut down, exit 1
+    host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"stepflash: serving {model_dir} as {args.served_model_name or model_dir.name!r} on "
-          f"http://{args.host}:{args.port}/v1 (api key {'required' if api_key else 'off'})", file=sys.stderr)
+          f"http://{host}:{listening.getsockname()[1]}/v1 (api key {'required' if api_key else 'off'})",
+          file=sys.stderr, flush=True)
     # uvicorn re-raises SIGTERM once it has shut down: leave through `finally`, so that the ranks stop
     # too, then die of the signal as before
     terminated = []
@@ -160,7 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        server.run()
+        server.run(sockets=[listening])
     finally:
         front.shutdown()
         if terminated:
@@ -317,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     serve.add_argument("--model", help="hub-format model directory (default: the bundled model)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="0: a free port, named in the startup line")
     serve.add_argument("--api-key", help="require this bearer token on /v1 (or set STEPFLASH_API_KEY)")
     serve.add_argument("--served-model-name", help="model id clients use (default: the directory name)")
     for p in (gen, chat):  # one request at a time, too short to pay for compiling; --seed is the request's

@@ -1,6 +1,7 @@
 """`stepflash generate`: greedy output equal to the transformers oracle; clear errors."""
 
 import io
+import socket
 
 from reference import reference_logits
 from stepflash.cli import main
@@ -45,6 +46,14 @@ def test_generate_errors_name_the_problem(tmp_path, capsys):
 
     assert main(["generate", PROMPT, "--model", str(ckpt), "--max-tokens", "0"]) == 2
     assert "max_tokens must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_serve_names_a_port_in_use_before_loading_anything(tmp_path, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1 port {port}: Address already in use" in err and "nowhere" not in err
 
 
 def test_chat_streams_the_same_reply_as_llm_chat(tmp_path, capsys, monkeypatch):

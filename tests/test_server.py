@@ -3,6 +3,8 @@
 import contextlib
 import json
 import os
+import re
+import select
 import signal
 import socket
 import subprocess
@@ -29,10 +31,28 @@ TOOLS = [{"type": "function", "function": {
 USER = [{"role": "user", "content": "What's the weather in Paris?"}]
 
 
+SERVING = re.compile(r"serving .* on (http://\S+)/v1")  # the startup line: where `--port 0` landed
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _startup_base(proc: subprocess.Popen, deadline: float) -> str:
+    """The base URL from the server's startup line, read off its output as it comes."""
+    seen = b""
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            chunk = os.read(proc.stdout.fileno(), 1 << 16)
+            if not chunk:  # it exited
+                raise RuntimeError(seen.decode(errors="replace"))
+            seen += chunk
+            if match := SERVING.search(seen.decode(errors="replace")):
+                return match.group(1)
+    proc.kill()
+    raise RuntimeError("server printed no startup line in 120 s:\n" + seen.decode(errors="replace"))
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +63,13 @@ def ckpt(tmp_path_factory):
 
 
 def start_server(ckpt, *args: str, name: str = MODEL, new_session: bool = False) -> tuple[subprocess.Popen, str]:
-    """`stepflash serve` on a free loopback port, once /health answers (`new_session`: in a process
-    group of its own)."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stepflash.cli", "serve", "--model", str(ckpt), "--port", str(port),
+    """`stepflash serve` on a loopback port the OS picks (`--port 0`: no other test process can take it
+    in between), once /health answers (`new_session`: in a process group of its own)."""
+    proc = subprocess.Popen([sys.executable, "-m", "stepflash.cli", "serve", "--model", str(ckpt), "--port", "0",
                              "--served-model-name", name, *args], start_new_session=new_session,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
+    base = _startup_base(proc, deadline)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(proc.stdout.read().decode())

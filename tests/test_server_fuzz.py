@@ -2,7 +2,6 @@
 server's own /openapi.json for every operation; none may get a 5xx or leave KV blocks in use."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,12 @@ from schemathesis import BaseSchema, Case  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from checkpoints import write_checkpoint  # noqa: E402
+from test_server import SERVING  # noqa: E402
 from stepflash.train.configs import tiny_config
 
 KEY = "fuzz-key-456"
 MODEL = "tiny"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kv_blocks_in_use(base: str) -> float:
@@ -41,23 +35,28 @@ def _kv_blocks_in_use(base: str) -> float:
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ckpt: Path = write_checkpoint(tmp_path_factory.mktemp("fuzz-tiny"), tiny_config())
     log = ckpt / "server.log"  # a file, not a pipe: hundreds of access-log lines would fill an undrained pipe
-    port = _free_port()
-    # A short context keeps every generated request (max_tokens unset, n up to max_num_seqs) fast.
+    # A short context keeps every generated request (max_tokens unset, n up to max_num_seqs) fast; port 0:
+    # one the OS picks, named in the startup line
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "stepflash.cli", "serve", "--model", str(ckpt), "--port",
-                                 str(port), "--served-model-name", MODEL, "--api-key", KEY, "--max-model-len", "64",
+        proc = subprocess.Popen([sys.executable, "-m", "stepflash.cli", "serve", "--model", str(ckpt), "--port", "0",
+                                 "--served-model-name", MODEL, "--api-key", KEY, "--max-model-len", "64",
                                  "--max-num-seqs", "8", "--max-num-batched-tokens", "256"],
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
+    base = None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+        if base is None:
+            match = SERVING.search(log.read_text(errors="replace"))
+            base = match and match.group(1)
+            time.sleep(0.2)
+            continue
         try:
             if httpx.get(base + "/health", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
             time.sleep(0.2)
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text())
     else:
         proc.kill()
         raise RuntimeError("server did not become healthy within 60 s")
