@@ -85,11 +85,9 @@ class KernelContext:
         self.tiles, self.tile_rows = tiles, tile_rows  # a verify step's rows attend as one tile
         self.use_kernel = True
 
-    def attend(self, layer, q, k, v, positions, rope, window, gate):
-        if self.use_kernel:
-            q = rope_kv_write(q, k, v, *rope, *self.caches[layer], self.slots[layer])
-        else:
-            q = rope_kv_write_ref(q, k, v, *rope, *self.caches[layer], self.slots[layer])
+    def attend(self, layer, q, k, v, positions, rope, window, gate, norms):
+        write = rope_kv_write if self.use_kernel else rope_kv_write_ref
+        q = write(q, k, v, *rope, *self.caches[layer], self.slots[layer], norms)
         if self.use_kernel:
             return paged_attention(q, *self.caches[layer], self.tables[layer], self.seq_of, self.q_pos, window, gate,
                                    tiles=self.tiles, tile_rows=self.tile_rows)

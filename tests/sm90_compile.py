@@ -54,7 +54,7 @@ import stepflash.kernels.moe as moe  # noqa: E402
 import stepflash.kernels.paged_attention as paged_module  # noqa: E402
 from stepflash.kernels.prefill_attention import prefill_attention  # noqa: E402
 from stepflash.kernels.rmsnorm import add_rmsnorm  # noqa: E402
-from stepflash.kernels.rope_kv import rope_kv_write  # noqa: E402
+from stepflash.kernels.rope_kv import QKNorms, rope_kv_write  # noqa: E402
 from stepflash.kernels.router import route  # noqa: E402
 
 paged_module.multiprocessors = fp8_module.multiprocessors = lambda device: 132
@@ -72,7 +72,9 @@ def attention(dtype: torch.dtype) -> None:
                                      splits=splits)
     prefill_attention(q, cache, cache, tables, seq_of, q_pos, 512, tiles=tiles)
     k = torch.zeros(rows, kv_heads, dim, dtype=dtype)
-    rope_kv_write(q, k, k, torch.zeros(rows, 64), torch.zeros(rows, 64), cache, cache, torch.zeros(rows).long())
+    for norms in (None, QKNorms(torch.zeros(dim), torch.zeros(dim), 1e-5)):  # with the q/k norms fused, or not
+        rope_kv_write(q, k, k, torch.zeros(rows, 64), torch.zeros(rows, 64), cache, cache, torch.zeros(rows).long(),
+                      norms)
 
 
 def norms(dtype: torch.dtype) -> None:

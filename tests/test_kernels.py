@@ -391,22 +391,39 @@ def test_engine_with_the_kernels_matches_the_torch_path(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("with_norms", [False, True])
 @pytest.mark.parametrize("heads, kv_heads, head_dim, rotary_dim", [(4, 2, 64, 32), (6, 2, 64, 64), (8, 8, 24, 12)])
-def test_rope_kv_write_matches_reference(dtype, heads, kv_heads, head_dim, rotary_dim):
-    from stepflash.kernels.rope_kv import rope_kv_write, rope_kv_write_ref
+def test_rope_kv_write_matches_reference(dtype, heads, kv_heads, head_dim, rotary_dim, with_norms):
+    """Rotary + cache write, with the per-head q/k norms first or not; q, k and v are strided views of
+    one packed projection, as the model hands them over."""
+    from stepflash.kernels.rope_kv import QKNorms, rope_kv_write, rope_kv_write_ref
+    from stepflash.model.norm import RMSNorm
     from stepflash.model.rope import rotary_cos_sin
 
     gen = torch.Generator().manual_seed(heads + rotary_dim)
     tokens, blocks, block_size = 7, 6, 4
-    q = torch.randn(tokens, heads, head_dim, generator=gen).to(dtype)
-    k, v = (torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+    packed = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen) * 3).to(dtype)
+    q, k, v = (x.view(tokens, -1, head_dim) for x in packed.split([heads * head_dim, *[kv_heads * head_dim] * 2], 1))
+    norms = QKNorms(torch.randn(head_dim, generator=gen) * 0.5, torch.randn(head_dim, generator=gen) * 0.5, 1e-5)
     positions = torch.tensor([0, 5, 6, 7, 100, 101, 4095])
     cos, sin = rotary_cos_sin(positions, 1e4, rotary_dim, None)
     slots = torch.randperm(blocks * block_size, generator=gen)[:tokens]
-    caches = [torch.zeros(blocks, block_size, kv_heads, head_dim, dtype=dtype) for _ in range(4)]
+    caches = [torch.zeros(blocks, block_size, kv_heads, head_dim, dtype=dtype) for _ in range(6)]
     kernel_caches = on_kernel_device(caches[0], caches[1])  # written in place by the kernel
-    out = rope_kv_write(*on_kernel_device(q, k, v, cos, sin), *kernel_caches, on_kernel_device(slots))
-    ref = rope_kv_write_ref(q, k, v, cos, sin, caches[2], caches[3], slots)
+    kernel_packed = on_kernel_device(packed)
+    kq, kk, kv = (x.view(tokens, -1, head_dim) for x in kernel_packed.split([heads * head_dim,
+                                                                             *[kv_heads * head_dim] * 2], 1))
+    kernel_norms = QKNorms(*on_kernel_device(norms.q_weight, norms.k_weight), norms.eps) if with_norms else None
+    out = rope_kv_write(kq, kk, kv, *on_kernel_device(cos, sin), *kernel_caches, on_kernel_device(slots), kernel_norms)
+    ref = rope_kv_write_ref(q, k, v, cos, sin, caches[2], caches[3], slots, norms if with_norms else None)
+    if with_norms:  # the twin is the model's RMSNorm modules, then the rotation
+        q_norm, k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
+        with torch.no_grad():
+            q_norm.weight.copy_(norms.q_weight), k_norm.weight.copy_(norms.k_weight)
+            assert torch.equal(ref, rope_kv_write_ref(q_norm(q), k_norm(k), v, cos, sin, caches[4], caches[5], slots))
+        assert torch.equal(caches[2], caches[4])
+        assert not torch.allclose(ref.float(), rope_kv_write_ref(q, k, v, cos, sin, caches[4], caches[5],
+                                                                 slots).float(), atol=0.1)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
     torch.testing.assert_close(kernel_caches[0].cpu(), caches[2], atol=tol, rtol=tol)

@@ -14,7 +14,7 @@ from stepflash.config import LayerSpec
 from stepflash.distributed import Parallel
 from stepflash.kernels.paged_attention import masked_attention, paged_attention, paged_attention_ref
 from stepflash.kernels.prefill_attention import prefill_attention, prefill_attention_ref
-from stepflash.kernels.rope_kv import apply_rotary, rope_kv_write, rope_kv_write_ref
+from stepflash.kernels.rope_kv import QKNorms, apply_rotary, rope_kv_write, rope_kv_write_ref
 from stepflash.model.linear import PackedLinear
 from stepflash.model.norm import RMSNorm
 
@@ -23,10 +23,12 @@ class AttentionContext(Protocol):
     """Where attention finds keys and values: the batch alone (`BatchLayout`) or the paged KV cache."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
-        """q [T, heads, d], k/v [T, kv_heads, d] of this step's tokens before the rotary embedding
-        (`rope` = cos/sin [T, rotary_dim], applied by the context so that a kernel can fuse it with
-        the cache write), gate [T, heads] (before the sigmoid) -> gated attention output [T, heads, d]."""
+               rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor,
+               norms: QKNorms) -> torch.Tensor:
+        """q [T, heads, d], k/v [T, kv_heads, d] of this step's tokens before their per-head norms
+        (`norms`) and the rotary embedding (`rope` = cos/sin [T, rotary_dim]), both applied by the
+        context so that a kernel can fuse them with the cache write; gate [T, heads] (before the
+        sigmoid) -> gated attention output [T, heads, d]."""
         ...
 
 
@@ -43,7 +45,9 @@ class BatchLayout:
     seq_lens: list[int]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
+               rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor,
+               norms: QKNorms) -> torch.Tensor:
+        q, k = norms.apply(q, k)
         q, k = apply_rotary(torch.cat([q, k], dim=1), *rope).split([q.shape[1], k.shape[1]], dim=1)
         out = [masked_attention(q_s[None], k_s[None], v_s[None], pos[None], pos[None], window)[0]
                for q_s, k_s, v_s, pos in zip(*(t.split(self.seq_lens) for t in (q, k, v, positions)))]
@@ -84,10 +88,11 @@ class PagedAttention:
         self.plans = {"plans": {}} if ops is ATTENTION_OPS["torch"] else {}
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-               rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor) -> torch.Tensor:
+               rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor,
+               norms: QKNorms) -> torch.Tensor:
         write, paged, prefill = self.ops
         kind = self.kind_of[layer]
-        q = write(q, k, v, *rope, *self.caches[layer], self.slots[kind])
+        q = write(q, k, v, *rope, *self.caches[layer], self.slots[kind], norms)
         caches, table, first, d, p = (self.caches[layer], self.tables[kind], self.first_blocks[kind], self.decode,
                                       self.prefill)
         if p is None:
@@ -128,7 +133,7 @@ class Attention(nn.Module):
                 ctx: AttentionContext) -> torch.Tensor:
         t = h.shape[0]
         q, k, v, g = self.qkvg_proj(h)
-        q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))
-        o = ctx.attend(self.layer, q, k, v.view(t, self.num_kv_heads, self.head_dim), positions, rope, self.window, g)
+        q, k, v = (x.view(t, -1, self.head_dim) for x in (q, k, v))
+        norms = QKNorms(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)  # applied where q and k rotate
+        o = ctx.attend(self.layer, q, k, v, positions, rope, self.window, g, norms)
         return self.o_proj(o.reshape(t, -1))
