@@ -83,6 +83,8 @@ class KernelContext:
     def __init__(self, caches, tables, slots, seq_of, q_pos, tiles, tile_rows):
         self.caches, self.tables, self.slots, self.seq_of, self.q_pos = caches, tables, slots, seq_of, q_pos
         self.tiles, self.tile_rows = tiles, tile_rows  # a verify step's rows attend as one tile
+        # int32 rows and whole tables, as the engine sends them: no casts or zeros in a timed step
+        self.first_block = torch.zeros(tables[next(iter(tables))].shape[0], dtype=torch.int32, device=q_pos.device)
         self.use_kernel = True
 
     def attend(self, layer, q, k, v, positions, rope, window, gate, norms):
@@ -90,7 +92,7 @@ class KernelContext:
         q = write(q, k, v, *rope, *self.caches[layer], self.slots[layer], norms)
         if self.use_kernel:
             return paged_attention(q, *self.caches[layer], self.tables[layer], self.seq_of, self.q_pos, window, gate,
-                                   tiles=self.tiles, tile_rows=self.tile_rows)
+                                   tiles=self.tiles, tile_rows=self.tile_rows, first_block=self.first_block)
         return paged_attention_ref(q, *self.caches[layer], self.tables[layer], self.seq_of, self.q_pos, window, gate)
 
 
@@ -181,8 +183,8 @@ def make_context(cfg: ModelConfig, batch: int, context: int, rows_per_seq: int, 
         tables[spec.index] = table.to(device)
         pos = torch.arange(context, total)
         slots[spec.index] = torch.cat([table[b, pos // BLOCK].long() * BLOCK + pos % BLOCK for b in range(batch)]).to(device)
-    seq_of = torch.arange(batch).repeat_interleave(rows_per_seq)
-    q_pos = torch.arange(context, total).repeat(batch).to(device)
+    seq_of = torch.arange(batch, dtype=torch.int32).repeat_interleave(rows_per_seq)
+    q_pos = torch.arange(context, total, dtype=torch.int32).repeat(batch).to(device)
     tile_rows = triton.next_power_of_2(rows_per_seq)
     return KernelContext(caches, tables, slots, seq_of.to(device), q_pos,
                          prefill_tiles(seq_of.tolist(), tile_rows).to(device), tile_rows)
