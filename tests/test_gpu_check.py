@@ -4,7 +4,9 @@ lent: every step runs, writes its results under $OUT and the summary reads them.
 
 import json
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +43,13 @@ def test_gpu_check_dry_run(tmp_path):
     assert e2e["checks"]["float32"]["tokens_equal"]
     runs = [(r["kernels"], r["cuda_graphs"], r["mtp"]) for r in e2e["runs"]]
     assert runs == [("torch", "off", 3), ("triton", "on", 3)]
+
+
+def test_a_moe_layer_stays_within_its_kernel_launches():
+    """benchmarks/layer_launches.py runs, and a MoE layer's decode step on the kernel path launches at
+    most 16 kernels (each costs a few us a layer on a GPU: a new cast or an unfused op fails here)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "layer_launches.py")], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    total = int(re.search(r"^(\d+) launches in one MoE layer", proc.stdout, re.MULTILINE).group(1))
+    assert 10 <= total <= 16, proc.stdout
