@@ -5,7 +5,9 @@ variant, `ok` or `FAILED` with the compiler's message. The shapes are the releas
 8 KV heads, hidden 4096, experts of 1280, 288 experts top 8) so the constexprs are the GPU's; the
 launch choices are an H200's (132 SMs, the CUDA tile sizes)."""
 
+import collections
 import os
+import re
 import sys
 import traceback
 
@@ -23,25 +25,33 @@ seen: set = set()
 
 
 def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> None:
+    """Compile as the JIT would for these arguments: tensors' pointers and integers that are multiples
+    of 16 marked so (CUDA allocations are), integers equal to 1 made constants. The ok line ends
+    with the kernel's global loads by width (PTX), e.g. ld.global.v4.b32 for 16 bytes a thread."""
     bound = {**dict(zip(fn.arg_names, args)), **kwargs}
-    signature, constexprs = {}, {}
-    for p in fn.params:
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
         value = bound[p.name]
-        if p.is_constexpr:
+        if p.is_constexpr or (type(value) is int and value == 1):
             signature[p.name], constexprs[p.name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[p.name] = "*" + TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[p.name] = "fp32"
         else:
             signature[p.name] = "i64" if abs(value) >= 2**31 else "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     key = (fn.__name__, repr(sorted(constexprs.items())), repr(signature))
     if key in seen:
         return
     seen.add(key)
     try:
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
-        print(f"ok {fn.__name__} {sorted(constexprs.items())}")
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                target=GPUTarget("cuda", 90, 32))
+        loads = collections.Counter(re.findall(r"ld\.global(?:\.\w+)+", kernel.asm["ptx"]))
+        print(f"ok {fn.__name__} {sorted(constexprs.items())} loads {dict(sorted(loads.items()))}")
     except Exception as e:  # noqa: BLE001  (reported, and the test fails)
         message = "".join(traceback.format_exception_only(e)).strip().replace("\n", " | ")
         print(f"FAILED {fn.__name__} {sorted(constexprs.items())}: {message[-2000:]}")

@@ -30,4 +30,11 @@ def test_every_kernel_variant_compiles_for_sm90():
                         "_grouped_gate_up_kernel", "_grouped_down_kernel", "_route_kernel", "_sum_parts_kernel",
                         "_swiglu_kernel"}
     assert any("('GEMV', True)" in line for line in lines) and any("('PER_TILE', True)" in line for line in lines)
-    assert any("('GROUPS', 2)" in line and "('INT4', True)" in line for line in lines)  # tiles of 2 scale blocks
+    # the one-pair expert kernels read INT4 and FP8 weights 16 bytes a thread (1-byte loads, as the
+    # INT4 offsets once compiled to, would leave them far from the memory's bandwidth)
+    one_pair = [line for line in lines if line.startswith(("ok _gate_up_kernel", "ok _down_kernel"))
+                and ("('INT4', True)" in line or "('FP8', True)" in line)]
+    assert {(line.split()[1], "('INT4', True)" in line) for line in one_pair} == {
+        (kernel, int4) for kernel in ("_gate_up_kernel", "_down_kernel") for int4 in (True, False)}
+    assert all("('GROUPS', 2)" in line for line in one_pair)  # tiles of 2 scale blocks
+    assert all("ld.global.v4.b32" in line and ".b8'" not in line and ".u8'" not in line for line in one_pair)
