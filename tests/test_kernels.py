@@ -218,8 +218,9 @@ def test_fused_moe_matches_the_model_moe(dtype, tokens, hidden, inter, experts, 
     for grouped in (False, True):  # one pair per program; per-expert blocks of pairs through tl.dot
         out = fused_moe(*args, limit, block=16, grouped=grouped)
         torch.testing.assert_close(out.float().cpu(), ref.float(), atol=atol, rtol=rtol)
-        out = fused_moe(*args, limit, block=16, grouped=grouped, add=on_kernel_device(shared.to(dtype)))
-        torch.testing.assert_close(out.float().cpu(), ref_shared.float(), atol=atol, rtol=rtol)
+        if tokens < 16:  # the shared expert's output added (the prefill case would only take longer)
+            out = fused_moe(*args, limit, block=16, grouped=grouped, add=on_kernel_device(shared.to(dtype)))
+            torch.testing.assert_close(out.float().cpu(), ref_shared.float(), atol=atol, rtol=rtol)
     if dtype == torch.float32:  # the twin is the model's own MoE, and a loop over tokens and experts
         assert torch.equal(ref, model_out) and torch.equal(ref_shared, model_out_shared)
         assert torch.equal(ref_shared, ref + shared)
