@@ -4,7 +4,6 @@ tests/kernel_env.py), and a checkpoint loaded with `keep_fp8` that holds the che
 computes what the dequantized model computes."""
 
 import importlib.util
-import itertools
 import math
 import shutil
 from pathlib import Path
@@ -124,7 +123,7 @@ def test_fused_moe_reads_fp8_experts(dtype, tokens, block):
     atol, rtol = {torch.float32: (1e-4, 1e-2), torch.float16: (1e-2 * scale, 1e-2),
                   torch.bfloat16: (2e-2 * scale, 2e-2)}[dtype]
     args, kernel_scales = on_kernel_device(x, *fp8, ids, weights), on_kernel_device(*scales)
-    for edge, grouped in itertools.product((16, 32), (False, True)):
+    for edge, grouped in ((16, False), (16, True), (32, False)):  # wider tiles: the one-pair kernels
         out = fused_moe(*args, 0.0, block=edge, fp8_scales=kernel_scales, fp8_block=block, grouped=grouped)
         assert out.dtype == dtype and out.device.type == KERNEL_DEVICE
         torch.testing.assert_close(out.float().cpu(), ref.float(), atol=atol, rtol=rtol)
