@@ -29,13 +29,13 @@ def add_rmsnorm_ref(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.T
 if triton is not None:
 
     @triton.jit
-    def _add_rmsnorm_kernel(X, Delta, W, Res, Out, eps, H, heads, stride_x, stride_xh, stride_d, stride_r, stride_o,
+    def _add_rmsnorm_kernel(X, Delta, W, Res, Out, eps, H, stride_x, stride_d, stride_r, stride_o,
                             HAS_DELTA: tl.constexpr, BLOCK_H: tl.constexpr):
-        """One program per row; row r of x [T, heads, H] is (r // heads, r % heads) (heads = 1: x [T, H])."""
+        """One program per row."""
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_H)
         ok = cols < H
-        x = tl.load(X + (row // heads) * stride_x + (row % heads) * stride_xh + cols, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_DELTA:
             x = x + tl.load(Delta + row * stride_d + cols, mask=ok, other=0.0).to(tl.float32)
             x = x.to(Res.dtype.element_ty)
@@ -48,21 +48,17 @@ if triton is not None:
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton kernel; same contract as `add_rmsnorm_ref` (rows of one program each). x [T, H], or
-    without delta also [T, heads, H] in place (per-head q/k norms over a strided view of the packed
-    projection: no copy first)."""
+    """The Triton kernel; same contract as `add_rmsnorm_ref`, for rows x [T, H] (one program each)."""
     if triton is None:
         raise RuntimeError("add_rmsnorm needs triton (pip install triton)")
-    if delta is not None and x.dim() != 2:
-        raise ValueError(f"add_rmsnorm with a delta takes rows [T, H], got x of shape {tuple(x.shape)}")
-    if delta is not None or x.dim() != 3 or x.stride(-1) != 1:
-        x = x.contiguous()
-    rows = x if x.dim() == 3 else x.view(x.shape[0], 1, x.shape[1])  # [T, heads, H]
-    tokens, heads, hidden = rows.shape
+    if x.dim() != 2:
+        raise ValueError(f"add_rmsnorm takes rows [T, H], got x of shape {tuple(x.shape)}")
+    x = x.contiguous()
+    tokens, hidden = x.shape
     residual = torch.empty_like(x) if delta is not None else x
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(x)
     d = delta.contiguous() if delta is not None else x
-    _add_rmsnorm_kernel[(tokens * heads,)](rows, d, weight, residual, out, eps, hidden, heads, rows.stride(0),
-                                           rows.stride(1), d.stride(0), residual.stride(0), hidden,
-                                           HAS_DELTA=delta is not None, BLOCK_H=triton.next_power_of_2(hidden))
+    _add_rmsnorm_kernel[(tokens,)](x, d, weight, residual, out, eps, hidden, x.stride(0), d.stride(0),
+                                   residual.stride(0), out.stride(0), HAS_DELTA=delta is not None,
+                                   BLOCK_H=triton.next_power_of_2(hidden))
     return residual, out

@@ -15,6 +15,12 @@ import torch
 
 from stepflash.kernels.rmsnorm import add_rmsnorm_ref
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 
 class QKNorms(NamedTuple):
     """The per-head RMSNorms of q and k: their weights [head_dim] and epsilon."""
@@ -26,12 +32,6 @@ class QKNorms(NamedTuple):
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The PyTorch path: q [T, H, D] and k [T, KVH, D] normalised per head."""
         return tuple(add_rmsnorm_ref(x, None, w, self.eps)[1] for x, w in ((q, self.q_weight), (k, self.k_weight)))
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

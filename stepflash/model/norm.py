@@ -15,8 +15,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise in fp32: x * rsqrt(mean(x^2) + eps) * (1 + w), cast back to x's dtype; x [T, H] or
-        per head [T, heads, H] (q/k norms: one launch with the kernel, where PyTorch takes four)."""
+        """Normalise in fp32: x * rsqrt(mean(x^2) + eps) * (1 + w), cast back to x's dtype (x [T, H])."""
         return (add_rmsnorm if self.use_kernel else add_rmsnorm_ref)(x, None, self.weight, self.eps)[1]
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
