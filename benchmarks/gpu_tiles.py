@@ -89,7 +89,7 @@ def main() -> int:
     copies = 1 if args.tiny else 8  # calls per timing, each on other weights (per_call_ms)
     one_pair = [moe.MoETiles(rows, 256, 64) for rows in (8, 16, 32)]
     # quantized: fewer bytes a row, so also tiles of 2 and 4 scale blocks a row (1 and 2 KB of INT4
-    # a step for 16 rows of gate and up), best first where the time box ends the sweep
+    # a step for 16 rows of gate and up), timed right after the 256-column ones
     wide = [moe.MoETiles(rows, inner, 64) for rows, inner in ((16, 512), (32, 512), (16, 1024), (64, 256))]
     grouped = [moe.MoETiles(16, 256, edge) for edge in (32, 64, 128)]
     if args.tiny:  # the interpreter takes seconds a call
@@ -97,9 +97,8 @@ def main() -> int:
     for weights in ("int4", "fp8", "bf16"):
         stored, kwargs = expert_weights(experts, hidden, inter, weights, device, dtype)
         decode = one_pair + (wide if weights != "bf16" else [])
-        points = [(1, decode), (8, one_pair), (16, grouped)]  # decode, a batch of 8, MTP-3 verify of 4 sequences
-        if args.tiny:
-            points = [(1, decode), (16, grouped)]
+        # decode, a batch of 8, MTP-3 verify of 4 sequences
+        points = [(1, decode), (16, grouped)] if args.tiny else [(1, decode), (8, one_pair), (16, grouped)]
         for tokens, configs in points:
             x = torch.randn(tokens, hidden, device=device, dtype=dtype)
             for tiles in configs:

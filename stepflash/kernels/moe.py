@@ -175,10 +175,13 @@ if triton is not None:
         return w, c, c_ok
 
     @triton.jit
-    def _row_scales(S, expert, r, r_ok, c0, stride_se, stride_sr, stride_sc, SR: tl.constexpr, SC: tl.constexpr):
-        """The scales of rows r in the scale block of column c0: [len(r)] fp32."""
-        return tl.load(S + expert * stride_se + (r // SR) * stride_sr + (c0 // SC) * stride_sc, mask=r_ok,
-                       other=0.0).to(tl.float32)
+    def _block_scales(S, expert, r, r_ok, c0, C, stride_se, stride_sr, stride_sc, SR: tl.constexpr,
+                      SC: tl.constexpr, GROUPS: tl.constexpr):
+        """The scales of rows r in the GROUPS scale blocks from column c0's on: [len(r), GROUPS] fp32
+        (0 for blocks past the C columns)."""
+        g = c0 // SC + tl.arange(0, GROUPS)
+        return tl.load(S + expert * stride_se + (r // SR)[:, None] * stride_sr + g[None, :] * stride_sc,
+                       mask=r_ok[:, None] & (g * SC < C)[None, :], other=0.0).to(tl.float32)
 
     @triton.jit
     def _row_dots(W, S, X, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, stride_se, stride_sr, stride_sc,
@@ -201,9 +204,7 @@ if triton is not None:
                 w, c, c_ok = _fp8_values(W, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, BLOCK_C)
                 products = w * tl.load(X + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
             sums = tl.sum(tl.reshape(products, [products.shape[0], GROUPS, products.shape[1] // GROUPS]), axis=2)
-            g = c0 // SC + tl.arange(0, GROUPS)  # the tile's scale blocks
-            scales = tl.load(S + expert * stride_se + (r // SR)[:, None] * stride_sr + g[None, :] * stride_sc,
-                             mask=r_ok[:, None] & (g * SC < C)[None, :], other=0.0).to(tl.float32)
+            scales = _block_scales(S, expert, r, r_ok, c0, C, stride_se, stride_sr, stride_sc, SR, SC, GROUPS)
             dots = tl.sum(sums * scales, axis=1)
         else:
             c = c0 + tl.arange(0, BLOCK_C)
@@ -306,7 +307,8 @@ if triton is not None:
                 w, c, c_ok = _fp8_values(W, expert, r, r_ok, c0, C, stride_we, stride_wr, stride_wc, BLOCK_C)
                 x = tl.load(x_rows + c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
                 dots = _dot(x, tl.trans(w.to(x.dtype)), IEEE)
-            dots = dots * _row_scales(S, expert, r, r_ok, c0, stride_se, stride_sr, stride_sc, SR, SC)[None, :]
+            scales = _block_scales(S, expert, r, r_ok, c0, C, stride_se, stride_sr, stride_sc, SR, SC, 1)
+            dots = dots * tl.sum(scales, axis=1)[None, :]  # the tile's one block
         else:
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < C
