@@ -84,7 +84,7 @@ def engine_source(args: argparse.Namespace) -> tuple[Path, EngineConfig]:
         if int(os.environ["WORLD_SIZE"]) != ec.tensor_parallel_size:
             raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} ranks; --tensor-parallel-size is "
                              f"{ec.tensor_parallel_size}")
-        serve_rank(int(os.environ["RANK"]), "env://", model_dir, ec, int(os.environ.get("LOCAL_RANK", 0)))
+        serve_rank(int(os.environ["RANK"]), None, model_dir, ec, int(os.environ.get("LOCAL_RANK", 0)))
         raise SystemExit(0)
     return model_dir, ec
 

@@ -19,7 +19,6 @@ checkpoint's: the loader derives every slice from the shapes of the modules buil
 
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -127,19 +126,22 @@ def shard_range(full: tuple[int, ...], local: tuple[int, ...], parallel: Paralle
 
 
 # -- process groups -----------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(size: int, port: int = 0) -> dist.TCPStore:
+    """The store the ranks of one node meet at. Rank 0 (port 0) hosts it on a port the OS picks
+    while binding, so no other process can take that port between choosing and listening; the ranks
+    it spawns join at its `port`."""
+    return dist.TCPStore("127.0.0.1", port, size, is_master=not port, timeout=START_TIMEOUT,
+                         wait_for_workers=False)
 
 
-def init_groups(rank: int, size: int, init_method: str, device: torch.device, timeout_s: float,
+def init_groups(rank: int, size: int, store: dist.Store | None, device: torch.device, timeout_s: float,
                 expert_parallel: bool) -> tuple[Parallel, "PlanChannel"]:
-    """Join the world (waiting up to START_TIMEOUT for every rank to come up), then make the device
-    group (`timeout_s` on every collective) and the control group."""
+    """Join the world at `store` (None: torchrun's environment), waiting up to START_TIMEOUT for
+    every rank to come up, then make the device group (`timeout_s` on every collective) and the
+    control group."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=max(START_TIMEOUT, timedelta(seconds=timeout_s)))
+    dist.init_process_group(backend, store=store, init_method=None if store else "env://", rank=rank,
+                            world_size=size, timeout=max(START_TIMEOUT, timedelta(seconds=timeout_s)))
     devices = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     return Parallel(rank, size, expert_parallel, devices), PlanChannel(control, devices, timedelta(seconds=timeout_s))

@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_engine import assert_matches_reference, mixed_prompts
+from test_server import _free_port
 
 from checkpoints import write_checkpoint, write_vision_checkpoint
 from scripted import write_scripted_checkpoint
 from stepflash import LLM, SamplingParams
 from stepflash.config import ModelConfig
-from stepflash.distributed import Parallel, free_port, use_expert_parallel
+from stepflash.distributed import Parallel, use_expert_parallel
 from stepflash.engine.kv_cache import KVLayout, kv_bytes_per_block
 from stepflash.engine.worker import RankFailure
 from stepflash.kernels.fp8_linear import dequantize_fp8
@@ -367,7 +368,7 @@ def test_two_torchrun_nodes_give_the_single_rank_text() -> None:
     generate with the model split over them: the same greedy text as one process."""
     generate = ["-m", "stepflash.cli", "generate", "def fib(n):", "--max-tokens", "12", "--temperature", "0"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    port = free_port()
+    port = _free_port()  # torchrun's nodes must be told one: a rare race, in this test only
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
                                *generate, "--tensor-parallel-size", "2"],

@@ -19,8 +19,8 @@ import torch
 import torch.multiprocessing as mp
 
 from stepflash.config import EngineConfig, LayerKind, ModelConfig
-from stepflash.distributed import (Parallel, PlanChannel, device_of, free_port, init_groups, launched_by_torchrun,
-                                   shutdown, use_expert_parallel)
+from stepflash.distributed import (Parallel, PlanChannel, device_of, init_groups, launched_by_torchrun,
+                                   rendezvous, shutdown, use_expert_parallel)
 from stepflash.engine.kv_cache import KVLayout
 from stepflash.engine.runner import ModelRunner, StepCall
 from stepflash.model.loader import load_model
@@ -50,11 +50,11 @@ class Ranks:
             world = int(os.environ["WORLD_SIZE"])
             if world != size or int(os.environ["RANK"]) != 0:
                 raise ValueError(f"torchrun started {world} ranks; tensor_parallel_size is {size}")
-            init_method, local_rank = "env://", int(os.environ.get("LOCAL_RANK", 0))
+            store, local_rank = None, int(os.environ.get("LOCAL_RANK", 0))
         else:
-            init_method, local_rank = f"tcp://127.0.0.1:{free_port()}", 0
+            store, local_rank = rendezvous(size), 0
             ctx = mp.get_context("spawn")
-            processes = [ctx.Process(target=_spawned_rank, args=(rank, init_method, str(model_dir), ec),
+            processes = [ctx.Process(target=_spawned_rank, args=(rank, store.port, str(model_dir), ec),
                                      name=f"stepflash-rank{rank}", daemon=True) for rank in range(1, size)]
             for p in processes:
                 p.start()
@@ -63,7 +63,7 @@ class Ranks:
         if device.type == "cpu" and not launched_by_torchrun():
             _share_cores(size)  # this process is a rank too, beside N - 1 others on the same cores
         try:
-            parallel, channel = init_groups(0, size, init_method, device, ec.distributed_timeout_s,
+            parallel, channel = init_groups(0, size, store, device, ec.distributed_timeout_s,
                                             ec.enable_expert_parallel)
         except Exception as e:
             _kill(processes)
@@ -127,17 +127,19 @@ def _share_cores(size: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
 
 
-def _spawned_rank(rank: int, init_method: str, model_dir: str, ec: EngineConfig) -> None:
+def _spawned_rank(rank: int, port: int, model_dir: str, ec: EngineConfig) -> None:
     if ec.device in ("auto", "cpu") and not torch.cuda.is_available():
         _share_cores(ec.tensor_parallel_size)
-    serve_rank(rank, init_method, model_dir, ec, local_rank=rank)
+    serve_rank(rank, port, model_dir, ec, local_rank=rank)
 
 
-def serve_rank(rank: int, init_method: str, model_dir: str | Path, ec: EngineConfig, local_rank: int) -> None:
-    """A rank > 0: its shard, its runner, rank 0's calls until stop."""
+def serve_rank(rank: int, port: int | None, model_dir: str | Path, ec: EngineConfig, local_rank: int) -> None:
+    """A rank > 0: its shard, its runner, rank 0's calls until stop. It joins rank 0's store at
+    `port` (ranks spawned on rank 0's node) or torchrun's rendezvous (None)."""
     device = device_of(ec.device, local_rank)
     ep = use_expert_parallel(ModelConfig.from_pretrained(model_dir), ec.tensor_parallel_size, ec.enable_expert_parallel)
-    parallel, channel = init_groups(rank, ec.tensor_parallel_size, init_method, device, ec.distributed_timeout_s, ep)
+    store = rendezvous(ec.tensor_parallel_size, port) if port else None
+    parallel, channel = init_groups(rank, ec.tensor_parallel_size, store, device, ec.distributed_timeout_s, ep)
     try:
         load, _ = channel.receive()
         if load == STOP:
