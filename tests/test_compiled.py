@@ -13,6 +13,7 @@ from torch._inductor.exc import InvalidCxxCompiler
 from stepflash import LLM
 from stepflash.cli import build_parser
 from stepflash.config import EngineConfig
+from stepflash.engine import sampler as sampling
 from stepflash.engine.engine import LLMEngine, _use_compile
 from checkpoints import write_checkpoint
 from stepflash.train.configs import tiny_config
@@ -53,6 +54,13 @@ def test_compiled_steps_match_the_reference_and_the_eager_engine(ckpt, mtp=2):
         for la, lb, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
             assert abs(la[t] - lb[t]) < 1e-4
     assert compiled.get_stats().spec == eager.get_stats().spec  # each MTP module drafted what it does eagerly
+
+
+def test_compiled_argmax_takes_the_first_of_tied_maxima():
+    """Compiled steps give the greedy token as their graph's argmax: on ties the first index, as the
+    eager sampler's (and transformers') argmax."""
+    wide = torch.randint(0, 3, (64, 4096), generator=torch.Generator().manual_seed(0)).float()
+    assert torch.equal(torch.compile(lambda x: x.argmax(-1), dynamic=True)(wide), sampling.argmax(wide))
 
 
 def test_a_failed_compile_warns_and_runs_the_step_eagerly(ckpt):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stepflash.engine import sampler as sampling
-from stepflash.engine.sampler import RowBatch, TokenCounts, top_logprobs, verify
+from stepflash.engine.sampler import Readback, RowBatch, TokenCounts, draft_tokens, top_logprobs, verify
 from stepflash.engine.sequence import Sequence, Status
 from stepflash.sampling import SamplingParams
 
@@ -238,6 +238,34 @@ def test_argmax_takes_the_first_of_tied_maxima_as_tensor_argmax_does() -> None:
     for x in (rows, wide, wide.double(), wide.view(64, 64, 64)):
         assert torch.equal(sampling.argmax(x), x.argmax(-1))
     assert sampling.argmax(rows).tolist() == [1, 2, 0, 0]
+
+
+def test_the_steps_argmax_is_taken_only_where_nothing_changes_the_logits(make_seq: MakeSeq) -> None:
+    """Compiled steps hand their logits' argmax beside them (`top`); it stands for the greedy token
+    only where no penalty, bias or stop-token ban applies. A stand-in `top` (token 4, not the
+    argmax) shows which was taken."""
+    logits = torch.tensor([[3.0, 0.0, 2.9, 1.0, -1.0]])
+    top = torch.tensor([4])
+    plain = SamplingParams(temperature=0.0)
+    changed = [SamplingParams(temperature=0.0, repetition_penalty=1.2), SamplingParams(temperature=0.0, logit_bias={3: 5.0}),
+               SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[0])]
+    for params, expected in [(plain, 4), *zip(changed, (2, 3, 2))]:
+        batch = batch_of([make_seq([0], [], params)], 5)
+        assert verify(batch, logits[:, None], None, None, None, top[:, None])[0].tolist() == [[expected]]
+        assert draft_tokens(batch, logits, None, top)[0].tolist() == [expected]
+        assert verify(batch, logits[:, None], None, None, None)[0].tolist() == [[0 if params is plain else expected]]
+
+
+def test_readback_gives_what_tolist_gives() -> None:
+    g = torch.Generator().manual_seed(0)
+    for shapes in ([(3,)], [(2, 4)], [(2, 4), (2,)], [(2, 3, 5), (2, 3), (2, 3, 0)], [(0, 4)], [(2, 0, 3), (1,)]):
+        tensors = [torch.randn(s, generator=g) if i % 2 else torch.randint(0, 9, s, generator=g)
+                   for i, s in enumerate(shapes)]
+        back = Readback()
+        for t in tensors:
+            back.add(t)
+        mixed = len({t.dtype for t in tensors}) > 1  # fetched as float64 then
+        assert back.fetch() == [(t.double() if mixed else t).tolist() for t in tensors]
 
 
 def test_sampler_does_not_modify_logits(make_seq: MakeSeq) -> None:

@@ -302,9 +302,9 @@ def test_a_sampled_row_without_drafts_beside_greedy_drafts(trained, monkeypatch)
     alone = [llm.generate([prompts[6]], p)[0].outputs[0].token_ids for p in sampled]
     engine, outputs, mixed = llm.engine, {}, []
 
-    def noting(batch, logits, num_drafts, drafts, q):  # drafts to verify, a sampled row, no draft distribution
+    def noting(batch, logits, num_drafts, drafts, q, top=None):  # drafts to verify, a sampled row, no draft distribution
         mixed.append(num_drafts is not None and batch.any_sampled and q is None)
-        return verify(batch, logits, num_drafts, drafts, q)
+        return verify(batch, logits, num_drafts, drafts, q, top)
 
     monkeypatch.setattr("stepflash.engine.sampler.verify", noting)
     for i in range(3):

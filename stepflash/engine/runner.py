@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -54,6 +54,14 @@ if TYPE_CHECKING:
 
 PREFILL_TILE = 16  # query rows per program of the prefill kernel
 SHORT_CHUNK = 8  # chunks up to this many tokens (decodes, verify steps, MTP drafting) go to the paged op
+
+
+class Logits(NamedTuple):
+    """A forward's fp32 logits [R, V] for the rows asked, and their argmax [R] where the step computes
+    it beside them (compiled steps, in the graph: on the CPU an eager argmax costs 15-50 us a call)."""
+
+    values: torch.Tensor
+    argmax: torch.Tensor | None = None
 
 
 @dataclass
@@ -242,13 +250,13 @@ class ModelRunner:
         for cache in [t for kv in self.caches.values() for t in kv] + self.hidden if compiled else []:
             torch._dynamo.mark_static(cache)  # their shapes never change: no sizes to read per call
 
-    def execute(self, chunks: list[Chunk], logit_rows: list[int], inject: Inject | None = None) -> torch.Tensor:
+    def execute(self, chunks: list[Chunk], logit_rows: list[int], inject: Inject | None = None) -> Logits:
         """Run the target over `chunks`; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
         call = self._pack("target", 0, chunks, self.kinds, logit_rows, inject)
         return self._run_shared(call, inject, self._image_embeds(chunks))
 
     def execute_mtp(self, depth: int, chunks: list[Chunk], logit_rows: list[int],
-                    inject: Inject | None = None) -> torch.Tensor:
+                    inject: Inject | None = None) -> Logits:
         """MTP module `depth` over `chunks`: each position p chains on hidden level `depth` at p - 1
         (zeros before position 0) and the token at p; its output is stored as level depth + 1.
         Returns fp32 logits of its head for the flat rows `logit_rows`."""
@@ -259,7 +267,7 @@ class ModelRunner:
         if copies:
             self._run_shared(StepCall("copy", copies=[(c.kind, c.src, c.dst) for c in copies]), None)
 
-    def _run_shared(self, call: StepCall, inject: Inject | None, embeds: Embeds | None = None) -> torch.Tensor | None:
+    def _run_shared(self, call: StepCall, inject: Inject | None, embeds: Embeds | None = None) -> Logits | None:
         """Hand the call to the other ranks (tensor parallelism), with the device tensors they
         cannot compute (drafts to inject, image features), then run it here."""
         source = inject.source if inject and inject.rows else None
@@ -274,14 +282,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, call: StepCall, source: torch.Tensor | None = None,
-            embeds: Embeds | None = None) -> torch.Tensor | None:
+            embeds: Embeds | None = None) -> Logits | None:
         """Run a packed call on this rank (`source`: the device ids it injects); the logits it asks for."""
         if call.op == "copy":
             self._copy_blocks([BlockCopy(LayerKind(kind), src, dst) for kind, src, dst in call.copies])
             return None
         return self._logits(call, self._unpack(call, source, embeds))
 
-    def _logits(self, call: StepCall, x: Inputs) -> torch.Tensor:
+    def _logits(self, call: StepCall, x: Inputs) -> Logits:
         """The call's forward and head: compiled, from its CUDA graph bucket, or eagerly."""
         short = x.ctx.prefill is None and x.embeds is None  # decodes, verify steps, drafting: graphed or compiled
         mtp, d = call.op == "mtp", call.depth
@@ -295,7 +303,7 @@ class ModelRunner:
         else:
             hidden = self._forward(x.ids, x.positions, x.ctx, x.embeds)
         rows = hidden.index_select(0, x.logit_rows)
-        return self.model.mtp_logits(d, rows) if mtp else self.model.compute_logits(rows)
+        return Logits(self.model.mtp_logits(d, rows) if mtp else self.model.compute_logits(rows))
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention,
                  embeds: Embeds | None = None) -> torch.Tensor:
@@ -315,13 +323,15 @@ class ModelRunner:
         ctx = self._step_context(step, [SLIDING])
         return self._mtp_forward(depth, step.ids, step.positions, step.prev_slots, ctx)
 
-    def _step_logits(self, step: StepInputs, logit_rows: torch.Tensor) -> torch.Tensor:
-        """What torch.compile compiles: the target over a step of short chunks, and its head."""
-        return self.model.compute_logits(self._step_forward(step).index_select(0, logit_rows))
+    def _step_logits(self, step: StepInputs, logit_rows: torch.Tensor) -> Logits:
+        """What torch.compile compiles: the target over a step of short chunks, its head and argmax."""
+        logits = self.model.compute_logits(self._step_forward(step).index_select(0, logit_rows))
+        return Logits(logits, logits.argmax(-1))
 
-    def _step_mtp_logits(self, step: StepInputs, logit_rows: torch.Tensor, depth: int = 0) -> torch.Tensor:
-        """Module `depth` over a drafting step, and its head, compiled."""
-        return self.model.mtp_logits(depth, self._step_mtp_forward(step, depth).index_select(0, logit_rows))
+    def _step_mtp_logits(self, step: StepInputs, logit_rows: torch.Tensor, depth: int = 0) -> Logits:
+        """Module `depth` over a drafting step, its head and argmax, compiled."""
+        logits = self.model.mtp_logits(depth, self._step_mtp_forward(step, depth).index_select(0, logit_rows))
+        return Logits(logits, logits.argmax(-1))
 
     def _step_context(self, step: StepInputs, kinds: list[str]) -> PagedAttention:
         return PagedAttention(self.ops, self.caches, self.kind_of, {k: step.slots[k] for k in kinds},
@@ -523,7 +533,7 @@ class CompiledStep:
 
         self.errors = (TorchDynamoException, InductorError)  # what a failed compile raises
         self.forward = _own_method(forward, defaults)
-        self.compiled: Callable[[StepInputs, torch.Tensor], torch.Tensor] | None = torch.compile(
+        self.compiled: Callable[[StepInputs, torch.Tensor], Logits] | None = torch.compile(
             self.forward, dynamic=True, options={"guard_filter_fn": _input_guards, "cpp_wrapper": True})
         # Process-wide (patching them around each call cost 50 us): floats (eps, rope theta) are
         # constants, not graph inputs (which restarts the analysis); no guards on sizes that are
@@ -532,7 +542,7 @@ class CompiledStep:
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         shape_config.use_duck_shape = False
 
-    def __call__(self, step: StepInputs, logit_rows: torch.Tensor) -> torch.Tensor:
+    def __call__(self, step: StepInputs, logit_rows: torch.Tensor) -> Logits:
         if self.compiled is not None:
             try:
                 torch._dynamo.decorators.mark_unbacked(logit_rows, 0)  # one graph for any count, 0 and 1 too

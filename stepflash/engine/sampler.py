@@ -15,12 +15,13 @@ the output has exactly the target's distribution. Greedy is the same with p and 
 longest prefix of drafts equal to the target's argmax, then the target's token.
 """
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from stepflash.engine.runner import StepRows, Upload
+from stepflash.engine.runner import Logits, StepRows, Upload
 from stepflash.engine.scheduler import Sampled, ScheduledSeq, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.sampling import SamplingParams
@@ -165,6 +166,11 @@ class RowBatch:
             handles[name] = up.add([getattr(params[i], name) for i in self.penalised], torch.float32)
         return handles
 
+    @property
+    def keeps_logits(self) -> bool:
+        """`process` returns the logits as they are: no penalty, bias, stop-token ban or grammar mask."""
+        return not self.penalised and self.add_rows is None and self.mask is None
+
     def process(self, logits: torch.Tensor, drafts: torch.Tensor | None) -> torch.Tensor:
         """Penalties, logit bias, stop tokens banned until min_tokens, then the grammar mask (a copy
         when any applies). drafts [S, k]: the sequences' drafts, of which row i follows the first extra[i]."""
@@ -247,12 +253,13 @@ def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[
 
 
 # -- drafting and verification ----------------------------------------------------------------------
-def draft_tokens(batch: RowBatch, logits: torch.Tensor, drafts: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def draft_tokens(batch: RowBatch, logits: torch.Tensor, drafts: torch.Tensor | None,
+                 top: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One draft per row (processed argmax, or a draw from q when sampling) and the q of the
-    sampled rows ([R, V], None when all are greedy)."""
+    sampled rows ([R, V], None when all are greedy). `top`: the logits' argmax, where the step
+    computed it."""
     processed = batch.process(logits, drafts)
-    tokens = argmax(processed)
+    tokens = top if top is not None and batch.keeps_logits else argmax(processed)
     if not batch.any_sampled:
         return tokens, None
     q = batch.probs(processed)
@@ -261,16 +268,16 @@ def draft_tokens(batch: RowBatch, logits: torch.Tensor, drafts: torch.Tensor | N
 
 
 def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | None, drafts: torch.Tensor | None,
-           q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+           q: torch.Tensor | None, top: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows [S, K + 1] (sequence s: its newest token, then K drafts, of which the first num_drafts[s]
     are real) -> (tokens [S, K + 1], accepted [S]): sequence s emits tokens[s, :accepted[s] + 1].
     drafts [S, K]; q [S, K, V] (the draft distributions, sampled sequences; None when none of them drafts).
     Without drafts (K = 0; num_drafts and drafts may be None) every row emits its token, and
-    `accepted` is None."""
+    `accepted` is None. `top` [S, K + 1]: the logits' argmax, where the step computed it."""
     S, width, V = logits.shape
     K = width - 1
     processed = batch.process(logits.reshape(S * width, V), drafts).view(S, width, V)
-    target = argmax(processed)
+    target = top if top is not None and batch.keeps_logits else argmax(processed)
     if K == 0 and not batch.any_sampled:
         return target, None
     if K == 0:
@@ -316,12 +323,21 @@ class Readback:
         if not self.parts:
             return []
         dtype = self.parts[0].dtype if all(p.dtype == self.parts[0].dtype for p in self.parts) else torch.float64
-        flat = torch.cat([p.reshape(-1).to(dtype) for p in self.parts]).cpu()
-        out, start = [], 0
+        flat = self.parts[0].reshape(-1) if len(self.parts) == 1 else torch.cat([p.reshape(-1).to(dtype)
+                                                                                 for p in self.parts])
+        values, out, start = flat.tolist(), [], 0  # the copy
         for p in self.parts:
-            out.append(flat[start:start + p.numel()].view(p.shape).tolist())
+            out.append(_nested(values[start:start + p.numel()], p.shape))
             start += p.numel()
         return out
+
+
+def _nested(values: list, shape: torch.Size) -> list:
+    """A flat list as the nested lists Tensor.tolist gives for `shape` (no tensor op per part)."""
+    for i in range(len(shape) - 1, 0, -1):
+        size = shape[i]
+        values = [values[j * size:(j + 1) * size] for j in range(math.prod(shape[:i]))]
+    return values
 
 
 @dataclass
@@ -342,8 +358,9 @@ class Sampler:
                  structured: StructuredOutputs | None = None) -> None:
         self.eos_token_ids, self.counts, self.structured = eos_token_ids, counts, structured
 
-    def __call__(self, rows: StepRows, logits: torch.Tensor, drafts: "Drafts | None",
+    def __call__(self, rows: StepRows, step_logits: Logits, drafts: "Drafts | None",
                  staged: "StagedDrafts | None" = None) -> StepResult:
+        logits, top = step_logits
         device, width = logits.device, rows.width
         S, V = len(rows.members), logits.shape[-1]
         seq_of, extra = [i for i in range(S) for _ in range(width)], list(range(width)) * S
@@ -363,7 +380,8 @@ class Sampler:
             tokens_in = drafts.tokens.index_select(0, index)
             if drafts.probs is not None:
                 probs_in = drafts.probs.index_select(0, index)
-        tokens, accepted = verify(batch, sample_logits, num_drafts, tokens_in, probs_in)
+        tokens, accepted = verify(batch, sample_logits, num_drafts, tokens_in, probs_in,
+                                  None if top is None else top[:S * width].view(S, width))
         back = Readback()
         handles = {"tokens": back.add(tokens)}
         if accepted is not None:

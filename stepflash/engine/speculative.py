@@ -77,7 +77,7 @@ class MTPDrafter:
                 continue
             batch = RowBatch([s.seq for s in members], list(range(len(members))), [depth] * len(members),
                              self.eos_token_ids, self.runner.device, self._mask(members, tokens, depth), self.counts)
-            new, q = draft_tokens(batch, logits, tokens[:len(members)])
+            new, q = draft_tokens(batch, logits.values, tokens[:len(members)], logits.argmax)
             tokens[:len(members), depth] = new
             if q is not None:
                 if drafts.probs is None:
