@@ -14,7 +14,7 @@ from kernel_env import KERNEL_DEVICE, KERNEL_DTYPES, on_kernel_device
 pytest.importorskip("triton")  # TRITON_INTERPRET=1 on CPU-only machines: see conftest.py
 
 from stepflash.kernels.paged_attention import paged_attention, paged_attention_ref  # noqa: E402
-from stepflash.kernels.tiles import prefill_tiles  # noqa: E402
+from stepflash.kernels.tiles import length_tiles, prefill_tiles, tile_runs  # noqa: E402
 
 
 def paged_batch(seq_lens: list[int], queries_per_seq: list[int], heads: int, kv_heads: int, head_dim: int,
@@ -54,6 +54,13 @@ def window_tables(tables: torch.Tensor, seq_of: torch.Tensor, q_pos: torch.Tenso
     for s, f in enumerate(first):
         cut[s, :tables.shape[1] - f] = tables[s, f:]
     return cut, torch.tensor(first, dtype=torch.int32)
+
+
+def test_tiles_cut_each_sequences_run_of_rows_into_block_m_rows():
+    assert tile_runs([0, 0, 0, 1, 1, 2], 2) == [0, 2, 2, 1, 3, 2, 5, 1]  # (first row, rows) pairs
+    assert tile_runs([0, 1, 0], 4) == [0, 1, 1, 1, 2, 1]  # a sequence's rows apart: separate runs
+    assert length_tiles([3, 2, 1], 2) == [0, 2, 2, 1, 3, 2, 5, 1]
+    assert tile_runs([], 4) == length_tiles([], 4) == []
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)

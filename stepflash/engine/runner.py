@@ -27,6 +27,7 @@ copy-on-write and window release treat them exactly like KV.
 import array
 import bisect
 import ctypes
+import itertools
 import types
 import warnings
 import weakref
@@ -42,7 +43,7 @@ from stepflash.config import LayerKind
 from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy, KVLayout
 from stepflash.engine.scheduler import ScheduledSeq, StepPlan
 from stepflash.engine.sequence import Sequence
-from stepflash.kernels.tiles import tile_runs
+from stepflash.kernels.tiles import length_tiles
 from stepflash.model.attention import ATTENTION_OPS, AttentionRows, PagedAttention
 from stepflash.model.step3p5 import Embeds, Step3p5ForCausalLM, use_kernels
 from stepflash.multimodal import PlacedImage
@@ -411,18 +412,23 @@ class ModelRunner:
                 sent["new full"] = up.add(new, width=3) if new else None
             sent[f"slots {name}"] = up.add([s for c in chunks
                                             for s in _slots(c.seq.blocks.table(kind), c.start, c.end, self.block_size)])
-        long_rows = [len(c.ids) > SHORT_CHUNK for c in chunks for _ in c.ids]
-        for flag in (False, True):
-            index = [i for i, f in enumerate(long_rows) if f == flag]
-            if index:
-                set_seq = [seq_of[i] for i in index]
-                sent[f"index {flag}"] = up.add(index) if len(index) < len(ids) else None
-                sent[f"seq_of {flag}"] = up.add(set_seq, dtype=torch.int32)
-                sent[f"q_pos {flag}"] = up.add([positions[i] for i in index], dtype=torch.int32)
-                tiles = tile_runs(set_seq, PREFILL_TILE if flag else self.tile_rows)
-                if pad and not flag and self.tile_rows > 1:
-                    tiles += [0, 0]  # an empty tile
-                sent[f"tiles {flag}"] = up.add(tiles, dtype=torch.int32, width=2)
+        starts = list(itertools.accumulate((len(c.ids) for c in chunks), initial=0))
+        for flag in (False, True):  # the short chunks' rows (the paged op's), then the long ones' (prefill)
+            members = [i for i, c in enumerate(chunks) if (len(c.ids) > SHORT_CHUNK) == flag]
+            if not members:
+                continue
+            if len(members) == len(chunks):  # every row (a decode or verify step): no index to send
+                sent[f"index {flag}"], set_seq, set_pos = None, seq_of, positions
+            else:
+                index = [r for i in members for r in range(starts[i], starts[i + 1])]
+                sent[f"index {flag}"] = up.add(index)
+                set_seq, set_pos = [seq_of[r] for r in index], [positions[r] for r in index]
+            sent[f"seq_of {flag}"] = up.add(set_seq, dtype=torch.int32)
+            sent[f"q_pos {flag}"] = up.add(set_pos, dtype=torch.int32)
+            tiles = length_tiles([len(chunks[i].ids) for i in members], PREFILL_TILE if flag else self.tile_rows)
+            if pad and not flag and self.tile_rows > 1:
+                tiles += [0, 0]  # an empty tile
+            sent[f"tiles {flag}"] = up.add(tiles, dtype=torch.int32, width=2)
         return call
 
     def _unpack(self, call: StepCall, source: torch.Tensor | None, embeds: Embeds | None = None) -> Inputs:

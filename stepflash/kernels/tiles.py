@@ -1,6 +1,7 @@
 """Host-side work plans for the kernels (plain Python: nothing is read back from the device)."""
 
 import functools
+import itertools
 
 import torch
 
@@ -17,11 +18,16 @@ def _sm_count(device_index: int) -> int:
 
 def tile_runs(seq_of: list[int], block_m: int) -> list[int]:
     """Flat (first row, row count) pairs: runs of consecutive rows of one sequence, at most block_m long."""
+    return length_tiles([len(list(run)) for _, run in itertools.groupby(seq_of)], block_m)
+
+
+def length_tiles(lengths: list[int], block_m: int) -> list[int]:
+    """`tile_runs` of rows that come in runs of `lengths` (one sequence each): a step per tile, not per row."""
     tiles, start = [], 0
-    for i in range(1, len(seq_of) + 1):
-        if i == len(seq_of) or seq_of[i] != seq_of[start] or i - start == block_m:
-            tiles += (start, i - start)
-            start = i
+    for n in lengths:
+        for first in range(0, n, block_m):
+            tiles += (start + first, min(block_m, n - first))
+        start += n
     return tiles
 
 
