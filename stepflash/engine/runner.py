@@ -412,7 +412,6 @@ class ModelRunner:
                 sent["new full"] = up.add(new, width=3) if new else None
             sent[f"slots {name}"] = up.add([s for c in chunks
                                             for s in _slots(c.seq.blocks.table(kind), c.start, c.end, self.block_size)])
-        starts = list(itertools.accumulate((len(c.ids) for c in chunks), initial=0))
         for flag in (False, True):  # the short chunks' rows (the paged op's), then the long ones' (prefill)
             members = [i for i, c in enumerate(chunks) if (len(c.ids) > SHORT_CHUNK) == flag]
             if not members:
@@ -420,6 +419,7 @@ class ModelRunner:
             if len(members) == len(chunks):  # every row (a decode or verify step): no index to send
                 sent[f"index {flag}"], set_seq, set_pos = None, seq_of, positions
             else:
+                starts = list(itertools.accumulate((len(c.ids) for c in chunks), initial=0))
                 index = [r for i in members for r in range(starts[i], starts[i + 1])]
                 sent[f"index {flag}"] = up.add(index)
                 set_seq, set_pos = [seq_of[r] for r in index], [positions[r] for r in index]

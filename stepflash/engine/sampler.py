@@ -166,10 +166,12 @@ class RowBatch:
             handles[name] = up.add([getattr(params[i], name) for i in self.penalised], torch.float32)
         return handles
 
-    @property
-    def keeps_logits(self) -> bool:
-        """`process` returns the logits as they are: no penalty, bias, stop-token ban or grammar mask."""
-        return not self.penalised and self.add_rows is None and self.mask is None
+    def greedy_tokens(self, processed: torch.Tensor, top: torch.Tensor | None) -> torch.Tensor:
+        """The rows' greedy tokens: `processed`'s argmax, or `top` (the raw logits' argmax, where the
+        step computed it) when `process` changed nothing: no penalty, bias, stop-token ban or mask."""
+        if top is not None and not self.penalised and self.add_rows is None and self.mask is None:
+            return top
+        return argmax(processed)
 
     def process(self, logits: torch.Tensor, drafts: torch.Tensor | None) -> torch.Tensor:
         """Penalties, logit bias, stop tokens banned until min_tokens, then the grammar mask (a copy
@@ -259,7 +261,7 @@ def draft_tokens(batch: RowBatch, logits: torch.Tensor, drafts: torch.Tensor | N
     sampled rows ([R, V], None when all are greedy). `top`: the logits' argmax, where the step
     computed it."""
     processed = batch.process(logits, drafts)
-    tokens = top if top is not None and batch.keeps_logits else argmax(processed)
+    tokens = batch.greedy_tokens(processed, top)
     if not batch.any_sampled:
         return tokens, None
     q = batch.probs(processed)
@@ -277,7 +279,7 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | Non
     S, width, V = logits.shape
     K = width - 1
     processed = batch.process(logits.reshape(S * width, V), drafts).view(S, width, V)
-    target = top if top is not None and batch.keeps_logits else argmax(processed)
+    target = batch.greedy_tokens(processed, top)
     if K == 0 and not batch.any_sampled:
         return target, None
     if K == 0:
