@@ -15,6 +15,7 @@ from stepflash.cli import build_parser
 from stepflash.config import EngineConfig
 from stepflash.engine import sampler as sampling
 from stepflash.engine.engine import LLMEngine, _use_compile
+from stepflash.kernels.paged_attention import paged_attention_ref
 from checkpoints import write_checkpoint
 from stepflash.train.configs import tiny_config
 from test_engine import assert_matches_reference, greedy, mixed_prompts
@@ -116,3 +117,27 @@ def test_two_engines_of_different_models_in_one_process(ckpt, tmp_path):
     assert_matches_reference(other, prompts[:1], second.generate(prompts[:1], greedy()))  # decode steps of one row
     assert counters["stats"]["unique_graphs"] == graphs
     assert_matches_reference(ckpt, prompts, first.generate(prompts, greedy()))
+
+
+def test_compiled_paged_attention_twin_with_an_unbacked_tile_count():
+    """Compiled steps leave the count of attention tiles unbacked (one graph for one tile and for
+    many, no padding tile): the compiled twin equals the eager one for one tile and for several,
+    ragged ones included (inductor once got a reshape over that count wrong)."""
+    gen = torch.Generator().manual_seed(3)
+    blocks, block_size, kv_heads, heads, dim, rows = 12, 4, 2, 6, 16, 4
+    k_cache, v_cache = (torch.randn(blocks, block_size, kv_heads, dim, generator=gen) for _ in range(2))
+    tables = torch.randperm(blocks, generator=gen)[:8].view(2, 4).int()
+
+    def attention(q, seq_of, q_pos, tiles, gate):
+        return paged_attention_ref(q, k_cache, v_cache, tables, seq_of, q_pos, 6, gate, tiles=tiles, tile_rows=rows,
+                                   first_block=torch.zeros(2, dtype=torch.int32))
+
+    compiled = torch.compile(attention, dynamic=True)
+    for tiles in ([[0, 4]], [[0, 4], [4, 4]], [[0, 4], [4, 1]], [[0, 3]]):
+        n = sum(count for _, count in tiles)
+        seq_of = torch.tensor([i // rows for i in range(n)], dtype=torch.int32)
+        q_pos = torch.tensor([9 + i % rows for i in range(n)], dtype=torch.int32)
+        q, gate = torch.randn(n, heads, dim, generator=gen), torch.randn(n, heads, generator=gen)
+        tiles = torch.tensor(tiles, dtype=torch.int32)
+        torch._dynamo.decorators.mark_unbacked(tiles, 0)
+        torch.testing.assert_close(compiled(q, seq_of, q_pos, tiles, gate), attention(q, seq_of, q_pos, tiles, gate))

@@ -375,14 +375,13 @@ class ModelRunner:
         full-attention table and the whole sliding tables (from the first block each chunk's window
         reaches: a few entries, however long the context), and the rows and tiles of each attention op.
 
-        Compiled steps get at least two sequences (step-table rows), table columns and (tiles of
-        several rows, i.e. with MTP) tiles: torch.compile compiles a variant of its own for each
-        dimension of size 1, so a new kind of step would otherwise stall the engine while it
-        compiles (one-row tiles are one per row: one row, one tile, the single-row variant). The
-        extra table row (a padding sequence, a copy of the first) is read by no row, the extra
-        columns by none either (keys past a row's position are masked), and the extra tile is empty
-        (the twin recomputes row 0 for it, to the same values). Logit rows are not padded (each
-        would cost a row of the vocabulary head): their count is unbacked (CompiledStep)."""
+        Compiled steps get at least two sequences (step-table rows) and table columns:
+        torch.compile compiles a variant of its own for each dimension of size 1, so a new kind of
+        step would otherwise stall the engine while it compiles. The extra table row (a padding
+        sequence, a copy of the first) is read by no row, the extra columns by none either (keys
+        past a row's position are masked). Tiles and logit rows are not padded (an extra tile would
+        attend over its sequence's keys again, an extra logit row cost a row of the vocabulary
+        head): their counts are unbacked (CompiledStep)."""
         pad = bool(self.compiled)
         one_more = pad and len(chunks) == 1  # a second (padding) sequence
         ids = [t for c in chunks for t in c.ids]
@@ -426,8 +425,6 @@ class ModelRunner:
             sent[f"seq_of {flag}"] = up.add(set_seq, dtype=torch.int32)
             sent[f"q_pos {flag}"] = up.add(set_pos, dtype=torch.int32)
             tiles = length_tiles([len(chunks[i].ids) for i in members], PREFILL_TILE if flag else self.tile_rows)
-            if pad and not flag and self.tile_rows > 1:
-                tiles += [0, 0]  # an empty tile
             sent[f"tiles {flag}"] = up.add(tiles, dtype=torch.int32, width=2)
         return call
 
@@ -551,7 +548,8 @@ class CompiledStep:
     def __call__(self, step: StepInputs, logit_rows: torch.Tensor) -> Logits:
         if self.compiled is not None:
             try:
-                torch._dynamo.decorators.mark_unbacked(logit_rows, 0)  # one graph for any count, 0 and 1 too
+                for counted in (logit_rows, step.tiles):  # one graph for any count, 0 and 1 too
+                    torch._dynamo.decorators.mark_unbacked(counted, 0)
                 return self.compiled(step, logit_rows)
             except self.errors as e:
                 warnings.warn(f"torch.compile failed, running this step kind eagerly from now on: {e}", stacklevel=2)

@@ -70,7 +70,7 @@ class KeyPlan:
     those keys each query sees."""
 
     rows: torch.Tensor  # [C, R]
-    blocks: torch.Tensor  # [C * W]
+    blocks: torch.Tensor  # [C, W]
     visible: torch.Tensor  # [C, 1, R, W * block_size]
 
 
@@ -86,7 +86,7 @@ def key_plan(k_cache: torch.Tensor, block_tables: torch.Tensor, seq_of: torch.Te
     tables, block_size = block_tables[seq], k_cache.shape[1]
     k_pos = first_blocks(first_block, block_tables)[seq][:, None] * block_size + torch.arange(
         tables.shape[1] * block_size, dtype=tables.dtype, device=q_pos.device)
-    return KeyPlan(rows, tables.clamp(0, k_cache.shape[0] - 1).flatten(), visible_keys(q_pos[rows], k_pos, window))
+    return KeyPlan(rows, tables.clamp(0, k_cache.shape[0] - 1), visible_keys(q_pos[rows], k_pos, window))
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -103,7 +103,9 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if window not in plans:
         plans[window] = key_plan(k_cache, block_tables, seq_of, q_pos, window, tiles, tile_rows, first_block)
     plan = plans[window]
-    keys, values = (c.index_select(0, plan.blocks).view(*plan.visible.shape[::3], *c.shape[2:])
+    # [C * W, block, ...] -> [C, W, ...] -> [C, W * block, ...]: compiled with an unbacked tile count C
+    # (runner.CompiledStep), inductor (torch 2.13) got the one-view reshape [C * W, block] -> [C, W * block] wrong
+    keys, values = (c.index_select(0, plan.blocks.flatten()).unflatten(0, plan.blocks.shape).flatten(1, 2)
                     for c in (k_cache, v_cache))
     out = attend(q[plan.rows], keys, values, plan.visible)
     if gate is not None:
