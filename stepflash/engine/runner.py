@@ -375,22 +375,19 @@ class ModelRunner:
         full-attention table and the whole sliding tables (from the first block each chunk's window
         reaches: a few entries, however long the context), and the rows and tiles of each attention op.
 
-        Compiled steps get at least two sequences (step-table rows) and table columns:
-        torch.compile compiles a variant of its own for each dimension of size 1, so a new kind of
-        step would otherwise stall the engine while it compiles. The extra table row (a padding
-        sequence, a copy of the first) is read by no row, the extra columns by none either (keys
-        past a row's position are masked). Tiles and logit rows are not padded (an extra tile would
-        attend over its sequence's keys again, an extra logit row cost a row of the vocabulary
-        head): their counts are unbacked (CompiledStep)."""
-        pad = bool(self.compiled)
-        one_more = pad and len(chunks) == 1  # a second (padding) sequence
+        Compiled steps get at least two table columns: torch.compile compiles a variant of its own
+        for each dimension of size 1, so a new kind of step would otherwise stall the engine while
+        it compiles; the extra column is read by no row (keys past a row's position are masked).
+        Sequences, tiles and logit rows are not padded (an extra tile would attend over its
+        sequence's keys again, an extra logit row cost a row of the vocabulary head): their counts
+        are unbacked (CompiledStep)."""
         ids = [t for c in chunks for t in c.ids]
         positions = [p for c in chunks for p in range(c.start, c.end)]
         seq_of = [i for i, c in enumerate(chunks) for _ in c.ids]
         rows = [c.seq.blocks.row for c in chunks]
         up = Upload()
         sent = {"ids": up.add(ids), "positions": up.add(positions), "logit_rows": up.add(logit_rows),
-                "rows": up.add(rows + rows if one_more else rows)}
+                "rows": up.add(rows)}
         call = StepCall(op, depth, kinds, up, sent, table_rows=max(rows, default=0) + 1)
         if inject and inject.rows:
             sent["inject_rows"], sent["inject_index"] = up.add(inject.rows), up.add(inject.index)
@@ -401,11 +398,11 @@ class ModelRunner:
             name = kind.value  # in the keys: formatting the enum itself costs ~1 us a key
             first = [max(0, c.start - self.window + 1) // self.block_size if kind == SLIDING else 0 for c in chunks]
             width = max(len(c.seq.blocks.table(kind)) - f for c, f in zip(chunks, first))
-            call.widths[kind] = width = max(width, 2) if pad else width
-            sent[f"first {name}"] = up.add(first + first if one_more else first, dtype=torch.int32)
+            call.widths[kind] = width = max(width, 2) if self.compiled else width
+            sent[f"first {name}"] = up.add(first, dtype=torch.int32)
             if kind == SLIDING:
                 table = _window_tables(chunks, first, width)
-                sent["sliding table"] = up.add(table + table[:width] if one_more else table, torch.int32, width)
+                sent["sliding table"] = up.add(table, torch.int32, width)
             else:
                 new = self._new_entries(chunks)
                 sent["new full"] = up.add(new, width=3) if new else None
@@ -548,7 +545,8 @@ class CompiledStep:
     def __call__(self, step: StepInputs, logit_rows: torch.Tensor) -> Logits:
         if self.compiled is not None:
             try:
-                for counted in (logit_rows, step.tiles):  # one graph for any count, 0 and 1 too
+                counts = [logit_rows, step.tiles, *step.tables.values(), *step.first_blocks.values()]
+                for counted in counts:  # one graph for any count, 0 and 1 too
                     torch._dynamo.decorators.mark_unbacked(counted, 0)
                 return self.compiled(step, logit_rows)
             except self.errors as e:
