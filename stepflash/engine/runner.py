@@ -349,13 +349,16 @@ class ModelRunner:
             self.hidden[depth + 1].index_copy_(0, ctx.slots[SLIDING], z)
         return z
 
-    def _previous_slots(self, chunk: Chunk) -> list[int]:
-        """Slots of positions start - 1 .. end - 2; position -1 (no predecessor) reads position 0's
+    def _previous_slots(self, chunks: list[Chunk], slots: list[range | list[int]]) -> list[int]:
+        """Slots of positions start - 1 .. end - 2 of each chunk: the slot of start - 1, then the
+        chunk's own sliding `slots` but the last. Position -1 (no predecessor) reads position 0's
         slot, and the caller zeroes that row."""
-        bs, table = self.block_size, chunk.seq.blocks.sliding
-        if chunk.start > 0:
-            return _slots(table, chunk.start - 1, chunk.end - 1, bs)
-        return _slots(table, 0, 1, bs) + _slots(table, 0, chunk.end - 1, bs)
+        bs, out = self.block_size, []
+        for c, own in zip(chunks, slots):
+            p = max(c.start - 1, 0)
+            out.append(c.seq.blocks.sliding[p // bs] * bs + p % bs)
+            out += own[:-1]
+        return out
 
     def _copy_blocks(self, copies: list[BlockCopy]) -> None:
         for c in copies:
@@ -392,8 +395,6 @@ class ModelRunner:
         if inject and inject.rows:
             sent["inject_rows"], sent["inject_index"] = up.add(inject.rows), up.add(inject.index)
             call.source_shape = list(inject.source.shape)
-        if op == "mtp":
-            sent["prev"] = up.add([slot for c in chunks for slot in self._previous_slots(c)])
         for kind in kinds:
             name = kind.value  # in the keys: formatting the enum itself costs ~1 us a key
             first = [max(0, c.start - self.window + 1) // self.block_size if kind == SLIDING else 0 for c in chunks]
@@ -406,8 +407,10 @@ class ModelRunner:
             else:
                 new = self._new_entries(chunks)
                 sent["new full"] = up.add(new, width=3) if new else None
-            sent[f"slots {name}"] = up.add([s for c in chunks
-                                            for s in _slots(c.seq.blocks.table(kind), c.start, c.end, self.block_size)])
+            slots = [_slots(c.seq.blocks.table(kind), c.start, c.end, self.block_size) for c in chunks]
+            sent[f"slots {name}"] = up.add([s for own in slots for s in own])
+            if op == "mtp":  # MTP passes run the sliding kind alone
+                sent["prev"] = up.add(self._previous_slots(chunks, slots))
         for flag in (False, True):  # the short chunks' rows (the paged op's), then the long ones' (prefill)
             members = [i for i, c in enumerate(chunks) if (len(c.ids) > SHORT_CHUNK) == flag]
             if not members:
@@ -653,19 +656,24 @@ def _step_inputs(x: Inputs) -> StepInputs:
 
 def _window_tables(chunks: list[Chunk], first: list[int], width: int) -> list[int]:
     """[chunks x width], flat: each chunk's sliding blocks from `first` on, padded with block 0 (keys
-    past a row's position are masked); a block that left the window (NO_BLOCK) is never read either."""
+    past a row's position are masked). A block that left the window (NO_BLOCK, -1) is sent as it is:
+    no row reads it (the kernels mask its positions, the twins clamp the table before gathering)."""
     out: list[int] = []
     for c, f in zip(chunks, first):
         blocks = c.seq.blocks.sliding[f:f + width]
-        out += [max(b, 0) for b in blocks]
+        out += blocks
         out += [0] * (width - len(blocks))
     return out
 
 
-def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+def _slots(table: list[int], start: int, end: int, block_size: int) -> range | list[int]:
     """Cache slots of positions start..end-1: one range per block, not a Python step per token."""
+    first, last = start // block_size, (end - 1) // block_size
+    if first == last:  # within one block: most decode, verify and drafting chunks
+        base = table[first] * block_size - first * block_size
+        return range(base + start, base + end)
     out: list[int] = []
-    for b in range(start // block_size, (end - 1) // block_size + 1):
+    for b in range(first, last + 1):
         base = table[b] * block_size - b * block_size
         out.extend(range(base + max(start, b * block_size), base + min(end, (b + 1) * block_size)))
     return out
