@@ -139,6 +139,8 @@ class RowBatch:
         the row is below min_tokens."""
         rows, ids, values = [], [], []
         for i, (s, e, p) in enumerate(zip(self.seq_of, self.extra, params)):
+            if not p.logit_bias and not p.min_tokens:  # most rows: nothing to add
+                continue
             bias = dict(p.logit_bias or {})
             if seqs[s].num_tokens + e - seqs[s].num_prompt_tokens < p.min_tokens:
                 bias.update(dict.fromkeys(p.stop_token_ids + ([] if p.ignore_eos else eos_token_ids), float("-inf")))
@@ -322,11 +324,10 @@ class Readback:
 
     def fetch(self) -> list[list]:
         """Each added tensor as (nested) Python lists, in the order added."""
-        if not self.parts:
-            return []
+        if len(self.parts) <= 1:
+            return [p.tolist() for p in self.parts]  # one part (most steps: the tokens): torch nests it
         dtype = self.parts[0].dtype if all(p.dtype == self.parts[0].dtype for p in self.parts) else torch.float64
-        flat = self.parts[0].reshape(-1) if len(self.parts) == 1 else torch.cat([p.reshape(-1).to(dtype)
-                                                                                 for p in self.parts])
+        flat = torch.cat([p.reshape(-1).to(dtype) for p in self.parts])
         values, out, start = flat.tolist(), [], 0  # the copy
         for p in self.parts:
             out.append(_nested(values[start:start + p.numel()], p.shape))
