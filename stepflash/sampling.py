@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy
+
 
 @dataclass
 class StructuredOutputsParams:
@@ -48,7 +50,7 @@ class StructuredOutputsParams:
 
 @dataclass
 class SamplingParams:
-    """vLLM-style sampling parameters. `temperature=0` is greedy.
+    """vLLM-style sampling parameters. `temperature=0` (or below 1e-5) is greedy.
 
     Penalties follow the usual conventions: `repetition_penalty` divides positive (multiplies
     negative) logits of tokens seen in the prompt or output; `presence_penalty` and
@@ -87,7 +89,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one below 1e-5 (as vLLM): dividing fp32 logits by it overflows."""
+        return self.temperature < MIN_TEMPERATURE
 
     def _validate(self) -> None:
         checks = [
@@ -97,12 +100,14 @@ class SamplingParams:
             (_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
              "top_k must be -1 (off) or an integer >= 1"),
             (_number(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (_number(self.repetition_penalty) and 1e-4 <= self.repetition_penalty <= 1e4,
+             "repetition_penalty must be in [1e-4, 1e4]"),  # in fp32, logits are divided and multiplied by it
             (_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              "presence_penalty must be in [-2, 2]"),
             (_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              "frequency_penalty must be in [-2, 2]"),
-            (self.seed is None or _int(self.seed), "seed must be an integer"),
+            (self.seed is None or (_int(self.seed) and -2**63 <= self.seed < 2**63),
+             "seed must be an integer in [-2**63, 2**63) (64-bit)"),
             (self.max_tokens is None or (_int(self.max_tokens) and self.max_tokens >= 1),
              "max_tokens must be an integer >= 1"),
             (_int(self.min_tokens) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
@@ -112,8 +117,8 @@ class SamplingParams:
              "stop_token_ids must be non-negative integers"),
             (self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20),
              "logprobs must be in [0, 20]"),
-            (all(_int(t) and t >= 0 and _number(b) for t, b in (self.logit_bias or {}).items()),
-             "logit_bias must map token ids to finite numbers"),
+            (all(_int(t) and t >= 0 and _number(b) and -100 <= b <= 100 for t, b in (self.logit_bias or {}).items()),
+             "logit_bias must map token ids to numbers in [-100, 100]"),  # OpenAI's range
             (self.prompt_logprobs is None or (_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
              "prompt_logprobs must be in [0, 20]"),
             (self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),

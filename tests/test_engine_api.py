@@ -67,6 +67,23 @@ def test_min_tokens_holds_back_stop_tokens(llm):
     assert len(out.token_ids) >= 4 and stop not in out.token_ids[:4]
 
 
+def test_a_temperature_near_zero_samples_the_greedy_tokens(llm):
+    """Below 1e-5 a temperature is greedy (as vLLM): dividing the logits by 1e-300 (0 in fp32) made
+    every probability NaN, and every draw token 0."""
+    expected = llm.generate([PROMPT], greedy(max_tokens=6))[0].outputs[0].token_ids
+    for temperature in (1e-300, 1e-6):
+        out = llm.generate([PROMPT], SamplingParams(temperature=temperature, max_tokens=6, ignore_eos=True, seed=1))
+        assert out[0].outputs[0].token_ids == expected
+
+
+def test_siblings_of_the_largest_seed_sample(llm):
+    """n > 1 siblings draw with the seed + their index, kept within 64 bits (the seed 2**63 - 1 + 1
+    once failed the engine's step: the sampler sends seeds as int64)."""
+    params = SamplingParams(temperature=1.0, n=3, seed=2**63 - 1, max_tokens=4, ignore_eos=True)
+    out = llm.generate([PROMPT], params)[0]
+    assert [len(c.token_ids) for c in out.outputs] == [4, 4, 4]
+
+
 def test_bad_requests_fail_clearly_and_change_nothing(llm):
     cases = [
         ([], SamplingParams(), "empty"),

@@ -407,6 +407,8 @@ def test_top_logprobs_includes_chosen() -> None:
     ({"min_p": 2}, "min_p"),
     ({"min_p": -0.1}, "min_p"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty"),  # 0 in fp32: the penalty divided by zero
+    ({"logit_bias": {3: 101}}, "logit_bias"),  # 1e300 was inf in fp32: a sampled row drew token 0
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"frequency_penalty": -2.5}, "frequency_penalty"),
     ({"max_tokens": 0}, "max_tokens"),
@@ -419,6 +421,8 @@ def test_top_logprobs_includes_chosen() -> None:
     ({"stop": ""}, "stop"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"seed": "x"}, "seed"),
+    ({"seed": 2**63}, "seed"),  # the sampler sends seeds as int64: a larger one failed the engine's step
+    ({"seed": -2**63 - 1}, "seed"),
 ])
 def test_invalid_sampling_params_raise(kwargs: dict[str, object], name: str) -> None:
     with pytest.raises(ValueError, match=rf"\b{name} must"):

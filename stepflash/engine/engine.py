@@ -257,9 +257,11 @@ class LLMEngine:
         return text, ids
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
-        """An n > 1 sibling: the parent's prompt, its own index and seed."""
+        """An n > 1 sibling: the parent's prompt, its own index and seed (the parent's + index, kept
+        within 64 bits: the sampler sends seeds as int64)."""
+        seed = (parent.seed + index + 2**63) % 2**64 - 2**63
         return Sequence(next(self._seq_ids), parent.request_id, index, list(parent.token_ids),
-                        parent.num_prompt_tokens, parent.params, parent.seed + index, images=parent.images,
+                        parent.num_prompt_tokens, parent.params, seed, images=parent.images,
                         constraint=parent.constraint.fork() if parent.constraint is not None else None)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -113,7 +113,7 @@ class RowBatch:
         up, f32 = Upload(), torch.float32
         sent = {}
         if self.any_sampled:
-            sent.update(greedy=up.add([p.greedy for p in params], torch.bool), temperature=up.add([p.temperature or 1.0 for p in params], f32),
+            sent.update(greedy=up.add([p.greedy for p in params], torch.bool), temperature=up.add([1.0 if p.greedy else p.temperature for p in params], f32),
                         top_k=up.add([max(p.top_k, 0) for p in params]), top_p=up.add([p.top_p for p in params], f32),
                         min_p=up.add([p.min_p for p in params], f32), seeds=up.add([seqs[s].seed for s in seq_of]),
                         positions=up.add([seqs[s].num_tokens + e for s, e in zip(seq_of, extra)]))
