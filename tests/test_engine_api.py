@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 
 import pytest
@@ -82,6 +83,9 @@ def test_siblings_of_the_largest_seed_sample(llm):
     params = SamplingParams(temperature=1.0, n=3, seed=2**63 - 1, max_tokens=4, ignore_eos=True)
     out = llm.generate([PROMPT], params)[0]
     assert [len(c.token_ids) for c in out.outputs] == [4, 4, 4]
+    # sibling 1's seed wraps to -2**63: it samples what a request of that seed samples alone
+    alone = llm.generate([PROMPT], dataclasses.replace(params, n=1, seed=-2**63))[0].outputs[0]
+    assert out.outputs[1].token_ids == alone.token_ids
 
 
 def test_bad_requests_fail_clearly_and_change_nothing(llm):

@@ -408,7 +408,7 @@ def test_top_logprobs_includes_chosen() -> None:
     ({"min_p": -0.1}, "min_p"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"repetition_penalty": 1e-300}, "repetition_penalty"),  # 0 in fp32: the penalty divided by zero
-    ({"logit_bias": {3: 101}}, "logit_bias"),  # 1e300 was inf in fp32: a sampled row drew token 0
+    ({"logit_bias": {3: 101}}, "logit_bias"),  # OpenAI's range (1e300, inf in fp32, made a sampled row draw token 0)
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"frequency_penalty": -2.5}, "frequency_penalty"),
     ({"max_tokens": 0}, "max_tokens"),

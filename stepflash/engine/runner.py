@@ -409,7 +409,7 @@ class ModelRunner:
                 sent["new full"] = up.add(new, width=3) if new else None
             slots = [_slots(c.seq.blocks.table(kind), c.start, c.end, self.block_size) for c in chunks]
             sent[f"slots {name}"] = up.add([s for own in slots for s in own])
-            if op == "mtp":  # MTP passes run the sliding kind alone
+            if op == "mtp" and kind == SLIDING:  # hidden caches live in the sliding pool's slots
                 sent["prev"] = up.add(self._previous_slots(chunks, slots))
         for flag in (False, True):  # the short chunks' rows (the paged op's), then the long ones' (prefill)
             members = [i for i, c in enumerate(chunks) if (len(c.ids) > SHORT_CHUNK) == flag]
