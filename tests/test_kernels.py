@@ -290,11 +290,12 @@ def moe_loop(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: 
     return out
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 40])
+@pytest.mark.parametrize("tokens", [1, 3, 12, 40])
 @pytest.mark.parametrize("weights_as", ["dense", "column-major", "int4", "fp8"])
 def test_fused_moe_twin_matches_the_loop(tokens, weights_as):
     """The twin (the CPU engine's MoE) in each weight format against `moe_loop` on the weights it
-    stands for: one pair, pairs sharing experts and experts left out, many pairs per expert."""
+    stands for: one pair, pairs sharing experts and experts left out, more pairs than experts (every
+    token through every expert), many pairs per expert."""
     from stepflash.kernels.fp8_linear import dequantize_fp8
     from stepflash.kernels.moe import dequantize_int4, fused_moe_ref
     from stepflash.model.quant import quantize_int4
