@@ -102,7 +102,7 @@ def test_two_engines_of_different_models_in_one_process(ckpt, tmp_path):
     """Compiled code is found by the step function's code, which every runner shares: an engine of
     another shape in the same process must compile its own, not run the first engine's. Also: no
     compiling after start, with MTP (verify and drafting steps) and without, and the compiled
-    single-row decode step against the reference. (The first engine is the first test's: inductor's
+    single-row decode step against the reference, and those of 5 to 8 rows. (The first engine is the first test's: inductor's
     cache still holds its compiled code, so it builds in seconds, not a minute.)"""
     other = write_checkpoint(tmp_path, tiny_config(n=2, n_mtp=0, hidden_size=48), seed=5)
     prompts = mixed_prompts()[1:3]
@@ -115,6 +115,8 @@ def test_two_engines_of_different_models_in_one_process(ckpt, tmp_path):
     graphs = counters["stats"]["unique_graphs"]
     assert_matches_reference(other, prompts, second.generate(prompts, greedy()))
     assert_matches_reference(other, prompts[:1], second.generate(prompts[:1], greedy()))  # decode steps of one row
+    eight = mixed_prompts()[:8]  # steps of 5 to 8 rows: the MoE twin runs every token through every expert
+    assert_matches_reference(other, eight, second.generate(eight, greedy()))
     assert counters["stats"]["unique_graphs"] == graphs
     assert_matches_reference(ckpt, prompts, first.generate(prompts, greedy()))
 

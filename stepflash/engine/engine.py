@@ -171,13 +171,16 @@ class LLMEngine:
 
     def _compile_steps(self) -> None:
         """Compile now, not in the first requests (tens of seconds), each step kind in each of its
-        variants (runner.CompiledStep: one row; a few; many, where the MoE turns from gathering its
-        experts to the grouped GEMM): two requests together, one short enough to be computed like a
-        verify step, then one alone, then a full batch. Their statistics are then forgotten."""
+        variants (runner.CompiledStep: one row; then ranges of rows where the MoE twin turns from
+        gathering its experts to every expert to the grouped GEMM, kernels/moe.py): two requests
+        together, one short enough to be computed like a verify step, then one alone, then full
+        batches of 4, 8, 16, ... and max_num_seqs requests. Their statistics are then forgotten."""
         log.info("stepflash: compiling the decode, verify and drafting steps (torch.compile; compile='off', "
                  "--compile off, skips it) ...")
         start = time.monotonic()
-        for batch in (((20, 16), (5, 4)), ((12, 8),), ((12, 8),) * self.layout.max_num_seqs):
+        most = self.layout.max_num_seqs
+        full = sorted({*(1 << i for i in range(2, most.bit_length())), most})
+        for batch in (((20, 16), (5, 4)), ((12, 8),), *(((12, 8),) * n for n in full)):
             for i, (prompt_len, max_tokens) in enumerate(batch):
                 self.add_request(f"compile-{i}", [t % self.model_config.vocab_size for t in range(2, 2 + prompt_len)],
                                  SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
