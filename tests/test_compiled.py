@@ -102,8 +102,9 @@ def test_two_engines_of_different_models_in_one_process(ckpt, tmp_path):
     """Compiled code is found by the step function's code, which every runner shares: an engine of
     another shape in the same process must compile its own, not run the first engine's. Also: no
     compiling after start, with MTP (verify and drafting steps) and without, and the compiled
-    single-row decode step against the reference, and those of 5 to 8 rows. (The first engine is the first test's: inductor's
-    cache still holds its compiled code, so it builds in seconds, not a minute.)"""
+    single-row decode step against the reference, and those of 5 to 8 rows. (The first engine is
+    the first test's: inductor's cache still holds its compiled code, so it builds in seconds, not
+    a minute.)"""
     other = write_checkpoint(tmp_path, tiny_config(n=2, n_mtp=0, hidden_size=48), seed=5)
     prompts = mixed_prompts()[1:3]
     first = LLM(str(ckpt), mtp=2, compile="on")
