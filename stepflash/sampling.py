@@ -92,6 +92,12 @@ class SamplingParams:
         """Temperature 0, or one below 1e-5 (as vLLM): dividing fp32 logits by it overflows."""
         return self.temperature < MIN_TEMPERATURE
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy on the raw logits: no bias, banned stop tokens, penalty or logprobs to apply first."""
+        return (self.greedy and not self.logit_bias and not self.min_tokens and self.logprobs is None
+                and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty)
+
     def _validate(self) -> None:
         checks = [
             (_int(self.n) and self.n >= 1, "n must be an integer >= 1"),

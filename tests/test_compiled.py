@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.cpp_builder import get_cpp_compiler
 from torch._inductor.exc import InvalidCxxCompiler
 
-from stepflash import LLM
+from stepflash import LLM, SamplingParams
 from stepflash.cli import build_parser
 from stepflash.config import EngineConfig
 from stepflash.engine import sampler as sampling
@@ -18,7 +18,7 @@ from stepflash.engine.engine import LLMEngine, _use_compile
 from stepflash.kernels.paged_attention import paged_attention_ref
 from checkpoints import write_checkpoint
 from stepflash.train.configs import tiny_config
-from test_engine import assert_matches_reference, greedy, mixed_prompts
+from test_engine import MAX_TOKENS, assert_matches_reference, greedy, mixed_prompts
 
 
 try:
@@ -117,7 +117,10 @@ def test_two_engines_of_different_models_in_one_process(ckpt, tmp_path):
     assert_matches_reference(other, prompts, second.generate(prompts, greedy()))
     assert_matches_reference(other, prompts[:1], second.generate(prompts[:1], greedy()))  # decode steps of one row
     eight = mixed_prompts()[:8]  # steps of 5 to 8 rows: the MoE twin runs every token through every expert
-    assert_matches_reference(other, eight, second.generate(eight, greedy()))
+    outputs = second.generate(eight, greedy())
+    assert_matches_reference(other, eight, outputs)
+    plain = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)  # tokens: the steps' argmax
+    assert [o.outputs[0].token_ids for o in second.generate(eight, plain)] == [o.outputs[0].token_ids for o in outputs]
     assert counters["stats"]["unique_graphs"] == graphs
     assert_matches_reference(ckpt, prompts, first.generate(prompts, greedy()))
 

@@ -85,6 +85,53 @@ def test_greedy_batch_matches_reference(ckpt, setting, mtp):
         assert stats.prefix_cache_hit_rate == 0
 
 
+def test_decode_steps_moved_on_in_place_equal_packed_ones(ckpt, monkeypatch):
+    """A decode step that continues the last one moves that step's inputs on in place
+    (runner.DecodeStep) instead of packing them: they must equal what packing the step's chunks gives,
+    across block and window boundaries, sequences joining and finishing, and forks (copy-on-write)."""
+    llm = LLM(str(ckpt), mtp=0, max_num_seqs=4, block_size=8)
+    runner = llm.engine.runner
+    decode, moved, packed = runner._decode, [], []
+
+    def checked(chunks, logit_rows):
+        last = runner.last_decode
+        logits = decode(chunks, logit_rows)
+        if runner.last_decode is not last or last is None:
+            packed.append(len(chunks))
+            return logits
+        with torch.inference_mode():
+            fresh = runner._unpack(runner._pack("target", 0, chunks, runner.kinds, logit_rows, None), None)
+        x = last.inputs
+        for kind in runner.kinds:
+            for name in ("slots", "tables", "first_blocks"):
+                assert torch.equal(getattr(x.ctx, name)[kind], getattr(fresh.ctx, name)[kind]), (name, kind)
+        for name in ("seq_of", "q_pos", "tiles"):
+            assert torch.equal(getattr(x.ctx.decode, name), getattr(fresh.ctx.decode, name)), name
+        assert torch.equal(x.ids, fresh.ids) and torch.equal(x.positions, fresh.positions)
+        assert torch.equal(x.logit_rows, fresh.logit_rows)
+        moved.append(len(chunks))
+        return logits
+
+    monkeypatch.setattr(runner, "_decode", checked)
+    prompts = mixed_prompts()[:4]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, logprobs=1, ignore_eos=True) for n in (30, 12, 21)]
+    params.append(SamplingParams(n=2, seed=5, max_tokens=25, ignore_eos=True))
+    outputs = llm.generate(prompts, params)
+    assert_matches_reference(ckpt, prompts[:3], outputs[:3])
+    assert len(moved) > len(packed) > 4 and {1, 3, 4} <= set(moved)  # batches of 4, 3 and 1 moved on
+
+
+def test_plain_greedy_rows_take_each_rows_argmax(ckpt):
+    """Greedy rows with nothing to apply first (no bias, penalty, min_tokens, logprobs) take their
+    row's argmax without the sampler's processing: the reference's tokens still."""
+    prompts = mixed_prompts()[:6]
+    outputs = LLM(str(ckpt), mtp=0).generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                                                      ignore_eos=True))
+    for prompt, out in zip(prompts, outputs):
+        tokens = out.outputs[0].token_ids
+        assert tokens == reference_logits(ckpt, prompt + tokens)[len(prompt) - 1:-1].argmax(-1).tolist()
+
+
 def test_prefix_cache_hit_is_reported_and_exact(ckpt):
     llm = LLM(str(ckpt))
     prompt = mixed_prompts()[5]

@@ -190,6 +190,56 @@ class StepRows:
         return rows
 
 
+DecodeKey = tuple[Sequence, int, int, int, list[int], list[int]]
+
+
+def _decode_key(c: Chunk, block_size: int) -> DecodeKey:
+    """What a decode chunk's inputs hang on: its sequence and position, its block counts per pool and
+    the blocks it writes into."""
+    b, i = c.seq.blocks, c.start // block_size
+    return c.seq, c.start, len(b.full), len(b.sliding), b.full[i:i + 1], b.sliding[i:i + 1]
+
+
+@dataclass
+class DecodeStep:
+    """The last target step of one token per chunk, packed and on the device, kept because most decode
+    steps continue it: the same sequences, each one position on in the same blocks (all but one
+    step in block_size, while no sequence joins, leaves or copies a block). Such a step writes its
+    ids, positions and cache slots over the packed arrays and sends them again (on the CPU the
+    inputs are views of the arrays: nothing to send): no packing, no new tensors."""
+
+    keys: list[DecodeKey]
+    logit_rows: list[int]
+    call: StepCall
+    inputs: Inputs
+
+    def continued_by(self, keys: list[DecodeKey], logit_rows: list[int], block_size: int, window: int) -> bool:
+        """Whether a step of chunks with these keys reads the same tables, rows and tiles (positions
+        and slots one on): the same sequences, each at the next position in the block it wrote last
+        (so no block crossed, added or copied on write), no block left the window."""
+        if logit_rows != self.logit_rows or len(keys) != len(self.keys):
+            return False
+        for (seq, p, *blocks), (last, q, *last_blocks) in zip(keys, self.keys):
+            if seq is not last or p != q + 1 or blocks != last_blocks \
+                    or max(0, p - window + 1) // block_size != max(0, q - window + 1) // block_size:
+                return False
+        return True
+
+    def move_on(self, keys: list[DecodeKey], ids: list[int], block_size: int) -> None:
+        """The inputs of the continuing step (`continued_by`), in place; the twin's key plans made again."""
+        up, sent = self.call.upload, self.call.handles
+        positions = [p for _, p, *_ in keys]
+        up.write(sent["ids"], ids)
+        up.write(sent["positions"], positions)
+        up.write(sent["q_pos False"], positions)
+        for kind in self.call.kinds:
+            at = 4 if kind == FULL else 5  # the key's block of this kind
+            up.write(sent[f"slots {kind.value}"], [k[at][0] * block_size + k[1] % block_size for k in keys])
+        up.resend()
+        self.inputs.ctx = self.inputs.ctx.moved_on()
+        self.keys = keys
+
+
 class ModelRunner:
     """Each cache pool has one block more than the KV manager hands out: the scratch block, where
     the padding rows of a graphed step write (engine/graphs.py). With `graph_rows` > 0 (kernels
@@ -231,6 +281,7 @@ class ModelRunner:
         # decode kernel tiles: the 1 + k rows of a verify step (a power of two) read their keys once
         self.tile_rows = min(1 << self.num_mtp.bit_length(), SHORT_CHUNK)
         self.graphs, self.mtp_graphs = None, []
+        self.last_decode: DecodeStep | None = None
         # per sequence: image index -> its features [rows, hidden] (gone with the sequence)
         self.image_features: weakref.WeakKeyDictionary[Sequence, dict[int, torch.Tensor]] = \
             weakref.WeakKeyDictionary()
@@ -253,8 +304,26 @@ class ModelRunner:
 
     def execute(self, chunks: list[Chunk], logit_rows: list[int], inject: Inject | None = None) -> Logits:
         """Run the target over `chunks`; returns fp32 logits for the flat rows `logit_rows` (in that order)."""
+        embeds = self._image_embeds(chunks)
+        if self.channel is None and embeds is None and not (inject and inject.rows) and \
+                all(len(c.ids) == 1 for c in chunks):
+            return self._decode(chunks, logit_rows)
+        self.last_decode = None
         call = self._pack("target", 0, chunks, self.kinds, logit_rows, inject)
-        return self._run_shared(call, inject, self._image_embeds(chunks))
+        return self._run_shared(call, inject, embeds)
+
+    @torch.inference_mode()
+    def _decode(self, chunks: list[Chunk], logit_rows: list[int]) -> Logits:
+        """A target step of one token per chunk, in this process: the last such step's inputs moved on
+        in place where this step continues it (DecodeStep), packed afresh otherwise."""
+        last = self.last_decode
+        keys = [_decode_key(c, self.block_size) for c in chunks]
+        if last is not None and last.continued_by(keys, logit_rows, self.block_size, self.window):
+            last.move_on(keys, [c.ids[0] for c in chunks], self.block_size)
+        else:
+            call = self._pack("target", 0, chunks, self.kinds, logit_rows, None)
+            last = self.last_decode = DecodeStep(keys, logit_rows, call, self._unpack(call, None))
+        return self._logits(None, last.inputs)
 
     def execute_mtp(self, depth: int, chunks: list[Chunk], logit_rows: list[int],
                     inject: Inject | None = None) -> Logits:
@@ -288,12 +357,13 @@ class ModelRunner:
         if call.op == "copy":
             self._copy_blocks([BlockCopy(LayerKind(kind), src, dst) for kind, src, dst in call.copies])
             return None
-        return self._logits(call, self._unpack(call, source, embeds))
+        return self._logits(call.depth if call.op == "mtp" else None, self._unpack(call, source, embeds))
 
-    def _logits(self, call: StepCall, x: Inputs) -> Logits:
-        """The call's forward and head: compiled, from its CUDA graph bucket, or eagerly."""
+    def _logits(self, depth: int | None, x: Inputs) -> Logits:
+        """The forward and head of the target (`depth` None) or of MTP module `depth`: compiled, from
+        its CUDA graph bucket, or eagerly."""
         short = x.ctx.prefill is None and x.embeds is None  # decodes, verify steps, drafting: graphed or compiled
-        mtp, d = call.op == "mtp", call.depth
+        mtp, d = depth is not None, depth or 0
         if short and self.compiled:  # the head too
             return self.compiled[d + 1 if mtp else 0](_step_inputs(x), x.logit_rows)
         graphs = (self.mtp_graphs[d] if mtp else self.graphs) if self.graphs else None
@@ -596,7 +666,7 @@ def _input_guards(guards: list) -> list[bool]:
             for g, keep in zip(guards, modules)]
 
 
-ARRAY_CODES = {torch.int32: "i", torch.float32: "f", torch.bool: "b"}  # array.array's codes, for Upload
+ARRAY_CODES = {torch.int64: "q", torch.int32: "i", torch.float32: "f", torch.bool: "b"}  # array.array's, for Upload
 
 
 class Upload:
@@ -608,6 +678,7 @@ class Upload:
     def __init__(self) -> None:
         self.data = array.array("q")
         self.parts: list[tuple[int, int, int, torch.dtype]] = []  # start (word), count, row width (0: 1-D), dtype
+        self.on_device: torch.Tensor | None = None  # the arrays on a GPU, once sent
 
     def add(self, values: list, dtype: torch.dtype = torch.int64, width: int = 0) -> int:
         if len(self.data) % 2:
@@ -621,6 +692,18 @@ class Upload:
         self.parts.append((start, len(values), width, dtype))
         return len(self.parts) - 1
 
+    def write(self, handle: int, values: list) -> None:
+        """Overwrite part `handle` with as many values, in place (`resend` takes them to the device)."""
+        start, count, _, dtype = self.parts[handle]
+        code, per = ARRAY_CODES[dtype], 8 // dtype.itemsize
+        memoryview(self.data).cast("B").cast(code)[start * per:start * per + count] = array.array(code, values)
+
+    def resend(self) -> None:
+        """The arrays again, into the device tensors `send` made (after `write`). On the CPU those
+        tensors are views of the arrays: nothing to do."""
+        if self.on_device is not None:
+            self.on_device.copy_(torch.frombuffer(self.data, dtype=torch.int64).pin_memory(), non_blocking=True)
+
     def send(self, device: torch.device) -> Callable[[int | None], torch.Tensor | None]:
         """One copy to `device`; returns the lookup from `add`'s handles to device tensors. On the
         CPU no copy: each part is a tensor of its own over the array (which it keeps alive), from
@@ -632,7 +715,7 @@ class Upload:
                     else torch.empty(0, dtype=dtype)
         else:
             flat = torch.frombuffer(self.data, dtype=torch.int64) if self.data else torch.zeros(0, dtype=torch.int64)
-            flat = flat.pin_memory().to(device, non_blocking=True)
+            flat = self.on_device = flat.pin_memory().to(device, non_blocking=True)
             views = {dtype: flat.view(dtype) for dtype in {p[3] for p in self.parts}}  # one view per dtype
 
             def part(start: int, count: int, dtype: torch.dtype) -> torch.Tensor:

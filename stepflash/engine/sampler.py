@@ -364,6 +364,10 @@ class Sampler:
     def __call__(self, rows: StepRows, step_logits: Logits, drafts: "Drafts | None",
                  staged: "StagedDrafts | None" = None) -> StepResult:
         logits, top = step_logits
+        if staged is None and rows.width == 1 and not rows.prompt and \
+                all(m.params.plain_greedy for _, m in rows.members):  # nothing to process: each row's argmax
+            tokens = top if top is not None else argmax(logits)
+            return StepResult({m: Sampled([t], None) for (_, m), t in zip(rows.members, tokens.tolist())}, {})
         device, width = logits.device, rows.width
         S, V = len(rows.members), logits.shape[-1]
         seq_of, extra = [i for i in range(S) for _ in range(width)], list(range(width)) * S

@@ -87,6 +87,11 @@ class PagedAttention:
         # the twin's key plans, made by a kind's first layer and read by the others (kernels need none)
         self.plans = {"plans": {}} if ops is ATTENTION_OPS["torch"] else {}
 
+    def moved_on(self) -> "PagedAttention":
+        """This context over the same tensors, changed in place (DecodeStep): the twin's plans made again."""
+        return PagedAttention(self.ops, self.caches, self.kind_of, self.slots, self.tables, self.first_blocks,
+                              self.decode, self.prefill)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                rope: tuple[torch.Tensor, torch.Tensor], window: int | None, gate: torch.Tensor,
                norms: QKNorms) -> torch.Tensor:
