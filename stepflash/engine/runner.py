@@ -203,10 +203,11 @@ def _decode_key(c: Chunk, block_size: int) -> DecodeKey:
 @dataclass
 class DecodeStep:
     """The last target step of one token per chunk, packed and on the device, kept because most decode
-    steps continue it: the same sequences, each one position on in the same blocks (all but one
-    step in block_size, while no sequence joins, leaves or copies a block). Such a step writes its
-    ids, positions and cache slots over the packed arrays and sends them again (on the CPU the
-    inputs are views of the arrays: nothing to send): no packing, no new tensors."""
+    steps continue it: the same sequences, each one position on in the same blocks (all but about two
+    steps in block_size: a block crossed, the window's first block moved; or a sequence joins, leaves
+    or copies a block). Such a step writes its ids, positions and cache slots over the packed arrays
+    and sends them again (on the CPU the inputs are views of the arrays: nothing to send): no
+    packing, no new tensors."""
 
     keys: list[DecodeKey]
     logit_rows: list[int]
