@@ -25,6 +25,7 @@ import torch
 from torch._inductor.output_code import CompiledFxGraph
 
 from stepflash import LLM, SamplingParams
+from stepflash.engine.sampler import Sampler
 from record import write_record
 
 
@@ -34,7 +35,8 @@ class StepClock:
     inputs (pack, unpack), the scheduler (plan: schedule and update) and the outputs take. Also, for
     compiled steps, the time inside inductor's compiled graphs ("graph", patched on their class until
     `close`): the rest of a compiled step's time ("compiled" - "graph") is host work inside the
-    forward (dynamo's guards and input gathering, inductor's wrapper)."""
+    forward (dynamo's guards and input gathering, inductor's wrapper). "sample": the sampler's call
+    (sampling and verifying the drafts, the readback), patched on its class like "graph"."""
 
     PARTS = [("pack", "runner", "_pack"), ("unpack", "runner", "_unpack"), ("plan", "scheduler", "schedule"),
              ("plan", "scheduler", "update"), ("output", "output", "process")]
@@ -49,14 +51,15 @@ class StepClock:
                 self._patch(step, "compiled", "forward", "compiled")
         for part, owner, name in self.PARTS:
             self._patch(getattr(engine, owner), name, part)
-        self._graph_call = CompiledFxGraph.__call__
+        self._graph_call, self._sample_call = CompiledFxGraph.__call__, Sampler.__call__
         self._patch(CompiledFxGraph, "__call__", "graph")
+        self._patch(Sampler, "__call__", "sample")  # on the class: a call looks __call__ up there
 
     def reset(self) -> None:
         self.seconds = dict.fromkeys(self.seconds, 0.0)
 
     def close(self) -> None:
-        CompiledFxGraph.__call__ = self._graph_call
+        CompiledFxGraph.__call__, Sampler.__call__ = self._graph_call, self._sample_call
 
     def _patch(self, owner, name: str, *parts: str) -> None:
         fn = getattr(owner, name)
@@ -117,7 +120,7 @@ def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int]) -
     return {"mtp": mtp, "batch": batch, "context": context, "running": running,
             "step_ms": round(step * 1e3, 3), "forward_ms": round(forward * 1e3, 3),
             "host_ms": round((step - forward) * 1e3, 3), "host_share": round((step - forward) / step, 4),
-            "host_parts_ms": host_parts,  # the rest of the host time: sampling, drafting's own work, the engine
+            "host_parts_ms": host_parts,  # the rest of the host time: drafting's own work, the engine
             # inside forward_ms: compiled steps' time outside their graphs (dynamo, inductor's wrapper)
             "compiled_wrapper_ms": round(wrapper * 1e3, 3),
             "tau": round(engine.output.spec.mean_accepted_length, 3)}

@@ -93,10 +93,15 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE
 
     @property
+    def penalised(self) -> bool:
+        """Any repetition, presence or frequency penalty."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+    @property
     def plain_greedy(self) -> bool:
         """Greedy on the raw logits: no bias, banned stop tokens, penalty or logprobs to apply first."""
         return (self.greedy and not self.logit_bias and not self.min_tokens and self.logprobs is None
-                and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty)
+                and not self.penalised)
 
     def _validate(self) -> None:
         checks = [

@@ -190,14 +190,18 @@ class StepRows:
         return rows
 
 
-DecodeKey = tuple[Sequence, int, int, int, list[int], list[int]]
+class DecodeKey(NamedTuple):
+    """What a decode chunk's inputs hang on: its sequence and position, and its blocks (per pool the
+    count and the block it writes into)."""
 
+    seq: Sequence
+    position: int
+    blocks: tuple[int, ...]
 
-def _decode_key(c: Chunk, block_size: int) -> DecodeKey:
-    """What a decode chunk's inputs hang on: its sequence and position, its block counts per pool and
-    the blocks it writes into."""
-    b, i = c.seq.blocks, c.start // block_size
-    return c.seq, c.start, len(b.full), len(b.sliding), b.full[i:i + 1], b.sliding[i:i + 1]
+    @classmethod
+    def of(cls, c: Chunk, block_size: int) -> "DecodeKey":
+        b, i = c.seq.blocks, c.start // block_size
+        return cls(c.seq, c.start, (len(b.full), len(b.sliding), *b.full[i:i + 1], *b.sliding[i:i + 1]))
 
 
 @dataclass
@@ -220,7 +224,7 @@ class DecodeStep:
         (so no block crossed, added or copied on write), no block left the window."""
         if logit_rows != self.logit_rows or len(keys) != len(self.keys):
             return False
-        for (seq, p, *blocks), (last, q, *last_blocks) in zip(keys, self.keys):
+        for (seq, p, blocks), (last, q, last_blocks) in zip(keys, self.keys):
             if seq is not last or p != q + 1 or blocks != last_blocks \
                     or max(0, p - window + 1) // block_size != max(0, q - window + 1) // block_size:
                 return False
@@ -229,13 +233,13 @@ class DecodeStep:
     def move_on(self, keys: list[DecodeKey], ids: list[int], block_size: int) -> None:
         """The inputs of the continuing step (`continued_by`), in place; the twin's key plans made again."""
         up, sent = self.call.upload, self.call.handles
-        positions = [p for _, p, *_ in keys]
+        positions = [k.position for k in keys]
         up.write(sent["ids"], ids)
         up.write(sent["positions"], positions)
         up.write(sent["q_pos False"], positions)
         for kind in self.call.kinds:
-            at = 4 if kind == FULL else 5  # the key's block of this kind
-            up.write(sent[f"slots {kind.value}"], [k[at][0] * block_size + k[1] % block_size for k in keys])
+            up.write(sent[f"slots {kind.value}"],
+                     [_slots(k.seq.blocks.table(kind), k.position, k.position + 1, block_size)[0] for k in keys])
         up.resend()
         self.inputs.ctx = self.inputs.ctx.moved_on()
         self.keys = keys
@@ -318,7 +322,7 @@ class ModelRunner:
         """A target step of one token per chunk, in this process: the last such step's inputs moved on
         in place where this step continues it (DecodeStep), packed afresh otherwise."""
         last = self.last_decode
-        keys = [_decode_key(c, self.block_size) for c in chunks]
+        keys = [DecodeKey.of(c, self.block_size) for c in chunks]
         if last is not None and last.continued_by(keys, logit_rows, self.block_size, self.window):
             last.move_on(keys, [c.ids[0] for c in chunks], self.block_size)
         else:

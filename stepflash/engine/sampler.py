@@ -118,8 +118,7 @@ class RowBatch:
                         min_p=up.add([p.min_p for p in params], f32), seeds=up.add([seqs[s].seed for s in seq_of]),
                         positions=up.add([seqs[s].num_tokens + e for s, e in zip(seq_of, extra)]))
         added = self._added(seqs, params, eos_token_ids)
-        self.penalised = [i for i, p in enumerate(params)
-                          if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty]
+        self.penalised = [i for i, p in enumerate(params) if p.penalised]
         if added[0]:
             sent.update(add_rows=up.add(added[0]), add_ids=up.add(added[1]), add_values=up.add(added[2], f32))
         if self.penalised:
