@@ -100,7 +100,7 @@ def test_decode_steps_moved_on_in_place_equal_packed_ones(ckpt, monkeypatch):
             packed.append(len(chunks))
             return logits
         with torch.inference_mode():
-            fresh = runner._unpack(runner._pack("target", 0, chunks, runner.kinds, logit_rows, None), None)
+            fresh = runner._unpack(runner._pack("target", 0, chunks, runner.kinds, [logit_rows], [None])).part(0, None)
         x = last.inputs
         for kind in runner.kinds:
             for name in ("slots", "tables", "first_blocks"):

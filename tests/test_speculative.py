@@ -94,6 +94,17 @@ def test_greedy_with_mtp_equals_mtp0(request, which, mtp):
         assert per_request == stats.spec.num_accepted_tokens
 
 
+def test_plain_greedy_with_mtp_equals_mtp0(trained):
+    """Greedy rows with nothing to process (no logprobs either) draft by their argmax and verify their
+    drafts against the target's argmax alone (Sampler._plain_greedy): the same tokens as without MTP,
+    drafts accepted and rejected."""
+    llm = LLM(str(trained), mtp=3)
+    outputs = llm.generate(code_prompts(trained), SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True))
+    for ref, out in zip(reference_outputs(trained), outputs, strict=True):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+    assert 0.2 < llm.get_stats().spec.acceptance_rate < 1.0
+
+
 @pytest.mark.parametrize("setting", ["chunked-prefill", "preemption", "no-prefix-cache"])
 def test_greedy_with_mtp_is_exact_under_engine_pressure(trained, setting):
     from test_engine import small_budget

@@ -32,7 +32,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -98,11 +98,12 @@ WIRE_DTYPES = {"int64": torch.int64, "int32": torch.int32}  # the dtypes of a fo
 
 @dataclass
 class StepCall:
-    """One runner call as every rank runs it: `op` "target", "mtp" (module `depth`) or "copy"; the
-    forward's host arrays packed for one copy (`upload`) and their handles; per layer kind the step
-    table width; how many table rows the device tables need; the shape of the device-only ids (MTP
-    drafts) to inject and the number of image rows, whose values (drafts; image features, which
-    rank 0 alone computes) rank 0 sends beside the call; the block copies."""
+    """One runner call as every rank runs it: `op` "target", "mtp" (module `depth`; without arrays,
+    the step's drafting call again: `execute_mtp`) or "copy"; the forward's host arrays packed for
+    one copy (`upload`) and their handles; per layer kind the step table width; how many table rows
+    the device tables need; the shape of the device-only ids (MTP drafts) to inject and the number
+    of image rows, whose values (drafts; image features, which rank 0 alone computes) rank 0 sends
+    beside the call; the block copies."""
 
     op: str
     depth: int = 0
@@ -190,6 +191,20 @@ class StepRows:
         return rows
 
 
+@dataclass
+class DraftRows:
+    """A step's MTP drafting rows, one set that every module runs over: per sequence the rows its
+    caches catch up, then, for a sequence that drafts n tokens, its newest token and n - 1 rows for
+    drafts 1 .. n - 1 (module d needs those up to draft d; the rows past them are scratch, like the
+    speculative rows themselves). Per module: the rows it drafts from (`logit_rows`, in drafting
+    order) and the draft rows written into the ids before it runs (`injects`: module d's, the
+    drafts of module d - 1)."""
+
+    chunks: list[Chunk]
+    logit_rows: list[list[int]]
+    injects: list[Inject]
+
+
 class DecodeKey(NamedTuple):
     """What a decode chunk's inputs hang on: its sequence and position, and its blocks (per pool the
     count and the block it writes into)."""
@@ -202,6 +217,24 @@ class DecodeKey(NamedTuple):
     def of(cls, c: Chunk, block_size: int) -> "DecodeKey":
         b, i = c.seq.blocks, c.start // block_size
         return cls(c.seq, c.start, (len(b.full), len(b.sliding), *b.full[i:i + 1], *b.sliding[i:i + 1]))
+
+
+@dataclass
+class Unpacked:
+    """A call's inputs on the device: the tensors every part shares and, per part (the target: one;
+    a drafting call: one per MTP module), its logit rows and the drafts it injects."""
+
+    call: StepCall
+    got: Callable[[int | None], torch.Tensor | None]
+    shared: Inputs
+
+    def part(self, i: int, source: torch.Tensor | None) -> Inputs:
+        """Part i's inputs: its drafts written into the shared ids (in place: a later part keeps them)."""
+        sent, got = self.call.handles, self.got
+        rows = sent.get(f"inject_rows {i}")
+        if rows is not None:
+            self.shared.ids.index_copy_(0, got(rows), source.view(-1)[got(sent[f"inject_index {i}"])])
+        return replace(self.shared, logit_rows=got(sent[f"logit_rows {i}"]))
 
 
 @dataclass
@@ -287,6 +320,7 @@ class ModelRunner:
         self.tile_rows = min(1 << self.num_mtp.bit_length(), SHORT_CHUNK)
         self.graphs, self.mtp_graphs = None, []
         self.last_decode: DecodeStep | None = None
+        self.drafting: Unpacked | None = None  # the step's drafting call, which every MTP module runs
         # per sequence: image index -> its features [rows, hidden] (gone with the sequence)
         self.image_features: weakref.WeakKeyDictionary[Sequence, dict[int, torch.Tensor]] = \
             weakref.WeakKeyDictionary()
@@ -314,7 +348,7 @@ class ModelRunner:
                 all(len(c.ids) == 1 for c in chunks):
             return self._decode(chunks, logit_rows)
         self.last_decode = None
-        call = self._pack("target", 0, chunks, self.kinds, logit_rows, inject)
+        call = self._pack("target", 0, chunks, self.kinds, [logit_rows], [inject])
         return self._run_shared(call, inject, embeds)
 
     @torch.inference_mode()
@@ -326,17 +360,21 @@ class ModelRunner:
         if last is not None and last.continued_by(keys, logit_rows, self.block_size, self.window):
             last.move_on(keys, [c.ids[0] for c in chunks], self.block_size)
         else:
-            call = self._pack("target", 0, chunks, self.kinds, logit_rows, None)
-            last = self.last_decode = DecodeStep(keys, logit_rows, call, self._unpack(call, None))
+            call = self._pack("target", 0, chunks, self.kinds, [logit_rows], [None])
+            last = self.last_decode = DecodeStep(keys, logit_rows, call, self._unpack(call).part(0, None))
         return self._logits(None, last.inputs)
 
-    def execute_mtp(self, depth: int, chunks: list[Chunk], logit_rows: list[int],
-                    inject: Inject | None = None) -> Logits:
-        """MTP module `depth` over `chunks`: each position p chains on hidden level `depth` at p - 1
-        (zeros before position 0) and the token at p; its output is stored as level depth + 1.
-        Returns fp32 logits of its head for the flat rows `logit_rows`."""
-        call = self._pack("mtp", depth, chunks, [SLIDING], logit_rows, inject)  # MTP layers are sliding layers
-        return self._run_shared(call, inject, self._image_embeds(chunks))
+    def execute_mtp(self, depth: int, rows: DraftRows) -> Logits:
+        """MTP module `depth` over the step's drafting rows: each position p chains on hidden level
+        `depth` at p - 1 (zeros before position 0) and the token at p; its output is stored as level
+        depth + 1. Returns fp32 logits of its head for the module's logit rows. Module 0's call packs
+        the inputs of every module (one packing, one copy); the later modules' calls continue it."""
+        inject = rows.injects[depth]
+        if depth == 0:
+            call = self._pack("mtp", 0, rows.chunks, [SLIDING], rows.logit_rows, rows.injects)  # sliding layers
+            return self._run_shared(call, inject, self._image_embeds(rows.chunks))
+        call = StepCall("mtp", depth, source_shape=list(inject.source.shape) if inject.rows else None)
+        return self._run_shared(call, inject)
 
     def copy_blocks(self, copies: list[BlockCopy]) -> None:
         if copies:
@@ -358,11 +396,16 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, call: StepCall, source: torch.Tensor | None = None,
             embeds: Embeds | None = None) -> Logits | None:
-        """Run a packed call on this rank (`source`: the device ids it injects); the logits it asks for."""
+        """Run a packed call on this rank (`source`: the device ids it injects); the logits it asks for.
+        An MTP call without arrays continues the step's drafting call (`execute_mtp`)."""
         if call.op == "copy":
             self._copy_blocks([BlockCopy(LayerKind(kind), src, dst) for kind, src, dst in call.copies])
             return None
-        return self._logits(call.depth if call.op == "mtp" else None, self._unpack(call, source, embeds))
+        if call.op == "target":
+            return self._logits(None, self._unpack(call, embeds).part(0, source))
+        if call.upload is not None:
+            self.drafting = self._unpack(call, embeds)
+        return self._logits(call.depth, self.drafting.part(call.depth, source))
 
     def _logits(self, depth: int | None, x: Inputs) -> Logits:
         """The forward and head of the target (`depth` None) or of MTP module `depth`: compiled, from
@@ -446,12 +489,13 @@ class ModelRunner:
                 for level in self.hidden:
                     level[c.dst * bs:(c.dst + 1) * bs] = level[c.src * bs:(c.src + 1) * bs]
 
-    def _pack(self, op: str, depth: int, chunks: list[Chunk], kinds: list[LayerKind], logit_rows: list[int],
-              inject: Inject | None) -> StepCall:
+    def _pack(self, op: str, depth: int, chunks: list[Chunk], kinds: list[LayerKind], logit_rows: list[list[int]],
+              injects: list[Inject | None]) -> StepCall:
         """The forward's integer inputs, gathered on the host for one copy to the device: ids and
         positions, per layer kind the cache slots and each row's table start, the new entries of the
         full-attention table and the whole sliding tables (from the first block each chunk's window
-        reaches: a few entries, however long the context), and the rows and tiles of each attention op.
+        reaches: a few entries, however long the context), and the rows and tiles of each attention op;
+        per part of the call (`Unpacked`), its logit rows and the drafts it injects.
 
         Compiled steps get at least two table columns: torch.compile compiles a variant of its own
         for each dimension of size 1, so a new kind of step would otherwise stall the engine while
@@ -464,12 +508,14 @@ class ModelRunner:
         seq_of = [i for i, c in enumerate(chunks) for _ in c.ids]
         rows = [c.seq.blocks.row for c in chunks]
         up = Upload()
-        sent = {"ids": up.add(ids), "positions": up.add(positions), "logit_rows": up.add(logit_rows),
-                "rows": up.add(rows)}
+        sent = {"ids": up.add(ids), "positions": up.add(positions), "rows": up.add(rows)}
         call = StepCall(op, depth, kinds, up, sent, table_rows=max(rows, default=0) + 1)
-        if inject and inject.rows:
-            sent["inject_rows"], sent["inject_index"] = up.add(inject.rows), up.add(inject.index)
-            call.source_shape = list(inject.source.shape)
+        for i, (own, inject) in enumerate(zip(logit_rows, injects)):
+            sent[f"logit_rows {i}"] = up.add(own)
+            if inject and inject.rows:
+                sent[f"inject_rows {i}"], sent[f"inject_index {i}"] = up.add(inject.rows), up.add(inject.index)
+        if injects[0] and injects[0].rows:
+            call.source_shape = list(injects[0].source.shape)
         for kind in kinds:
             name = kind.value  # in the keys: formatting the enum itself costs ~1 us a key
             first = [max(0, c.start - self.window + 1) // self.block_size if kind == SLIDING else 0 for c in chunks]
@@ -503,12 +549,9 @@ class ModelRunner:
             sent[f"tiles {flag}"] = up.add(tiles, dtype=torch.int32, width=2)
         return call
 
-    def _unpack(self, call: StepCall, source: torch.Tensor | None, embeds: Embeds | None = None) -> Inputs:
+    def _unpack(self, call: StepCall, embeds: Embeds | None = None) -> Unpacked:
         """The call's inputs on the device, in one copy; the device's full-attention table updated."""
         got, sent = call.upload.send(self.device), call.handles
-        ids_t = got(sent["ids"])
-        if source is not None:
-            ids_t.index_copy_(0, got(sent["inject_rows"]), source.view(-1)[got(sent["inject_index"])])
         tables = {}
         if FULL in call.kinds:
             self._grow_full_table(call.table_rows)
@@ -525,7 +568,9 @@ class ModelRunner:
         ctx = PagedAttention(self.ops, self.caches, self.kind_of, {k: got(sent[f"slots {k.value}"]) for k in call.kinds},
                              tables, {k: got(sent[f"first {k.value}"]) for k in call.kinds}, sets.get(False),
                              sets.get(True))
-        return Inputs(ids_t, got(sent["positions"]), ctx, got(sent["logit_rows"]), got(sent.get("prev")), embeds)
+        shared = Inputs(got(sent["ids"]), got(sent["positions"]), ctx, got(sent["logit_rows 0"]), got(sent.get("prev")),
+                        embeds)
+        return Unpacked(call, got, shared)
 
     # -- images -----------------------------------------------------------------------------------
     def _image_embeds(self, chunks: list[Chunk]) -> Embeds | None:

@@ -363,10 +363,8 @@ class Sampler:
     def __call__(self, rows: StepRows, step_logits: Logits, drafts: "Drafts | None",
                  staged: "StagedDrafts | None" = None) -> StepResult:
         logits, top = step_logits
-        if staged is None and rows.width == 1 and not rows.prompt and \
-                all(m.params.plain_greedy for _, m in rows.members):  # nothing to process: each row's argmax
-            tokens = top if top is not None else argmax(logits)
-            return StepResult({m: Sampled([t], None) for (_, m), t in zip(rows.members, tokens.tolist())}, {})
+        if staged is None and not rows.prompt and all(m.params.plain_greedy for _, m in rows.members):
+            return self._plain_greedy(rows, top if top is not None else argmax(logits), drafts)
         device, width = logits.device, rows.width
         S, V = len(rows.members), logits.shape[-1]
         seq_of, extra = [i for i in range(S) for _ in range(width)], list(range(width)) * S
@@ -434,6 +432,24 @@ class Sampler:
               if s.num_drafts else [], i * rows.width) for i, s, m in staged.members],
             len(rows.members) * rows.width)
         return bitmask.to(device, non_blocking=True)
+
+    @staticmethod
+    def _plain_greedy(rows: StepRows, top: torch.Tensor, drafts: "Drafts | None") -> StepResult:
+        """Members with nothing to process: each row's argmax as it is (`top`), a member's drafts
+        accepted while each equals the argmax of the row before it (what `verify` accepts for
+        greedy rows), in one readback with the drafts."""
+        S, width = len(rows.members), rows.width
+        if width == 1:
+            return StepResult({m: Sampled([t], None) for (_, m), t in zip(rows.members, top.tolist())}, {})
+        back = Readback()
+        handles = back.add(top[:S * width].view(S, width)), back.add(drafts.tokens)
+        tokens, drafted = (back.fetch()[h] for h in handles)
+        sampled = {}
+        for (s, member), row in zip(rows.members, tokens):
+            own = drafted[drafts.row(s)][:s.num_drafts] if s.num_drafts else []
+            accepted = next((j for j, d in enumerate(own) if d != row[j]), len(own))
+            sampled[member] = Sampled(row[:accepted + 1], None, s.num_drafts)
+        return StepResult(sampled, {})
 
     @staticmethod
     def _sampled(rows: StepRows, fetched: list[list], got: dict) -> dict[Sequence, Sampled]:

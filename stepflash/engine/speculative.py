@@ -6,11 +6,15 @@ p, and predicts the token at p + 1 (spec section 4; the pair (h_t, x_{t+1}) sits
 transformers). Its KV and output at p then depend on tokens up to p only, so they can live in the
 sequence's sliding blocks and are shared by prefix hits like any KV.
 
-A step starts with one pass per module, before the target's forward: module d first catches up the
-rows [mtp_start, start) that the target computed in earlier steps (filling its caches), then, for a
-sequence that drafts, the speculative rows start .. start + d: the newest token, then the drafts of
-modules 0..d-1, read from the device. Its last row gives draft d + 1. Speculative rows are scratch:
-the next step's catch-up starts at `start` again and overwrites them before anything reads them.
+A step starts with one pass per module, before the target's forward, all over the same rows (one
+packing and copy for the step, runner.DraftRows): per sequence, the rows [mtp_start, start) that the
+target computed in earlier steps (each module catches up its caches), then, for a sequence that
+drafts n tokens, the speculative rows start .. start + n - 1: the newest token, then the drafts of
+modules 0 .. n - 2, written into the ids on the device before the module that reads them. Module d
+drafts token d + 1 from row start + d; its rows past that are scratch, as all speculative rows are:
+the next step's catch-up starts at `start` again and overwrites them before anything reads them
+(a row reads no later position, and module d + 1 reads module d's output at p - 1 only for rows
+up to start + d + 1).
 The target then verifies the drafts in the same step (engine/sampler.py `verify`); the drafts never
 leave the device, except those of constrained sequences, read back at each depth so that the next
 draft is drawn under the grammar's mask after them.
@@ -20,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from stepflash.engine.runner import Chunk, Inject, ModelRunner
-from stepflash.engine.sampler import RowBatch, TokenCounts, draft_tokens
+from stepflash.engine.runner import Chunk, DraftRows, Inject, ModelRunner
+from stepflash.engine.sampler import RowBatch, TokenCounts, argmax, draft_tokens
 from stepflash.engine.scheduler import ScheduledSeq, StepPlan
 from stepflash.structured import UTF8_GRACE, StructuredOutputs
 
@@ -55,35 +59,51 @@ class MTPDrafter:
         width = drafting[0].num_drafts if drafting else 0
         tokens = torch.zeros(len(drafting), width, dtype=torch.long, device=self.runner.device)
         drafts = Drafts(drafting, tokens, None)
+        rows = self._rows(plan, drafts)
+        if not rows.chunks:
+            return drafts
         for depth in range(self.runner.num_mtp):
-            chunks, last_row, inject, row = [], {}, Inject(), 0
-            for s in plan.seqs:
-                drafts_here = s.num_drafts > depth
-                end = s.start + (depth + 1 if drafts_here else 0)
-                if end <= s.mtp_start:
-                    continue
-                ids = s.seq.token_ids[s.mtp_start:min(end, s.start + 1)]
-                chunks.append(Chunk(s.seq, s.mtp_start, ids + [0] * (end - s.mtp_start - len(ids))))
-                if drafts_here:
-                    first = row + s.start + 1 - s.mtp_start  # row of the first draft
-                    inject.add(range(first, first + depth), drafts.row(s) * width, tokens)
-                    last_row[s.seq.seq_id] = row + end - 1 - s.mtp_start
-                row += end - s.mtp_start
-            if not chunks:
-                break
-            members = [s for s in drafting if s.num_drafts > depth]  # in drafting order
-            logits = self.runner.execute_mtp(depth, chunks, [last_row[s.seq.seq_id] for s in members], inject)
+            logits = self.runner.execute_mtp(depth, rows)
+            members = drafting[:len(rows.logit_rows[depth])]  # those drafting at this depth
             if not members:
                 continue
-            batch = RowBatch([s.seq for s in members], list(range(len(members))), [depth] * len(members),
-                             self.eos_token_ids, self.runner.device, self._mask(members, tokens, depth), self.counts)
-            new, q = draft_tokens(batch, logits.values, tokens[:len(members)], logits.argmax)
+            mask = self._mask(members, tokens, depth)
+            if mask is None and all(s.seq.params.plain_greedy for s in members):  # nothing to process
+                new, q = logits.argmax if logits.argmax is not None else argmax(logits.values), None
+            else:
+                batch = RowBatch([s.seq for s in members], list(range(len(members))), [depth] * len(members),
+                                 self.eos_token_ids, self.runner.device, mask, self.counts)
+                new, q = draft_tokens(batch, logits.values, tokens[:len(members)], logits.argmax)
             tokens[:len(members), depth] = new
             if q is not None:
                 if drafts.probs is None:
                     drafts.probs = q.new_zeros(len(drafting), width, q.shape[-1])
                 drafts.probs[:len(members), depth] = q
         return drafts
+
+    def _rows(self, plan: StepPlan, drafts: Drafts) -> DraftRows:
+        """The step's drafting rows (runner.DraftRows): a sequence's rows start with its catch-up at
+        mtp_start; its newest token sits at `start`, draft j at start + j."""
+        num_mtp, width = self.runner.num_mtp, drafts.tokens.shape[1]
+        rows = DraftRows([], [[] for _ in range(num_mtp)], [Inject() for _ in range(num_mtp)])
+        newest, row = {}, 0
+        for s in plan.seqs:
+            end = s.start + s.num_drafts  # module num_drafts - 1 reads up to draft num_drafts - 1
+            if end <= s.mtp_start:
+                continue
+            ids = s.seq.token_ids[s.mtp_start:min(end, s.start + 1)]
+            rows.chunks.append(Chunk(s.seq, s.mtp_start, ids + [0] * (end - s.mtp_start - len(ids))))
+            newest[s.seq.seq_id] = row + s.start - s.mtp_start
+            row += end - s.mtp_start
+        for depth in range(num_mtp):
+            for s in drafts.seqs:
+                if s.num_drafts <= depth:
+                    break  # drafting order: the rest draft less
+                at = newest[s.seq.seq_id] + depth
+                rows.logit_rows[depth].append(at)
+                if depth:  # module depth reads draft depth, module depth - 1's
+                    rows.injects[depth].add(range(at, at + 1), drafts.row(s) * width + depth - 1, drafts.tokens)
+        return rows
 
     def _mask(self, members: list[ScheduledSeq], tokens: torch.Tensor, depth: int) -> torch.Tensor | None:
         """The grammar bitmask of the constrained members' drafting rows (None when none is), so that
