@@ -270,6 +270,15 @@ def draft_tokens(batch: RowBatch, logits: torch.Tensor, drafts: torch.Tensor | N
     return torch.where(batch.greedy, tokens, drawn), q
 
 
+def greedy_accepted(target: torch.Tensor, num_drafts: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+    """target [S, K + 1] (each row's token), drafts [S, K] of which the first num_drafts[s] are real ->
+    how many drafts each sequence accepts: those equal to the target's token before them, in a run
+    from the first."""
+    K = drafts.shape[1]
+    real = torch.arange(K, device=drafts.device)[None, :] < num_drafts[:, None]
+    return (real & (target[:, :K] == drafts)).long().cumprod(-1).sum(-1)
+
+
 def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | None, drafts: torch.Tensor | None,
            q: torch.Tensor | None, top: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows [S, K + 1] (sequence s: its newest token, then K drafts, of which the first num_drafts[s]
@@ -287,10 +296,10 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | Non
         p = batch.probs(processed.view(S, V))
         token = draw(p, batch.seeds, batch.positions, DRAW)[:, None]
         return torch.where(batch.greedy[:, None], target, token), None
-    real = torch.arange(K, device=logits.device)[None, :] < num_drafts[:, None]
-    accepted = (real & (target[:, :K] == drafts)).long().cumprod(-1).sum(-1)
+    accepted = greedy_accepted(target, num_drafts, drafts)
     if not batch.any_sampled:
         return target, accepted
+    real = torch.arange(K, device=logits.device)[None, :] < num_drafts[:, None]
     p = batch.probs(processed.view(S * width, V)).view(S, width, V)
     if q is None:  # no sampled row drafted (greedy rows verify drafts beside sampled rows without): the
         q = p.new_zeros(S, K, V)  # q of rows with no real draft, and of greedy rows, is never used
@@ -363,13 +372,8 @@ class Sampler:
     def __call__(self, rows: StepRows, step_logits: Logits, drafts: "Drafts | None",
                  staged: "StagedDrafts | None" = None) -> StepResult:
         logits, top = step_logits
-        if staged is None and not rows.prompt and all(m.params.plain_greedy for _, m in rows.members):
-            return self._plain_greedy(rows, top if top is not None else argmax(logits), drafts)
         device, width = logits.device, rows.width
         S, V = len(rows.members), logits.shape[-1]
-        seq_of, extra = [i for i in range(S) for _ in range(width)], list(range(width)) * S
-        batch = RowBatch([m for _, m in rows.members], seq_of, extra, self.eos_token_ids, device,
-                         self._mask(rows, staged, device), self.counts)
         sample_logits = logits[:S * width].view(S, width, V)
         up, sent = Upload(), {}
         if width > 1:
@@ -384,8 +388,19 @@ class Sampler:
             tokens_in = drafts.tokens.index_select(0, index)
             if drafts.probs is not None:
                 probs_in = drafts.probs.index_select(0, index)
-        tokens, accepted = verify(batch, sample_logits, num_drafts, tokens_in, probs_in,
-                                  None if top is None else top[:S * width].view(S, width))
+        if staged is None and not rows.prompt and all(m.params.plain_greedy for _, m in rows.members):
+            # nothing to process: each row's argmax as it is, the drafts checked against it as `verify` does
+            tokens = top if top is not None else argmax(logits)
+            if width == 1:  # no drafts: the tokens are all there is to read
+                return StepResult({m: Sampled([t], None) for (_, m), t in zip(rows.members, tokens.tolist())}, {})
+            tokens = tokens.view(S, width)
+            accepted = greedy_accepted(tokens, num_drafts, tokens_in)
+        else:
+            seq_of, extra = [i for i in range(S) for _ in range(width)], list(range(width)) * S
+            batch = RowBatch([m for _, m in rows.members], seq_of, extra, self.eos_token_ids, device,
+                             self._mask(rows, staged, device), self.counts)
+            tokens, accepted = verify(batch, sample_logits, num_drafts, tokens_in, probs_in,
+                                      None if top is None else top[:S * width].view(S, width))
         back = Readback()
         handles = {"tokens": back.add(tokens)}
         if accepted is not None:
@@ -432,24 +447,6 @@ class Sampler:
               if s.num_drafts else [], i * rows.width) for i, s, m in staged.members],
             len(rows.members) * rows.width)
         return bitmask.to(device, non_blocking=True)
-
-    @staticmethod
-    def _plain_greedy(rows: StepRows, top: torch.Tensor, drafts: "Drafts | None") -> StepResult:
-        """Members with nothing to process: each row's argmax as it is (`top`), a member's drafts
-        accepted while each equals the argmax of the row before it (what `verify` accepts for
-        greedy rows), in one readback with the drafts."""
-        S, width = len(rows.members), rows.width
-        if width == 1:
-            return StepResult({m: Sampled([t], None) for (_, m), t in zip(rows.members, top.tolist())}, {})
-        back = Readback()
-        handles = back.add(top[:S * width].view(S, width)), back.add(drafts.tokens)
-        tokens, drafted = (back.fetch()[h] for h in handles)
-        sampled = {}
-        for (s, member), row in zip(rows.members, tokens):
-            own = drafted[drafts.row(s)][:s.num_drafts] if s.num_drafts else []
-            accepted = next((j for j, d in enumerate(own) if d != row[j]), len(own))
-            sampled[member] = Sampled(row[:accepted + 1], None, s.num_drafts)
-        return StepResult(sampled, {})
 
     @staticmethod
     def _sampled(rows: StepRows, fetched: list[list], got: dict) -> dict[Sequence, Sampled]:
