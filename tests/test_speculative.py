@@ -96,8 +96,8 @@ def test_greedy_with_mtp_equals_mtp0(request, which, mtp):
 
 def test_plain_greedy_with_mtp_equals_mtp0(trained):
     """Greedy rows with nothing to process (no logprobs either) draft by their argmax and verify their
-    drafts against the target's argmax alone (Sampler._plain_greedy): the same tokens as without MTP,
-    drafts accepted and rejected."""
+    drafts against the target's argmax alone (the sampler's plain greedy branch, greedy_accepted): the
+    same tokens as without MTP, drafts accepted and rejected."""
     llm = LLM(str(trained), mtp=3)
     outputs = llm.generate(code_prompts(trained), SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True))
     for ref, out in zip(reference_outputs(trained), outputs, strict=True):
