@@ -291,11 +291,12 @@ def moe_loop(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: 
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 12, 40])
-@pytest.mark.parametrize("weights_as", ["dense", "column-major", "int4", "fp8"])
+@pytest.mark.parametrize("weights_as", ["dense", "column-major", "bf16", "int4", "fp8"])
 def test_fused_moe_twin_matches_the_loop(tokens, weights_as):
     """The twin (the CPU engine's MoE) in each weight format against `moe_loop` on the weights it
     stands for: one pair, pairs sharing experts and experts left out, more pairs than experts (every
-    token through every expert), many pairs per expert."""
+    token through every expert), many pairs per expert. bf16: the loader's CPU storage of a bf16
+    checkpoint's experts under fp32 compute, upcast by the twin."""
     from stepflash.kernels.fp8_linear import dequantize_fp8
     from stepflash.kernels.moe import dequantize_int4, fused_moe_ref
     from stepflash.model.quant import quantize_int4
@@ -311,6 +312,9 @@ def test_fused_moe_twin_matches_the_loop(tokens, weights_as):
     kwargs = {}
     if weights_as == "column-major":  # the loader's CPU layout
         stored = [w.mT.contiguous().mT for w in dense]
+    elif weights_as == "bf16":
+        stored = [w.bfloat16().mT.contiguous().mT for w in dense]
+        dense = [w.float() for w in stored]
     elif weights_as == "int4":
         stored, scales = zip(*(quantize_int4(w, 16) for w in dense))
         dense = [dequantize_int4(w, s, 16) for w, s in zip(stored, scales)]

@@ -79,6 +79,8 @@ def test_bf16_storage(tmp_path: Path) -> None:
     assert bf16[ROUTER].dtype == bf16[ROUTER_BIAS].dtype == torch.float32
     auto = params(load_model(ckpt, dtype="auto"))  # 'auto' on CPU computes in fp32
     assert auto[K_PROJ].dtype == torch.float32 and torch.equal(auto[K_PROJ], stored[K_PROJ].float())
+    # routed experts stay in bf16 (the MoE twin upcasts the ones it gathers), with their values
+    assert auto[EXPERTS].dtype == torch.bfloat16 and torch.equal(auto[EXPERTS], stored[EXPERTS])
 
 
 def test_router_stays_fp32_under_bf16(fp32_ckpt: Path) -> None:

@@ -69,26 +69,32 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     pick more pairs than there are experts (a model of few experts: every expert is read anyway),
     each token goes through every expert (`_every_expert`). Nothing is read back
     to the host, except how many experts are selected when they are quantized: those are
-    dequantized, once each."""
+    dequantized, once each. Weights narrower than x (the CPU keeps a bf16 checkpoint's experts in
+    bf16 under fp32 compute: model/loader.py) are upcast after the gather, so a step reads only the
+    selected experts' 16-bit bytes; every expert is then gathered where a few tokens pick them all
+    too, as upcasting them all would cost more than reading the pairs' copies."""
     flat = ids.reshape(-1)
     if int4_scales is None and fp8_scales is None:
-        experts, mats = flat, [w.to(x.dtype) for w in (w_gate, w_up, w_down)]
+        experts, mats = flat, [w_gate, w_up, w_down]
     else:
         used, experts = flat.unique(return_inverse=True)
         mats = [(dequantize_int4(w[used], s[used], group_size) if int4_scales is not None
                  else dequantize_fp8(w[used], s[used], fp8_block)).to(x.dtype)
                 for w, s in zip((w_gate, w_up, w_down), int4_scales or fp8_scales)]
-    gate, up, down = mats
-    if ids.numel() > w_gate.shape[0] and ids.shape[0] * w_gate.shape[0] <= EVERY_EXPERT_MAX_ROWS:
-        return _every_expert(x, gate, up, down, experts.view(ids.shape), weights, limit, add)
+    few = ids.shape[0] * w_gate.shape[0] <= EVERY_EXPERT_MAX_ROWS
+    narrow = mats[0].dtype != x.dtype
+    if ids.numel() > w_gate.shape[0] and few and not narrow:
+        return _every_expert(x, *mats, experts.view(ids.shape), weights, limit, add)
     # compiled (torch.compile on the CPU), the experts of a few tokens are gathered too, as long as
-    # that reads no more weights than the grouped GEMM (pairs <= experts): inductor fuses the gather
-    # into its batched products, faster there than the grouped GEMM's call per expert
-    if ids.shape[0] == 1 or (torch.compiler.is_compiling() and ids.numel() <= gate.shape[0]):
-        gate, up, down = (_take(m, experts) for m in (gate, up, down))
+    # that reads no more weights than the grouped GEMM (pairs <= experts; narrow weights: as long as
+    # every expert would go through them): inductor fuses the gather and the upcast into its batched
+    # products, faster there than the grouped GEMM's call per expert
+    if ids.shape[0] == 1 or (torch.compiler.is_compiling() and (ids.numel() <= w_gate.shape[0] or (narrow and few))):
+        gate, up, down = (_take(m, experts).to(x.dtype) for m in mats)
         rows = x[:, None].expand(-1, ids.shape[1], -1).reshape(-1, 1, x.shape[1])  # token t's row k times
         y = torch.bmm(swiglu_ref(torch.bmm(rows, gate.mT), torch.bmm(rows, up.mT), limit), down.mT)[:, 0]
         return sum_parts_ref((y.float() * weights.reshape(-1, 1)).view(*ids.shape, -1), add, x.dtype)
+    gate, up, down = (m.to(x.dtype) for m in mats)
     order = experts.argsort(stable=True)
     ends = torch.searchsorted(experts[order], torch.arange(gate.shape[0], device=x.device), right=True)
     token, ends = order // ids.shape[1], ends.to(torch.int32)

@@ -223,7 +223,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                     continue
             tensor = _read_weight(key, reader, storage, shard, block, int4_group)
             _check_shape(key, tensor, shape)
-            tensor = tensor.to(device=device, dtype=torch.float32 if name.endswith(FP32_PARAMS) else target_dtype)
+            tensor = tensor.to(device=device, dtype=_kept_dtype(model, name, tensor.dtype, target_dtype, device))
             if part:
                 packed.setdefault(name, ({}, {}))[0][part] = tensor
             else:
@@ -373,6 +373,20 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     if isinstance(module, (nn.Linear, StackedLinear)) and attr == "weight":
         tensor = _layout(tensor)
     setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _kept_dtype(model: nn.Module, name: str, stored: torch.dtype, target: torch.dtype,
+                device: torch.device) -> torch.dtype:
+    """The dtype a tensor is kept in: the router's fp32, the compute dtype for the rest, except that on
+    the CPU routed experts stored in 16 bits stay so under fp32 compute. That is exact (the MoE twin
+    upcasts the experts it gathers, kernels/moe.py) and halves what a decode step reads of them;
+    dense weights are upcast here, as the CPU's fp32 GEMMs beat any upcasting matmul."""
+    if name.endswith(FP32_PARAMS):
+        return torch.float32
+    if device.type == "cpu" and target == torch.float32 and stored in (torch.bfloat16, torch.float16) \
+            and isinstance(model.get_submodule(name.rpartition(".")[0]), StackedLinear):
+        return stored
+    return target
 
 
 def _layout(weight: torch.Tensor) -> torch.Tensor:
