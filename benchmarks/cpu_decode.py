@@ -128,14 +128,15 @@ def time_hf_loop(model, prompts: list[list[int]], new_tokens: int) -> float:
 @torch.inference_mode()
 def matmul_floor_seconds(model) -> float:
     """Seconds for one batch-1 token's weight matmuls alone (every linear of the decoder and head,
-    top_k experts per MoE layer), with this machine's BLAS: no engine can decode faster in fp32."""
+    top_k experts per MoE layer), in fp32 with this machine's BLAS: no engine reading fp32 weights
+    decodes faster (stepflash keeps a bf16 checkpoint's experts in bf16: model/loader.py)."""
     from stepflash.model.moe import MoE
 
     weights = [m.weight for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and not name.startswith("mtp.")]
     for m in model.modules():
         if isinstance(m, MoE):
-            weights += [stack.weight[e] for stack in (m.gate_proj, m.up_proj, m.down_proj)
+            weights += [stack.weight[e].float() for stack in (m.gate_proj, m.up_proj, m.down_proj)
                         for e in range(model.config.moe_top_k)]
     xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
 
@@ -188,7 +189,7 @@ def main() -> None:
     llm = next(iter(llms.values()))
     hf = transformers_causal_lm(model_dir)
     weight_bytes = active_weight_bytes(llm.engine.model)
-    active_params = weight_bytes / 4  # fp32
+    active_params = active_weight_bytes(llm.engine.model, per_param=1)
     ceiling = 1 / matmul_floor_seconds(llm.engine.model)
     copy_gbps = copy_bandwidth_gbps()
     plain = llms.get("stepflash_mtp0", llm)
@@ -220,7 +221,7 @@ def main() -> None:
         rows.append(row)
     print(f"model: {model_dir}  active params/token: {active_params / 1e6:.1f}M  threads: {torch.get_num_threads()}")
     print(f"batch-1 ceiling from the weight matmuls alone: {ceiling:.1f} tokens/s "
-          f"({weight_bytes * ceiling / 1e9:.1f} GB/s), i.e. at most {rows[0].get('ceiling_ratio_vs_hf_generate', 0):.2f}x "
+          f"({4 * active_params * ceiling / 1e9:.1f} GB/s), i.e. at most {rows[0].get('ceiling_ratio_vs_hf_generate', 0):.2f}x "
           "transformers generate for any engine using this BLAS in fp32 without speculation")
     print(f"measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
     print(f"a batch-1 step, eager: {profiled['ops_per_token']:.0f} torch ops per token; by caller: "

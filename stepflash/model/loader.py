@@ -8,7 +8,8 @@ kernels that read them as they are: `keep_int4` keeps INT4 experts packed; `keep
 weight of a linear map in FP8 (stacked experts in their StackedLinear, packed q/k/v/g and gate/up in
 FP8 runs where their scale blocks stack (model/linear.py PackedLinear), other nn.Linear layers
 replaced by Fp8Linear), except lm_head (the engine takes the compute dtype from it) and the fp32
-router; tables such as the embeddings are dequantized either way. Tensors keep their hub names in
+router; tables such as the embeddings are dequantized either way. On the CPU under fp32 compute,
+routed experts stored in bf16 or fp16 stay so (`_kept_dtype`). Tensors keep their hub names in
 every message; `hub_state_dict` maps a model back to them.
 """
 
@@ -380,7 +381,7 @@ def _kept_dtype(model: nn.Module, name: str, stored: torch.dtype, target: torch.
     """The dtype a tensor is kept in: the router's fp32, the compute dtype for the rest, except that on
     the CPU routed experts stored in 16 bits stay so under fp32 compute. That is exact (the MoE twin
     upcasts the experts it gathers, kernels/moe.py) and halves what a decode step reads of them;
-    dense weights are upcast here, as the CPU's fp32 GEMMs beat any upcasting matmul."""
+    dense weights are upcast here: past one row, the CPU's fp32 GEMMs beat inductor's upcasting loops."""
     if name.endswith(FP32_PARAMS):
         return torch.float32
     if device.type == "cpu" and target == torch.float32 and stored in (torch.bfloat16, torch.float16) \

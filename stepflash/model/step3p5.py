@@ -201,15 +201,16 @@ def use_kernels(model: nn.Module, on: bool) -> None:
             module.use_kernel = on
 
 
-def active_weight_bytes(model: Step3p5ForCausalLM) -> int:
+def active_weight_bytes(model: Step3p5ForCausalLM, per_param: int | None = None) -> int:
     """Weight bytes one decoded token reads at batch 1: every decoder weight and the head, but only
     top_k of the routed experts, and one embedding row (negligible, left out); MTP modules and the
-    vision tower excluded."""
+    vision tower excluded. `per_param`: bytes counted per parameter instead of each one's own size
+    (1: how many parameters)."""
     cfg, total = model.config, 0
     for name, p in model.named_parameters():
         if name.startswith(("mtp.", "vision.")) or name == "model.embed_tokens.weight":
             continue
-        size = p.numel() * p.element_size()
+        size = p.numel() * (per_param or p.element_size())
         if ".moe." in name and not name.endswith(("moe.gate.weight", "router_bias")):
             size = size * cfg.moe_top_k // cfg.moe_num_experts
         total += size
