@@ -71,8 +71,8 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     to the host, except how many experts are selected when they are quantized: those are
     dequantized, once each. Weights narrower than x (the CPU keeps a bf16 checkpoint's experts in
     bf16 under fp32 compute: model/loader.py) are upcast after the gather, so a step reads only the
-    selected experts' 16-bit bytes; every expert is then gathered where a few tokens pick them all
-    too, as upcasting them all would cost more than reading the pairs' copies."""
+    selected experts' 16-bit bytes; compiled, the pairs of up to EVERY_EXPERT_MAX_ROWS / E tokens
+    are then gathered rather than every token sent through every expert, which would upcast them all."""
     flat = ids.reshape(-1)
     if int4_scales is None and fp8_scales is None:
         experts, mats = flat, [w_gate, w_up, w_down]
