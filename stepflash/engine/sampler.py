@@ -67,6 +67,11 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return x.max(-1).indices
 
 
+def argmax_of(step: Logits) -> torch.Tensor:
+    """Each row's argmax: the one the step computed beside its logits, else computed here."""
+    return step.argmax if step.argmax is not None else argmax(step.values)
+
+
 def draw(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, purpose: int) -> torch.Tensor:
     """One token per row of unnormalised probabilities: argmax(p / E), E ~ Exp(1)."""
     noise = -uniforms(seeds, positions, purpose, probs.shape[-1]).log()
@@ -390,7 +395,7 @@ class Sampler:
                 probs_in = drafts.probs.index_select(0, index)
         if staged is None and not rows.prompt and all(m.params.plain_greedy for _, m in rows.members):
             # nothing to process: each row's argmax as it is, the drafts checked against it as `verify` does
-            tokens = top if top is not None else argmax(logits)
+            tokens = argmax_of(step_logits)
             if width == 1:  # no drafts: the tokens are all there is to read
                 return StepResult({m: Sampled([t], None) for (_, m), t in zip(rows.members, tokens.tolist())}, {})
             tokens = tokens.view(S, width)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from stepflash.engine.runner import Chunk, DraftRows, Inject, ModelRunner
-from stepflash.engine.sampler import RowBatch, TokenCounts, argmax, draft_tokens
+from stepflash.engine.sampler import RowBatch, TokenCounts, argmax_of, draft_tokens
 from stepflash.engine.scheduler import ScheduledSeq, StepPlan
 from stepflash.structured import UTF8_GRACE, StructuredOutputs
 
@@ -69,7 +69,7 @@ class MTPDrafter:
                 continue
             mask = self._mask(members, tokens, depth)
             if mask is None and all(s.seq.params.plain_greedy for s in members):  # nothing to process
-                new, q = logits.argmax if logits.argmax is not None else argmax(logits.values), None
+                new, q = argmax_of(logits), None
             else:
                 batch = RowBatch([s.seq for s in members], list(range(len(members))), [depth] * len(members),
                                  self.eos_token_ids, self.runner.device, mask, self.counts)
