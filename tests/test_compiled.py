@@ -45,8 +45,9 @@ def test_compiled_steps_match_the_reference_and_the_eager_engine(ckpt, mtp=2):
     compiled = LLM(str(ckpt), mtp=mtp, compile="on")
     outputs = compiled.generate(prompts, greedy())
     steps = compiled.engine.runner.compiled
-    assert len(steps) == 1 + mtp and all(step.compiled is not None for step in steps)  # none fell back
-    assert counters["stats"]["unique_graphs"] - graphs_before >= 1 + mtp  # target and every MTP module
+    assert len(steps) == 2 + mtp and all(step.compiled is not None for step in steps)  # none fell back
+    # the target, every MTP module (sampled drafting, at start) and greedy drafting
+    assert counters["stats"]["unique_graphs"] - graphs_before >= 2 + mtp
     assert_matches_reference(ckpt, prompts, outputs)
     eager = LLM(str(ckpt), mtp=mtp, compile="off")
     assert eager.engine.runner.compiled == ()
@@ -55,6 +56,37 @@ def test_compiled_steps_match_the_reference_and_the_eager_engine(ckpt, mtp=2):
         for la, lb, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
             assert abs(la[t] - lb[t]) < 1e-4
     assert compiled.get_stats().spec == eager.get_stats().spec  # each MTP module drafted what it does eagerly
+
+
+def test_greedy_drafting_in_one_call_drafts_what_a_call_per_module_does(ckpt, monkeypatch):
+    """Plain greedy drafting runs every MTP module in one compiled call, each module's argmax fed to
+    the next inside it (runner.greedy_drafts): step by step, the same drafts as a compiled call per
+    module, and the same tokens."""
+    plain = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    runs = []
+    for one_call in (True, False):
+        llm = LLM(str(ckpt), mtp=2, compile="on")
+        drafter, runner, drafted = llm.engine.drafter, llm.engine.runner, []
+        propose, greedy_drafts = drafter.propose, runner.greedy_drafts
+        fused = []
+
+        def recorded(plan, propose=propose, drafted=drafted):
+            drafts = propose(plan)
+            drafted.append(drafts.tokens.tolist())
+            return drafts
+
+        def counted(rows, greedy_drafts=greedy_drafts, fused=fused, one_call=one_call):
+            out = greedy_drafts(rows) if one_call else None
+            fused.append(out is not None)
+            return out
+
+        monkeypatch.setattr(drafter, "propose", recorded)
+        monkeypatch.setattr(runner, "greedy_drafts", counted)
+        outputs = llm.generate(mixed_prompts(), plain)
+        runs.append((drafted, [o.outputs[0].token_ids for o in outputs], sum(fused)))
+    (drafted, tokens, fused), (per_module, per_module_tokens, _) = runs
+    assert fused >= len(drafted) // 2  # most steps drafted in one call (not those catching up a prefill)
+    assert drafted == per_module and tokens == per_module_tokens
 
 
 def test_compiled_argmax_takes_the_first_of_tied_maxima():
@@ -66,7 +98,7 @@ def test_compiled_argmax_takes_the_first_of_tied_maxima():
 
 def test_a_failed_compile_warns_and_runs_the_step_eagerly(ckpt):
     llm = LLM(str(ckpt), mtp=1, compile="on")
-    steps = llm.engine.runner.compiled  # the target's and the MTP module's
+    steps = llm.engine.runner.compiled  # the target's, the MTP module's and greedy drafting's
 
     def no_toolchain(graph, example_inputs):
         raise RuntimeError("no C++ compiler here")
@@ -76,7 +108,7 @@ def test_a_failed_compile_warns_and_runs_the_step_eagerly(ckpt):
     prompts = mixed_prompts()[:4]
     with pytest.warns(UserWarning, match="(?s)torch.compile failed.*no C\\+\\+ compiler here"):
         outputs = llm.generate(prompts, greedy())
-    assert [step.compiled for step in steps] == [None, None]
+    assert [step.compiled for step in steps] == [None] * 3
     assert_matches_reference(ckpt, prompts, outputs)
 
 

@@ -173,7 +173,8 @@ class LLMEngine:
         """Compile now, not in the first requests (tens of seconds), each step kind in each of its
         variants (runner.CompiledStep: one row; then ranges of rows where the MoE twin turns from
         gathering its experts to every expert to the grouped GEMM, kernels/moe.py): two requests
-        together, one short enough to be computed like a verify step, then one alone, then full
+        together, one short enough to be computed like a verify step, and sampled (its drafts come
+        from a call per MTP module, greedy ones' from one call for all), then one alone, then full
         batches of 4, 8, 16, ... and max_num_seqs requests. Their statistics are then forgotten."""
         log.info("stepflash: compiling the decode, verify and drafting steps (torch.compile; compile='off', "
                  "--compile off, skips it) ...")
@@ -183,7 +184,8 @@ class LLMEngine:
         for batch in (((20, 16), (5, 4)), ((12, 8),), *(((12, 8),) * n for n in full)):
             for i, (prompt_len, max_tokens) in enumerate(batch):
                 self.add_request(f"compile-{i}", [t % self.model_config.vocab_size for t in range(2, 2 + prompt_len)],
-                                 SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+                                 SamplingParams(temperature=float(prompt_len == 5), seed=0, max_tokens=max_tokens,
+                                                ignore_eos=True))
             while self.has_unfinished_requests():
                 self.step()
         self.num_steps, self.output.spec = 0, SpecStats()

@@ -335,9 +335,11 @@ class ModelRunner:
             self.mtp_graphs = [StepGraphs(partial(self._step_mtp_forward, depth=depth), [SLIDING], 2 * graph_rows, widths,
                                           self.scratch, block_size, self.device, capture, pool)
                                for depth in range(self.num_mtp)]
-        # short-chunk steps through torch.compile instead (the CPU): one compiled function per forward
+        # short-chunk steps through torch.compile instead (the CPU): one compiled function per forward (the
+        # target, each MTP module), and one for greedy drafting, which runs every MTP module
         self.compiled = (CompiledStep(self._step_logits), *(CompiledStep(self._step_mtp_logits, depth)
-                                                            for depth in range(self.num_mtp))) if compiled else ()
+                                                            for depth in range(self.num_mtp)),
+                         *[CompiledStep(self._step_greedy_drafts)] * bool(self.num_mtp)) if compiled else ()
         for cache in [t for kv in self.caches.values() for t in kv] + self.hidden if compiled else []:
             torch._dynamo.mark_static(cache)  # their shapes never change: no sizes to read per call
 
@@ -375,6 +377,20 @@ class ModelRunner:
             return self._run_shared(call, inject, self._image_embeds(rows.chunks))
         call = StepCall("mtp", depth, source_shape=list(inject.source.shape) if inject.rows else None)
         return self._run_shared(call, inject)
+
+    @torch.inference_mode()
+    def greedy_drafts(self, rows: DraftRows) -> tuple[torch.Tensor, ...] | None:
+        """Every MTP module over the step's drafting rows in one compiled call, each drafting the argmax
+        at its logit rows (`_step_greedy_drafts`): module d's drafts, in its logit rows' order. None
+        where such a step is not compiled (not compiling; a long catch-up, which goes to the prefill
+        op; images in the rows): then a call per module (`execute_mtp`)."""
+        if not self.compiled or any(len(c.ids) > SHORT_CHUNK for c in rows.chunks) \
+                or self._image_embeds(rows.chunks) is not None:
+            return None
+        call = self._pack("mtp", 0, rows.chunks, [SLIDING], rows.logit_rows, [None] * self.num_mtp)
+        unpacked, sent = self._unpack(call), call.handles
+        logit_rows = tuple(unpacked.got(sent[f"logit_rows {depth}"]) for depth in range(self.num_mtp))
+        return self.compiled[-1](_step_inputs(unpacked.shared), logit_rows)
 
     def copy_blocks(self, copies: list[BlockCopy]) -> None:
         if copies:
@@ -451,6 +467,19 @@ class ModelRunner:
         """Module `depth` over a drafting step, its head and argmax, compiled."""
         logits = self.model.mtp_logits(depth, self._step_mtp_forward(step, depth).index_select(0, logit_rows))
         return Logits(logits, logits.argmax(-1))
+
+    def _step_greedy_drafts(self, step: StepInputs, logit_rows: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """What torch.compile compiles for greedy drafting: module d over a drafting step and the argmax
+        of its head at its logit rows, which become the ids of module d + 1's logit rows (a sequence's
+        next row: module d drafts token d + 1 from row start + d, and module d + 1 reads it there)."""
+        ids, drafted = step.ids, []
+        for depth, rows in enumerate(logit_rows):
+            if depth:  # those drafting at this depth are the first of those at the last (MTPDrafter.propose)
+                torch._check(rows.shape[0] <= drafted[-1].shape[0])
+                ids = ids.index_copy(0, rows, drafted[-1][:rows.shape[0]])
+            hidden = self._step_mtp_forward(replace(step, ids=ids), depth)
+            drafted.append(self.model.mtp_logits(depth, hidden.index_select(0, rows)).argmax(-1))
+        return tuple(drafted)
 
     def _step_context(self, step: StepInputs, kinds: list[str]) -> PagedAttention:
         return PagedAttention(self.ops, self.caches, self.kind_of, {k: step.slots[k] for k in kinds},
@@ -665,10 +694,11 @@ class CompiledStep:
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         shape_config.use_duck_shape = False
 
-    def __call__(self, step: StepInputs, logit_rows: torch.Tensor) -> Logits:
+    def __call__(self, step: StepInputs, logit_rows: torch.Tensor | tuple[torch.Tensor, ...]) -> Logits | tuple:
         if self.compiled is not None:
             try:
-                counts = [logit_rows, step.tiles, *step.tables.values(), *step.first_blocks.values()]
+                rows = logit_rows if isinstance(logit_rows, tuple) else (logit_rows,)
+                counts = [*rows, step.tiles, *step.tables.values(), *step.first_blocks.values()]
                 for counted in counts:  # one graph for any count, 0 and 1 too
                     torch._dynamo.decorators.mark_unbacked(counted, 0)
                 return self.compiled(step, logit_rows)

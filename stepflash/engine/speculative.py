@@ -15,6 +15,8 @@ drafts token d + 1 from row start + d; its rows past that are scratch, as all sp
 the next step's catch-up starts at `start` again and overwrites them before anything reads them
 (a row reads no later position, and module d + 1 reads module d's output at p - 1 only for rows
 up to start + d + 1).
+Where every drafting sequence is plain greedy and steps are compiled (the CPU), the passes are one
+compiled call, each module's argmax written into the next one's rows on the way (runner.greedy_drafts).
 The target then verifies the drafts in the same step (engine/sampler.py `verify`); the drafts never
 leave the device, except those of constrained sequences, read back at each depth so that the next
 draft is drawn under the grammar's mask after them.
@@ -61,6 +63,12 @@ class MTPDrafter:
         drafts = Drafts(drafting, tokens, None)
         rows = self._rows(plan, drafts)
         if not rows.chunks:
+            return drafts
+        plain = all(s.seq.params.plain_greedy and not (s.seq.constraint and s.seq.constraint.active) for s in drafting)
+        drafted = self.runner.greedy_drafts(rows) if plain else None
+        if drafted is not None:
+            for depth, new in enumerate(drafted[:width]):  # deeper modules only caught up
+                tokens[:len(new), depth] = new
             return drafts
         for depth in range(self.runner.num_mtp):
             logits = self.runner.execute_mtp(depth, rows)
