@@ -275,13 +275,15 @@ def draft_tokens(batch: RowBatch, logits: torch.Tensor, drafts: torch.Tensor | N
     return torch.where(batch.greedy, tokens, drawn), q
 
 
-def greedy_accepted(target: torch.Tensor, num_drafts: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
-    """target [S, K + 1] (each row's token), drafts [S, K] of which the first num_drafts[s] are real ->
-    how many drafts each sequence accepts: those equal to the target's token before them, in a run
-    from the first."""
+def greedy_accepted(target: torch.Tensor, num_drafts: torch.Tensor | None, drafts: torch.Tensor) -> torch.Tensor:
+    """target [S, K + 1] (each row's token), drafts [S, K] of which the first num_drafts[s] are real
+    (None: all) -> how many drafts each sequence accepts: those equal to the target's token before
+    them, in a run from the first."""
     K = drafts.shape[1]
-    real = torch.arange(K, device=drafts.device)[None, :] < num_drafts[:, None]
-    return (real & (target[:, :K] == drafts)).long().cumprod(-1).sum(-1)
+    same = target[:, :K] == drafts
+    if num_drafts is not None:
+        same &= torch.arange(K, device=drafts.device)[None, :] < num_drafts[:, None]
+    return same.cumprod(-1).sum(-1)
 
 
 def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | None, drafts: torch.Tensor | None,
@@ -290,7 +292,7 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | Non
     are real) -> (tokens [S, K + 1], accepted [S]): sequence s emits tokens[s, :accepted[s] + 1].
     drafts [S, K]; q [S, K, V] (the draft distributions, sampled sequences; None when none of them drafts).
     Without drafts (K = 0; num_drafts and drafts may be None) every row emits its token, and
-    `accepted` is None. `top` [S, K + 1]: the logits' argmax, where the step computed it."""
+    `accepted` is None; num_drafts None with drafts: all K are real. `top` [S, K + 1]: the logits' argmax, where the step computed it."""
     S, width, V = logits.shape
     K = width - 1
     processed = batch.process(logits.reshape(S * width, V), drafts).view(S, width, V)
@@ -304,6 +306,8 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | Non
     accepted = greedy_accepted(target, num_drafts, drafts)
     if not batch.any_sampled:
         return target, accepted
+    if num_drafts is None:
+        num_drafts = torch.full((S,), K, device=logits.device)
     real = torch.arange(K, device=logits.device)[None, :] < num_drafts[:, None]
     p = batch.probs(processed.view(S * width, V)).view(S, width, V)
     if q is None:  # no sampled row drafted (greedy rows verify drafts beside sampled rows without): the
@@ -380,19 +384,10 @@ class Sampler:
         device, width = logits.device, rows.width
         S, V = len(rows.members), logits.shape[-1]
         sample_logits = logits[:S * width].view(S, width, V)
-        up, sent = Upload(), {}
-        if width > 1:
-            sent["num_drafts"] = up.add([s.num_drafts for s, _ in rows.members])
-            sent["drafts"] = up.add([drafts.row(s) if s.num_drafts else 0 for s, _ in rows.members])
-        if rows.prompt:
-            sent["chosen"] = up.add([seq.token_ids[p + 1] for seq, p in rows.prompt])
-        got = up.send(device) if sent else None
-        num_drafts, tokens_in, probs_in = None, None, None
-        if width > 1:  # each member's drafts (a stand-in row where it has none: never compared)
-            num_drafts, index = got(sent["num_drafts"]), got(sent["drafts"])
-            tokens_in = drafts.tokens.index_select(0, index)
-            if drafts.probs is not None:
-                probs_in = drafts.probs.index_select(0, index)
+        num_drafts, tokens_in, probs_in = self._member_drafts(rows, drafts) if width > 1 else (None, None, None)
+        if rows.prompt:  # the scored prompt positions' next tokens
+            up = Upload()
+            chosen = up.send(device)(up.add([seq.token_ids[p + 1] for seq, p in rows.prompt]))
         if staged is None and not rows.prompt and all(m.params.plain_greedy for _, m in rows.members):
             # nothing to process: each row's argmax as it is, the drafts checked against it as `verify` does
             tokens = argmax_of(step_logits)
@@ -416,9 +411,26 @@ class Sampler:
         if rows.prompt:
             k_prompt = max(seq.params.prompt_logprobs for seq, _ in rows.prompt)
             raw = logits[S * width:].log_softmax(-1)
-            handles["prompt"] = [back.add(t) for t in top_logprobs(raw, got(sent["chosen"]), k_prompt)]
+            handles["prompt"] = [back.add(t) for t in top_logprobs(raw, chosen, k_prompt)]
         fetched = back.fetch()
         return StepResult(self._sampled(rows, fetched, handles), self._prompt_logprobs(rows, fetched, handles))
+
+    @staticmethod
+    def _member_drafts(rows: StepRows, drafts: "Drafts") -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Each member's draft count, drafts and their distributions ([S], [S, K], [S, K, V]): the
+        drafter's own where each member drafted all K in a row of its own, in order (count None: all
+        real; one sequence, most decode batches); else gathered, a stand-in row where a member has
+        none (never compared), in one copy."""
+        index = [drafts.row(s) if s.num_drafts else 0 for s, _ in rows.members]
+        counts = [s.num_drafts for s, _ in rows.members]
+        if len(index) == len(drafts.seqs) and index == list(range(len(index))) and min(counts) == rows.width - 1:
+            return None, drafts.tokens, drafts.probs
+        up = Upload()
+        sent = up.add(counts), up.add(index)
+        got = up.send(drafts.tokens.device)
+        num_drafts, index = got(sent[0]), got(sent[1])
+        probs = drafts.probs.index_select(0, index) if drafts.probs is not None else None
+        return num_drafts, drafts.tokens.index_select(0, index), probs
 
     def stage(self, rows: StepRows, drafts: "Drafts | None") -> "StagedDrafts | None":
         """Start copying the constrained members' drafts to the host, before the target's forward is
