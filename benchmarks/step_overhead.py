@@ -8,7 +8,10 @@ inside the model's forward calls (target, MTP modules, heads; compiled steps as 
 by default), which on the CPU run synchronously; the host time's parts (packing and unpacking the
 runner's inputs, planning, outputs) are printed after it. "wrap ms": the part of the forward time
 that compiled steps spend outside their compiled graphs (dynamo's guards and input gathering,
-inductor's wrapper): host work too, though inside the forward calls.
+inductor's wrapper): host work too, though inside the forward calls. "bytecodes": the Python
+bytecodes a step executes (sys.settrace, on a few steps after the timed ones; C code not counted): a
+count of the host's work that, unlike its time, a longer forward does not inflate (on this CPU a
+4K-context forward evicts the host's data from the caches, so the same host work takes longer).
 Targets (issue 14): host time <= 10% of the step everywhere, and within 10% between 256 and 4K.
 
     python benchmarks/step_overhead.py [--steps 24] [--batches 1,16,64] [--contexts 256,4096] [--threads 1]
@@ -18,7 +21,9 @@ import argparse
 import functools
 import json
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,6 +84,29 @@ class StepClock:
         setattr(owner, name, run)
 
 
+def bytecodes(step: Callable[[], object], steps: int = 8) -> int:
+    """Median over `steps` calls of the Python bytecodes one call of `step` executes."""
+    counts = []
+
+    def on_call(frame, event, arg):
+        frame.f_trace_opcodes = True
+        return on_opcode
+
+    def on_opcode(frame, event, arg):
+        if event == "opcode":
+            counts[-1] += 1
+        return on_opcode
+
+    for _ in range(steps):
+        counts.append(0)
+        sys.settrace(on_call)
+        try:
+            step()
+        finally:
+            sys.settrace(None)
+    return int(statistics.median(counts))
+
+
 def stdlib_tokens(llm: LLM, count: int) -> list[int]:
     text = "".join(p.read_text(errors="replace") for p in sorted(Path(json.__file__).parent.glob("*.py")))
     text += "".join(p.read_text(errors="replace") for p in sorted(Path(argparse.__file__).parent.glob("a*.py")))
@@ -89,7 +117,7 @@ def stdlib_tokens(llm: LLM, count: int) -> list[int]:
 def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int]) -> dict:
     llm = LLM(mtp=mtp, max_num_seqs=max(batch, 1), max_num_batched_tokens=max(1024, 16 * batch))
     engine = llm.engine
-    max_tokens = (steps + 5) * (1 + mtp) + 4
+    max_tokens = (steps + 13) * (1 + mtp) + 4
     length = min(context, engine.max_model_len - max_tokens)  # the context reached by the timed steps
     shared = tokens[:length - 16]
     prompts = [shared + tokens[context + 16 * i: context + 16 * (i + 1)] for i in range(batch)]
@@ -110,6 +138,7 @@ def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int]) -
         step_times.append(time.perf_counter() - start)
         parts.append(dict(clock.seconds))
     clock.close()
+    host_bytecodes = bytecodes(engine.step)
     running = len(engine.scheduler.running)
     for i in range(batch):
         engine.abort_request(f"p{i}")
@@ -122,7 +151,7 @@ def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int]) -
             "host_ms": round((step - forward) * 1e3, 3), "host_share": round((step - forward) / step, 4),
             "host_parts_ms": host_parts,  # the rest of the host time: drafting's own work, the engine
             # inside forward_ms: compiled steps' time outside their graphs (dynamo, inductor's wrapper)
-            "compiled_wrapper_ms": round(wrapper * 1e3, 3),
+            "compiled_wrapper_ms": round(wrapper * 1e3, 3), "host_bytecodes": host_bytecodes,
             "tau": round(engine.output.spec.mean_accepted_length, 3)}
 
 
@@ -140,14 +169,14 @@ def main() -> None:
     tokens = stdlib_tokens(LLM(mtp=0, max_num_seqs=1, compile="off"), max(contexts) + 16 * 70)
     rows = []
     print(f"{'mtp':>3} {'batch':>5} {'ctx':>5} {'step ms':>8} {'fwd ms':>8} {'host ms':>8} {'host %':>6} "
-          f"{'wrap ms':>7} {'tau':>5}  host parts, ms")
+          f"{'wrap ms':>7} {'bytecodes':>9} {'tau':>5}  host parts, ms")
     for mtp in (int(m) for m in args.mtp.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             for context in contexts:
                 r = measure(mtp, batch, context, args.steps, tokens)
                 rows.append(r)
                 print(f"{mtp:>3} {batch:>5} {context:>5} {r['step_ms']:>8.2f} {r['forward_ms']:>8.2f} "
-                      f"{r['host_ms']:>8.2f} {100 * r['host_share']:>5.1f}% {r['compiled_wrapper_ms']:>7.2f} "
+                      f"{r['host_ms']:>8.2f} {100 * r['host_share']:>5.1f}% {r['compiled_wrapper_ms']:>7.2f} {r['host_bytecodes']:>9} "
                       f"{r['tau']:>5.2f}  "
                       + " ".join(f"{part} {ms:.2f}" for part, ms in r["host_parts_ms"].items()), flush=True)
     write_record("step_overhead", f"step_overhead-tiny-t{args.threads}", {"steps": args.steps, "points": rows},
