@@ -339,7 +339,7 @@ class ModelRunner:
         # target, each MTP module), and one for greedy drafting, which runs every MTP module
         self.compiled = (CompiledStep(self._step_logits), *(CompiledStep(self._step_mtp_logits, depth)
                                                             for depth in range(self.num_mtp)),
-                         *[CompiledStep(self._step_greedy_drafts)] * bool(self.num_mtp)) if compiled else ()
+                         *([CompiledStep(self._step_greedy_drafts)] if self.num_mtp else [])) if compiled else ()
         for cache in [t for kv in self.caches.values() for t in kv] + self.hidden if compiled else []:
             torch._dynamo.mark_static(cache)  # their shapes never change: no sizes to read per call
 
