@@ -10,8 +10,8 @@ runner's inputs, planning, outputs) are printed after it. "wrap ms": the part of
 that compiled steps spend outside their compiled graphs (dynamo's guards and input gathering,
 inductor's wrapper): host work too, though inside the forward calls. "bytecodes": the Python
 bytecodes a step executes (sys.settrace, on a few steps after the timed ones; C code not counted): a
-count of the host's work that, unlike its time, a longer forward does not inflate (on this CPU a
-4K-context forward evicts the host's data from the caches, so the same host work takes longer).
+count of the host's work that, unlike its time, a longer forward does not inflate (on this CPU the
+same host work takes longer after a 4K-context forward, which streams more KV through the caches).
 Targets (issue 14): host time <= 10% of the step everywhere, and within 10% between 256 and 4K.
 
     python benchmarks/step_overhead.py [--steps 24] [--batches 1,16,64] [--contexts 256,4096] [--threads 1]
@@ -176,7 +176,8 @@ def main() -> None:
                 r = measure(mtp, batch, context, args.steps, tokens)
                 rows.append(r)
                 print(f"{mtp:>3} {batch:>5} {context:>5} {r['step_ms']:>8.2f} {r['forward_ms']:>8.2f} "
-                      f"{r['host_ms']:>8.2f} {100 * r['host_share']:>5.1f}% {r['compiled_wrapper_ms']:>7.2f} {r['host_bytecodes']:>9} "
+                      f"{r['host_ms']:>8.2f} {100 * r['host_share']:>5.1f}% {r['compiled_wrapper_ms']:>7.2f} "
+                      f"{r['host_bytecodes']:>9} "
                       f"{r['tau']:>5.2f}  "
                       + " ".join(f"{part} {ms:.2f}" for part, ms in r["host_parts_ms"].items()), flush=True)
     write_record("step_overhead", f"step_overhead-tiny-t{args.threads}", {"steps": args.steps, "points": rows},

@@ -185,7 +185,8 @@ class LLMEngine:
         for batch in (((20, 16, 0.0), (5, 4, 1.0)), (greedy,), *((greedy,) * n for n in full)):
             for i, (prompt_len, max_tokens, temperature) in enumerate(batch):
                 self.add_request(f"compile-{i}", [t % self.model_config.vocab_size for t in range(2, 2 + prompt_len)],
-                                 SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens, ignore_eos=True))
+                                 SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens,
+                                                ignore_eos=True))
             while self.has_unfinished_requests():
                 self.step()
         self.num_steps, self.output.spec = 0, SpecStats()

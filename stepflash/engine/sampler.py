@@ -292,7 +292,8 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | Non
     are real) -> (tokens [S, K + 1], accepted [S]): sequence s emits tokens[s, :accepted[s] + 1].
     drafts [S, K]; q [S, K, V] (the draft distributions, sampled sequences; None when none of them drafts).
     Without drafts (K = 0; num_drafts and drafts may be None) every row emits its token, and
-    `accepted` is None; num_drafts None with drafts: all K are real. `top` [S, K + 1]: the logits' argmax, where the step computed it."""
+    `accepted` is None; num_drafts None with drafts: all K are real. `top` [S, K + 1]: the logits'
+    argmax, where the step computed it."""
     S, width, V = logits.shape
     K = width - 1
     processed = batch.process(logits.reshape(S * width, V), drafts).view(S, width, V)
@@ -416,7 +417,8 @@ class Sampler:
         return StepResult(self._sampled(rows, fetched, handles), self._prompt_logprobs(rows, fetched, handles))
 
     @staticmethod
-    def _member_drafts(rows: StepRows, drafts: "Drafts") -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    def _member_drafts(rows: StepRows, drafts: "Drafts") -> tuple[torch.Tensor | None, torch.Tensor,
+                                                                   torch.Tensor | None]:
         """Each member's draft count, drafts and their distributions ([S], [S, K], [S, K, V]): the
         drafter's own where each member drafted all K in a row of its own, in order (count None: all
         real; one sequence, most decode batches); else gathered, a stand-in row where a member has
