@@ -384,7 +384,6 @@ class Sampler:
         logits, top = step_logits
         device, width = logits.device, rows.width
         S, V = len(rows.members), logits.shape[-1]
-        sample_logits = logits[:S * width].view(S, width, V)
         num_drafts, tokens_in, probs_in = self._member_drafts(rows, drafts) if width > 1 else (None, None, None)
         if rows.prompt:  # the scored prompt positions' next tokens
             up = Upload()
@@ -400,6 +399,7 @@ class Sampler:
             seq_of, extra = [i for i in range(S) for _ in range(width)], list(range(width)) * S
             batch = RowBatch([m for _, m in rows.members], seq_of, extra, self.eos_token_ids, device,
                              self._mask(rows, staged, device), self.counts)
+            sample_logits = logits[:S * width].view(S, width, V)
             tokens, accepted = verify(batch, sample_logits, num_drafts, tokens_in, probs_in,
                                       None if top is None else top[:S * width].view(S, width))
         back = Readback()
@@ -407,7 +407,7 @@ class Sampler:
         if accepted is not None:
             handles["accepted"] = back.add(accepted)
         k = max((m.params.logprobs for _, m in rows.members if m.params.logprobs is not None), default=None)
-        if k is not None:
+        if k is not None:  # not in the plain greedy branch: its members ask for no logprobs
             handles["logprobs"] = [back.add(t) for t in top_logprobs(sample_logits.log_softmax(-1), tokens, k)]
         if rows.prompt:
             k_prompt = max(seq.params.prompt_logprobs for seq, _ in rows.prompt)
