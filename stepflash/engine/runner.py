@@ -77,6 +77,11 @@ class Chunk:
     def end(self) -> int:
         return self.start + len(self.ids)
 
+    @property
+    def reaches_images(self) -> bool:
+        """Whether the chunk starts before its sequence's last image ends (it may hold image rows)."""
+        return bool(self.seq.images) and self.start < self.seq.images[-1].end
+
 
 @dataclass
 class Inject:
@@ -383,9 +388,8 @@ class ModelRunner:
         """Every MTP module over the step's drafting rows in one compiled call, each drafting the argmax
         at its logit rows (`_step_greedy_drafts`): module d's drafts, in its logit rows' order. None
         where such a step is not compiled (not compiling; a long catch-up, which goes to the prefill
-        op; images in the rows): then a call per module (`execute_mtp`)."""
-        if not self.compiled or any(len(c.ids) > SHORT_CHUNK for c in rows.chunks) \
-                or self._image_embeds(rows.chunks) is not None:
+        op; a chunk that may hold image rows): then a call per module (`execute_mtp`)."""
+        if not self.compiled or any(len(c.ids) > SHORT_CHUNK or c.reaches_images for c in rows.chunks):
             return None
         call = self._pack("mtp", 0, rows.chunks, [SLIDING], rows.logit_rows, [None] * self.num_mtp)
         unpacked, sent = self._unpack(call), call.handles
@@ -608,13 +612,10 @@ class ModelRunner:
             return None
         rows, parts, todo, row = [], [], [], 0
         for c in chunks:
-            images = c.seq.images
-            if images and c.start >= images[-1].end and c.seq in self.image_features:
-                self._drop_passed(c.seq, self.image_features[c.seq])
-            if images and c.start < images[-1].end:
+            if c.reaches_images:
                 cached = self.image_features.setdefault(c.seq, {})
                 self._drop_passed(c.seq, cached)
-                for i, im in enumerate(images):
+                for i, im in enumerate(c.seq.images):
                     first, last = bisect.bisect_left(im.rows, c.start), bisect.bisect_left(im.rows, c.end)
                     if first == last:
                         continue
@@ -623,6 +624,8 @@ class ModelRunner:
                         cached[i] = None  # placeholder: filled below, in one batch
                     rows += [row + p - c.start for p in im.rows[first:last]]
                     parts.append((cached, i, first, last))
+            elif c.seq in self.image_features:
+                self._drop_passed(c.seq, self.image_features[c.seq])
             row += len(c.ids)
         if not rows:
             return None
