@@ -17,6 +17,7 @@ from stepflash.engine import sampler as sampling
 from stepflash.engine.engine import LLMEngine, _use_compile
 from stepflash.kernels.paged_attention import paged_attention_ref
 from checkpoints import write_checkpoint
+from scripted import write_scripted_checkpoint
 from stepflash.train.configs import tiny_config
 from test_engine import MAX_TOKENS, assert_matches_reference, greedy, mixed_prompts
 
@@ -87,6 +88,22 @@ def test_greedy_drafting_in_one_call_drafts_what_a_call_per_module_does(ckpt, mo
     (drafted, tokens, fused), (per_module, per_module_tokens, _) = runs
     assert fused >= len(drafted) // 2  # most steps drafted in one call (not those catching up a prefill)
     assert drafted == per_module and tokens == per_module_tokens
+
+
+def test_every_step_kind_is_compiled_at_start(tmp_path):
+    """Greedy and sampled requests, alone and together, compile nothing more after the engine's start
+    (torch.compile's fail_on_recompile stance raises where a step would compile). A scripted
+    checkpoint, whose MTP heads are its target's, so that every draft is accepted and a request is
+    done in few steps: the start's requests must still reach each step kind (a sampled request's
+    drafting calls, one per MTP module, after the long catch-up of a prompt)."""
+    write_scripted_checkpoint(tmp_path, ["x", "y"], config=tiny_config(n=2, n_mtp=2))
+    llm = LLM(str(tmp_path), mtp=2, compile="on")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for temperature in (0.0, 1.0):
+            for batch in (prompts[:1], prompts):
+                llm.generate(batch, SamplingParams(temperature=temperature, seed=0, max_tokens=12, ignore_eos=True))
+    assert llm.get_stats().spec.mean_accepted_length > 2.5  # the drafts were accepted, as the test needs
 
 
 def test_compiled_argmax_takes_the_first_of_tied_maxima():
