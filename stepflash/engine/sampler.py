@@ -389,19 +389,13 @@ class Sampler:
             up = Upload()
             chosen = up.send(device)(up.add([seq.token_ids[p + 1] for seq, p in rows.prompt]))
         if staged is None and not rows.prompt and all(m.params.plain_greedy for _, m in rows.members):
-            # nothing to process: each row's argmax as it is, the drafts checked against it as `verify` does
-            tokens = argmax_of(step_logits)
-            if width == 1:  # no drafts: the tokens are all there is to read
-                return StepResult({m: Sampled([t], None) for (_, m), t in zip(rows.members, tokens.tolist())}, {})
-            tokens = tokens.view(S, width)
-            accepted = greedy_accepted(tokens, num_drafts, tokens_in)
-        else:
-            seq_of, extra = [i for i in range(S) for _ in range(width)], list(range(width)) * S
-            batch = RowBatch([m for _, m in rows.members], seq_of, extra, self.eos_token_ids, device,
-                             self._mask(rows, staged, device), self.counts)
-            sample_logits = logits[:S * width].view(S, width, V)
-            tokens, accepted = verify(batch, sample_logits, num_drafts, tokens_in, probs_in,
-                                      None if top is None else top[:S * width].view(S, width))
+            return self._plain_greedy(rows, argmax_of(step_logits), num_drafts, tokens_in)
+        seq_of, extra = [i for i in range(S) for _ in range(width)], list(range(width)) * S
+        batch = RowBatch([m for _, m in rows.members], seq_of, extra, self.eos_token_ids, device,
+                         self._mask(rows, staged, device), self.counts)
+        sample_logits = logits[:S * width].view(S, width, V)
+        tokens, accepted = verify(batch, sample_logits, num_drafts, tokens_in, probs_in,
+                                  None if top is None else top[:S * width].view(S, width))
         back = Readback()
         handles = {"tokens": back.add(tokens)}
         if accepted is not None:
@@ -415,6 +409,18 @@ class Sampler:
             handles["prompt"] = [back.add(t) for t in top_logprobs(raw, chosen, k_prompt)]
         fetched = back.fetch()
         return StepResult(self._sampled(rows, fetched, handles), self._prompt_logprobs(rows, fetched, handles))
+
+    @staticmethod
+    def _plain_greedy(rows: StepRows, tokens: torch.Tensor, num_drafts: torch.Tensor | None,
+                      drafts: torch.Tensor | None) -> StepResult:
+        """Members with nothing to process: each row's argmax as it is, the drafts checked against it
+        as `verify` does; the tokens and how many drafts each member keeps read in one copy."""
+        if rows.width == 1:  # no drafts: the tokens are all there is to read
+            return StepResult({m: Sampled([t], None) for (_, m), t in zip(rows.members, tokens.tolist())}, {})
+        tokens = tokens.view(len(rows.members), rows.width)
+        read = torch.cat([tokens, greedy_accepted(tokens, num_drafts, drafts)[:, None]], 1).tolist()
+        return StepResult({m: Sampled(row[:row[-1] + 1], None, s.num_drafts)
+                           for (s, m), row in zip(rows.members, read)}, {})
 
     @staticmethod
     def _member_drafts(rows: StepRows, drafts: "Drafts") -> tuple[torch.Tensor | None, torch.Tensor,

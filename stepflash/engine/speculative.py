@@ -67,8 +67,12 @@ class MTPDrafter:
         plain = all(s.seq.params.plain_greedy and not (s.seq.constraint and s.seq.constraint.active) for s in drafting)
         drafted = self.runner.greedy_drafts(rows) if plain else None
         if drafted is not None:
-            for depth, new in enumerate(drafted[:width]):  # deeper modules only caught up
-                tokens[:len(new), depth] = new
+            drafted = drafted[:width]  # deeper modules only caught up
+            if drafted and all(len(new) == len(drafting) for new in drafted):  # all draft `width`: one op
+                drafts.tokens = torch.stack(drafted, 1)
+            else:
+                for depth, new in enumerate(drafted):
+                    tokens[:len(new), depth] = new
             return drafts
         for depth in range(self.runner.num_mtp):
             logits = self.runner.execute_mtp(depth, rows)
