@@ -98,6 +98,13 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
     @property
+    def plain_draws(self) -> bool:
+        """Drafts are the raw logits' argmax, or draws from them at the temperature: no bias, banned
+        stop tokens, penalty or top-k / top-p / min-p to apply first (MTP drafting in one call)."""
+        return (not self.logit_bias and not self.min_tokens and not self.penalised
+                and (self.greedy or (self.top_k <= 0 and self.top_p >= 1 and self.min_p <= 0)))
+
+    @property
     def plain_greedy(self) -> bool:
         """Greedy on the raw logits: no bias, banned stop tokens, penalty or logprobs to apply first."""
         return (self.greedy and not self.logit_bias and not self.min_tokens and self.logprobs is None

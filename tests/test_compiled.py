@@ -59,50 +59,58 @@ def test_compiled_steps_match_the_reference_and_the_eager_engine(ckpt, mtp=2):
     assert compiled.get_stats().spec == eager.get_stats().spec  # each MTP module drafted what it does eagerly
 
 
-def test_greedy_drafting_in_one_call_drafts_what_a_call_per_module_does(ckpt, monkeypatch):
-    """Plain greedy drafting runs every MTP module in one compiled call, each module's argmax fed to
-    the next inside it (runner.greedy_drafts): step by step, the same drafts as a compiled call per
-    module, and the same tokens."""
-    plain = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_drafting_in_one_call_drafts_what_a_call_per_module_does(ckpt, monkeypatch, temperature):
+    """Plain drafting (greedy, or sampled at a temperature) runs every MTP module in one compiled call,
+    each module's drafts fed to the next inside it (runner.plain_drafts): step by step, the same drafts
+    (and distributions) as a compiled call per module, and the same tokens."""
+    plain = SamplingParams(temperature=temperature, seed=3, max_tokens=MAX_TOKENS, ignore_eos=True)
     runs = []
     for one_call in (True, False):
         llm = LLM(str(ckpt), mtp=2, compile="on")
         drafter, runner, drafted = llm.engine.drafter, llm.engine.runner, []
-        propose, greedy_drafts = drafter.propose, runner.greedy_drafts
+        propose, plain_drafts = drafter.propose, runner.plain_drafts
         fused = []
 
         def recorded(plan, propose=propose, drafted=drafted):
             drafts = propose(plan)
-            drafted.append(drafts.tokens.tolist())
+            drafted.append((drafts.tokens.tolist(), drafts.probs))
             return drafts
 
-        def counted(rows, greedy_drafts=greedy_drafts, fused=fused, one_call=one_call):
-            out = greedy_drafts(rows) if one_call else None
+        def counted(rows, sampled, plain_drafts=plain_drafts, fused=fused, one_call=one_call):
+            out = plain_drafts(rows, sampled) if one_call else None
             fused.append(out is not None)
             return out
 
         monkeypatch.setattr(drafter, "propose", recorded)
-        monkeypatch.setattr(runner, "greedy_drafts", counted)
+        monkeypatch.setattr(runner, "plain_drafts", counted)
         outputs = llm.generate(mixed_prompts(), plain)
         runs.append((drafted, [o.outputs[0].token_ids for o in outputs], sum(fused)))
     (drafted, tokens, fused), (per_module, per_module_tokens, _) = runs
     assert fused >= len(drafted) // 2  # most steps drafted in one call (not those catching up a prefill)
-    assert drafted == per_module and tokens == per_module_tokens
+    assert [d for d, _ in drafted] == [d for d, _ in per_module] and tokens == per_module_tokens
+    dists = [(q, q_per_module) for (_, q), (_, q_per_module) in zip(drafted, per_module)]
+    assert all((q is None) == (other is None) for q, other in dists)  # none where no sequence drafts
+    assert any(q is not None for q, _ in dists) == (temperature > 0)
+    for q, other in dists:
+        if q is not None:
+            torch.testing.assert_close(q, other)
 
 
 def test_every_step_kind_is_compiled_at_start(tmp_path):
     """Greedy and sampled requests, alone and together, compile nothing more after the engine's start
     (torch.compile's fail_on_recompile stance raises where a step would compile). A scripted
     checkpoint, whose MTP heads are its target's, so that every draft is accepted and a request is
-    done in few steps: the start's requests must still reach each step kind (a sampled request's
-    drafting calls, one per MTP module, after the long catch-up of a prompt)."""
+    done in few steps: the start's requests must still reach each step kind (drafting that samples,
+    in one call or, with top-p, a call per MTP module, after the long catch-up of a prompt)."""
     write_scripted_checkpoint(tmp_path, ["x", "y"], config=tiny_config(n=2, n_mtp=2))
     llm = LLM(str(tmp_path), mtp=2, compile="on")
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
     with torch.compiler.set_stance("fail_on_recompile"):
-        for temperature in (0.0, 1.0):
+        for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (1.0, 0.9)):
             for batch in (prompts[:1], prompts):
-                llm.generate(batch, SamplingParams(temperature=temperature, seed=0, max_tokens=12, ignore_eos=True))
+                llm.generate(batch, SamplingParams(temperature=temperature, top_p=top_p, seed=0, max_tokens=12,
+                                                   ignore_eos=True))
     assert llm.get_stats().spec.mean_accepted_length > 2.5  # the drafts were accepted, as the test needs
 
 
@@ -115,7 +123,7 @@ def test_compiled_argmax_takes_the_first_of_tied_maxima():
 
 def test_a_failed_compile_warns_and_runs_the_step_eagerly(ckpt):
     llm = LLM(str(ckpt), mtp=1, compile="on")
-    steps = llm.engine.runner.compiled  # the target's, the MTP module's and greedy drafting's
+    steps = llm.engine.runner.compiled  # the target's, the MTP module's and plain drafting's
 
     def no_toolchain(graph, example_inputs):
         raise RuntimeError("no C++ compiler here")
@@ -125,6 +133,8 @@ def test_a_failed_compile_warns_and_runs_the_step_eagerly(ckpt):
     prompts = mixed_prompts()[:4]
     with pytest.warns(UserWarning, match="(?s)torch.compile failed.*no C\\+\\+ compiler here"):
         outputs = llm.generate(prompts, greedy())
+        top_p = SamplingParams(temperature=1.0, top_p=0.9, seed=0, max_tokens=8, ignore_eos=True)
+        llm.generate(prompts[:1], top_p)  # top-p: a drafting call per MTP module
     assert [step.compiled for step in steps] == [None] * 3
     assert_matches_reference(ckpt, prompts, outputs)
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from stepflash.engine.draws import DRAFT, draw
 from stepflash.engine.graphs import StepGraphs, StepInputs
 from stepflash.config import LayerKind
 from stepflash.engine.kv_cache import FULL, SLIDING, BlockCopy, KVLayout
@@ -210,6 +211,18 @@ class DraftRows:
     injects: list[Inject]
 
 
+@dataclass
+class DraftDraws:
+    """How the sampled drafts of one drafting call are drawn (`ModelRunner.plain_drafts`): per drafting
+    sequence, in drafting order, whether it is greedy, its temperature (1 where greedy), its seed and
+    its length; draft d + 1 is drawn for position length + d, as the sampler draws it (draft_tokens)."""
+
+    greedy: torch.Tensor
+    temperature: torch.Tensor
+    seeds: torch.Tensor
+    positions: torch.Tensor
+
+
 class DecodeKey(NamedTuple):
     """What a decode chunk's inputs hang on: its sequence and position, and its blocks (per pool the
     count and the block it writes into)."""
@@ -341,10 +354,10 @@ class ModelRunner:
                                           self.scratch, block_size, self.device, capture, pool)
                                for depth in range(self.num_mtp)]
         # short-chunk steps through torch.compile instead (the CPU): one compiled function per forward (the
-        # target, each MTP module), and one for greedy drafting, which runs every MTP module
+        # target, each MTP module), and one for plain drafting, which runs every MTP module
         self.compiled = (CompiledStep(self._step_logits), *(CompiledStep(self._step_mtp_logits, depth)
                                                             for depth in range(self.num_mtp)),
-                         *([CompiledStep(self._step_greedy_drafts)] if self.num_mtp else [])) if compiled else ()
+                         *([CompiledStep(self._step_plain_drafts)] if self.num_mtp else [])) if compiled else ()
         for cache in [t for kv in self.caches.values() for t in kv] + self.hidden if compiled else []:
             torch._dynamo.mark_static(cache)  # their shapes never change: no sizes to read per call
 
@@ -384,17 +397,27 @@ class ModelRunner:
         return self._run_shared(call, inject)
 
     @torch.inference_mode()
-    def greedy_drafts(self, rows: DraftRows) -> tuple[torch.Tensor, ...] | None:
-        """Every MTP module over the step's drafting rows in one compiled call, each drafting the argmax
-        at its logit rows (`_step_greedy_drafts`): module d's drafts, in its logit rows' order. None
-        where such a step is not compiled (not compiling; a long catch-up, which goes to the prefill
-        op; a chunk that may hold image rows): then a call per module (`execute_mtp`)."""
+    def plain_drafts(self, rows: DraftRows, sampled: list[Sequence] | None
+                     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None:
+        """Every MTP module over the step's drafting rows in one compiled call, each drafting at its
+        logit rows the argmax, or for the sampled of the drafting sequences `sampled` (all of them, in
+        drafting order; None: all greedy) a draw at the temperature (`_step_plain_drafts`): module d's
+        drafts, in its logit rows' order, and where any samples the distributions they were drawn
+        from. None where such a step is not compiled (not compiling; a long catch-up, which goes to
+        the prefill op; a chunk that may hold image rows): then a call per module (`execute_mtp`)."""
         if not self.compiled or any(len(c.ids) > SHORT_CHUNK or c.reaches_images for c in rows.chunks):
             return None
         call = self._pack("mtp", 0, rows.chunks, [SLIDING], rows.logit_rows, [None] * self.num_mtp)
-        unpacked, sent = self._unpack(call), call.handles
+        up, sent, draws = call.upload, call.handles, None
+        if sampled is not None:
+            parts = (up.add([s.params.greedy for s in sampled], torch.bool),
+                     up.add([1.0 if s.params.greedy else s.params.temperature for s in sampled], torch.float32),
+                     up.add([s.seed for s in sampled]), up.add([s.num_tokens for s in sampled]))
+        unpacked = self._unpack(call)
+        if sampled is not None:
+            draws = DraftDraws(*map(unpacked.got, parts))
         logit_rows = tuple(unpacked.got(sent[f"logit_rows {depth}"]) for depth in range(self.num_mtp))
-        return self.compiled[-1](_step_inputs(unpacked.shared), logit_rows)
+        return self.compiled[-1](_step_inputs(unpacked.shared), logit_rows, draws)
 
     def copy_blocks(self, copies: list[BlockCopy]) -> None:
         if copies:
@@ -472,18 +495,31 @@ class ModelRunner:
         logits = self.model.mtp_logits(depth, self._step_mtp_forward(step, depth).index_select(0, logit_rows))
         return Logits(logits, logits.argmax(-1))
 
-    def _step_greedy_drafts(self, step: StepInputs, logit_rows: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """What torch.compile compiles for greedy drafting: module d over a drafting step and the argmax
-        of its head at its logit rows, which become the ids of module d + 1's logit rows (a sequence's
-        next row: module d drafts token d + 1 from row start + d, and module d + 1 reads it there)."""
-        ids, drafted = step.ids, []
+    def _step_plain_drafts(self, step: StepInputs, logit_rows: tuple[torch.Tensor, ...], draws: DraftDraws | None
+                           ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """What torch.compile compiles for plain drafting (a graph for greedy steps, `draws` None, and one
+        for steps that sample): module d over a drafting step and its draft at each of its logit rows,
+        the argmax of its head or a draw from it at the temperature, as draft_tokens draws it; the
+        drafts become the ids of module d + 1's logit rows (a sequence's next row: module d drafts
+        token d + 1 from row start + d, and module d + 1 reads it there)."""
+        ids, drafted, dists = step.ids, [], []
         for depth, rows in enumerate(logit_rows):
+            n = rows.shape[0]
             if depth:  # those drafting at this depth are the first of those at the last (MTPDrafter.propose)
-                torch._check(rows.shape[0] <= drafted[-1].shape[0])
-                ids = ids.index_copy(0, rows, drafted[-1][:rows.shape[0]])
+                torch._check(n <= drafted[-1].shape[0])
+                ids = ids.index_copy(0, rows, drafted[-1][:n])
             hidden = self._step_mtp_forward(replace(step, ids=ids), depth)
-            drafted.append(self.model.mtp_logits(depth, hidden.index_select(0, rows)).argmax(-1))
-        return tuple(drafted)
+            logits = self.model.mtp_logits(depth, hidden.index_select(0, rows))
+            top = logits.argmax(-1)
+            if draws is None:
+                drafted.append(top)
+                continue
+            torch._check(n <= draws.seeds.shape[0])
+            q = (logits / draws.temperature[:n, None]).softmax(-1)
+            drawn = draw(q, draws.seeds[:n], draws.positions[:n] + depth, DRAFT)
+            drafted.append(torch.where(draws.greedy[:n], top, drawn))
+            dists.append(q)
+        return tuple(drafted), tuple(dists)
 
     def _step_context(self, step: StepInputs, kinds: list[str]) -> PagedAttention:
         return PagedAttention(self.ops, self.caches, self.kind_of, {k: step.slots[k] for k in kinds},
@@ -697,18 +733,20 @@ class CompiledStep:
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         shape_config.use_duck_shape = False
 
-    def __call__(self, step: StepInputs, logit_rows: torch.Tensor | tuple[torch.Tensor, ...]) -> Logits | tuple:
+    def __call__(self, step: StepInputs, logit_rows: torch.Tensor | tuple[torch.Tensor, ...],
+                 *draws: DraftDraws | None) -> Logits | tuple:
         if self.compiled is not None:
             try:
                 rows = logit_rows if isinstance(logit_rows, tuple) else (logit_rows,)
-                counts = [*rows, step.tiles, *step.tables.values(), *step.first_blocks.values()]
+                counts = [*rows, step.tiles, *step.tables.values(), *step.first_blocks.values(),
+                          *(t for d in draws if d is not None for t in vars(d).values())]
                 for counted in counts:  # one graph for any count, 0 and 1 too
                     torch._dynamo.decorators.mark_unbacked(counted, 0)
-                return self.compiled(step, logit_rows)
+                return self.compiled(step, logit_rows, *draws)
             except self.errors as e:
                 warnings.warn(f"torch.compile failed, running this step kind eagerly from now on: {e}", stacklevel=2)
                 self.compiled = None
-        return self.forward(step, logit_rows)
+        return self.forward(step, logit_rows, *draws)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's options (glibc's malloc.h)

@@ -1,11 +1,8 @@
 """Logits -> tokens for a whole step at once: penalties, bias, min_tokens, temperature with top-k /
 top-p / min-p, greedy or seeded draws, MTP drafting and lossless verification, logprobs.
 
-Random draws are a function of (seed, position, purpose, token id): a counter-based hash, not a
-generator's state. A token drawn for position p of a sequence is argmax(probs / E) with E ~ Exp(1)
-per vocabulary entry (equivalent to sampling from probs), so a sequence's draws depend only on its
-seed and positions, never on what else is in the batch, and the draws for a whole batch are a few
-tensor ops.
+Random draws (engine/draws.py) depend only on a sequence's seed and positions, never on what else
+is in the batch.
 
 Verification (speculative decoding): the target scores [newest token, d1, ..., dk] in one forward.
 Draft d_i is kept with probability min(1, p(d_i) / q(d_i)); the first rejected position draws from
@@ -21,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from stepflash.engine.draws import ACCEPT, DRAFT, DRAW, argmax, draw, uniforms
 from stepflash.engine.runner import Logits, StepRows, Upload
 from stepflash.engine.scheduler import Sampled, ScheduledSeq, StepResult
 from stepflash.engine.sequence import Sequence
@@ -30,52 +28,10 @@ from stepflash.structured import UTF8_GRACE, StructuredOutputs, apply_bitmask
 if TYPE_CHECKING:
     from stepflash.engine.speculative import Drafts
 
-# purposes of the random draws, so that no two uses share numbers
-DRAW, DRAFT, ACCEPT = 1, 2, 3
-
-
-# -- random numbers -------------------------------------------------------------------------------
-def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
-    """x * m mod 2^32 for x in [0, 2^32), without int64 overflow."""
-    return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash with full avalanche (lowbias32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def uniforms(seeds: torch.Tensor, positions: torch.Tensor, purpose: int, width: int) -> torch.Tensor:
-    """[R, width] uniforms in (0, 1): element j of row r is a hash of (seeds[r], positions[r],
-    purpose, j). seeds/positions: int64 [R] on the device where the numbers are wanted."""
-    key = _mix32((seeds & 0xFFFFFFFF) ^ _mix32((seeds >> 32) & 0xFFFFFFFF))
-    key = _mix32(key ^ _mix32(positions & 0xFFFFFFFF))
-    key = _mix32(key ^ purpose)
-    columns = _mix32(torch.arange(width, device=seeds.device) + 0x9E3779B9)
-    bits = _mix32(key[:, None] ^ columns[None, :]) >> 8  # 24 bits: exact in fp32
-    return (bits.float() + 0.5) / float(1 << 24)
-
-
-def argmax(x: torch.Tensor) -> torch.Tensor:
-    """Each row's argmax over the last dimension, the first on ties, as Tensor.argmax: through
-    max(-1), which is documented to pick the same index and on the CPU takes 0.6x argmax's time for
-    several rows (argmax's CPU kernel is not vectorized: ~8 us a row of 4096 logits)."""
-    return x.max(-1).indices
-
 
 def argmax_of(step: Logits) -> torch.Tensor:
     """Each row's argmax: the one the step computed beside its logits, else computed here."""
     return step.argmax if step.argmax is not None else argmax(step.values)
-
-
-def draw(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, purpose: int) -> torch.Tensor:
-    """One token per row of unnormalised probabilities: argmax(p / E), E ~ Exp(1)."""
-    noise = -uniforms(seeds, positions, purpose, probs.shape[-1]).log()
-    return argmax(probs / noise)
 
 
 # -- logit processing -----------------------------------------------------------------------------

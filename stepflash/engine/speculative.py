@@ -15,8 +15,9 @@ drafts token d + 1 from row start + d; its rows past that are scratch, as all sp
 the next step's catch-up starts at `start` again and overwrites them before anything reads them
 (a row reads no later position, and module d + 1 reads module d's output at p - 1 only for rows
 up to start + d + 1).
-Where every drafting sequence is plain greedy and steps are compiled (the CPU), the passes are one
-compiled call, each module's argmax written into the next one's rows on the way (runner.greedy_drafts).
+Where every drafting sequence drafts plainly (the argmax, or a draw at the temperature: no penalty,
+bias or grammar) and steps are compiled (the CPU), the passes are one compiled call, each module's
+drafts written into the next one's rows on the way (runner.plain_drafts).
 The target then verifies the drafts in the same step (engine/sampler.py `verify`); the drafts never
 leave the device, except those of constrained sequences, read back at each depth so that the next
 draft is drawn under the grammar's mask after them.
@@ -64,15 +65,13 @@ class MTPDrafter:
         rows = self._rows(plan, drafts)
         if not rows.chunks:
             return drafts
-        plain = all(s.seq.params.plain_greedy and not (s.seq.constraint and s.seq.constraint.active) for s in drafting)
-        drafted = self.runner.greedy_drafts(rows) if plain else None
+        plain = all(s.seq.params.plain_draws and not (s.seq.constraint and s.seq.constraint.active) for s in drafting)
+        sampled = [s.seq for s in drafting] if any(not s.seq.params.greedy for s in drafting) else None
+        drafted = self.runner.plain_drafts(rows, sampled) if plain else None
         if drafted is not None:
-            drafted = drafted[:width]  # deeper modules only caught up
-            if drafted and all(len(new) == len(drafting) for new in drafted):  # all draft `width`: one op
-                drafts.tokens = torch.stack(drafted, 1)
-            else:
-                for depth, new in enumerate(drafted):
-                    tokens[:len(new), depth] = new
+            drafts.tokens = self._gathered(drafted[0][:width], tokens)  # deeper modules only caught up
+            if sampled:
+                drafts.probs = self._gathered(drafted[1][:width], None)
             return drafts
         for depth in range(self.runner.num_mtp):
             logits = self.runner.execute_mtp(depth, rows)
@@ -92,6 +91,18 @@ class MTPDrafter:
                     drafts.probs = q.new_zeros(len(drafting), width, q.shape[-1])
                 drafts.probs[:len(members), depth] = q
         return drafts
+
+    @staticmethod
+    def _gathered(per_depth: tuple[torch.Tensor, ...], out: torch.Tensor | None) -> torch.Tensor:
+        """Each depth's drafts (or their distributions) as column `depth` of [S, K] (or [S, K, V]): stacked
+        where every sequence drafts K, else written into `out` (zeros where none) from the top."""
+        if per_depth and all(len(new) == len(per_depth[0]) for new in per_depth):  # one op
+            return torch.stack(per_depth, 1)
+        if out is None:
+            out = per_depth[0].new_zeros(len(per_depth[0]), len(per_depth), *per_depth[0].shape[1:])
+        for depth, new in enumerate(per_depth):
+            out[:len(new), depth] = new
+        return out
 
     def _rows(self, plan: StepPlan, drafts: Drafts) -> DraftRows:
         """The step's drafting rows (runner.DraftRows): a sequence's rows start with its catch-up at
