@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stepflash.engine import sampler as sampling
+from stepflash.engine import draws, sampler as sampling
 from stepflash.engine.sampler import Readback, RowBatch, TokenCounts, draft_tokens, top_logprobs, verify
 from stepflash.engine.sequence import Sequence, Status
 from stepflash.sampling import SamplingParams
@@ -254,6 +254,21 @@ def test_the_steps_argmax_is_taken_only_where_nothing_changes_the_logits(make_se
         assert verify(batch, logits[:, None], None, None, None, top[:, None])[0].tolist() == [[expected]]
         assert draft_tokens(batch, logits, None, top)[0].tolist() == [expected]
         assert verify(batch, logits[:, None], None, None, None)[0].tolist() == [[0 if params is plain else expected]]
+
+
+def test_the_draws_hash_is_lowbias32() -> None:
+    """The draws' 32-bit hash (engine/draws.py), computed in int64 tensors without overflowing, equals
+    lowbias32 in Python's exact integers, over the 32-bit range's ends and random values."""
+    def lowbias32(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) % 2**32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) % 2**32
+        return x ^ (x >> 16)
+
+    spread = torch.randint(0, 2**32, (2000,), generator=torch.Generator().manual_seed(0)).tolist()
+    values = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, *spread]
+    assert draws._mix32(torch.tensor(values)).tolist() == [lowbias32(v) for v in values]
 
 
 def test_readback_gives_what_tolist_gives() -> None:

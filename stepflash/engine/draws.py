@@ -11,8 +11,11 @@ DRAW, DRAFT, ACCEPT = 1, 2, 3
 
 
 def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
-    """x * m mod 2^32 for x in [0, 2^32), without int64 overflow."""
-    return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+    """x * m mod 2^32 for x in [0, 2^32), without int64 overflow: below 2^31, m's product with x fits
+    in 63 bits; m's top bit adds x * 2^31, which mod 2^32 is x's lowest bit moved up."""
+    if m < 1 << 31:
+        return (x * m) & 0xFFFFFFFF
+    return (x * (m - (1 << 31)) + ((x & 1) << 31)) & 0xFFFFFFFF
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
