@@ -59,18 +59,16 @@ def test_compiled_steps_match_the_reference_and_the_eager_engine(ckpt, mtp=2):
     assert compiled.get_stats().spec == eager.get_stats().spec  # each MTP module drafted what it does eagerly
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_drafting_in_one_call_drafts_what_a_call_per_module_does(ckpt, monkeypatch, temperature):
+def test_drafting_in_one_call_drafts_what_a_call_per_module_does(ckpt, monkeypatch):
     """Plain drafting (greedy, or sampled at a temperature) runs every MTP module in one compiled call,
     each module's drafts fed to the next inside it (runner.plain_drafts): step by step, the same drafts
     (and distributions) as a compiled call per module, and the same tokens."""
-    plain = SamplingParams(temperature=temperature, seed=3, max_tokens=MAX_TOKENS, ignore_eos=True)
-    runs = []
+    runs = {}
     for one_call in (True, False):
         llm = LLM(str(ckpt), mtp=2, compile="on")
-        drafter, runner, drafted = llm.engine.drafter, llm.engine.runner, []
+        drafter, runner = llm.engine.drafter, llm.engine.runner
         propose, plain_drafts = drafter.propose, runner.plain_drafts
-        fused = []
+        drafted, fused = [], []
 
         def recorded(plan, propose=propose, drafted=drafted):
             drafts = propose(plan)
@@ -84,17 +82,22 @@ def test_drafting_in_one_call_drafts_what_a_call_per_module_does(ckpt, monkeypat
 
         monkeypatch.setattr(drafter, "propose", recorded)
         monkeypatch.setattr(runner, "plain_drafts", counted)
-        outputs = llm.generate(mixed_prompts(), plain)
-        runs.append((drafted, [o.outputs[0].token_ids for o in outputs], sum(fused)))
-    (drafted, tokens, fused), (per_module, per_module_tokens, _) = runs
-    assert fused >= len(drafted) // 2  # most steps drafted in one call (not those catching up a prefill)
-    assert [d for d, _ in drafted] == [d for d, _ in per_module] and tokens == per_module_tokens
-    dists = [(q, q_per_module) for (_, q), (_, q_per_module) in zip(drafted, per_module)]
-    assert all((q is None) == (other is None) for q, other in dists)  # none where no sequence drafts
-    assert any(q is not None for q, _ in dists) == (temperature > 0)
-    for q, other in dists:
-        if q is not None:
-            torch.testing.assert_close(q, other)
+        for temperature in (0.0, 1.0):
+            drafted.clear()
+            fused.clear()
+            params = SamplingParams(temperature=temperature, seed=3, max_tokens=MAX_TOKENS, ignore_eos=True)
+            outputs = llm.generate(mixed_prompts(), params)
+            runs[one_call, temperature] = (list(drafted), [o.outputs[0].token_ids for o in outputs], sum(fused))
+    for temperature in (0.0, 1.0):
+        (drafted, tokens, fused), (per_module, per_module_tokens, _) = runs[True, temperature], runs[False, temperature]
+        assert fused >= len(drafted) // 2  # most steps drafted in one call (not those catching up a prefill)
+        assert [d for d, _ in drafted] == [d for d, _ in per_module] and tokens == per_module_tokens
+        dists = [(q, q_per_module) for (_, q), (_, q_per_module) in zip(drafted, per_module)]
+        assert all((q is None) == (other is None) for q, other in dists)  # none where no sequence drafts
+        assert any(q is not None for q, _ in dists) == (temperature > 0)
+        for q, other in dists:
+            if q is not None:
+                torch.testing.assert_close(q, other)
 
 
 def test_every_step_kind_is_compiled_at_start(tmp_path):
