@@ -107,8 +107,7 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy on the raw logits: no bias, banned stop tokens, penalty or logprobs to apply first."""
-        return (self.greedy and not self.logit_bias and not self.min_tokens and self.logprobs is None
-                and not self.penalised)
+        return self.greedy and self.logprobs is None and self.plain_draws
 
     def _validate(self) -> None:
         checks = [

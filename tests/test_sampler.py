@@ -256,6 +256,19 @@ def test_the_steps_argmax_is_taken_only_where_nothing_changes_the_logits(make_se
         assert verify(batch, logits[:, None], None, None, None)[0].tolist() == [[0 if params is plain else expected]]
 
 
+def test_plain_draws_and_plain_greedy() -> None:
+    """Which requests draft in one compiled call (plain_draws: argmax, or a draw at the temperature
+    alone) and which rows the sampler takes as the step's argmax (plain_greedy: no logprobs either)."""
+    assert SamplingParams(temperature=0.7).plain_draws and SamplingParams(temperature=0.0).plain_draws
+    for changed in (dict(top_p=0.9), dict(top_k=5), dict(min_p=0.1), dict(repetition_penalty=1.1),
+                    dict(logit_bias={3: 1.0}), dict(min_tokens=2)):
+        assert not SamplingParams(temperature=0.7, **changed).plain_draws, changed
+    assert SamplingParams(temperature=0.0, top_p=0.9).plain_draws  # greedy: the filters change no argmax
+    assert SamplingParams(temperature=0.0).plain_greedy and not SamplingParams(temperature=0.7).plain_greedy
+    assert SamplingParams(temperature=0.0, logprobs=1).plain_draws
+    assert not SamplingParams(temperature=0.0, logprobs=1).plain_greedy
+
+
 def test_the_draws_hash_is_lowbias32() -> None:
     """The draws' 32-bit hash (engine/draws.py), computed in int64 tensors without overflowing, equals
     lowbias32 in Python's exact integers, over the 32-bit range's ends and random values."""

@@ -129,7 +129,9 @@ class OutputProcessor:
     def _completion(self, state: RequestState, u: SeqUpdate) -> CompletionOutput:
         """The new text of one completion: stop strings end it at the token that completes them
         (later tokens of the step are dropped); text that may begin one is held back."""
-        text = state.texts.get(u.seq.index) or state.texts.setdefault(u.seq.index, SeqText(self._detokenizer(state)))
+        text = state.texts.get(u.seq.index)
+        if text is None:  # its first tokens
+            text = state.texts[u.seq.index] = SeqText(self._detokenizer(state))
         stops, params = state.params.stop_strings, state.params
         tokens, logprobs = u.new_token_ids, u.new_logprobs
         feed = [[t] for t in tokens] if stops else [tokens]
