@@ -42,13 +42,11 @@ def ckpt(tmp_path_factory):
 
 def test_compiled_steps_match_the_reference_and_the_eager_engine(ckpt, mtp=2):
     prompts = mixed_prompts()
-    graphs_before = counters["stats"]["unique_graphs"]
     compiled = LLM(str(ckpt), mtp=mtp, compile="on")
-    outputs = compiled.generate(prompts, greedy())
-    steps = compiled.engine.runner.compiled
+    with torch.compiler.set_stance("fail_on_recompile"):  # ragged batches: nothing compiled after the start
+        outputs = compiled.generate(prompts, greedy())
+    steps = compiled.engine.runner.compiled  # the target, every MTP module and plain drafting
     assert len(steps) == 2 + mtp and all(step.compiled is not None for step in steps)  # none fell back
-    # the target, every MTP module (sampled drafting, at start) and greedy drafting
-    assert counters["stats"]["unique_graphs"] - graphs_before >= 2 + mtp
     assert_matches_reference(ckpt, prompts, outputs)
     eager = LLM(str(ckpt), mtp=mtp, compile="off")
     assert eager.engine.runner.compiled == ()
