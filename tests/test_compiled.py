@@ -15,11 +15,14 @@ from stepflash.cli import build_parser
 from stepflash.config import EngineConfig
 from stepflash.engine import sampler as sampling
 from stepflash.engine.engine import LLMEngine, _use_compile
+from stepflash.engine.runner import Compiled
+from stepflash.engine.sampler import _plain_counts, plain_verify
 from stepflash.kernels.paged_attention import paged_attention_ref
 from checkpoints import write_checkpoint
 from scripted import write_scripted_checkpoint
 from stepflash.train.configs import tiny_config
 from test_engine import MAX_TOKENS, assert_matches_reference, greedy, mixed_prompts
+from test_sampler import plain_inputs, plain_rows
 
 
 try:
@@ -115,6 +118,24 @@ def test_every_step_kind_is_compiled_at_start(tmp_path):
     assert llm.get_stats().spec.mean_accepted_length > 2.5  # the drafts were accepted, as the test needs
 
 
+def test_compiled_plain_verify_is_the_eager_one_in_two_graphs():
+    """The sampler's compiled plain_verify gives the tokens and accepted counts of the eager function
+    for one sequence or several, one draft or three, and none, from two graphs (steps with drafts,
+    steps without: no variant per count of sequences or drafts, which the engine's start cannot all
+    reach)."""
+    compiled = Compiled(plain_verify, _plain_counts)
+    for i, num_drafts in enumerate([[3, 1, 2, 0], [0, 0], [1], [2, 2], [3], [0], [1, 1, 0]]):
+        with torch.compiler.set_stance("fail_on_recompile" if i >= 2 else "default"):  # after a graph of each
+            for seed in range(3):
+                seqs, logits, counts, drafts, q = plain_rows(seed, num_drafts, vocab=4096)
+                if logits.shape[1] == 1:
+                    counts = drafts = q = None
+                args = (logits, *plain_inputs(seqs), counts, drafts, q)
+                got, want = compiled(*args), plain_verify(*args)
+                assert torch.equal(got[0], want[0]) and (got[1] is want[1] is None or torch.equal(got[1], want[1]))
+    assert compiled.compiled is not None  # it did not fall back to eager
+
+
 def test_compiled_argmax_takes_the_first_of_tied_maxima():
     """Compiled steps give the greedy token as their graph's argmax: on ties the first index, as the
     eager sampler's (and transformers') argmax."""
@@ -124,19 +145,21 @@ def test_compiled_argmax_takes_the_first_of_tied_maxima():
 
 def test_a_failed_compile_warns_and_runs_the_step_eagerly(ckpt):
     llm = LLM(str(ckpt), mtp=1, compile="on")
-    steps = llm.engine.runner.compiled  # the target's, the MTP module's and plain drafting's
+    steps = [*llm.engine.runner.compiled, llm.engine.sampler.plain_verify]  # the target's, the MTP module's,
+    # plain drafting's and the plain sampled verify's
 
     def no_toolchain(graph, example_inputs):
         raise RuntimeError("no C++ compiler here")
 
     for step in steps:
-        step.compiled = torch.compile(step.forward, backend=no_toolchain, dynamic=True)
+        step.compiled = torch.compile(step.fn, backend=no_toolchain, dynamic=True)
     prompts = mixed_prompts()[:4]
     with pytest.warns(UserWarning, match="(?s)torch.compile failed.*no C\\+\\+ compiler here"):
         outputs = llm.generate(prompts, greedy())
         top_p = SamplingParams(temperature=1.0, top_p=0.9, seed=0, max_tokens=8, ignore_eos=True)
         llm.generate(prompts[:1], top_p)  # top-p: a drafting call per MTP module
-    assert [step.compiled for step in steps] == [None] * 3
+        llm.generate(prompts[:1], SamplingParams(temperature=1.0, seed=0, max_tokens=8, ignore_eos=True))
+    assert [step.compiled for step in steps] == [None] * 4
     assert_matches_reference(ckpt, prompts, outputs)
 
 

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stepflash.engine import draws, sampler as sampling
-from stepflash.engine.sampler import Readback, RowBatch, TokenCounts, draft_tokens, top_logprobs, verify
+from stepflash.engine.sampler import (Readback, RowBatch, TokenCounts, draft_tokens, plain_verify, top_logprobs,
+                                      verify)
 from stepflash.engine.sequence import Sequence, Status
 from stepflash.sampling import SamplingParams
 
@@ -267,6 +268,46 @@ def test_plain_draws_and_plain_greedy() -> None:
     assert SamplingParams(temperature=0.0).plain_greedy and not SamplingParams(temperature=0.7).plain_greedy
     assert SamplingParams(temperature=0.0, logprobs=1).plain_draws
     assert not SamplingParams(temperature=0.0, logprobs=1).plain_greedy
+
+
+def plain_rows(seed: int, num_drafts: list[int], vocab: int = 32):
+    """Sequences of greedy and sampled plain rows (lengths, seeds and temperatures differing), random
+    logits [S, K + 1, V], drafts [S, K] (num_drafts real each) and draft distributions [S, K, V]."""
+    g = torch.Generator().manual_seed(seed)
+    temperatures = [0.0, 0.7, 1.3, 1.0][:len(num_drafts)]
+    seqs = [Sequence(0, "r", 0, [2] * (3 + 2 * i), 3 + i, SamplingParams(temperature=t), 100 + 7 * i)
+            for i, t in enumerate(temperatures)]
+    S, K = len(seqs), max(num_drafts)
+    logits = torch.randn(S, K + 1, vocab, generator=g) * 2
+    q = torch.randn(S, K, vocab, generator=g).mul(2).softmax(-1)
+    drawn = torch.multinomial(q.view(-1, vocab), 1, generator=g).view(S, K)
+    likely = torch.rand(S, K, generator=g) < 0.7  # some the target's argmax: more of them kept
+    drafts = torch.where(likely, logits[:, :K].argmax(-1), drawn)
+    return seqs, logits, torch.tensor(num_drafts), drafts, q
+
+
+def plain_inputs(seqs: list[Sequence]) -> list[torch.Tensor]:
+    """plain_verify's per-sequence settings, as the Sampler sends them."""
+    return [torch.tensor([s.params.greedy for s in seqs]),
+            torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs]),
+            torch.tensor([s.seed for s in seqs]), torch.tensor([s.num_tokens for s in seqs])]
+
+
+@pytest.mark.parametrize("num_drafts", [[3, 1, 2, 0], [2, 2], [1], [0, 0, 0]])
+def test_plain_verify_is_verify_of_the_rows(num_drafts: list[int]) -> None:
+    """plain_verify (settings per sequence, expanded over its rows on the device, as the compiled
+    sampler runs it) accepts, rejects and draws what verify does over the same rows' RowBatch: each
+    row's position and seed, the temperature, greedy rows among sampled ones."""
+    for seed in range(10):
+        seqs, logits, counts, drafts, q = plain_rows(seed, num_drafts)
+        S, width = len(seqs), logits.shape[1]
+        batch = RowBatch(seqs, [i for i in range(S) for _ in range(width)], list(range(width)) * S, [EOS],
+                         torch.device("cpu"), counts=TokenCounts(logits.shape[-1], torch.device("cpu")))
+        if width == 1:
+            counts = drafts = q = None
+        want = verify(batch, logits, counts, drafts, q)
+        got = plain_verify(logits, *plain_inputs(seqs), counts, drafts, q)
+        assert torch.equal(got[0], want[0]) and (got[1] is want[1] is None or torch.equal(got[1], want[1]))
 
 
 def test_the_draws_hash_is_lowbias32() -> None:

@@ -159,7 +159,7 @@ class LLMEngine:
         compiled = _use_compile(ec.compile, kernels, device, ec.tensor_parallel_size)
         self.runner = ModelRunner(self.model, layout, kernels, graph_rows, capture, channel, compiled)
         counts = TokenCounts(cfg.vocab_size, device)
-        self.sampler = Sampler(self.eos_token_ids, counts, self.structured)
+        self.sampler = Sampler(self.eos_token_ids, counts, self.structured, compiled)
         self.drafter = MTPDrafter(self.runner, self.eos_token_ids, counts, self.structured) if self.num_mtp else None
         self.output = OutputProcessor(self.tokenizer)
         self.images = image_processor(cfg, self.tokenizer, ec)
@@ -174,8 +174,9 @@ class LLMEngine:
         variants (runner.CompiledStep: one row; then ranges of rows where the MoE twin turns from
         gathering its experts to every expert to the grouped GEMM, kernels/moe.py): two requests
         together, one short enough to be computed like a verify step, and sampled (drafting that
-        samples, in one call for all MTP modules; it asks for enough tokens to outlast the other's
-        long catch-up however many drafts are accepted), then one alone (greedy drafting, one call),
+        samples, in one call for all MTP modules, and the sampler's plain verify, with drafts and
+        without; it asks for enough tokens to outlast the other's long catch-up however many drafts
+        are accepted), then one alone (greedy drafting, one call),
         then one with top-p (a drafting call per MTP module), then full batches of 4, 8, 16, ... and
         max_num_seqs requests. Their statistics are then forgotten."""
         log.info("stepflash: compiling the decode, verify and drafting steps (torch.compile; compile='off', "

@@ -706,26 +706,24 @@ class ModelRunner:
             self.full_table = grown
 
 
-class CompiledStep:
-    """A step forward through torch.compile (inductor; shapes dynamic, so one compilation serves
-    every batch size and context length: `_pack` pads the other dimensions, and steps of
-    one row get a variant of their own). Compiled code is cached on disk across runs (inductor's cache). If
-    compiling fails (no working C++ toolchain, an unsupported torch), a warning and eager execution
-    from then on: the same function, uncompiled. (A step run under a TorchDispatchMode is eager and
-    stays so in that process: torch skips the code for good.)"""
+class Compiled:
+    """`fn` through torch.compile (inductor; shapes dynamic, so one compilation serves every size;
+    the sizes `unbacked(*args)` names, as (tensor, dim), get no variants of their own for 0 and 1
+    either). Compiled code is cached on disk across runs (inductor's cache). If compiling fails (no
+    working C++ toolchain, an unsupported torch), a warning and eager execution from then on: the same
+    function, uncompiled. (A call run under a TorchDispatchMode is eager and stays so in that process:
+    torch skips the code for good.)"""
 
-    def __init__(self, forward: Callable[..., torch.Tensor], *defaults: int) -> None:
-        """forward(step, logit_rows, *defaults): a runner's step method and its trailing arguments
-        (MTP: the depth)."""
+    def __init__(self, fn: Callable, unbacked: Callable[..., list[tuple[torch.Tensor, int]]]) -> None:
         from torch._dynamo import config as dynamo_config  # dynamo and inductor: a second's import, only here
         from torch._dynamo.exc import TorchDynamoException
         from torch._inductor.exc import InductorError
         from torch.fx.experimental import _config as shape_config
 
         self.errors = (TorchDynamoException, InductorError)  # what a failed compile raises
-        self.forward = _own_method(forward, defaults)
-        self.compiled: Callable[[StepInputs, torch.Tensor], Logits] | None = torch.compile(
-            self.forward, dynamic=True, options={"guard_filter_fn": _input_guards, "cpp_wrapper": True})
+        self.fn, self.unbacked = fn, unbacked
+        self.compiled: Callable | None = torch.compile(
+            fn, dynamic=True, options={"guard_filter_fn": _input_guards, "cpp_wrapper": True})
         # Process-wide (patching them around each call cost 50 us): floats (eps, rope theta) are
         # constants, not graph inputs (which restarts the analysis); no guards on sizes that are
         # equal by chance; room for more variants than the two a step kind needs.
@@ -733,20 +731,35 @@ class CompiledStep:
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         shape_config.use_duck_shape = False
 
-    def __call__(self, step: StepInputs, logit_rows: torch.Tensor | tuple[torch.Tensor, ...],
-                 *draws: DraftDraws | None) -> Logits | tuple:
+    def __call__(self, *args):
         if self.compiled is not None:
             try:
-                rows = logit_rows if isinstance(logit_rows, tuple) else (logit_rows,)
-                counts = [*rows, step.tiles, *step.tables.values(), *step.first_blocks.values(),
-                          *(t for d in draws if d is not None for t in vars(d).values())]
-                for counted in counts:  # one graph for any count, 0 and 1 too
-                    torch._dynamo.decorators.mark_unbacked(counted, 0)
-                return self.compiled(step, logit_rows, *draws)
+                for tensor, dim in self.unbacked(*args):
+                    torch._dynamo.decorators.mark_unbacked(tensor, dim)
+                return self.compiled(*args)
             except self.errors as e:
-                warnings.warn(f"torch.compile failed, running this step kind eagerly from now on: {e}", stacklevel=2)
+                warnings.warn(f"torch.compile failed, running {self.fn.__name__} eagerly from now on: {e}", stacklevel=2)
                 self.compiled = None
-        return self.forward(step, logit_rows, *draws)
+        return self.fn(*args)
+
+
+class CompiledStep(Compiled):
+    """A step forward, compiled: `_pack` pads the dimensions other than the counts of rows, tiles and
+    table columns (unbacked), and steps of one row get a variant of their own."""
+
+    def __init__(self, forward: Callable[..., Logits | tuple], *defaults: int) -> None:
+        """forward(step, logit_rows, *defaults): a runner's step method and its trailing arguments
+        (MTP: the depth)."""
+        super().__init__(_own_method(forward, defaults), _step_counts)
+
+
+def _step_counts(step: StepInputs, logit_rows: torch.Tensor | tuple[torch.Tensor, ...],
+                 *draws: DraftDraws | None) -> list[tuple[torch.Tensor, int]]:
+    """A compiled step's counted dimensions: one graph for any count, 0 and 1 too."""
+    rows = logit_rows if isinstance(logit_rows, tuple) else (logit_rows,)
+    counts = [*rows, step.tiles, *step.tables.values(), *step.first_blocks.values(),
+              *(t for d in draws if d is not None for t in vars(d).values())]
+    return [(counted, 0) for counted in counts]
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's options (glibc's malloc.h)

@@ -10,6 +10,11 @@ norm(max(0, p - q)); if all are kept, a bonus token is drawn from p. p and q are
 distributions (penalties, bias, temperature, top-k/p, min-p) given the tokens before the row, so
 the output has exactly the target's distribution. Greedy is the same with p and q one-hot: the
 longest prefix of drafts equal to the target's argmax, then the target's token.
+
+Where every member draws plainly (SamplingParams.plain_draws, no grammar) and some sample, the verify
+takes their settings per sequence (PlainRows) and is one compiled graph where the engine compiles its
+steps (plain_verify; eagerly it is ~100 small ops); where all are plain and greedy, the step's argmax is
+all there is (Sampler._plain_greedy).
 """
 
 import math
@@ -19,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from stepflash.engine.draws import ACCEPT, DRAFT, DRAW, argmax, draw, uniforms
-from stepflash.engine.runner import Logits, StepRows, Upload
+from stepflash.engine.runner import Compiled, Logits, StepRows, Upload
 from stepflash.engine.scheduler import Sampled, ScheduledSeq, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.sampling import SamplingParams
@@ -247,16 +252,16 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | Non
     """Rows [S, K + 1] (sequence s: its newest token, then K drafts, of which the first num_drafts[s]
     are real) -> (tokens [S, K + 1], accepted [S]): sequence s emits tokens[s, :accepted[s] + 1].
     drafts [S, K]; q [S, K, V] (the draft distributions, sampled sequences; None when none of them drafts).
-    Without drafts (K = 0; num_drafts and drafts may be None) every row emits its token, and
-    `accepted` is None; num_drafts None with drafts: all K are real. `top` [S, K + 1]: the logits'
+    Without drafts (drafts None, K = 0) every row emits its token, and `accepted` is None;
+    num_drafts None with drafts: all K are real. `top` [S, K + 1]: the logits'
     argmax, where the step computed it."""
     S, width, V = logits.shape
     K = width - 1
     processed = batch.process(logits.reshape(S * width, V), drafts).view(S, width, V)
     target = batch.greedy_tokens(processed, top)
-    if K == 0 and not batch.any_sampled:
+    if drafts is None and not batch.any_sampled:
         return target, None
-    if K == 0:
+    if drafts is None:
         p = batch.probs(processed.view(S, V))
         token = draw(p, batch.seeds, batch.positions, DRAW)[:, None]
         return torch.where(batch.greedy[:, None], target, token), None
@@ -284,6 +289,65 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | Non
     sampled = torch.cat([drafts, token[:, None]], 1).scatter(1, kept[:, None], token[:, None])
     greedy = batch.greedy.view(S, width)[:, 0]
     return torch.where(greedy[:, None], target, sampled), torch.where(greedy, accepted, kept)
+
+
+@dataclass
+class PlainRows:
+    """What `verify` needs of rows that sample plainly (SamplingParams.plain_draws, no grammar): nothing
+    to process, the greedy take the argmax, the others draw at their temperature. Settings per
+    sequence, each over its `width` rows (its newest token, then its drafts) in the graph."""
+
+    greedy_of: torch.Tensor  # [S] bool
+    temperature_of: torch.Tensor  # [S], 1 where greedy
+    seeds_of: torch.Tensor  # [S]
+    length_of: torch.Tensor  # [S], the position row 0 draws for
+    width: int
+    any_sampled = True
+
+    def _per_row(self, values: torch.Tensor) -> torch.Tensor:
+        return values[:, None].expand(values.shape[0], self.width).reshape(-1)
+
+    @property
+    def greedy(self) -> torch.Tensor:
+        return self._per_row(self.greedy_of)
+
+    @property
+    def seeds(self) -> torch.Tensor:
+        return self._per_row(self.seeds_of)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return (self.length_of[:, None] + torch.arange(self.width, device=self.length_of.device)).reshape(-1)
+
+    def process(self, logits: torch.Tensor, drafts: torch.Tensor | None) -> torch.Tensor:
+        return logits
+
+    def greedy_tokens(self, processed: torch.Tensor, top: torch.Tensor | None) -> torch.Tensor:
+        return argmax(processed)
+
+    def probs(self, processed: torch.Tensor) -> torch.Tensor:
+        return (processed / self._per_row(self.temperature_of)[:, None]).softmax(-1)
+
+
+def plain_verify(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+                 lengths: torch.Tensor, num_drafts: torch.Tensor | None, drafts: torch.Tensor | None,
+                 q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`verify` for plain rows (PlainRows: the settings per sequence), as the Sampler compiles it:
+    one graph for steps with drafts (num_drafts, drafts and q all given), one for steps without."""
+    S, width, _ = logits.shape
+    for per_seq in (greedy, temperature, seeds, lengths) + ((num_drafts, drafts, q) if drafts is not None else ()):
+        torch._check(per_seq.shape[0] == S)  # the sizes are unbacked (_plain_counts): state what they equal
+    if drafts is not None:
+        torch._check(drafts.shape[1] == width - 1)
+        torch._check(q.shape[1] == width - 1)
+    return verify(PlainRows(greedy, temperature, seeds, lengths, width), logits, num_drafts, drafts, q)
+
+
+def _plain_counts(logits: torch.Tensor, *rest: torch.Tensor | None) -> list[tuple[torch.Tensor, int]]:
+    """plain_verify's counted dimensions: sequences, and drafts where there are any."""
+    drafted = rest[-1] is not None
+    return [(t, 0) for t in (logits, *rest) if t is not None] + \
+        ([(logits, 1), (rest[-2], 1), (rest[-1], 1)] if drafted else [])
 
 
 class Readback:
@@ -332,8 +396,9 @@ class Sampler:
     positions' logprobs, with one device-to-host copy."""
 
     def __init__(self, eos_token_ids: list[int], counts: TokenCounts,
-                 structured: StructuredOutputs | None = None) -> None:
+                 structured: StructuredOutputs | None = None, compiled: bool = False) -> None:
         self.eos_token_ids, self.counts, self.structured = eos_token_ids, counts, structured
+        self.plain_verify = Compiled(plain_verify, _plain_counts) if compiled else plain_verify
 
     def __call__(self, rows: StepRows, step_logits: Logits, drafts: "Drafts | None",
                  staged: "StagedDrafts | None" = None) -> StepResult:
@@ -346,12 +411,16 @@ class Sampler:
             chosen = up.send(device)(up.add([seq.token_ids[p + 1] for seq, p in rows.prompt]))
         if staged is None and not rows.prompt and all(m.params.plain_greedy for _, m in rows.members):
             return self._plain_greedy(rows, argmax_of(step_logits), num_drafts, tokens_in)
-        seq_of, extra = [i for i in range(S) for _ in range(width)], list(range(width)) * S
-        batch = RowBatch([m for _, m in rows.members], seq_of, extra, self.eos_token_ids, device,
-                         self._mask(rows, staged, device), self.counts)
         sample_logits = logits[:S * width].view(S, width, V)
-        tokens, accepted = verify(batch, sample_logits, num_drafts, tokens_in, probs_in,
-                                  None if top is None else top[:S * width].view(S, width))
+        params = [m.params for _, m in rows.members]
+        if staged is None and all(p.plain_draws for p in params) and not all(p.greedy for p in params):
+            tokens, accepted = self._plain(rows, sample_logits, num_drafts, tokens_in, probs_in)
+        else:
+            seq_of, extra = [i for i in range(S) for _ in range(width)], list(range(width)) * S
+            batch = RowBatch([m for _, m in rows.members], seq_of, extra, self.eos_token_ids, device,
+                             self._mask(rows, staged, device), self.counts)
+            tokens, accepted = verify(batch, sample_logits, num_drafts, tokens_in, probs_in,
+                                      None if top is None else top[:S * width].view(S, width))
         back = Readback()
         handles = {"tokens": back.add(tokens)}
         if accepted is not None:
@@ -365,6 +434,21 @@ class Sampler:
             handles["prompt"] = [back.add(t) for t in top_logprobs(raw, chosen, k_prompt)]
         fetched = back.fetch()
         return StepResult(self._sampled(rows, fetched, handles), self._prompt_logprobs(rows, fetched, handles))
+
+    def _plain(self, rows: StepRows, logits: torch.Tensor, num_drafts: torch.Tensor | None,
+               drafts: torch.Tensor | None, q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`verify` for members that all draw plainly, some sampling: their settings in one copy, then plain_verify
+        (compiled where the steps are), with every draft counted and a q where drafts come without."""
+        members, up = [m for _, m in rows.members], Upload()
+        sent = (up.add([m.params.greedy for m in members], torch.bool),
+                up.add([1.0 if m.params.greedy else m.params.temperature for m in members], torch.float32),
+                up.add([m.seed for m in members]), up.add([m.num_tokens for m in members]))
+        got = up.send(logits.device)
+        if drafts is not None:
+            S, K = drafts.shape
+            num_drafts = torch.full((S,), K, device=logits.device) if num_drafts is None else num_drafts
+            q = logits.new_zeros(S, K, logits.shape[-1]) if q is None else q  # no sampled member drafted
+        return self.plain_verify(logits, *map(got, sent), num_drafts, drafts, q)
 
     @staticmethod
     def _plain_greedy(rows: StepRows, tokens: torch.Tensor, num_drafts: torch.Tensor | None,
