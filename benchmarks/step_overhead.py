@@ -40,15 +40,17 @@ class StepClock:
     runner's compiled steps, the model's eager forwards and heads) and the host parts the runner's
     inputs (pack, unpack), the scheduler (plan: schedule and update) and the outputs take. Also, for
     compiled steps, the time inside inductor's compiled graphs ("graph", patched on their class until
-    `close`): the rest of a compiled step's time ("compiled" - "graph") is host work inside the
-    forward (dynamo's guards and input gathering, inductor's wrapper). "sample": the sampler's call
-    (sampling and verifying the drafts, the readback), patched on its class like "graph"."""
+    `close`, counted inside those steps only): the rest of a compiled step's time ("compiled" -
+    "graph") is host work inside the forward (dynamo's guards and input gathering, inductor's
+    wrapper). "sample": the sampler's call (sampling and verifying the drafts, its compiled verify
+    included, the readback), patched on its class like "graph"."""
 
     PARTS = [("pack", "runner", "_pack"), ("unpack", "runner", "_unpack"), ("plan", "scheduler", "schedule"),
              ("plan", "scheduler", "update"), ("output", "output", "process")]
 
     def __init__(self, engine) -> None:
         self.seconds: dict[str, float] = {"compiled": 0.0, "graph": 0.0}
+        self.timing: set[str] = set()  # the parts being timed now
         runner = engine.runner
         for name in ("forward", "mtp_hidden", "compute_logits", "mtp_logits"):
             self._patch(runner.model, name, "forward")
@@ -58,7 +60,7 @@ class StepClock:
         for part, owner, name in self.PARTS:
             self._patch(getattr(engine, owner), name, part)
         self._graph_call, self._sample_call = CompiledFxGraph.__call__, Sampler.__call__
-        self._patch(CompiledFxGraph, "__call__", "graph")
+        self._patch(CompiledFxGraph, "__call__", "graph", within="compiled")
         self._patch(Sampler, "__call__", "sample")  # on the class: a call looks __call__ up there
 
     def reset(self) -> None:
@@ -67,19 +69,23 @@ class StepClock:
     def close(self) -> None:
         CompiledFxGraph.__call__, Sampler.__call__ = self._graph_call, self._sample_call
 
-    def _patch(self, owner, name: str, *parts: str) -> None:
+    def _patch(self, owner, name: str, *parts: str, within: str | None = None) -> None:
+        """Time `owner.name` into `parts` (only while `within` is being timed, if given)."""
         fn = getattr(owner, name)
         for part in parts:
             self.seconds.setdefault(part, 0.0)
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            if torch.compiler.is_compiling():  # traced into a compiled step (a recompile): no clock there
+            # traced into a compiled step (a recompile): no clock there
+            if torch.compiler.is_compiling() or (within is not None and within not in self.timing):
                 return fn(*args, **kwargs)
             start = time.perf_counter()
+            self.timing.update(parts)
             try:
                 return fn(*args, **kwargs)
             finally:
+                self.timing.difference_update(parts)
                 for part in parts:
                     self.seconds[part] += time.perf_counter() - start
         setattr(owner, name, run)
