@@ -344,10 +344,11 @@ def plain_verify(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.
 
 
 def _plain_counts(logits: torch.Tensor, *rest: torch.Tensor | None) -> list[tuple[torch.Tensor, int]]:
-    """plain_verify's counted dimensions: sequences, and drafts where there are any."""
-    drafted = rest[-1] is not None
-    return [(t, 0) for t in (logits, *rest) if t is not None] + \
-        ([(logits, 1), (rest[-2], 1), (rest[-1], 1)] if drafted else [])
+    """plain_verify's counted dimensions: sequences, and drafts where there are any (logits, drafts, q)."""
+    counted = [(t, 0) for t in (logits, *rest) if t is not None]
+    if rest[-1] is not None:
+        counted += [(logits, 1), (rest[-2], 1), (rest[-1], 1)]
+    return counted
 
 
 class Readback:
