@@ -15,7 +15,7 @@ same host work takes longer after a 4K-context forward, which streams more KV th
 Targets (issue 14): host time <= 10% of the step everywhere, and within 10% between 256 and 4K.
 
     python benchmarks/step_overhead.py [--steps 24] [--batches 1,16,64] [--contexts 256,4096] [--threads 1]
-        [--temperature 0.7]  (sampled requests, seeded; greedy by default)
+        [--temperature 0.7 [--top-p 0.95]]  (sampled requests, seeded; greedy by default)
 """
 
 import argparse
@@ -121,14 +121,15 @@ def stdlib_tokens(llm: LLM, count: int) -> list[int]:
     return (ids * (count // len(ids) + 1))[:count]
 
 
-def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int], temperature: float = 0.0) -> dict:
+def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int], temperature: float = 0.0,
+            top_p: float = 1.0) -> dict:
     llm = LLM(mtp=mtp, max_num_seqs=max(batch, 1), max_num_batched_tokens=max(1024, 16 * batch))
     engine = llm.engine
     max_tokens = (steps + 13) * (1 + mtp) + 4
     length = min(context, engine.max_model_len - max_tokens)  # the context reached by the timed steps
     shared = tokens[:length - 16]
     prompts = [shared + tokens[context + 16 * i: context + 16 * (i + 1)] for i in range(batch)]
-    params = SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate([shared + [tokens[0]]], SamplingParams(temperature=0.0, max_tokens=2))  # prefill the shared part
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", p, params)
@@ -153,7 +154,8 @@ def measure(mtp: int, batch: int, context: int, steps: int, tokens: list[int], t
     host_parts = {part: round(statistics.median(p[part] for p in parts) * 1e3, 3) for part in parts[0]
                   if part not in ("forward", "compiled", "graph")}
     wrapper = statistics.median(p["compiled"] - p["graph"] for p in parts)
-    return {"mtp": mtp, "batch": batch, "context": context, "temperature": temperature, "running": running,
+    return {"mtp": mtp, "batch": batch, "context": context, "temperature": temperature, "top_p": top_p,
+            "running": running,
             "step_ms": round(step * 1e3, 3), "forward_ms": round(forward * 1e3, 3),
             "host_ms": round((step - forward) * 1e3, 3), "host_share": round((step - forward) / step, 4),
             "host_parts_ms": host_parts,  # the rest of the host time: drafting's own work, the engine
@@ -170,6 +172,7 @@ def main() -> None:
     ap.add_argument("--mtp", default="0,3")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.0, help="the decoding requests' (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="the decoding requests' (with --temperature)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -181,7 +184,7 @@ def main() -> None:
     for mtp in (int(m) for m in args.mtp.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             for context in contexts:
-                r = measure(mtp, batch, context, args.steps, tokens, args.temperature)
+                r = measure(mtp, batch, context, args.steps, tokens, args.temperature, args.top_p)
                 rows.append(r)
                 print(f"{mtp:>3} {batch:>5} {context:>5} {r['step_ms']:>8.2f} {r['forward_ms']:>8.2f} "
                       f"{r['host_ms']:>8.2f} {100 * r['host_share']:>5.1f}% {r['compiled_wrapper_ms']:>7.2f} "
@@ -189,6 +192,7 @@ def main() -> None:
                       f"{r['tau']:>5.2f}  "
                       + " ".join(f"{part} {ms:.2f}" for part, ms in r["host_parts_ms"].items()), flush=True)
     sampled = f"-temp{args.temperature:g}" if args.temperature else ""
+    sampled += f"-top_p{args.top_p:g}" if args.temperature and args.top_p < 1 else ""
     write_record("step_overhead", f"step_overhead-tiny-t{args.threads}{sampled}", {"steps": args.steps, "points": rows},
                  args.out)
 

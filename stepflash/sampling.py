@@ -99,10 +99,15 @@ class SamplingParams:
 
     @property
     def plain_draws(self) -> bool:
-        """Drafts are the raw logits' argmax, or draws from them at the temperature: no bias, banned
-        stop tokens, penalty or top-k / top-p / min-p to apply first (MTP drafting in one call)."""
-        return (not self.logit_bias and not self.min_tokens and not self.penalised
-                and (self.greedy or (self.top_k <= 0 and self.top_p >= 1 and self.min_p <= 0)))
+        """Tokens are the raw logits' argmax, or draws from them at the temperature after top-k / top-p /
+        min-p: no bias, banned stop tokens or penalty to apply first, nothing that depends on the
+        tokens before (MTP drafting in one call, the sampler's compiled verify)."""
+        return not self.logit_bias and not self.min_tokens and not self.penalised
+
+    @property
+    def filtered(self) -> bool:
+        """Sampled through top-k, top-p or min-p."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1 or self.min_p > 0)
 
     @property
     def plain_greedy(self) -> bool:

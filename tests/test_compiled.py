@@ -61,9 +61,10 @@ def test_compiled_steps_match_the_reference_and_the_eager_engine(ckpt, mtp=2):
 
 
 def test_drafting_in_one_call_drafts_what_a_call_per_module_does(ckpt, monkeypatch):
-    """Plain drafting (greedy, or sampled at a temperature) runs every MTP module in one compiled call,
-    each module's drafts fed to the next inside it (runner.plain_drafts): step by step, the same drafts
-    (and distributions) as a compiled call per module, and the same tokens."""
+    """Plain drafting (greedy, or sampled at a temperature, top-k / top-p too) runs every MTP module in
+    one compiled call, each module's drafts fed to the next inside it (runner.plain_drafts): step by
+    step, the same drafts (and distributions) as a compiled call per module, and the same tokens."""
+    settings = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=1.0, top_p=0.8, top_k=20)]
     runs = {}
     for one_call in (True, False):
         llm = LLM(str(ckpt), mtp=2, compile="on")
@@ -83,19 +84,19 @@ def test_drafting_in_one_call_drafts_what_a_call_per_module_does(ckpt, monkeypat
 
         monkeypatch.setattr(drafter, "propose", recorded)
         monkeypatch.setattr(runner, "plain_drafts", counted)
-        for temperature in (0.0, 1.0):
+        for i, setting in enumerate(settings):
             drafted.clear()
             fused.clear()
-            params = SamplingParams(temperature=temperature, seed=3, max_tokens=MAX_TOKENS, ignore_eos=True)
+            params = SamplingParams(**setting, seed=3, max_tokens=MAX_TOKENS, ignore_eos=True)
             outputs = llm.generate(mixed_prompts(), params)
-            runs[one_call, temperature] = (list(drafted), [o.outputs[0].token_ids for o in outputs], sum(fused))
-    for temperature in (0.0, 1.0):
-        (drafted, tokens, fused), (per_module, per_module_tokens, _) = runs[True, temperature], runs[False, temperature]
+            runs[one_call, i] = (list(drafted), [o.outputs[0].token_ids for o in outputs], sum(fused))
+    for i, setting in enumerate(settings):
+        (drafted, tokens, fused), (per_module, per_module_tokens, _) = runs[True, i], runs[False, i]
         assert fused >= len(drafted) // 2  # most steps drafted in one call (not those catching up a prefill)
         assert [d for d, _ in drafted] == [d for d, _ in per_module] and tokens == per_module_tokens
         dists = [(q, q_per_module) for (_, q), (_, q_per_module) in zip(drafted, per_module)]
         assert all((q is None) == (other is None) for q, other in dists)  # none where no sequence drafts
-        assert any(q is not None for q, _ in dists) == (temperature > 0)
+        assert any(q is not None for q, _ in dists) == (setting["temperature"] > 0)
         for q, other in dists:
             if q is not None:
                 torch.testing.assert_close(q, other)
@@ -106,28 +107,31 @@ def test_every_step_kind_is_compiled_at_start(tmp_path):
     (torch.compile's fail_on_recompile stance raises where a step would compile). A scripted
     checkpoint, whose MTP heads are its target's, so that every draft is accepted and a request is
     done in few steps: the start's requests must still reach each step kind (drafting that samples,
-    in one call or, with top-p, a call per MTP module, after the long catch-up of a prompt)."""
+    in one call, through top-k / top-p / min-p too, or, with a penalty, a call per MTP module, after
+    the long catch-up of a prompt)."""
     write_scripted_checkpoint(tmp_path, ["x", "y"], config=tiny_config(n=2, n_mtp=2))
     llm = LLM(str(tmp_path), mtp=2, compile="on")
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
     with torch.compiler.set_stance("fail_on_recompile"):
-        for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (1.0, 0.9)):
+        for settings in (dict(temperature=0.0), dict(temperature=1.0), dict(temperature=1.0, top_p=0.9),
+                         dict(temperature=1.0, min_p=0.1), dict(temperature=1.0, presence_penalty=0.5)):
             for batch in (prompts[:1], prompts):
-                llm.generate(batch, SamplingParams(temperature=temperature, top_p=top_p, seed=0, max_tokens=12,
-                                                   ignore_eos=True))
+                llm.generate(batch, SamplingParams(**settings, seed=0, max_tokens=12, ignore_eos=True))
     assert llm.get_stats().spec.mean_accepted_length > 2.5  # the drafts were accepted, as the test needs
 
 
-def test_compiled_plain_verify_is_the_eager_one_in_two_graphs():
+def test_compiled_plain_verify_is_the_eager_one_in_four_graphs():
     """The sampler's compiled plain_verify gives the tokens and accepted counts of the eager function
-    for one sequence or several, one draft or three, and none, from two graphs (steps with drafts,
-    steps without: no variant per count of sequences or drafts, which the engine's start cannot all
-    reach)."""
+    for one sequence or several, one draft or three, and none, with top-k / top-p / min-p or without,
+    from four graphs (drafts or none, filters or none: no variant per count of sequences or drafts,
+    which the engine's start cannot all reach)."""
     compiled = Compiled(plain_verify, _plain_counts)
-    for i, num_drafts in enumerate([[3, 1, 2, 0], [0, 0], [1], [2, 2], [3], [0], [1, 1, 0]]):
-        with torch.compiler.set_stance("fail_on_recompile" if i >= 2 else "default"):  # after a graph of each
+    cases = [[3, 1, 2, 0], [0, 0], [1], [2, 2], [3], [0], [1, 1, 0]]
+    for i, (filtered, num_drafts) in enumerate([(f, n) for f in (False, True) for n in cases]):
+        first = i % len(cases) < 2  # a graph of each kind, then no more
+        with torch.compiler.set_stance("default" if first else "fail_on_recompile"):
             for seed in range(3):
-                seqs, logits, counts, drafts, q = plain_rows(seed, num_drafts, vocab=4096)
+                seqs, logits, counts, drafts, q = plain_rows(seed, num_drafts, vocab=4096, filtered=filtered)
                 if logits.shape[1] == 1:
                     counts = drafts = q = None
                 args = (logits, *plain_inputs(seqs), counts, drafts, q)
@@ -156,8 +160,8 @@ def test_a_failed_compile_warns_and_runs_the_step_eagerly(ckpt):
     prompts = mixed_prompts()[:4]
     with pytest.warns(UserWarning, match="(?s)torch.compile failed.*no C\\+\\+ compiler here"):
         outputs = llm.generate(prompts, greedy())
-        top_p = SamplingParams(temperature=1.0, top_p=0.9, seed=0, max_tokens=8, ignore_eos=True)
-        llm.generate(prompts[:1], top_p)  # top-p: a drafting call per MTP module
+        penalised = SamplingParams(temperature=1.0, repetition_penalty=1.1, seed=0, max_tokens=8, ignore_eos=True)
+        llm.generate(prompts[:1], penalised)  # a drafting call per MTP module
         llm.generate(prompts[:1], SamplingParams(temperature=1.0, seed=0, max_tokens=8, ignore_eos=True))
     assert [step.compiled for step in steps] == [None] * 4
     assert_matches_reference(ckpt, prompts, outputs)

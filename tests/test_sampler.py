@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from stepflash.engine import draws, sampler as sampling
 from stepflash.engine.sampler import (Readback, RowBatch, TokenCounts, draft_tokens, plain_verify, top_logprobs,
                                       verify)
+from stepflash.engine.runner import Upload, draw_settings
 from stepflash.engine.sequence import Sequence, Status
 from stepflash.sampling import SamplingParams
 
@@ -31,7 +32,7 @@ def make_seq() -> MakeSeq:
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
     """The batched filter on one row."""
     row = lambda x: torch.tensor([x])  # noqa: E731
-    return sampling.filter_logits(logits[None], row(max(top_k, 0)), row(top_p), row(min_p))[0]
+    return draws.filter_logits(logits[None], row(max(top_k, 0)), row(top_p), row(min_p))[0]
 
 
 def batch_of(seqs: list[Sequence], vocab_size: int) -> RowBatch:
@@ -258,25 +259,34 @@ def test_the_steps_argmax_is_taken_only_where_nothing_changes_the_logits(make_se
 
 
 def test_plain_draws_and_plain_greedy() -> None:
-    """Which requests draft in one compiled call (plain_draws: argmax, or a draw at the temperature
-    alone) and which rows the sampler takes as the step's argmax (plain_greedy: no logprobs either)."""
+    """Which requests draft in one compiled call and verify in the sampler's compiled graph
+    (plain_draws: argmax, or a draw at the temperature after top-k / top-p / min-p; `filtered`: one
+    of those three applies), and which rows the sampler takes as the step's argmax (plain_greedy: no
+    logprobs either)."""
     assert SamplingParams(temperature=0.7).plain_draws and SamplingParams(temperature=0.0).plain_draws
-    for changed in (dict(top_p=0.9), dict(top_k=5), dict(min_p=0.1), dict(repetition_penalty=1.1),
+    for filters in (dict(top_p=0.9), dict(top_k=5), dict(min_p=0.1)):
+        assert SamplingParams(temperature=0.7, **filters).plain_draws
+        assert SamplingParams(temperature=0.7, **filters).filtered, filters
+        assert not SamplingParams(temperature=0.0, **filters).filtered  # greedy: the filters change no argmax
+    assert not SamplingParams(temperature=0.7).filtered
+    for changed in (dict(repetition_penalty=1.1), dict(presence_penalty=0.5), dict(frequency_penalty=0.5),
                     dict(logit_bias={3: 1.0}), dict(min_tokens=2)):
         assert not SamplingParams(temperature=0.7, **changed).plain_draws, changed
-    assert SamplingParams(temperature=0.0, top_p=0.9).plain_draws  # greedy: the filters change no argmax
     assert SamplingParams(temperature=0.0).plain_greedy and not SamplingParams(temperature=0.7).plain_greedy
     assert SamplingParams(temperature=0.0, logprobs=1).plain_draws
     assert not SamplingParams(temperature=0.0, logprobs=1).plain_greedy
 
 
-def plain_rows(seed: int, num_drafts: list[int], vocab: int = 32):
-    """Sequences of greedy and sampled plain rows (lengths, seeds and temperatures differing), random
+def plain_rows(seed: int, num_drafts: list[int], vocab: int = 32, filtered: bool = False):
+    """Sequences of greedy and sampled plain rows (lengths, seeds and temperatures differing; `filtered`:
+    the sampled through top-p, top-k, min-p), random
     logits [S, K + 1, V], drafts [S, K] (num_drafts real each) and draft distributions [S, K, V]."""
     g = torch.Generator().manual_seed(seed)
-    temperatures = [0.0, 0.7, 1.3, 1.0][:len(num_drafts)]
-    seqs = [Sequence(0, "r", 0, [2] * (3 + 2 * i), 3 + i, SamplingParams(temperature=t), 100 + 7 * i)
-            for i, t in enumerate(temperatures)]
+    settings = [dict(temperature=0.0), dict(temperature=0.7), dict(temperature=1.3), dict(temperature=1.0)]
+    if filtered:
+        settings[1:] = [dict(temperature=0.7, top_p=0.8), dict(temperature=1.3, top_k=5), dict(temperature=1.0, min_p=0.2)]
+    seqs = [Sequence(0, "r", 0, [2] * (3 + 2 * i), 3 + i, SamplingParams(**kw), 100 + 7 * i)
+            for i, kw in enumerate(settings[:len(num_drafts)])]
     S, K = len(seqs), max(num_drafts)
     logits = torch.randn(S, K + 1, vocab, generator=g) * 2
     q = torch.randn(S, K, vocab, generator=g).mul(2).softmax(-1)
@@ -287,19 +297,20 @@ def plain_rows(seed: int, num_drafts: list[int], vocab: int = 32):
 
 
 def plain_inputs(seqs: list[Sequence]) -> list[torch.Tensor]:
-    """plain_verify's per-sequence settings, as the Sampler sends them."""
-    return [torch.tensor([s.params.greedy for s in seqs]),
-            torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs]),
-            torch.tensor([s.seed for s in seqs]), torch.tensor([s.num_tokens for s in seqs])]
+    """plain_verify's per-sequence settings, as the Sampler sends them (runner.draw_settings)."""
+    up = Upload()
+    handles = draw_settings(up, [s.params for s in seqs], [s.seed for s in seqs], [s.num_tokens for s in seqs])
+    return list(map(up.send(torch.device("cpu")), handles))
 
 
+@pytest.mark.parametrize("filtered", [False, True])
 @pytest.mark.parametrize("num_drafts", [[3, 1, 2, 0], [2, 2], [1], [0, 0, 0]])
-def test_plain_verify_is_verify_of_the_rows(num_drafts: list[int]) -> None:
+def test_plain_verify_is_verify_of_the_rows(num_drafts: list[int], filtered: bool) -> None:
     """plain_verify (settings per sequence, expanded over its rows on the device, as the compiled
     sampler runs it) accepts, rejects and draws what verify does over the same rows' RowBatch: each
-    row's position and seed, the temperature, greedy rows among sampled ones."""
+    row's position and seed, the temperature, top-k / top-p / min-p, greedy rows among sampled ones."""
     for seed in range(10):
-        seqs, logits, counts, drafts, q = plain_rows(seed, num_drafts)
+        seqs, logits, counts, drafts, q = plain_rows(seed, num_drafts, filtered=filtered)
         S, width = len(seqs), logits.shape[1]
         batch = RowBatch(seqs, [i for i in range(S) for _ in range(width)], list(range(width)) * S, [EOS],
                          torch.device("cpu"), counts=TokenCounts(logits.shape[-1], torch.device("cpu")))

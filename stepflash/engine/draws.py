@@ -1,8 +1,10 @@
-"""Random draws for sampling, as a function of (seed, position, purpose, token id): a counter-based
-hash, not a generator's state. A token drawn for position p of a sequence is argmax(probs / E) with
+"""What a sampled row draws from (the logits at its temperature, top-k / top-p / min-p applied) and
+the random draws, as a function of (seed, position, purpose, token id): a counter-based hash, not a
+generator's state. A token drawn for position p of a sequence is argmax(probs / E) with
 E ~ Exp(1) per vocabulary entry (equivalent to sampling from probs), so a sequence's draws depend only
 on its seed and positions, never on what else is in the batch, and the draws for a whole batch are a
-few tensor ops (which a compiled step can run too: runner.py, plain MTP drafting)."""
+few tensor ops (which a compiled step can run too: runner.py, plain MTP drafting; sampler.py,
+plain_verify)."""
 
 import torch
 
@@ -49,3 +51,33 @@ def draw(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, purp
     """One token per row of unnormalised probabilities: argmax(p / E), E ~ Exp(1)."""
     noise = -uniforms(seeds, positions, purpose, probs.shape[-1]).log()
     return argmax(probs / noise)
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                  sort: bool = True, floor: bool = True) -> torch.Tensor:
+    """Mask (to -inf) per row: tokens below the k-th largest logit (top_k [R], 0 = off; ties kept),
+    outside the smallest prefix of the sorted distribution reaching top_p [R], or below
+    min_p [R] times the most likely token's probability. `sort` / `floor` False: the caller knows
+    that no row uses top-k/top-p / min-p (so nothing is read back from the device to find out)."""
+    if sort:
+        values, order = logits.sort(-1, descending=True)
+        kth = values.gather(1, (top_k.clamp(1, logits.shape[-1]) - 1)[:, None])
+        logits = logits.masked_fill((top_k[:, None] > 0) & (logits < kth), float("-inf"))
+        probs = values.masked_fill((top_k[:, None] > 0) & (values < kth), float("-inf")).softmax(-1)
+        outside = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)  # the smallest prefix
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(1, order, outside), float("-inf"))  # reaching top_p
+    if floor:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def tempered(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None = None,
+             top_p: torch.Tensor | None = None, min_p: torch.Tensor | None = None, sort: bool = True,
+             floor: bool = True) -> torch.Tensor:
+    """The distributions rows draw from: softmax of logits / temperature [R], after top-k / top-p /
+    min-p (filter_logits) where they are given (all three or none)."""
+    scaled = logits / temperature[:, None]
+    if top_k is not None:
+        scaled = filter_logits(scaled, top_k, top_p, min_p, sort, floor)
+    return scaled.softmax(-1)

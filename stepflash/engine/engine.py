@@ -176,21 +176,22 @@ class LLMEngine:
         together, one short enough to be computed like a verify step, and sampled (drafting that
         samples, in one call for all MTP modules, and the sampler's plain verify, with drafts and
         without; it asks for enough tokens to outlast the other's long catch-up however many drafts
-        are accepted), then one alone (greedy drafting, one call),
-        then one with top-p (a drafting call per MTP module), then full batches of 4, 8, 16, ... and
-        max_num_seqs requests. Their statistics are then forgotten."""
+        are accepted), then one alone (greedy drafting, one call), then one with top-p (the same
+        through top-k / top-p / min-p: graphs of their own), then one with a repetition penalty (a
+        drafting call per MTP module), then full batches of 4, 8, 16, ... and max_num_seqs requests.
+        Their statistics are then forgotten."""
         log.info("stepflash: compiling the decode, verify and drafting steps (torch.compile; compile='off', "
                  "--compile off, skips it) ...")
         start = time.monotonic()
         most = self.layout.max_num_seqs
         full = sorted({*(1 << i for i in range(2, most.bit_length())), most})
-        greedy = (12, 8, 0.0, 1.0)  # prompt length, max_tokens, temperature, top_p
-        for batch in (((20, 16, 0.0, 1.0), (5, 16, 1.0, 1.0)), (greedy,), ((12, 16, 1.0, 0.9),),
-                      *((greedy,) * n for n in full)):
-            for i, (prompt_len, max_tokens, temperature, top_p) in enumerate(batch):
+        greedy = (12, dict(max_tokens=8))  # prompt length, sampling settings
+        sampled = dict(max_tokens=16, temperature=1.0)
+        for batch in (((20, dict(max_tokens=16)), (5, sampled)), (greedy,), ((12, dict(sampled, top_p=0.9)),),
+                      ((12, dict(sampled, repetition_penalty=1.1)),), *((greedy,) * n for n in full)):
+            for i, (prompt_len, settings) in enumerate(batch):
                 self.add_request(f"compile-{i}", [t % self.model_config.vocab_size for t in range(2, 2 + prompt_len)],
-                                 SamplingParams(temperature=temperature, top_p=top_p, seed=0, max_tokens=max_tokens,
-                                                ignore_eos=True))
+                                 SamplingParams(**settings, seed=0, ignore_eos=True))
             while self.has_unfinished_requests():
                 self.step()
         self.num_steps, self.output.spec = 0, SpecStats()

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stepflash.engine.draws import ACCEPT, DRAFT, DRAW, argmax, draw, uniforms
-from stepflash.engine.runner import Compiled, Logits, StepRows, Upload
+from stepflash.engine.draws import ACCEPT, DRAFT, DRAW, argmax, draw, tempered, uniforms
+from stepflash.engine.runner import Compiled, Logits, StepRows, Upload, draw_settings
 from stepflash.engine.scheduler import Sampled, ScheduledSeq, StepResult
 from stepflash.engine.sequence import Sequence
 from stepflash.sampling import SamplingParams
@@ -40,25 +40,6 @@ def argmax_of(step: Logits) -> torch.Tensor:
 
 
 # -- logit processing -----------------------------------------------------------------------------
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                  sort: bool = True, floor: bool = True) -> torch.Tensor:
-    """Mask (to -inf) per row: tokens below the k-th largest logit (top_k [R], 0 = off; ties kept),
-    outside the smallest prefix of the sorted distribution reaching top_p [R], or below
-    min_p [R] times the most likely token's probability. `sort` / `floor` False: the caller knows
-    that no row uses top-k/top-p / min-p (so nothing is read back from the device to find out)."""
-    if sort:
-        values, order = logits.sort(-1, descending=True)
-        kth = values.gather(1, (top_k.clamp(1, logits.shape[-1]) - 1)[:, None])
-        logits = logits.masked_fill((top_k[:, None] > 0) & (logits < kth), float("-inf"))
-        probs = values.masked_fill((top_k[:, None] > 0) & (values < kth), float("-inf")).softmax(-1)
-        outside = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)  # the smallest prefix
-        logits = logits.masked_fill(torch.zeros_like(outside).scatter(1, order, outside), float("-inf"))  # reaching top_p
-    if floor:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
-    return logits
-
-
 class RowBatch:
     """R rows of logits to process: row i continues sequence seqs[seq_of[i]] (its token ids, then
     `extra[i]` of its drafts). Everything the rows' settings ask for (sampling parameters, seeds and
@@ -169,8 +150,7 @@ class RowBatch:
 
     def probs(self, processed: torch.Tensor) -> torch.Tensor:
         """The distributions sampled rows draw from: temperature, then top-k / top-p / min-p."""
-        return filter_logits(processed / self.temperature[:, None], self.top_k, self.top_p, self.min_p,
-                             self.sort, self.floor).softmax(-1)
+        return tempered(processed, self.temperature, self.top_k, self.top_p, self.min_p, self.sort, self.floor)
 
 
 class TokenCounts:
@@ -293,14 +273,16 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | Non
 
 @dataclass
 class PlainRows:
-    """What `verify` needs of rows that sample plainly (SamplingParams.plain_draws, no grammar): nothing
-    to process, the greedy take the argmax, the others draw at their temperature. Settings per
-    sequence, each over its `width` rows (its newest token, then its drafts) in the graph."""
+    """What `verify` needs of rows that draw plainly (SamplingParams.plain_draws, no grammar): nothing
+    to process, the greedy take the argmax, the others draw at their temperature, after top-k / top-p
+    / min-p where given. Settings per sequence, each over its `width` rows (its newest token, then
+    its drafts) in the graph."""
 
     greedy_of: torch.Tensor  # [S] bool
     temperature_of: torch.Tensor  # [S], 1 where greedy
     seeds_of: torch.Tensor  # [S]
     length_of: torch.Tensor  # [S], the position row 0 draws for
+    filters_of: tuple[torch.Tensor, ...]  # top_k, top_p, min_p [S]; none where no row filters
     width: int
     any_sampled = True
 
@@ -326,21 +308,24 @@ class PlainRows:
         return argmax(processed)
 
     def probs(self, processed: torch.Tensor) -> torch.Tensor:
-        return (processed / self._per_row(self.temperature_of)[:, None]).softmax(-1)
+        return tempered(processed, self._per_row(self.temperature_of), *map(self._per_row, self.filters_of))
 
 
 def plain_verify(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
-                 lengths: torch.Tensor, num_drafts: torch.Tensor | None, drafts: torch.Tensor | None,
-                 q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`verify` for plain rows (PlainRows: the settings per sequence), as the Sampler compiles it:
-    one graph for steps with drafts (num_drafts, drafts and q all given), one for steps without."""
+                 lengths: torch.Tensor, *rest: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`verify` for plain rows (PlainRows: the settings per sequence, as runner.draw_settings adds
+    them), as the Sampler compiles it. `rest`: top_k, top_p, min_p where any row filters, then
+    num_drafts, drafts and q (all None in a step without drafts). A graph for each: drafts or none,
+    filters or none."""
+    *filters, num_drafts, drafts, q = rest
     S, width, _ = logits.shape
-    for per_seq in (greedy, temperature, seeds, lengths) + ((num_drafts, drafts, q) if drafts is not None else ()):
+    drafted = (num_drafts, drafts, q) if drafts is not None else ()
+    for per_seq in (greedy, temperature, seeds, lengths, *filters, *drafted):
         torch._check(per_seq.shape[0] == S)  # the sizes are unbacked (_plain_counts): state what they equal
     if drafts is not None:
         torch._check(drafts.shape[1] == width - 1)
         torch._check(q.shape[1] == width - 1)
-    return verify(PlainRows(greedy, temperature, seeds, lengths, width), logits, num_drafts, drafts, q)
+    return verify(PlainRows(greedy, temperature, seeds, lengths, tuple(filters), width), logits, num_drafts, drafts, q)
 
 
 def _plain_counts(logits: torch.Tensor, *rest: torch.Tensor | None) -> list[tuple[torch.Tensor, int]]:
@@ -441,9 +426,8 @@ class Sampler:
         """`verify` for members that all draw plainly, some sampling: their settings in one copy, then plain_verify
         (compiled where the steps are), with every draft counted and a q where drafts come without."""
         members, up = [m for _, m in rows.members], Upload()
-        sent = (up.add([m.params.greedy for m in members], torch.bool),
-                up.add([1.0 if m.params.greedy else m.params.temperature for m in members], torch.float32),
-                up.add([m.seed for m in members]), up.add([m.num_tokens for m in members]))
+        sent = draw_settings(up, [m.params for m in members], [m.seed for m in members],
+                             [m.num_tokens for m in members])
         got = up.send(logits.device)
         if drafts is not None:
             S, K = drafts.shape
