@@ -97,6 +97,10 @@ def test_top_k_ties_and_off() -> None:
     assert kept(filter_logits(logits, 4, 1.0, 0.0)) == {0, 1, 2, 4}
     for k in (-1, 5, 9):
         assert torch.equal(filter_logits(logits, k, 1.0, 0.0), logits)
+    wide = torch.tensor([float("-inf"), -1e30, 5.0, 1e30, 3.0, -2.0, -0.0])  # the whole range of fp32 values
+    for k, expected in ((1, {3}), (2, {2, 3}), (3, {2, 3, 4}), (4, {2, 3, 4, 6}), (5, {2, 3, 4, 5, 6}),
+                        (6, {1, 2, 3, 4, 5, 6})):
+        assert kept(filter_logits(wide, k, 1.0, 0.0)) == expected, k
 
 
 @pytest.mark.parametrize("top_p, expected", [
@@ -284,7 +288,8 @@ def plain_rows(seed: int, num_drafts: list[int], vocab: int = 32, filtered: bool
     g = torch.Generator().manual_seed(seed)
     settings = [dict(temperature=0.0), dict(temperature=0.7), dict(temperature=1.3), dict(temperature=1.0)]
     if filtered:
-        settings[1:] = [dict(temperature=0.7, top_p=0.8), dict(temperature=1.3, top_k=5), dict(temperature=1.0, min_p=0.2)]
+        settings[1:] = [dict(temperature=0.7, top_p=0.8), dict(temperature=1.3, top_k=5),
+                        dict(temperature=1.0, min_p=0.2)]
     seqs = [Sequence(0, "r", 0, [2] * (3 + 2 * i), 3 + i, SamplingParams(**kw), 100 + 7 * i)
             for i, kw in enumerate(settings[:len(num_drafts)])]
     S, K = len(seqs), max(num_drafts)

@@ -54,30 +54,65 @@ def draw(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, purp
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                  sort: bool = True, floor: bool = True) -> torch.Tensor:
+                  ranked: bool = True, floor: bool = True) -> torch.Tensor:
     """Mask (to -inf) per row: tokens below the k-th largest logit (top_k [R], 0 = off; ties kept),
-    outside the smallest prefix of the sorted distribution reaching top_p [R], or below
-    min_p [R] times the most likely token's probability. `sort` / `floor` False: the caller knows
-    that no row uses top-k/top-p / min-p (so nothing is read back from the device to find out)."""
-    if sort:
-        values, order = logits.sort(-1, descending=True)
-        kth = values.gather(1, (top_k.clamp(1, logits.shape[-1]) - 1)[:, None])
-        logits = logits.masked_fill((top_k[:, None] > 0) & (logits < kth), float("-inf"))
-        probs = values.masked_fill((top_k[:, None] > 0) & (values < kth), float("-inf")).softmax(-1)
-        outside = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)  # the smallest prefix
-        logits = logits.masked_fill(torch.zeros_like(outside).scatter(1, order, outside), float("-inf"))  # reaching top_p
+    outside the smallest set of most likely tokens whose mass reaches top_p [R] (tokens tied with its
+    least likely kept), or below min_p [R] times the most likely token's probability. `ranked` /
+    `floor` False: the caller knows that no row uses top-k / top-p / min-p (so nothing is read back
+    from the device to find out). Top-k and top-p find their edge by bisection, not a sort: on the
+    CPU, sorting every row cost more than the bisection's passes over it do once compiled."""
+    if ranked:
+        keys = _ordered(logits)
+        kth = _kth_largest(keys, top_k.clamp(1, logits.shape[-1]))
+        logits = logits.masked_fill((top_k[:, None] > 0) & (keys < kth), float("-inf"))
+        probs = logits.softmax(-1)
+        outside = (top_p[:, None] < 1) & (probs.view(torch.int32) < _nucleus_edge(probs, top_p))
+        logits = logits.masked_fill(outside, float("-inf"))
     if floor:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
 
 
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values as int32 keys in the same order (-inf the lowest): a negative float's bits, as an
+    integer, fall as the float rises; flipping all but the sign bit reverses that."""
+    bits = x.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _kth_largest(keys: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per row of int32 keys [R, V], the k-th largest [R, 1] (k [R] in 1..V; ties counted): the
+    largest t with at least k keys >= t, by bisection over the 2^32 keys (int64 bounds)."""
+    lo = keys.min(-1, keepdim=True).values.long()
+    hi = keys.max(-1, keepdim=True).values.long()
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        enough = (keys >= mid).sum(-1, keepdim=True) >= k[:, None]
+        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid - 1)
+    return lo
+
+
+def _nucleus_edge(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row of probabilities [R, V], the bits [R, 1] of the least likely token of the nucleus: the
+    smallest t with the mass of the tokens above t (their fp32 bits, in the order of the values)
+    below top_p [R]; a token is in the nucleus iff its bits are >= t. Bisection over [0, 1]'s bits
+    (under 2^30)."""
+    keys = probs.view(torch.int32)
+    lo, hi = torch.zeros_like(keys[:, :1]), keys.max(-1, keepdim=True).values
+    for _ in range(30):
+        mid = lo + ((hi - lo) >> 1)
+        below = probs.masked_fill(keys <= mid, 0).sum(-1, keepdim=True) < top_p[:, None]
+        lo, hi = torch.where(below, lo, mid + 1), torch.where(below, mid, hi)
+    return hi
+
+
 def tempered(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None = None,
-             top_p: torch.Tensor | None = None, min_p: torch.Tensor | None = None, sort: bool = True,
+             top_p: torch.Tensor | None = None, min_p: torch.Tensor | None = None, ranked: bool = True,
              floor: bool = True) -> torch.Tensor:
     """The distributions rows draw from: softmax of logits / temperature [R], after top-k / top-p /
     min-p (filter_logits) where they are given (all three or none)."""
     scaled = logits / temperature[:, None]
     if top_k is not None:
-        scaled = filter_logits(scaled, top_k, top_p, min_p, sort, floor)
+        scaled = filter_logits(scaled, top_k, top_p, min_p, ranked, floor)
     return scaled.softmax(-1)

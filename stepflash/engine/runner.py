@@ -744,7 +744,8 @@ class Compiled:
                     torch._dynamo.decorators.mark_unbacked(tensor, dim)
                 return self.compiled(*args)
             except self.errors as e:
-                warnings.warn(f"torch.compile failed, running {self.fn.__name__} eagerly from now on: {e}", stacklevel=2)
+                warnings.warn(f"torch.compile failed, running {self.fn.__name__} eagerly from now on: {e}",
+                              stacklevel=2)
                 self.compiled = None
         return self.fn(*args)
 

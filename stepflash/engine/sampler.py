@@ -55,7 +55,7 @@ class RowBatch:
         params = [seqs[s].params for s in seq_of]
         sampled = [p for p in params if not p.greedy]
         self.any_sampled = bool(sampled)
-        self.sort = any(p.top_k > 0 or p.top_p < 1 for p in sampled)
+        self.ranked = any(p.top_k > 0 or p.top_p < 1 for p in sampled)
         self.floor = any(p.min_p > 0 for p in sampled)
         up, f32 = Upload(), torch.float32
         sent = {}
@@ -150,7 +150,7 @@ class RowBatch:
 
     def probs(self, processed: torch.Tensor) -> torch.Tensor:
         """The distributions sampled rows draw from: temperature, then top-k / top-p / min-p."""
-        return tempered(processed, self.temperature, self.top_k, self.top_p, self.min_p, self.sort, self.floor)
+        return tempered(processed, self.temperature, self.top_k, self.top_p, self.min_p, self.ranked, self.floor)
 
 
 class TokenCounts:
