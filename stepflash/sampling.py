@@ -101,7 +101,8 @@ class SamplingParams:
     def plain_draws(self) -> bool:
         """Tokens are the raw logits' argmax, or draws from them at the temperature after top-k / top-p /
         min-p: no bias, banned stop tokens or penalty to apply first, nothing that depends on the
-        tokens before (MTP drafting in one call, the sampler's compiled verify)."""
+        tokens before (MTP drafting in one call, which leaves the filters to the verify; the sampler's
+        compiled verify)."""
         return not self.logit_bias and not self.min_tokens and not self.penalised
 
     @property

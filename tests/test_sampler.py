@@ -126,6 +126,23 @@ def test_top_p_nucleus_is_minimal(logits: torch.Tensor, top_p: float) -> None:
     assert mass - smallest < top_p + 1e-5, "without its smallest member it would not"
 
 
+def test_the_sort_and_the_bisection_find_the_same_edges() -> None:
+    """filter_logits' two ways to the top-k and top-p edges (a sort, on a GPU; bisection over the
+    values' bits, elsewhere) keep the same tokens, ties at the edges included (logits rounded to
+    quarters: many ties), per row settings mixed, with -inf already in some rows."""
+    g = torch.Generator().manual_seed(5)
+    R, V = 300, 48
+    logits = (torch.randn(R, V, generator=g) * 3).mul(4).round().div(4)
+    logits[::7, :5] = float("-inf")
+    top_k = torch.randint(0, V + 3, (R,), generator=g) * (torch.rand(R, generator=g) < 0.6)
+    top_p = torch.where(torch.rand(R, generator=g) < 0.7, torch.rand(R, generator=g), torch.ones(R))
+    min_p = torch.where(torch.rand(R, generator=g) < 0.3, torch.rand(R, generator=g) * 0.5, torch.zeros(R))
+    by_sort = draws.filter_logits(logits, top_k, top_p, min_p, sort=True)
+    by_bisection = draws.filter_logits(logits, top_k, top_p, min_p, sort=False)
+    assert torch.equal(by_sort, by_bisection)
+    assert (by_sort.isinf() & logits.isfinite()).any(dim=1).float().mean() > 0.5  # most rows lose tokens
+
+
 @pytest.mark.parametrize("min_p, expected", [
     (0.0, {0, 1, 2, 3}), (0.05, {0, 1, 2, 3}), (0.2, {0, 1, 3}), (0.59, {1, 3}), (0.61, {1}), (1.0, {1}),
 ])

@@ -54,20 +54,32 @@ def draw(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, purp
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                  ranked: bool = True, floor: bool = True) -> torch.Tensor:
+                  ranked: bool = True, floor: bool = True, sort: bool | None = None) -> torch.Tensor:
     """Mask (to -inf) per row: tokens below the k-th largest logit (top_k [R], 0 = off; ties kept),
     outside the smallest set of most likely tokens whose mass reaches top_p [R] (tokens tied with its
     least likely kept), or below min_p [R] times the most likely token's probability. `ranked` /
     `floor` False: the caller knows that no row uses top-k / top-p / min-p (so nothing is read back
-    from the device to find out). Top-k and top-p find their edge by bisection, not a sort: on the
-    CPU, sorting every row cost more than the bisection's passes over it do once compiled."""
+    from the device to find out). The edges of top-k and top-p come from a sort of each row where
+    `sort` (None: on a GPU), else by bisection over the values' bits: on the CPU, sorting every
+    row cost more than the bisection's passes over it do once compiled, on a GPU it is a few kernels
+    where the bisection is ~250."""
     if ranked:
-        keys = _ordered(logits)
-        kth = _kth_largest(keys, top_k.clamp(1, logits.shape[-1]))
-        logits = logits.masked_fill((top_k[:, None] > 0) & (keys < kth), float("-inf"))
-        probs = logits.softmax(-1)
-        outside = (top_p[:, None] < 1) & (probs.view(torch.int32) < _nucleus_edge(probs, top_p))
-        logits = logits.masked_fill(outside, float("-inf"))
+        sort = logits.is_cuda if sort is None else sort
+        if sort:
+            values = logits.sort(-1, descending=True).values
+            kth = values.gather(1, (top_k.clamp(1, logits.shape[-1]) - 1)[:, None])
+            logits = logits.masked_fill((top_k[:, None] > 0) & (logits < kth), float("-inf"))
+            probs = logits.softmax(-1)
+            ordered = probs.sort(-1, descending=True).values
+            inside = (ordered.cumsum(-1) - ordered < top_p[:, None]).sum(-1, keepdim=True)  # >= 1
+            outside = probs < ordered.gather(1, inside - 1)
+        else:
+            keys = _ordered(logits)
+            kth = _kth_largest(keys, top_k.clamp(1, logits.shape[-1]))
+            logits = logits.masked_fill((top_k[:, None] > 0) & (keys < kth), float("-inf"))
+            probs = logits.softmax(-1)
+            outside = probs.view(torch.int32) < _nucleus_edge(probs, top_p)
+        logits = logits.masked_fill((top_p[:, None] < 1) & outside, float("-inf"))
     if floor:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
@@ -75,9 +87,10 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 def _ordered(x: torch.Tensor) -> torch.Tensor:
-    """fp32 values as int32 keys in the same order (-inf the lowest): a negative float's bits, as an
-    integer, fall as the float rises; flipping all but the sign bit reverses that."""
-    bits = x.view(torch.int32)
+    """fp32 values as int32 keys in the same order (-inf the lowest; -0.0 as 0.0, equal as floats):
+    a negative float's bits, as an integer, fall as the float rises; flipping all but the sign bit
+    reverses that."""
+    bits = torch.where(x == 0, 0.0, x).view(torch.int32)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 

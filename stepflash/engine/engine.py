@@ -176,7 +176,7 @@ class LLMEngine:
         together, one short enough to be computed like a verify step, and sampled (drafting that
         samples, in one call for all MTP modules, and the sampler's plain verify, with drafts and
         without; it asks for enough tokens to outlast the other's long catch-up however many drafts
-        are accepted), then one alone (greedy drafting, one call), then one with top-p (the same
+        are accepted), then one alone (greedy drafting, one call), then one with top-p (the verify
         through top-k / top-p / min-p: graphs of their own), then one with a repetition penalty (a
         drafting call per MTP module), then full batches of 4, 8, 16, ... and max_num_seqs requests.
         Their statistics are then forgotten."""

@@ -216,16 +216,15 @@ class DraftRows:
 class DraftDraws:
     """How the sampled drafts of one drafting call are drawn (`ModelRunner.plain_drafts`): per drafting
     sequence, in drafting order, whether it is greedy, its temperature (1 where greedy), its seed and
-    its length, and where any samples through top-k / top-p / min-p, those settings (else None); draft
-    d + 1 is drawn for position length + d, as the sampler draws it (draft_tokens)."""
+    its length; draft d + 1 is drawn for position length + d, as the sampler draws it (draft_tokens).
+    Top-k / top-p / min-p do not apply to drafts drawn here: the verify is lossless for any draft
+    distribution it is given, and a graph with them (their bisections unrolled in every module) took
+    far longer to compile."""
 
     greedy: torch.Tensor
     temperature: torch.Tensor
     seeds: torch.Tensor
     positions: torch.Tensor
-    top_k: torch.Tensor | None = None
-    top_p: torch.Tensor | None = None
-    min_p: torch.Tensor | None = None
 
 
 class DecodeKey(NamedTuple):
@@ -406,8 +405,8 @@ class ModelRunner:
                      ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None:
         """Every MTP module over the step's drafting rows in one compiled call, each drafting at its
         logit rows the argmax, or for the sampled of the drafting sequences `sampled` (all of them, in
-        drafting order; None: all greedy) a draw at the temperature after top-k / top-p / min-p
-        (`_step_plain_drafts`; a graph of its own where any sequence filters): module d's
+        drafting order; None: all greedy) a draw at the temperature, before any top-k / top-p / min-p
+        (`_step_plain_drafts`, DraftDraws): module d's
         drafts, in its logit rows' order, and where any samples the distributions they were drawn
         from. None where such a step is not compiled (not compiling; a long catch-up, which goes to
         the prefill op; a chunk that may hold image rows): then a call per module (`execute_mtp`)."""
@@ -417,7 +416,7 @@ class ModelRunner:
         up, sent, draws = call.upload, call.handles, None
         if sampled is not None:
             parts = draw_settings(up, [s.params for s in sampled], [s.seed for s in sampled],
-                                  [s.num_tokens for s in sampled])
+                                  [s.num_tokens for s in sampled], filters=False)
         unpacked = self._unpack(call)
         if sampled is not None:
             draws = DraftDraws(*map(unpacked.got, parts))
@@ -520,8 +519,7 @@ class ModelRunner:
                 drafted.append(top)
                 continue
             torch._check(n <= draws.seeds.shape[0])
-            filters = [f[:n] for f in (draws.top_k, draws.top_p, draws.min_p) if f is not None]
-            q = tempered(logits, draws.temperature[:n], *filters)
+            q = tempered(logits, draws.temperature[:n])
             drawn = draw(q, draws.seeds[:n], draws.positions[:n] + depth, DRAFT)
             drafted.append(torch.where(draws.greedy[:n], top, drawn))
             dists.append(q)
@@ -765,7 +763,7 @@ def _step_counts(step: StepInputs, logit_rows: torch.Tensor | tuple[torch.Tensor
     """A compiled step's counted dimensions: one graph for any count, 0 and 1 too."""
     rows = logit_rows if isinstance(logit_rows, tuple) else (logit_rows,)
     counts = [*rows, step.tiles, *step.tables.values(), *step.first_blocks.values(),
-              *(t for d in draws if d is not None for t in vars(d).values() if t is not None)]
+              *(t for d in draws if d is not None for t in vars(d).values())]
     return [(counted, 0) for counted in counts]
 
 
@@ -872,15 +870,16 @@ class Upload:
         return get
 
 
-def draw_settings(up: Upload, params: list["SamplingParams"], seeds: list[int], lengths: list[int]
-                  ) -> tuple[int, ...]:
+def draw_settings(up: Upload, params: list["SamplingParams"], seeds: list[int], lengths: list[int],
+                  filters: bool = True) -> tuple[int, ...]:
     """Handles of the settings sampled rows draw with, one value per sequence, added to `up`: greedy,
-    temperature (1 where greedy), seed, length, and where any sequence filters, top-k (0: off),
-    top-p and min-p (DraftDraws' fields; the sampler's plain_verify takes them in this order)."""
+    temperature (1 where greedy), seed, length (DraftDraws' fields), and where `filters` and any
+    sequence filters, top-k (0: off), top-p and min-p (the sampler's plain_verify takes them all in
+    this order)."""
     handles = (up.add([p.greedy for p in params], torch.bool),
                up.add([1.0 if p.greedy else p.temperature for p in params], torch.float32),
                up.add(seeds), up.add(lengths))
-    if not any(p.filtered for p in params):
+    if not filters or not any(p.filtered for p in params):
         return handles
     return handles + (up.add([max(p.top_k, 0) for p in params]), up.add([p.top_p for p in params], torch.float32),
                       up.add([p.min_p for p in params], torch.float32))

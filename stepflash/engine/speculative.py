@@ -15,9 +15,11 @@ drafts token d + 1 from row start + d; its rows past that are scratch, as all sp
 the next step's catch-up starts at `start` again and overwrites them before anything reads them
 (a row reads no later position, and module d + 1 reads module d's output at p - 1 only for rows
 up to start + d + 1).
-Where every drafting sequence drafts plainly (the argmax, or a draw at the temperature after top-k /
-top-p / min-p: SamplingParams.plain_draws, and no grammar) and steps are compiled (the CPU), the passes are one
-compiled call, each module's drafts written into the next one's rows on the way (runner.plain_drafts).
+Where every drafting sequence drafts plainly (the argmax, or a draw at the temperature:
+SamplingParams.plain_draws, and no grammar) and steps are compiled (the CPU), the passes are one
+compiled call, each module's drafts written into the next one's rows on the way (runner.plain_drafts);
+top-k / top-p / min-p apply to the target's distribution only there (the verify is lossless for any
+draft distribution).
 The target then verifies the drafts in the same step (engine/sampler.py `verify`); the drafts never
 leave the device, except those of constrained sequences, read back at each depth so that the next
 draft is drawn under the grammar's mask after them.
