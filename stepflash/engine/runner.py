@@ -503,7 +503,8 @@ class ModelRunner:
                            ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """What torch.compile compiles for plain drafting (a graph for greedy steps, `draws` None, and one
         for steps that sample): module d over a drafting step and its draft at each of its logit rows,
-        the argmax of its head or a draw from it at the temperature, as draft_tokens draws it; the
+        the argmax of its head or a draw from it at the temperature (as draft_tokens draws it where
+        no top-k / top-p / min-p applies; DraftDraws); the
         drafts become the ids of module d + 1's logit rows (a sequence's next row: module d drafts
         token d + 1 from row start + d, and module d + 1 reads it there)."""
         ids, drafted, dists = step.ids, [], []

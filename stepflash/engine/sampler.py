@@ -59,11 +59,9 @@ class RowBatch:
         self.floor = any(p.min_p > 0 for p in sampled)
         up, f32 = Upload(), torch.float32
         sent = {}
-        if self.any_sampled:
-            sent.update(greedy=up.add([p.greedy for p in params], torch.bool), temperature=up.add([1.0 if p.greedy else p.temperature for p in params], f32),
-                        top_k=up.add([max(p.top_k, 0) for p in params]), top_p=up.add([p.top_p for p in params], f32),
-                        min_p=up.add([p.min_p for p in params], f32), seeds=up.add([seqs[s].seed for s in seq_of]),
-                        positions=up.add([seqs[s].num_tokens + e for s, e in zip(seq_of, extra)]))
+        settings = draw_settings(up, params, [seqs[s].seed for s in seq_of],
+                                 [seqs[s].num_tokens + e for s, e in zip(seq_of, extra)]) if self.any_sampled else ()
+        sent.update(zip(("greedy", "temperature", "seeds", "positions"), settings))
         added = self._added(seqs, params, eos_token_ids)
         self.penalised = [i for i, p in enumerate(params) if p.penalised]
         if added[0]:
@@ -76,6 +74,7 @@ class RowBatch:
         got = up.send(device) if sent else None
         for name, handle in sent.items():
             setattr(self, name, got(handle))
+        self.filters = tuple(map(got, settings[4:]))  # top_k, top_p, min_p where a sampled row filters
         if "new_ids" in sent:
             counts.add(self.new_rows, self.new_ids, self.new_output)
 
@@ -150,7 +149,7 @@ class RowBatch:
 
     def probs(self, processed: torch.Tensor) -> torch.Tensor:
         """The distributions sampled rows draw from: temperature, then top-k / top-p / min-p."""
-        return tempered(processed, self.temperature, self.top_k, self.top_p, self.min_p, self.ranked, self.floor)
+        return tempered(processed, self.temperature, *self.filters, ranked=self.ranked, floor=self.floor)
 
 
 class TokenCounts:
