@@ -126,9 +126,9 @@ def test_top_p_nucleus_is_minimal(logits: torch.Tensor, top_p: float) -> None:
     assert mass - smallest < top_p + 1e-5, "without its smallest member it would not"
 
 
-def test_the_sort_and_the_bisection_find_the_same_edges() -> None:
-    """filter_logits' two ways to the top-k and top-p edges (a sort, on a GPU; bisection over the
-    values' bits, elsewhere) keep the same tokens, ties at the edges included (logits rounded to
+def test_the_sort_and_the_radix_select_find_the_same_edges() -> None:
+    """filter_logits' two ways to the top-k and top-p edges (a sort, on a GPU; a radix select over
+    the values' bits, elsewhere) keep the same tokens, ties at the edges included (logits rounded to
     quarters: many ties), per row settings mixed, with -inf already in some rows."""
     g = torch.Generator().manual_seed(5)
     R, V = 300, 48
@@ -138,8 +138,8 @@ def test_the_sort_and_the_bisection_find_the_same_edges() -> None:
     top_p = torch.where(torch.rand(R, generator=g) < 0.7, torch.rand(R, generator=g), torch.ones(R))
     min_p = torch.where(torch.rand(R, generator=g) < 0.3, torch.rand(R, generator=g) * 0.5, torch.zeros(R))
     by_sort = draws.filter_logits(logits, top_k, top_p, min_p, sort=True)
-    by_bisection = draws.filter_logits(logits, top_k, top_p, min_p, sort=False)
-    assert torch.equal(by_sort, by_bisection)
+    by_radix = draws.filter_logits(logits, top_k, top_p, min_p, sort=False)
+    assert torch.equal(by_sort, by_radix)
     assert (by_sort.isinf() & logits.isfinite()).any(dim=1).float().mean() > 0.5  # most rows lose tokens
 
 

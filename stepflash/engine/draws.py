@@ -10,6 +10,7 @@ import torch
 
 # purposes of the random draws, so that no two uses share numbers
 DRAW, DRAFT, ACCEPT = 1, 2, 3
+_UNIT = 2**40  # top-p sums probabilities in fixed point: exact, in any order
 
 
 def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -60,9 +61,9 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     least likely kept), or below min_p [R] times the most likely token's probability. `ranked` /
     `floor` False: the caller knows that no row uses top-k / top-p / min-p (so nothing is read back
     from the device to find out). The edges of top-k and top-p come from a sort of each row where
-    `sort` (None: on a GPU), else by bisection over the values' bits: on the CPU, sorting every
-    row cost more than the bisection's passes over it do once compiled, on a GPU it is a few kernels
-    where the bisection is ~250."""
+    `sort` (None: on a GPU), else by a radix select over the values' bits: on the CPU, sorting every
+    row cost more than the select's eight histogram passes over it, on a GPU it is a few kernels where
+    the select is many more (untested there)."""
     if ranked:
         sort = logits.is_cuda if sort is None else sort
         if sort:
@@ -75,10 +76,12 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
             outside = probs < ordered.gather(1, inside - 1)
         else:
             keys = _ordered(logits)
-            kth = _kth_largest(keys, top_k.clamp(1, logits.shape[-1]))
+            kth = _radix_edge(keys, None, top_k.clamp(1, logits.shape[-1]))
             logits = logits.masked_fill((top_k[:, None] > 0) & (keys < kth), float("-inf"))
             probs = logits.softmax(-1)
-            outside = probs.view(torch.int32) < _nucleus_edge(probs, top_p)
+            keys = probs.view(torch.int32)
+            mass = (probs * _UNIT).long()
+            outside = keys < _radix_edge(keys, mass, (top_p * _UNIT).long())
         logits = logits.masked_fill((top_p[:, None] < 1) & outside, float("-inf"))
     if floor:
         probs = logits.softmax(-1)
@@ -94,30 +97,24 @@ def _ordered(x: torch.Tensor) -> torch.Tensor:
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
-def _kth_largest(keys: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Per row of int32 keys [R, V], the k-th largest [R, 1] (k [R] in 1..V; ties counted): the
-    largest t with at least k keys >= t, by bisection over the 2^32 keys (int64 bounds)."""
-    lo = keys.min(-1, keepdim=True).values.long()
-    hi = keys.max(-1, keepdim=True).values.long()
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1
-        enough = (keys >= mid).sum(-1, keepdim=True) >= k[:, None]
-        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid - 1)
-    return lo
-
-
-def _nucleus_edge(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Per row of probabilities [R, V], the bits [R, 1] of the least likely token of the nucleus: the
-    smallest t with the mass of the tokens above t (their fp32 bits, in the order of the values)
-    below top_p [R]; a token is in the nucleus iff its bits are >= t. Bisection over [0, 1]'s bits
-    (under 2^30)."""
-    keys = probs.view(torch.int32)
-    lo, hi = torch.zeros_like(keys[:, :1]), keys.max(-1, keepdim=True).values
-    for _ in range(30):
-        mid = lo + ((hi - lo) >> 1)
-        below = probs.masked_fill(keys <= mid, 0).sum(-1, keepdim=True) < top_p[:, None]
-        lo, hi = torch.where(below, lo, mid + 1), torch.where(below, mid, hi)
-    return hi
+def _radix_edge(keys: torch.Tensor, weights: torch.Tensor | None, need: torch.Tensor) -> torch.Tensor:
+    """Per row of int32 keys [R, V], the largest key t [R, 1] whose keys >= t weigh at least need [R]
+    (weights [R, V], int64; None: each key weighs 1; t = the least key where nothing reaches need).
+    Radix select: four passes, each a histogram of one byte of the keys still in the running."""
+    unsigned = keys.long() + 2**31
+    ones = torch.ones_like(unsigned) if weights is None else weights
+    prefix = torch.zeros_like(unsigned[:, :1])
+    above = torch.zeros_like(prefix)  # the weight of the keys above the prefix's range
+    need = need[:, None]
+    for shift in (24, 16, 8, 0):
+        digits = (unsigned >> shift) & 255
+        running = (unsigned >> (shift + 8)) == prefix
+        histogram = unsigned.new_zeros(unsigned.shape[0], 256).scatter_add(1, digits, ones * running)
+        reach = histogram.flip(-1).cumsum(-1).flip(-1) + above  # per digit: the weight of keys >= it
+        digit = ((reach >= need).sum(-1, keepdim=True) - 1).clamp(min=0)
+        above = reach.gather(1, digit) - histogram.gather(1, digit)
+        prefix = (prefix << 8) | digit
+    return (prefix - 2**31).int()
 
 
 def tempered(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None = None,

@@ -218,8 +218,7 @@ class DraftDraws:
     sequence, in drafting order, whether it is greedy, its temperature (1 where greedy), its seed and
     its length; draft d + 1 is drawn for position length + d, as the sampler draws it (draft_tokens).
     Top-k / top-p / min-p do not apply to drafts drawn here: the verify is lossless for any draft
-    distribution it is given, and a graph with them (their bisections unrolled in every module) took
-    far longer to compile."""
+    distribution it is given, and a graph with them in every module took far longer to compile."""
 
     greedy: torch.Tensor
     temperature: torch.Tensor
