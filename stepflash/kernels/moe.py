@@ -83,13 +83,15 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
                 for w, s in zip((w_gate, w_up, w_down), int4_scales or fp8_scales)]
     few = ids.shape[0] * w_gate.shape[0] <= EVERY_EXPERT_MAX_ROWS
     narrow = mats[0].dtype != x.dtype
-    if ids.numel() > w_gate.shape[0] and few and not narrow:
+    if not narrow and ids.numel() > w_gate.shape[0] and few:
         return _every_expert(x, *mats, experts.view(ids.shape), weights, limit, add)
     # compiled (torch.compile on the CPU), the experts of a few tokens are gathered too, as long as
     # that reads no more weights than the grouped GEMM (pairs <= experts; narrow weights: as long as
     # every expert would go through them): inductor fuses the gather and the upcast into its batched
-    # products, faster there than the grouped GEMM's call per expert
-    if ids.shape[0] == 1 or (torch.compiler.is_compiling() and (ids.numel() <= w_gate.shape[0] or (narrow and few))):
+    # products, faster there than the grouped GEMM's call per expert. (`narrow` is tested first here
+    # and above: each size test compiled becomes a guard, and narrow weights need only `few`, so
+    # their steps of 2 to EVERY_EXPERT_MAX_ROWS / E rows share one graph.)
+    if ids.shape[0] == 1 or (torch.compiler.is_compiling() and ((narrow and few) or ids.numel() <= w_gate.shape[0])):
         gate, up, down = (_take(m, experts).to(x.dtype) for m in mats)
         rows = x[:, None].expand(-1, ids.shape[1], -1).reshape(-1, 1, x.shape[1])  # token t's row k times
         y = torch.bmm(swiglu_ref(torch.bmm(rows, gate.mT), torch.bmm(rows, up.mT), limit), down.mT)[:, 0]
