@@ -175,6 +175,8 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0, help="the decoding requests' (with --temperature)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
+    if args.top_p < 1 and not args.temperature:
+        ap.error("--top-p applies to sampled requests: give --temperature too (greedy requests ignore top-p)")
     torch.set_num_threads(args.threads)
     contexts = [int(c) for c in args.contexts.split(",")]
     tokens = stdlib_tokens(LLM(mtp=0, max_num_seqs=1, compile="off"), max(contexts) + 16 * 70)

@@ -99,17 +99,17 @@ def _ordered(x: torch.Tensor) -> torch.Tensor:
 
 def _radix_edge(keys: torch.Tensor, weights: torch.Tensor | None, need: torch.Tensor) -> torch.Tensor:
     """Per row of int32 keys [R, V], the largest key t [R, 1] whose keys >= t weigh at least need [R]
-    (weights [R, V], int64; None: each key weighs 1; t = the least key where nothing reaches need).
+    (weights [R, V], int64; None: each key weighs 1; where all keys weigh less, the least int32).
     Radix select: four passes, each a histogram of one byte of the keys still in the running."""
     unsigned = keys.long() + 2**31
-    ones = torch.ones_like(unsigned) if weights is None else weights
+    weights = torch.ones_like(unsigned) if weights is None else weights
     prefix = torch.zeros_like(unsigned[:, :1])
     above = torch.zeros_like(prefix)  # the weight of the keys above the prefix's range
     need = need[:, None]
     for shift in (24, 16, 8, 0):
         digits = (unsigned >> shift) & 255
         running = (unsigned >> (shift + 8)) == prefix
-        histogram = unsigned.new_zeros(unsigned.shape[0], 256).scatter_add(1, digits, ones * running)
+        histogram = unsigned.new_zeros(unsigned.shape[0], 256).scatter_add(1, digits, weights * running)
         reach = histogram.flip(-1).cumsum(-1).flip(-1) + above  # per digit: the weight of keys >= it
         digit = ((reach >= need).sum(-1, keepdim=True) - 1).clamp(min=0)
         above = reach.gather(1, digit) - histogram.gather(1, digit)
