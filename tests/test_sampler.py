@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stepflash.engine import draws, sampler as sampling
-from stepflash.engine.sampler import (Readback, RowBatch, TokenCounts, draft_tokens, no_drafts, plain_verify,
-                                      top_logprobs, verify)
+from stepflash.engine.sampler import (Readback, RowBatch, TokenCounts, draft_tokens, plain_verify, top_logprobs,
+                                      verify)
 from stepflash.engine.runner import Upload, draw_settings
 from stepflash.engine.sequence import Sequence, Status
 from stepflash.sampling import SamplingParams
@@ -46,8 +46,8 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
     """One token per row (a verify step without drafts), with the requested logprobs."""
-    zero_drafts = torch.zeros(len(seqs), dtype=torch.long)
-    tokens, _ = verify(batch_of(seqs, logits.shape[-1]), logits[:, None], zero_drafts, None, None)
+    no_drafts = torch.zeros(len(seqs), dtype=torch.long)
+    tokens, _ = verify(batch_of(seqs, logits.shape[-1]), logits[:, None], no_drafts, None, None)
     chosen, ids, values = top_logprobs(logits.log_softmax(-1), tokens[:, 0], 20)
     out = []
     for i, seq in enumerate(seqs):
@@ -337,11 +337,10 @@ def test_plain_verify_is_verify_of_the_rows(num_drafts: list[int], filtered: boo
         batch = RowBatch(seqs, [i for i in range(S) for _ in range(width)], list(range(width)) * S, [EOS],
                          torch.device("cpu"), counts=TokenCounts(logits.shape[-1], torch.device("cpu")))
         if width == 1:
-            counts, drafts, q = no_drafts(S, logits.shape[-1], logits.device)
-        got = plain_verify(logits, *plain_inputs(seqs), counts, drafts.reshape(-1), q.reshape(-1, q.shape[-1]))
-        want = verify(batch, logits, *((counts, drafts, q) if width > 1 else (None, None, None)))
-        assert torch.equal(got[0], want[0])
-        assert torch.equal(got[1], want[1] if width > 1 else torch.zeros(S, dtype=torch.long))
+            counts = drafts = q = None
+        want = verify(batch, logits, counts, drafts, q)
+        got = plain_verify(logits, *plain_inputs(seqs), counts, drafts, q)
+        assert torch.equal(got[0], want[0]) and (got[1] is want[1] is None or torch.equal(got[1], want[1]))
 
 
 def test_the_draws_hash_is_lowbias32() -> None:

@@ -260,10 +260,8 @@ def verify(batch: RowBatch, logits: torch.Tensor, num_drafts: torch.Tensor | Non
     kept = (real & (u * q_d <= p_d)).long().cumprod(-1).sum(-1)
     rows = torch.arange(S, device=logits.device)
     final = p[rows, kept]
-    # a rejection at position kept < num_drafts: draw from the residual there (q at kept by a mask:
-    # there is no q row at kept = K, K = 0 included)
-    at_kept = torch.arange(K, device=logits.device)[None, :] == kept[:, None]
-    residual = (final - (q * at_kept[..., None]).sum(1)).clamp(min=0)
+    # a rejection at position kept < num_drafts: draw from the residual there
+    residual = (final - q[rows, kept.clamp(max=K - 1)]).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, final)
     final = torch.where((kept < num_drafts)[:, None], residual, final)
     token = draw(final, seeds[rows, kept], positions[rows, kept], DRAW)
@@ -313,32 +311,28 @@ class PlainRows:
 
 
 def plain_verify(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
-                 lengths: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 lengths: torch.Tensor, *rest: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`verify` for plain rows (PlainRows: the settings per sequence, as runner.draw_settings adds
     them), as the Sampler compiles it. `rest`: top_k, top_p, min_p where any row filters, then
-    num_drafts [S] and the drafts and q flat ([S * K], [S * K, V]; K = 0 in a step without drafts,
-    whose every sequence then accepts 0). Flat, no stride depends on K, so a step without drafts
-    and one with run the same graph (torch specialises a stride of 0 as it does a size). A graph with
-    filters, one without, whatever the counts."""
+    num_drafts, drafts and q (all None in a step without drafts). A graph for each: drafts or none,
+    filters or none."""
     *filters, num_drafts, drafts, q = rest
-    S, width, V = logits.shape
-    for per_seq in (greedy, temperature, seeds, lengths, *filters, num_drafts):
+    S, width, _ = logits.shape
+    drafted = (num_drafts, drafts, q) if drafts is not None else ()
+    for per_seq in (greedy, temperature, seeds, lengths, *filters, *drafted):
         torch._check(per_seq.shape[0] == S)  # the sizes are unbacked (_plain_counts): state what they equal
-    torch._check(drafts.shape[0] == S * (width - 1))
-    torch._check(q.shape[0] == S * (width - 1))
-    drafts, q = drafts.view(S, width - 1), q.view(S, width - 1, V)
+    if drafts is not None:
+        torch._check(drafts.shape[1] == width - 1)
+        torch._check(q.shape[1] == width - 1)
     return verify(PlainRows(greedy, temperature, seeds, lengths, tuple(filters), width), logits, num_drafts, drafts, q)
 
 
-def no_drafts(S: int, V: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """plain_verify's num_drafts, drafts and q in a step without drafts (K = 0)."""
-    return (torch.zeros(S, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device),
-            torch.zeros(0, V, device=device))
-
-
-def _plain_counts(logits: torch.Tensor, *rest: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-    """plain_verify's counted dimensions: sequences, the drafts (flat), logits' rows per sequence."""
-    return [(t, 0) for t in (logits, *rest)] + [(logits, 1)]
+def _plain_counts(logits: torch.Tensor, *rest: torch.Tensor | None) -> list[tuple[torch.Tensor, int]]:
+    """plain_verify's counted dimensions: sequences, and drafts where there are any (logits, drafts, q)."""
+    counted = [(t, 0) for t in (logits, *rest) if t is not None]
+    if rest[-1] is not None:
+        counted += [(logits, 1), (rest[-2], 1), (rest[-1], 1)]
+    return counted
 
 
 class Readback:
@@ -429,19 +423,16 @@ class Sampler:
     def _plain(self, rows: StepRows, logits: torch.Tensor, num_drafts: torch.Tensor | None,
                drafts: torch.Tensor | None, q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`verify` for members that all draw plainly, some sampling: their settings in one copy, then plain_verify
-        (compiled where the steps are), with no drafts as K = 0, every draft counted where no count came and a
-        q where drafts came without."""
+        (compiled where the steps are), with every draft counted and a q where drafts come without."""
         members, up = [m for _, m in rows.members], Upload()
         sent = draw_settings(up, [m.params for m in members], [m.seed for m in members],
                              [m.num_tokens for m in members])
         got = up.send(logits.device)
-        S, width, V = logits.shape
-        if drafts is None:
-            num_drafts, drafts, q = no_drafts(S, V, logits.device)
-        num_drafts = torch.full((S,), width - 1, device=logits.device) if num_drafts is None else num_drafts
-        q = logits.new_zeros(S, width - 1, V) if q is None else q  # no sampled member drafted
-        flat = drafts.reshape(-1).detach(), q.reshape(-1, V).detach()  # not views: the graph would guard their bases
-        return self.plain_verify(logits, *map(got, sent), num_drafts, *flat)
+        if drafts is not None:
+            S, K = drafts.shape
+            num_drafts = torch.full((S,), K, device=logits.device) if num_drafts is None else num_drafts
+            q = logits.new_zeros(S, K, logits.shape[-1]) if q is None else q  # no sampled member drafted
+        return self.plain_verify(logits, *map(got, sent), num_drafts, drafts, q)
 
     @staticmethod
     def _plain_greedy(rows: StepRows, tokens: torch.Tensor, num_drafts: torch.Tensor | None,
