@@ -67,11 +67,11 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     if ranked:
         sort = logits.is_cuda if sort is None else sort
         if sort:
-            values = logits.sort(-1, descending=True).values
+            values, order = logits.sort(-1, descending=True)
             kth = values.gather(1, (top_k.clamp(1, logits.shape[-1]) - 1)[:, None])
             logits = logits.masked_fill((top_k[:, None] > 0) & (logits < kth), float("-inf"))
             probs = logits.softmax(-1)
-            ordered = probs.sort(-1, descending=True).values
+            ordered = probs.gather(1, order)  # sorted too: softmax keeps the logits' order (no second sort)
             inside = (ordered.cumsum(-1) - ordered < top_p[:, None]).sum(-1, keepdim=True)  # >= 1
             outside = probs < ordered.gather(1, inside - 1)
         else:
