@@ -58,10 +58,9 @@ class RowBatch:
         self.ranked = any(p.top_k > 0 or p.top_p < 1 for p in sampled)
         self.floor = any(p.min_p > 0 for p in sampled)
         up, f32 = Upload(), torch.float32
-        sent = {}
         settings = draw_settings(up, params, [seqs[s].seed for s in seq_of],
                                  [seqs[s].num_tokens + e for s, e in zip(seq_of, extra)]) if self.any_sampled else ()
-        sent.update(zip(("greedy", "temperature", "seeds", "positions"), settings))
+        sent = dict(zip(("greedy", "temperature", "seeds", "positions"), settings))
         added = self._added(seqs, params, eos_token_ids)
         self.penalised = [i for i, p in enumerate(params) if p.penalised]
         if added[0]:
